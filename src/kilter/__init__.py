@@ -1,0 +1,2 @@
+"""Kilter: RLHF end to end."""
+__version__ = "0.1.0"

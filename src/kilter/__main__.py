@@ -1,0 +1,5 @@
+import sys
+
+from kilter.cli import main
+
+sys.exit(main())

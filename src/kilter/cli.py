@@ -1,0 +1,140 @@
+"""Command-line entry point: ``kilter <command> [--config F.yaml] [key=value | --key value ...]``.
+
+Commands are registered in :data:`COMMANDS` by dotted paths so that ``kilter --help``
+imports nothing heavy.  A config command names its typed config class and a function
+``run(cfg) -> int | None``; a raw command names ``main(argv) -> int | None`` and parses
+its own arguments (used for command groups such as ``kilter project create``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+
+from kilter.config import describe_fields, load_config
+from kilter.errors import ConfigError, KilterError
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str
+    config: str | None = None  # "module:Class"
+    run: str | None = None  # "module:function(cfg)"
+    main: str | None = None  # "module:function(argv)" for commands that parse their own args
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "Run the built-in task end to end (SFT, labels, reward model, PPO, eval) and print before/after.",
+        config="kilter.demo:DemoConfig",
+        run="kilter.demo:run",
+    ),
+    "task": Command(
+        "Write the built-in task's data files (corpus, demonstrations, prompts) to a folder.",
+        config="kilter.data.task:TaskConfig",
+        run="kilter.data.task:run",
+    ),
+    "sft": Command(
+        "Supervised fine-tuning on demonstrations (phase 1).",
+        config="kilter.trainers.sft:SFTConfig",
+        run="kilter.trainers.sft:run",
+    ),
+    "convert-hh": Command(
+        "Convert Anthropic HH-style transcripts (chosen/rejected) into prompt/chosen/rejected JSONL.",
+        config="kilter.data.convert:ConvertHHConfig",
+        run="kilter.data.convert:run",
+    ),
+    "prepare-model": Command(
+        "Materialize a model preset (e.g. smollm2-135m) as a cached safetensors folder.",
+        config="kilter.models.presets:PrepareConfig",
+        run="kilter.models.presets:run",
+    ),
+}
+
+
+def _load(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _command_help(name: str, cmd: Command) -> str:
+    lines = [f"usage: kilter {name} [--config FILE.yaml] [key=value | --key value ...]", "", cmd.summary, ""]
+    cls = _load(cmd.config)
+    if cls.__doc__:
+        lines += [inspect.cleandoc(cls.__doc__), ""]
+    lines.append("options (nested keys use dots, e.g. optim.lr=1e-4):")
+    for key, typ, default, doc in describe_fields(cls):
+        lines.append(f"  {key}  ({typ}, default {default})")
+        for chunk in textwrap.wrap(doc, 90) or ["(no description)"]:
+            lines.append(f"      {chunk}")
+    return "\n".join(lines)
+
+
+def _top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {n.ljust(width)}  {c.summary}" for n, c in COMMANDS.items())
+    return (
+        "usage: kilter <command> [--config FILE.yaml] [key=value ...]\n\n"
+        "Kilter: reinforcement learning from human feedback, end to end.\n\n"
+        f"commands:\n{rows}\n\n"
+        "Run `kilter <command> --help` for every option of a command, its meaning and default."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_top_help())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from kilter import __version__
+
+        print(f"kilter {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        print(f"kilter: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        if cmd.main is not None:
+            result = _load(cmd.main)(rest)
+            return int(result or 0)
+        if any(a in {"-h", "--help"} for a in rest):
+            print(_command_help(name, cmd))
+            return 0
+        config_path = None
+        overrides: list[str] = []
+        i = 0
+        while i < len(rest):
+            arg = rest[i]
+            if arg == "--config" or arg == "-c":
+                if i + 1 >= len(rest):
+                    raise ConfigError("--config needs a file path")
+                config_path = rest[i + 1]
+                i += 2
+                continue
+            if arg.startswith("--config="):
+                config_path = arg.split("=", 1)[1]
+            else:
+                overrides.append(arg)
+            i += 1
+        cfg = load_config(_load(cmd.config), config_path, overrides)
+        result = _load(cmd.run)(cfg)
+        return int(result or 0)
+    except KilterError as exc:
+        if os.environ.get("KILTER_DEBUG"):
+            raise
+        print(f"kilter {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kilter {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Typed configs: one pydantic class per command, YAML files plus dotted overrides.
+
+Every field carries a docstring (pydantic's ``use_attribute_docstrings``), which becomes
+its ``--help`` text.  Loading never shows a traceback for a user mistake: it raises
+:class:`ConfigError` with one line naming the key and what was expected, and the CLI
+turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kilter.errors import ConfigError
+
+__all__ = [
+    "BaseConfig",
+    "ConfigError",
+    "Field",
+    "load_config",
+    "parse_overrides",
+    "describe_fields",
+    "dump_config",
+]
+
+
+class BaseConfig(BaseModel):
+    """Base for every command config: unknown keys are errors, field docstrings are help."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        protected_namespaces=(),
+    )
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would ("1e-4" -> float, "true" -> bool)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-4" as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=1e-4", "--seed", "3", "--lora.r=8"]`` into a nested dict."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            key = item[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(items) and not items[i + 1].startswith("--") and "=" not in items[i + 1]:
+                value = items[i + 1]
+                i += 1
+            else:
+                value = "true"  # a bare flag switches a boolean on
+            pairs.append((key.replace("-", "_"), value))
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            pairs.append((key, value))
+        else:
+            raise ConfigError(f"cannot read argument {item!r}: expected key=value or --key value")
+        i += 1
+    nested: dict[str, Any] = {}
+    for key, value in pairs:
+        if not key:
+            raise ConfigError(f"empty key in override {key}={value!r}")
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier value for {part!r}")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_for(cls: type[BaseModel], loc: tuple) -> Any:
+    """The FieldInfo addressed by a pydantic error location, or None."""
+    model: Any = cls
+    info = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return info
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return None
+        model = info.annotation
+        for arg in typing.get_args(model) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                model = arg
+    return info
+
+
+def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "<root>"
+    kind = first["type"]
+    where = f" (in {source})" if source else ""
+    if kind == "extra_forbidden":
+        parent = _field_for(cls, loc[:-1]) if len(loc) > 1 else None
+        model = parent.annotation if parent is not None else cls
+        known = sorted(getattr(model, "model_fields", {}).keys())
+        hint = f"; known keys: {', '.join(known)}" if known else ""
+        return f"unknown config key {key!r}{where}{hint}"
+    info = _field_for(cls, loc)
+    expected = f"expected {_type_name(info.annotation)}" if info is not None else first["msg"]
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f", got {got!r}"
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error", "literal_error"}:
+        return f"config key {key!r}{where}: {first['msg']}{got_text}"
+    return f"config key {key!r}{where}: {expected}{got_text}"
+
+
+def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] | dict | None = None):
+    """Build ``cls`` from an optional YAML file and overrides; raise ConfigError on any problem."""
+    data: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: expected a mapping of keys to values at the top level")
+        data = loaded
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _deep_merge(data, extra)
+        if source:
+            source += " + overrides"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(cls, err, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Rows of (key, type, default, help) for every field, nested sections flattened."""
+    rows = []
+    for name, info in cls.model_fields.items():
+        ann = info.annotation
+        sub = None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            sub = ann
+        if sub is not None:
+            rows.extend(describe_fields(sub, prefix + name + "."))
+            continue
+        default = info.get_default(call_default_factory=True)
+        rows.append((prefix + name, _type_name(ann), repr(default), (info.description or "").strip()))
+    return rows

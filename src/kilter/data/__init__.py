@@ -1,0 +1,1 @@
+"""Records, readers, converters, tokenization, collation and the built-in task."""

@@ -1,0 +1,184 @@
+"""Annotator quality and model battles computed from stored judgments.
+
+The statistics themselves live in :mod:`kilter.evaluation.agreement` and
+:mod:`kilter.evaluation.ratings`; this module only turns judgments into their inputs.
+
+What is compared, per task:
+
+* pairwise -- the *direction* of preference in item-slot terms (+1 first response better, -1
+  second better, 0 tie or both bad) for peer agreement and gold accuracy; the project statistic
+  is Krippendorff's alpha at the ordinal level on the full signed 9-point scale (-4 .. +4), so
+  "much better" vs "slightly better" disagreements count less than opposite preferences.
+* ranking -- every pair of responses in an item is a unit whose value is which of the two was
+  ranked higher (+1, -1, or 0 for equal ranks); alpha is ordinal over these units.
+* rating -- the thumbs value; alpha is nominal.
+* edit, demonstration -- free text: no agreement statistic.
+
+Battles (leaderboard): each pairwise judgment between candidates from two different models is
+one battle; tie and "both bad" are ties. A ranking judgment gives one battle per pair of
+responses from different models (equal ranks tie). Gold items are left out: their responses are
+often written by hand to test annotators, not produced by the models being rated.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any
+
+from kilter.evaluation.agreement import flag_annotators, gold_accuracy, krippendorff_alpha, pairwise_agreement
+from kilter.evaluation.ratings import Battle
+from kilter.evaluation.ratings import leaderboard as rating_leaderboard
+from kilter.feedback.store import JudgmentRecord
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def slot_ranks(rec: JudgmentRecord) -> list[int | None]:
+    """Ranks in item-slot order (the stored judgment lists responses in display order)."""
+    by_candidate = {r["candidate"]: r.get("rank") for r in rec.responses}
+    return [by_candidate.get(c.id) for c in rec.candidates]
+
+
+def signed_level(rec: JudgmentRecord) -> int:
+    """Pairwise judgment on the signed scale in slot terms: +4 = first response much better."""
+    if rec.preferred_candidate_id is None or rec.strength is None:
+        return 0
+    level = round(rec.strength * 4)
+    return level if rec.preferred_candidate_id == rec.candidates[0].id else -level
+
+
+def unit_values(rec: JudgmentRecord) -> dict[Any, Any]:
+    """The agreement units a judgment speaks to, with its value on each (see module doc)."""
+    if rec.task == "pairwise":
+        return {rec.item_id: _sign(signed_level(rec))}
+    if rec.task == "ranking":
+        ranks = slot_ranks(rec)
+        return {(rec.item_id, i, j): _sign(ranks[j] - ranks[i]) for i, j in combinations(range(len(ranks)), 2)
+                if ranks[i] is not None and ranks[j] is not None}
+    if rec.task == "rating" and rec.label is not None:
+        return {rec.item_id: int(rec.label)}
+    return {}
+
+
+def gold_values(rec: JudgmentRecord) -> dict[Any, Any]:
+    """The item's known answer on the same units as :func:`unit_values`."""
+    gold = rec.gold or {}
+    if rec.task == "pairwise" and "preferred" in gold:
+        preferred = gold["preferred"]
+        return {rec.item_id: 0 if preferred is None else (1 if preferred == 0 else -1)}
+    if rec.task == "ranking" and "ranks" in gold:
+        ranks = gold["ranks"]
+        return {(rec.item_id, i, j): _sign(ranks[j] - ranks[i]) for i, j in combinations(range(len(ranks)), 2)}
+    if rec.task == "rating" and "label" in gold:
+        return {rec.item_id: int(gold["label"])}
+    return {}
+
+
+@dataclass
+class AnnotatorStats:
+    name: str
+    judgments: int = 0
+    peer: tuple[int, int] = (0, 0)
+    gold: tuple[int, int] = (0, 0)
+    median_seconds: float | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def _rate(pair: tuple[int, int]) -> float | None:
+        return pair[0] / pair[1] if pair[1] else None
+
+    @property
+    def peer_rate(self) -> float | None:
+        return self._rate(self.peer)
+
+    @property
+    def gold_rate(self) -> float | None:
+        return self._rate(self.gold)
+
+
+@dataclass
+class QualityReport:
+    alpha: float | None
+    alpha_level: str | None
+    annotators: list[AnnotatorStats]
+
+    @property
+    def flagged(self) -> dict[str, list[str]]:
+        return {a.name: a.reasons for a in self.annotators if a.reasons}
+
+
+def quality(records: Iterable[JudgmentRecord], task: str, min_items: int = 5, min_gold_acc: float = 0.6,
+            min_peer: float = 0.5) -> QualityReport:
+    """Per-annotator peer agreement, gold accuracy, speed and flags, plus the project's alpha."""
+    records = list(records)
+    direction: dict[Any, dict[str, Any]] = defaultdict(dict)
+    alpha_units: dict[Any, dict[str, Any]] = defaultdict(dict)
+    gold: dict[Any, Any] = {}
+    gold_judgments = []
+    seconds: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    for rec in records:
+        counts[rec.user] += 1
+        if rec.shown_at is not None:
+            seconds[rec.user].append((rec.created_at - rec.shown_at).total_seconds())
+        values = unit_values(rec)
+        if rec.is_gold:
+            answers = gold_values(rec)
+            gold.update(answers)
+            gold_judgments += [(rec.user, unit, v) for unit, v in values.items() if unit in answers]
+            continue  # gold items measure annotators against the key, not against each other
+        for unit, value in values.items():
+            direction[unit][rec.user] = value
+            alpha_units[unit][rec.user] = signed_level(rec) if task == "pairwise" else value
+    level = {"pairwise": "ordinal", "ranking": "ordinal", "rating": "nominal"}.get(task)
+    alpha = None
+    if level is not None:
+        value = krippendorff_alpha(alpha_units, level=level)
+        alpha = None if value != value else value  # nan: too few overlapping judgments
+    peer = pairwise_agreement(direction)
+    accuracy = gold_accuracy(gold_judgments, gold)
+    reasons = flag_annotators(peer, accuracy, min_items=min_items, min_gold_acc=min_gold_acc, min_peer=min_peer)
+    annotators = [
+        AnnotatorStats(name, counts[name], peer.get(name, (0, 0)), accuracy.get(name, (0, 0)),
+                       statistics.median(seconds[name]) if seconds[name] else None, reasons.get(name, []))
+        for name in sorted(counts)
+    ]
+    return QualityReport(alpha, level, annotators)
+
+
+def battles(records: Iterable[JudgmentRecord]) -> list[Battle]:
+    """Model-vs-model battles from pairwise and ranking judgments (see module doc)."""
+    out: list[Battle] = []
+    for rec in records:
+        if rec.is_gold:
+            continue
+        if rec.task == "pairwise" and len(rec.candidates) == 2:
+            a, b = rec.candidates
+            if not a.model or not b.model or a.model == b.model:
+                continue
+            level = signed_level(rec)
+            out.append(Battle(a.model, b.model, "a" if level > 0 else "b" if level < 0 else "tie"))
+        elif rec.task == "ranking":
+            ranks = slot_ranks(rec)
+            for i, j in combinations(range(len(rec.candidates)), 2):
+                a, b = rec.candidates[i], rec.candidates[j]
+                if not a.model or not b.model or a.model == b.model or ranks[i] is None or ranks[j] is None:
+                    continue
+                out.append(Battle(a.model, b.model, "a" if ranks[i] < ranks[j] else "b" if ranks[i] > ranks[j] else "tie"))
+    return out
+
+
+def model_leaderboard(records: Iterable[JudgmentRecord], n_bootstrap: int = 200, seed: int = 0) -> list[dict]:
+    """Leaderboard rows (Elo, Bradley-Terry with bootstrap interval, record) of the project's models."""
+    return rating_leaderboard(battles(records), n_bootstrap=n_bootstrap, seed=seed)
+
+
+def without_users(records: Iterable[JudgmentRecord], users: Iterable[str]) -> list[JudgmentRecord]:
+    drop = set(users)
+    return [r for r in records if r.user not in drop]

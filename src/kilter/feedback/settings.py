@@ -1,0 +1,44 @@
+"""Settings of the feedback server (``kilter serve``); also what :func:`create_app` takes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kilter.config import BaseConfig, Field
+
+
+class ServeConfig(BaseConfig):
+    """Serve the human-feedback web app (compare, rank, rate, edit, write) on a database."""
+
+    db: str = "kilter.db"
+    """Database: a SQLite file path (created if missing) or a URL such as postgresql://user:pass@host/dbname."""
+    host: str = "127.0.0.1"
+    """Address to listen on; use 0.0.0.0 to accept connections from other machines (put HTTPS in front)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port to listen on."""
+    workers: int = Field(1, ge=1, le=64)
+    """Server processes; more than 1 only pays off on PostgreSQL (SQLite allows one writer at a time)."""
+    secret_key: str | None = None
+    """Key that signs session cookies; by default one is generated on first start and kept in the database."""
+    secure_cookies: bool = False
+    """Send the session cookie only over HTTPS and add a Strict-Transport-Security header (set behind TLS)."""
+    session_max_age_s: int = Field(14 * 24 * 3600, gt=0)
+    """Seconds a login stays valid."""
+    invite_days: float = Field(14.0, gt=0)
+    """Days an invite link made from the admin page stays valid."""
+    login_max_failures: int = Field(5, ge=1)
+    """Wrong passwords allowed per username and client address within login_window_s; more get HTTP 429."""
+    login_window_s: float = Field(60.0, gt=0)
+    """Length in seconds of the window for login_max_failures."""
+    assignment_timeout_s: float = Field(1800.0, gt=0)
+    """Seconds an unfinished task stays reserved for its annotator before it may go to someone else."""
+    leaderboard_bootstrap: int = Field(200, ge=0)
+    """Bootstrap rounds for the Bradley-Terry intervals on the admin page (0 = no intervals)."""
+    migrate: bool = True
+    """Create or upgrade the database schema on start."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Server log level."""
+    proxy_headers: bool = False
+    """Trust X-Forwarded-For/-Proto from the reverse proxy at forwarded_allow_ips (for client addresses in rate limits)."""
+    forwarded_allow_ips: str = "127.0.0.1"
+    """Comma-separated addresses of reverse proxies whose forwarded headers are trusted."""

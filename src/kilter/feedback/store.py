@@ -1,0 +1,598 @@
+"""All database access of the feedback app: the only module that opens sessions or runs queries.
+
+Durability. On SQLite the database runs in WAL mode with ``synchronous=FULL``: a commit returns
+only after the WAL is fsynced, and the web app answers a submission only after its commit, so an
+acknowledged judgment survives ``kill -9`` of the server (and a power cut). Write transactions
+start with ``BEGIN IMMEDIATE``, which takes SQLite's write lock up front: the read-then-insert
+of assignment ("is this item still short of N judgments?") cannot interleave with another
+writer, and a waiting writer sleeps in SQLite's busy handler instead of failing with a deadlock.
+On PostgreSQL the same guarantee comes from locking the project row (``SELECT ... FOR UPDATE``)
+before assigning, plus the unique constraints on (item, user).
+
+Every method returns plain dataclasses, never ORM objects, so callers cannot trigger lazy loads
+on a closed session.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, delete, event, func, or_, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from kilter.errors import KilterError
+from kilter.feedback import security
+from kilter.feedback.importer import PromptIn, check_for_task
+from kilter.feedback.models import (
+    ROLES,
+    TASKS,
+    AppSecret,
+    Assignment,
+    Candidate,
+    Item,
+    ItemCandidate,
+    Judgment,
+    LoginFailure,
+    Membership,
+    Project,
+    Prompt,
+    User,
+    utcnow,
+)
+from kilter.feedback.tasks import Shown, gold_for_item, plan_items
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+
+def database_url(spec: str) -> str:
+    """A SQLAlchemy URL from ``--db``: a file path means SQLite; ``postgresql://`` means psycopg 3."""
+    if "://" not in spec:
+        return f"sqlite:///{Path(spec).expanduser().resolve()}"
+    if spec.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + spec.split("://", 1)[1]
+    return spec
+
+
+def _sqlite_events(engine: Engine) -> None:
+    """WAL + synchronous=FULL on every connection; BEGIN IMMEDIATE for write transactions."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # let SQLAlchemy's "begin" event below decide how transactions start
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        write = connection.get_execution_options().get("kilter_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+# --------------------------------------------------------------------------- plain rows
+
+
+@dataclass(frozen=True)
+class UserRow:
+    id: int
+    username: str
+    role: str
+    active: bool
+    session_epoch: int
+    has_password: bool
+    invite_expires_at: datetime | None
+    created_at: datetime
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class ProjectRow:
+    id: int
+    name: str
+    title: str
+    task: str
+    overlap: int
+    gold_fraction: float
+    instructions: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    id: int
+    slot: int
+    model: str
+    text: str
+    sampling: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """An open assignment as the task page shows it: ``responses`` in display order."""
+
+    assignment_id: int
+    item_id: int
+    prompt: str
+    responses: list[CandidateRow]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class JudgmentRecord:
+    """One judgment with everything needed to export it, score annotators or rate models."""
+
+    id: int
+    task: str
+    user: str
+    item_id: int
+    is_gold: bool
+    gold: dict[str, Any] | None
+    prompt: str
+    prompt_id: str | None
+    candidates: list[CandidateRow]  # in slot order
+    created_at: datetime
+    shown_at: datetime | None
+    display_order: list[int]
+    choice: str | None
+    preferred_candidate_id: int | None
+    strength: float | None
+    tie: bool
+    both_bad: bool
+    label: bool | None
+    responses: list[dict[str, Any]]
+    text: str | None
+    comment: str
+
+
+@dataclass
+class Progress:
+    items: int = 0
+    gold_items: int = 0
+    judgments: int = 0
+    complete_items: int = 0
+    open_assignments: int = 0
+    per_user: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def target(self) -> int:
+        return self.items
+
+
+def _user_row(u: User) -> UserRow:
+    return UserRow(u.id, u.username, u.role, u.active, u.session_epoch, u.password_hash is not None,
+                   u.invite_expires_at, u.created_at)
+
+
+def _project_row(p: Project) -> ProjectRow:
+    return ProjectRow(p.id, p.name, p.title, p.task, p.overlap, p.gold_fraction, p.instructions, p.created_at)
+
+
+def _candidates(item: Item) -> list[CandidateRow]:
+    return [CandidateRow(s.candidate.id, s.slot, s.candidate.model, s.candidate.text, s.candidate.sampling)
+            for s in item.slots]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class Store:
+    """The feedback database. ``Store(url)`` opens an engine; call :meth:`migrate` once before use."""
+
+    def __init__(self, spec: str, *, pool_size: int = 10):
+        self.url = database_url(spec)
+        url = make_url(self.url)
+        self.is_sqlite = url.get_backend_name() == "sqlite"
+        if self.is_sqlite:
+            if url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(self.url, pool_size=pool_size, max_overflow=20, pool_timeout=60,
+                                   connect_args={"check_same_thread": False, "timeout": 60})
+            _sqlite_events(engine)
+        else:
+            try:
+                engine = create_engine(self.url, pool_size=pool_size, max_overflow=20, pool_pre_ping=True)
+            except (ImportError, ModuleNotFoundError) as exc:
+                raise KilterError(f"cannot open {url.render_as_string(hide_password=True)}: {exc}") from None
+        self.engine: Engine = engine
+        self._write_engine = engine.execution_options(kilter_write=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema to the newest Alembic revision."""
+        from kilter.feedback.migrate import upgrade
+
+        upgrade(self.engine)
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with Session(self._write_engine, expire_on_commit=False) as session:
+            with session.begin():
+                yield session
+
+    # ----------------------------------------------------------------------- secrets
+
+    def secret(self, name: str, make: Callable[[], str]) -> str:
+        """The stored secret ``name``, created with ``make()`` the first time (race-safe)."""
+        with self._read() as s:
+            row = s.get(AppSecret, name)
+            if row is not None:
+                return row.value
+        try:
+            with self._write() as s:
+                if s.get(AppSecret, name) is None:
+                    s.add(AppSecret(name=name, value=make()))
+        except IntegrityError:
+            pass  # another process created it first; use theirs
+        with self._read() as s:
+            return s.get(AppSecret, name).value
+
+    # ----------------------------------------------------------------------- users
+
+    def create_user(self, username: str, role: str = "annotator", password: str | None = None,
+                    invite_days: float | None = None) -> tuple[UserRow, str | None]:
+        """Create an account; returns it and, when ``invite_days`` is set, its invite token."""
+        if not NAME_RE.match(username):
+            raise KilterError(f"username {username!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
+        if role not in ROLES:
+            raise KilterError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if password is not None and (problem := security.password_problem(password)):
+            raise KilterError(problem)
+        token = security.new_token() if invite_days else None
+        try:
+            with self._write() as s:
+                if s.scalar(select(User.id).where(func.lower(User.username) == username.lower())):
+                    raise KilterError(f"user {username!r} already exists")
+                user = User(username=username, role=role,
+                            password_hash=security.hash_password(password) if password else None,
+                            invite_hash=security.token_digest(token) if token else None,
+                            invite_expires_at=utcnow() + timedelta(days=invite_days) if token else None)
+                s.add(user)
+                s.flush()
+                return _user_row(user), token
+        except IntegrityError:
+            raise KilterError(f"user {username!r} already exists") from None
+
+    def _user(self, s: Session, username: str) -> User:
+        user = s.scalar(select(User).where(func.lower(User.username) == username.lower()))
+        if user is None:
+            raise KilterError(f"no user named {username!r}")
+        return user
+
+    def new_invite(self, username: str, days: float = 14.0) -> str:
+        token = security.new_token()
+        with self._write() as s:
+            user = self._user(s, username)
+            user.invite_hash = security.token_digest(token)
+            user.invite_expires_at = utcnow() + timedelta(days=days)
+        return token
+
+    def set_password(self, username: str, password: str) -> None:
+        if problem := security.password_problem(password):
+            raise KilterError(problem)
+        digest = security.hash_password(password)
+        with self._write() as s:
+            user = self._user(s, username)
+            user.password_hash = digest
+            user.session_epoch += 1  # log out every other session of this user
+
+    def set_active(self, username: str, active: bool) -> None:
+        with self._write() as s:
+            user = self._user(s, username)
+            user.active = active
+            user.session_epoch += 1
+
+    def users(self) -> list[UserRow]:
+        with self._read() as s:
+            return [_user_row(u) for u in s.scalars(select(User).order_by(User.username))]
+
+    def get_user(self, user_id: int) -> UserRow | None:
+        with self._read() as s:
+            user = s.get(User, user_id)
+            return _user_row(user) if user else None
+
+    def check_password(self, username: str, password: str) -> UserRow | None:
+        """The active user if the password matches, else None (constant work either way)."""
+        with self._read() as s:
+            user = s.scalar(select(User).where(func.lower(User.username) == username.lower()))
+            stored = user.password_hash if user is not None and user.active else None
+        if not security.verify_password(stored, password):
+            return None
+        if security.needs_rehash(stored):
+            with self._write() as s:
+                s.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password)))
+        return _user_row(user)
+
+    def user_by_invite(self, token: str) -> UserRow | None:
+        with self._read() as s:
+            user = s.scalar(select(User).where(User.invite_hash == security.token_digest(token)))
+            if user is None or not user.active or user.invite_expires_at is None or user.invite_expires_at < utcnow():
+                return None
+            return _user_row(user)
+
+    def login_failures(self, key: str, window_s: float) -> int:
+        since = utcnow() - timedelta(seconds=window_s)
+        with self._read() as s:
+            return s.scalar(select(func.count()).select_from(LoginFailure)
+                            .where(LoginFailure.key == key, LoginFailure.created_at >= since)) or 0
+
+    def add_login_failure(self, key: str, window_s: float) -> None:
+        with self._write() as s:
+            s.add(LoginFailure(key=key))
+            # keep the table small: anything older than the window no longer counts
+            s.execute(delete(LoginFailure).where(LoginFailure.created_at < utcnow() - timedelta(seconds=window_s)))
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._write() as s:
+            s.execute(delete(LoginFailure).where(LoginFailure.key == key))
+
+    # ----------------------------------------------------------------------- projects
+
+    def create_project(self, name: str, task: str, overlap: int = 1, title: str = "", instructions: str = "",
+                       gold_fraction: float = 0.0) -> ProjectRow:
+        if not NAME_RE.match(name) or "@" in name:
+            raise KilterError(f"project name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        if task not in TASKS:
+            raise KilterError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if overlap < 1:
+            raise KilterError(f"overlap must be at least 1, got {overlap}")
+        if not 0.0 <= gold_fraction <= 1.0:
+            raise KilterError(f"gold fraction must be between 0 and 1, got {gold_fraction}")
+        try:
+            with self._write() as s:
+                if s.scalar(select(Project.id).where(Project.name == name)):
+                    raise KilterError(f"project {name!r} already exists")
+                project = Project(name=name, task=task, overlap=overlap, title=title or name,
+                                  instructions=instructions, gold_fraction=gold_fraction)
+                s.add(project)
+                s.flush()
+                return _project_row(project)
+        except IntegrityError:
+            raise KilterError(f"project {name!r} already exists") from None
+
+    def project(self, name: str) -> ProjectRow:
+        with self._read() as s:
+            project = s.scalar(select(Project).where(Project.name == name))
+            if project is None:
+                raise KilterError(f"no project named {name!r}")
+            return _project_row(project)
+
+    def projects(self, user: UserRow | None = None) -> list[ProjectRow]:
+        """All projects, or for an annotator only the ones they are a member of."""
+        query = select(Project).order_by(Project.created_at, Project.id)
+        if user is not None and not user.is_admin:
+            query = query.join(Membership, Membership.project_id == Project.id).where(Membership.user_id == user.id)
+        with self._read() as s:
+            return [_project_row(p) for p in s.scalars(query)]
+
+    def add_member(self, project: str, username: str) -> bool:
+        """Add a user to a project; False if they already were a member."""
+        with self._write() as s:
+            pid = s.scalar(select(Project.id).where(Project.name == project))
+            if pid is None:
+                raise KilterError(f"no project named {project!r}")
+            user = self._user(s, username)
+            if s.get(Membership, (pid, user.id)) is not None:
+                return False
+            s.add(Membership(project_id=pid, user_id=user.id))
+            return True
+
+    def remove_member(self, project: str, username: str) -> None:
+        with self._write() as s:
+            pid = s.scalar(select(Project.id).where(Project.name == project))
+            user = self._user(s, username)
+            s.execute(delete(Membership).where(Membership.project_id == pid, Membership.user_id == user.id))
+
+    def members(self, project_id: int) -> list[str]:
+        with self._read() as s:
+            return list(s.scalars(select(User.username).join(Membership, Membership.user_id == User.id)
+                                  .where(Membership.project_id == project_id).order_by(User.username)))
+
+    def can_access(self, user: UserRow, project_id: int) -> bool:
+        if user.is_admin:
+            return True
+        with self._read() as s:
+            return s.get(Membership, (project_id, user.id)) is not None
+
+    def import_prompts(self, project: str, rows: list[PromptIn]) -> dict[str, int]:
+        """Add prompts, candidates and the items planned from them, in one transaction."""
+        proj = self.project(project)
+        check_for_task(rows, proj.task)
+        counts = {"prompts": 0, "candidates": 0, "items": 0, "gold_items": 0}
+        with self._write() as s:
+            ids = [r.external_id for r in rows if r.external_id is not None]
+            if ids:
+                taken = set(s.scalars(select(Prompt.external_id).where(Prompt.project_id == proj.id,
+                                                                        Prompt.external_id.in_(ids))))
+                if taken:
+                    first = next(r for r in rows if r.external_id in taken)
+                    raise KilterError(f"{first.where}: prompt id {first.external_id!r} is already in project {project!r}")
+            for row in rows:
+                prompt = Prompt(project_id=proj.id, external_id=row.external_id, text=row.prompt)
+                s.add(prompt)
+                s.flush()
+                cands = [Candidate(prompt_id=prompt.id, model=c.model, text=c.text, sampling=c.sampling)
+                         for c in row.responses]
+                s.add_all(cands)
+                s.flush()
+                for members in plan_items(proj.task, [c.model for c in row.responses]):
+                    gold = None if row.gold is None else gold_for_item(proj.task, row.gold, members, len(row.responses))
+                    item = Item(project_id=proj.id, prompt_id=prompt.id, is_gold=gold is not None, gold=gold)
+                    s.add(item)
+                    s.flush()
+                    s.add_all([ItemCandidate(item_id=item.id, slot=slot, candidate_id=cands[i].id)
+                               for slot, i in enumerate(members)])
+                    counts["items"] += 1
+                    counts["gold_items"] += gold is not None
+                counts["prompts"] += 1
+                counts["candidates"] += len(cands)
+        return counts
+
+    # ----------------------------------------------------------------------- assignment
+
+    def _task_view(self, s: Session, a: Assignment) -> TaskView:
+        item = s.scalar(select(Item).where(Item.id == a.item_id)
+                        .options(selectinload(Item.slots).selectinload(ItemCandidate.candidate)))
+        prompt = s.get(Prompt, item.prompt_id)
+        by_slot = {c.slot: c for c in _candidates(item)}
+        return TaskView(a.id, item.id, prompt.text, [by_slot[i] for i in a.display_order], a.created_at)
+
+    def next_task(self, project: ProjectRow, user: UserRow, timeout_s: float = 1800.0,
+                  rng: random.Random | None = None) -> TaskView | None:
+        """The user's open task in this project, or a newly assigned one; None when nothing is left.
+
+        An item is offered while fewer than ``overlap`` people hold it (judged, or assigned less
+        than ``timeout_s`` ago), preferring items already started so they complete first. Gold
+        items do not count against overlap: each annotator meets each of them at most once, on
+        about ``gold_fraction`` of their tasks.
+        """
+        rng = rng or random.SystemRandom()
+        with self._write() as s:
+            s.execute(select(Project.id).where(Project.id == project.id).with_for_update())  # serialize (PostgreSQL)
+            mine = s.scalar(select(Assignment).where(Assignment.project_id == project.id,
+                                                     Assignment.user_id == user.id, Assignment.status == "open")
+                            .order_by(Assignment.id).limit(1))
+            if mine is not None:
+                return self._task_view(s, mine)
+            seen = select(Assignment.item_id).where(Assignment.user_id == user.id,
+                                                    Assignment.project_id == project.id)
+            item_id = None
+            if project.gold_fraction > 0 and rng.random() < project.gold_fraction:
+                golds = list(s.scalars(select(Item.id).where(Item.project_id == project.id, Item.is_gold,
+                                                             Item.id.not_in(seen))))
+                item_id = rng.choice(golds) if golds else None
+            if item_id is None:
+                cutoff = utcnow() - timedelta(seconds=timeout_s)
+                held = (select(Assignment.item_id, func.count().label("n"))
+                        .where(Assignment.project_id == project.id,
+                               or_(Assignment.status == "done",
+                                   (Assignment.status == "open") & (Assignment.created_at >= cutoff)))
+                        .group_by(Assignment.item_id).subquery())
+                n = func.coalesce(held.c.n, 0)
+                item_id = s.scalar(select(Item.id).outerjoin(held, held.c.item_id == Item.id)
+                                   .where(Item.project_id == project.id, Item.is_gold.is_(False),
+                                          Item.id.not_in(seen), n < project.overlap)
+                                   .order_by(n.desc(), Item.id).limit(1))
+            if item_id is None:
+                return None
+            k = s.scalar(select(func.count()).select_from(ItemCandidate).where(ItemCandidate.item_id == item_id))
+            order = list(range(k))
+            rng.shuffle(order)  # left/right and list order are randomized, and recorded
+            a = Assignment(project_id=project.id, item_id=item_id, user_id=user.id, display_order=order)
+            s.add(a)
+            s.flush()
+            return self._task_view(s, a)
+
+    def open_task(self, assignment_id: int, user: UserRow) -> TaskView | None:
+        with self._read() as s:
+            a = s.get(Assignment, assignment_id)
+            if a is None or a.user_id != user.id:
+                return None
+            return self._task_view(s, a)
+
+    def submit(self, project: ProjectRow, user: UserRow, assignment_id: int,
+               parse: Callable[[Shown], dict[str, Any]]) -> tuple[int, bool]:
+        """Store a judgment for an assignment; returns (judgment id, created).
+
+        Idempotent: a second submission of the same assignment (a double click, a retried
+        request) returns the first judgment and stores nothing. ``parse`` turns the form into
+        column values given what was shown; it may raise :class:`~kilter.feedback.tasks.FormError`.
+        """
+        try:
+            with self._write() as s:
+                a = s.get(Assignment, assignment_id)
+                if a is None or a.user_id != user.id or a.project_id != project.id:
+                    raise KilterError("this task is not assigned to you")
+                if a.status == "done":
+                    return s.scalar(select(Judgment.id).where(Judgment.assignment_id == a.id)), False
+                if a.status == "skipped":
+                    raise KilterError("this task was skipped")
+                view = self._task_view(s, a)
+                original = view.responses[0].text if view.responses else ""
+                values = parse(Shown([c.id for c in view.responses], original))
+                j = Judgment(assignment_id=a.id, project_id=project.id, item_id=a.item_id, user_id=user.id,
+                             task=project.task, shown_at=a.created_at, **values)
+                s.add(j)
+                a.status = "done"
+                s.flush()
+                return j.id, True
+        except IntegrityError:
+            # PostgreSQL: a concurrent duplicate of this submission won the race
+            with self._read() as s:
+                jid = s.scalar(select(Judgment.id).where(Judgment.assignment_id == assignment_id,
+                                                          Judgment.user_id == user.id))
+            if jid is None:
+                raise
+            return jid, False
+
+    def skip(self, project: ProjectRow, user: UserRow, assignment_id: int) -> None:
+        with self._write() as s:
+            s.execute(update(Assignment).where(Assignment.id == assignment_id, Assignment.user_id == user.id,
+                                               Assignment.project_id == project.id, Assignment.status == "open")
+                      .values(status="skipped"))
+
+    # ----------------------------------------------------------------------- reading results
+
+    def progress(self, project: ProjectRow) -> Progress:
+        p = Progress()
+        with self._read() as s:
+            p.items = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id, Item.is_gold.is_(False))) or 0
+            p.gold_items = s.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id, Item.is_gold)) or 0
+            p.judgments = s.scalar(select(func.count()).select_from(Judgment).where(Judgment.project_id == project.id)) or 0
+            counts = (select(Judgment.item_id, func.count().label("n")).join(Item, Item.id == Judgment.item_id)
+                      .where(Judgment.project_id == project.id, Item.is_gold.is_(False))
+                      .group_by(Judgment.item_id).subquery())
+            p.complete_items = s.scalar(select(func.count()).select_from(counts).where(counts.c.n >= project.overlap)) or 0
+            p.open_assignments = s.scalar(select(func.count()).select_from(Assignment).where(
+                Assignment.project_id == project.id, Assignment.status == "open")) or 0
+            rows = s.execute(select(User.username, func.count(Judgment.id)).join(Judgment, Judgment.user_id == User.id)
+                             .where(Judgment.project_id == project.id).group_by(User.username).order_by(User.username))
+            p.per_user = {name: n for name, n in rows}
+        return p
+
+    def done_count(self, project_id: int, user_id: int) -> int:
+        with self._read() as s:
+            return s.scalar(select(func.count()).select_from(Judgment)
+                            .where(Judgment.project_id == project_id, Judgment.user_id == user_id)) or 0
+
+    def judgments(self, project: ProjectRow) -> list[JudgmentRecord]:
+        """Every judgment of the project, oldest first, with its item, prompt and candidates."""
+        with self._read() as s:
+            rows = s.execute(select(Judgment, User.username).join(User, User.id == Judgment.user_id)
+                             .where(Judgment.project_id == project.id).order_by(Judgment.created_at, Judgment.id)).all()
+            item_ids = {j.item_id for j, _ in rows}
+            items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(item_ids)).options(
+                selectinload(Item.slots).selectinload(ItemCandidate.candidate)))} if item_ids else {}
+            prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.id.in_({i.prompt_id for i in items.values()})))} if items else {}
+            out = []
+            for j, username in rows:
+                item = items[j.item_id]
+                prompt = prompts[item.prompt_id]
+                out.append(JudgmentRecord(
+                    j.id, j.task, username, item.id, item.is_gold, item.gold, prompt.text, prompt.external_id,
+                    _candidates(item), j.created_at, j.shown_at, list(j.display_order), j.choice,
+                    j.preferred_candidate_id, j.strength, j.tie, j.both_bad, j.label, list(j.responses or []),
+                    j.text, j.comment))
+            return out

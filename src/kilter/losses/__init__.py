@@ -1,0 +1,31 @@
+"""Training losses: SFT, reward model (pairs and K-way rankings), DPO/IPO, KTO, PPO."""
+
+from kilter.losses.bradley_terry import (
+    bradley_terry_loss,
+    kway_bradley_terry_loss,
+    pairwise_accuracy,
+    ranking_pair_indices,
+    ranking_pairs,
+)
+from kilter.losses.dpo import dpo_loss
+from kilter.losses.kto import kto_loss, kto_reference_kl
+from kilter.losses.ppo import pg_loss, ppo_policy_loss, ppo_value_loss
+from kilter.losses.sft import IGNORE_INDEX, causal_lm_loss, make_labels, sft_loss
+
+__all__ = [
+    "IGNORE_INDEX",
+    "bradley_terry_loss",
+    "causal_lm_loss",
+    "dpo_loss",
+    "kto_loss",
+    "kto_reference_kl",
+    "kway_bradley_terry_loss",
+    "make_labels",
+    "pairwise_accuracy",
+    "pg_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "ranking_pair_indices",
+    "ranking_pairs",
+    "sft_loss",
+]

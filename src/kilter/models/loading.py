@@ -1,0 +1,116 @@
+"""Load Hugging Face causal LMs and tokenizers from a folder, a preset name or a hub id.
+
+Kilter guarantees a PAD token distinct from EOS: with PAD == EOS, masking padding would
+also mask every EOS, and the model would never learn to stop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kilter.errors import KilterError
+
+PAD_TOKEN = "<|pad|>"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` accepts.
+
+    ``builtin:tiny`` builds (once, cached) the tiny model of the built-in task; a preset name
+    (``smollm2-135m``) materializes the preset; an existing folder is used as is; anything
+    else is treated as a hub id, which only works when the machine is online.
+    """
+    from kilter.models import presets
+
+    if spec.startswith("builtin:"):
+        from kilter.models.tiny import builtin_model_dir
+
+        return str(builtin_model_dir(spec.split(":", 1)[1]))
+    if spec in presets.PRESETS:
+        return str(presets.prepare(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KilterError(f"model path {spec} is a file; expected a folder saved with save_pretrained")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise KilterError(f"model folder {spec} has no config.json (is it a Hugging Face model folder?)")
+        return str(path)
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_local:
+        raise KilterError(f"model folder not found: {spec}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise KilterError(f"model {spec!r} is neither a local folder nor a preset, and HF_HUB_OFFLINE=1")
+    return spec
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a PAD token different from EOS; return True if a token was added."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    if PAD_TOKEN in tokenizer.get_vocab():
+        tokenizer.pad_token = PAD_TOKEN
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
+def load_tokenizer(spec: str, *, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise KilterError(f"cannot load tokenizer from {spec}: {str(exc).splitlines()[0]}") from None
+    if tok.eos_token is None:
+        raise KilterError(f"tokenizer of {spec} has no EOS token; set one before training")
+    ensure_pad_token(tok)
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(spec: str, tokenizer=None, *, dtype: str | torch.dtype = "fp32", device: str | None = None,
+                   disable_dropout: bool = True):
+    """Load a causal LM; resize its embeddings if the tokenizer gained a PAD token."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise KilterError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
+    if tokenizer is not None:
+        align_embeddings(model, tokenizer)
+    if disable_dropout:
+        set_dropout(model, 0.0)
+    if device:
+        model.to(device)
+    return model
+
+
+def align_embeddings(model, tokenizer) -> None:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def set_dropout(model: torch.nn.Module, p: float = 0.0) -> None:
+    """RLHF needs deterministic log-probs: dropout makes pi_theta and pi_0 disagree at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if cfg is not None and hasattr(cfg, key) and isinstance(getattr(cfg, key), float):
+            setattr(cfg, key, p)

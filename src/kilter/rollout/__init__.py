@@ -1,0 +1,1 @@
+"""Batched generation (KV cache) behind an engine interface; HF generate by default."""

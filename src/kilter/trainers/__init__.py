@@ -1,0 +1,1 @@
+"""One readable training loop per method (sft, rm, ppo, dpo, kto)."""

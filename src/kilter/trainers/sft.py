@@ -1,0 +1,360 @@
+"""Phase 1: supervised fine-tuning on demonstrations (``kilter sft``).
+
+The loss is next-token cross-entropy on completion tokens only (prompt tokens are masked
+with -100).  Gradients are normalised by the number of completion tokens in the whole
+optimizer step, across gradient-accumulation micro-batches and data-parallel ranks, so
+``torchrun`` with 2 processes x batch B follows the same trajectory as 1 process x 2B.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from kilter.config import BaseConfig
+from kilter.data.collate import length_bucketed_batches, pack_examples, pad_batch, shard_indices
+from kilter.data.sources import load_records
+from kilter.data.tokenize import encode_sft_records
+from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.errors import ConfigError, KilterError
+from kilter.losses import causal_lm_loss
+from kilter.models import load_causal_lm, load_tokenizer
+from kilter.rollout.generate import SamplingParams, generate_texts
+from kilter.runs import RunDir
+from kilter.trainers import common
+from kilter.trainers.common import LoraSection, OptimConfig
+
+
+class SFTData(BaseConfig):
+    """Where the demonstrations come from and how they are batched."""
+
+    train: str = "builtin:sft"
+    """Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or builtin:sft."""
+    eval: str | None = "builtin:sft_eval"
+    """Held-out data for eval loss and perplexity (null: no evaluation)."""
+    kind: Literal["demonstration", "text"] = "demonstration"
+    """Record kind: demonstration ({prompt, completion} or {messages}) or text ({text}, all tokens learned)."""
+    split: str | None = None
+    """Split of a saved DatasetDict (default train)."""
+    skip_invalid: bool = False
+    """Skip malformed rows (counted and reported) instead of stopping at the first."""
+    max_length: int = Field(256, gt=1)
+    """Maximum tokens per example (prompt cut from the left first, then the completion)."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens (no padding; see docs for attention)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together to cut padding."""
+    max_eval_examples: int = Field(256, gt=0)
+    """Evaluate on at most this many held-out examples."""
+    task_seed: int = 0
+    """Seed of the built-in task's generated data (builtin: sources only)."""
+
+
+class SFTConfig(BaseConfig):
+    """Supervised fine-tuning: learn to produce the demonstrated completion for each prompt."""
+
+    model: str = "builtin:tiny"
+    """Model to start from: a Hugging Face folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
+    output_dir: str = "runs/sft"
+    """Run directory (config.yaml, metrics.jsonl, checkpoints/, final/)."""
+    data: SFTData = SFTData()
+    """Training and evaluation data."""
+    batch_size: int = Field(32, gt=0)
+    """Examples per micro-batch on each process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    lora: LoraSection = LoraSection()
+    """LoRA adapters (peft)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: cuda when available)."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    log_every: int = Field(10, gt=0)
+    """Log training metrics every N optimizer steps."""
+    eval_every: int = Field(100, gt=0)
+    """Evaluate every N optimizer steps (and at the end)."""
+    save_every: int = Field(200, gt=0)
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (null: keep all)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    n_samples: int = Field(4, ge=0)
+    """Held-out prompts to sample before and after training (0: none)."""
+    sample_max_new_tokens: int = Field(48, gt=0)
+    """Length limit of those samples."""
+    threads: int | None = Field(None, gt=0)
+    """torch CPU threads (null: torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
+    """The global batches of one epoch; a pure function of (seed, epoch), which makes resume exact."""
+    if by_length:
+        return length_bucketed_batches(lengths, global_batch, seed=seed * 1000 + epoch, drop_last=True)
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+
+
+def _encode(cfg: SFTConfig, tokenizer, spec: str, info: DistInfo) -> tuple[list[dict], int]:
+    records = load_records(spec, cfg.data.kind, skip_invalid=cfg.data.skip_invalid, split=cfg.data.split,
+                           task_seed=cfg.data.task_seed)
+    if records.n_skipped and info.is_main:
+        print(f"kilter sft: skipped {records.n_skipped} invalid rows in {spec} (first: {records.first_error})",
+              file=sys.stderr)
+    examples = encode_sft_records(tokenizer, records.rows, cfg.data.max_length)
+    return examples, records.n_skipped
+
+
+def _micro_batches(indices: list[int], n: int) -> list[list[int]]:
+    size = math.ceil(len(indices) / n)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _forward_sum(model, batch: dict[str, torch.Tensor], precision: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion-token loss and token count of one padded batch."""
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"].to(device)
+    with common.autocast(precision, device):
+        logits = model(**inputs, use_cache=False).logits
+    mean, n_tokens = causal_lm_loss(logits, batch["labels"].to(device))
+    return mean * n_tokens, n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, precision: str, device: str,
+             info: DistInfo) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    mine = examples[info.rank::info.world_size]
+    for start in range(0, len(mine), batch_size):
+        batch = pad_batch(mine[start:start + batch_size], pad_id)
+        loss_sum, n = _forward_sum(model, batch, precision, device)
+        total += loss_sum.double().cpu()
+        tokens += n.double().cpu()
+    total, tokens = all_reduce_sum(total, info), all_reduce_sum(tokens, info)
+    if was_training:
+        model.train()
+    loss = float(total / tokens.clamp(min=1))
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def sample_table(model, tokenizer, prompts: list, max_new_tokens: int, seed: int, score_fn=None) -> str:
+    """Greedy samples for a few prompts, as a text table (with the gold score when available)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        gen = generate_texts(model, tokenizer, prompts, params)
+    rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "response": t} for p, t in zip(prompts, gen.texts)]
+    columns = ["prompt", "response"]
+    if score_fn is not None:
+        for row, score in zip(rows, score_fn([r["prompt"] for r in rows], gen.texts)):
+            row["gold"] = float(score)
+        columns.append("gold")
+    return common.format_sample_table(rows, columns)
+
+
+def builtin_gold(spec: str):
+    if spec.startswith("builtin:"):
+        from kilter.data.task import gold_scores
+
+        return gold_scores
+    return None
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run(cfg: SFTConfig) -> int:
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: SFTConfig, info: DistInfo) -> int:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = info.device
+    common.check_precision(cfg.precision, device)
+    common.set_seed(cfg.seed)
+    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
+    existing = run_dir.latest_checkpoint()
+    if existing is not None and not cfg.resume:
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
+                          "or choose another output_dir")
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        model = common.apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    model.to(device)
+    model.train()
+
+    examples, _ = _encode(cfg, tokenizer, cfg.data.train, info)
+    if cfg.data.packing:
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        examples = pack_examples([examples[i] for i in order], cfg.data.max_length)
+    eval_examples: list[dict] = []
+    eval_prompts: list = []
+    if cfg.data.eval:
+        eval_examples, _ = _encode(cfg, tokenizer, cfg.data.eval, info)
+        eval_examples = eval_examples[: cfg.data.max_eval_examples]
+        if cfg.data.kind == "demonstration" and cfg.n_samples:
+            recs = load_records(cfg.data.eval, "demonstration", skip_invalid=True, task_seed=cfg.data.task_seed)
+            eval_prompts = [r["prompt"] for r in recs.rows[: cfg.n_samples]]
+
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.train has {len(examples)} examples, fewer than one global batch of {global_batch} "
+                          "(batch_size x grad_accum x processes); lower batch_size")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    optimizer = common.make_optimizer(model, cfg.optim)
+    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    start_step = 0
+    if cfg.resume and existing is not None:
+        common.load_trainable_weights(model, existing)
+        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = common.read_trainer_state(existing)["step"]
+        run_dir.truncate_metrics(start_step)
+        if info.is_main:
+            print(f"kilter sft: resumed from {existing} at step {start_step}/{total_steps}")
+    run_dir.write_config(cfg)
+
+    trainable, total_params = common.count_parameters(model)
+    gold = builtin_gold(cfg.data.eval or "")
+    if info.is_main:
+        print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {global_batch}, "
+              f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+        if eval_prompts and start_step == 0:
+            print("samples before training:\n" + sample_table(model, tokenizer, eval_prompts,
+                                                              cfg.sample_max_new_tokens, cfg.seed, gold))
+
+    ddp_model = model
+    if info.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [info.local_rank])
+
+    batches_cache: dict[int, list[list[int]]] = {}
+    progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
+    window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in batches_cache:
+            batches_cache.clear()
+            batches_cache[epoch] = _epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
+        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
+        micro = _micro_batches(mine, cfg.grad_accum)
+        padded = [pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in padded)
+        global_tokens = float(all_reduce_sum(local_tokens, info))
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(padded):
+            sync = k == len(padded) - 1
+            ctx = ddp_model.no_sync() if (info.enabled and not sync) else _null()
+            with ctx:
+                loss_sum, _ = _forward_sum(ddp_model, batch, cfg.precision, device)
+                # DDP averages gradients over ranks; the world_size factor turns that into a sum.
+                (loss_sum * info.world_size / max(global_tokens, 1.0)).backward()
+            step_loss += loss_sum.detach().double().cpu()
+        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_tokens, 1.0)
+        window_tokens += sum(float(b["attention_mask"].sum()) for b in padded) * info.world_size
+        window_examples += global_batch
+        progress.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            last_metrics = {
+                "loss/sft": loss_value,
+                "optim/lr": scheduler.get_last_lr()[0],
+                "optim/grad_norm": grad_norm,
+                "perf/tokens_per_s": window_tokens / elapsed,
+                "perf/samples_per_s": window_examples / elapsed,
+                "progress/epoch": done / steps_per_epoch,
+            }
+            run_dir.log(done, last_metrics)
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
+            window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
+        if eval_examples and (done % cfg.eval_every == 0 or done == total_steps):
+            metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info)
+            run_dir.log(done, metrics)
+            last_metrics.update(metrics)
+        if done % cfg.save_every == 0 or done == total_steps:
+            _save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg)
+    progress.close()
+
+    run_dir.save_final(lambda p: common.save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    barrier(info)
+    if info.is_main:
+        if eval_prompts:
+            print("samples after training:\n" + sample_table(model, tokenizer, eval_prompts,
+                                                             cfg.sample_max_new_tokens, cfg.seed, gold))
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if k.startswith(("loss", "eval")))
+        print(f"kilter sft: done ({summary}); model in {run_dir.final}")
+    run_dir.close()
+    return 0
+
+
+def _save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, cfg: SFTConfig) -> None:
+    def write(path: Path) -> None:
+        common.save_model(model, tokenizer, path, merge_lora=False)
+        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
+        common.write_trainer_state(path, {"step": step, "trainer": "sft"})
+
+    run_dir.save_checkpoint(step, write, keep=cfg.keep_checkpoints)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def load_policy_for_inference(path: str | Path):
+    """Tokenizer and model from a run's final/ (or any HF folder), in eval mode."""
+    tok = load_tokenizer(str(path))
+    model = load_causal_lm(str(path), tok)
+    model.eval()
+    return tok, model
+
+
+__all__ = ["SFTConfig", "SFTData", "run", "evaluate", "sample_table", "load_policy_for_inference", "KilterError"]
