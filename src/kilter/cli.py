@@ -43,15 +43,88 @@ COMMANDS: dict[str, Command] = {
         config="kilter.trainers.sft:SFTConfig",
         run="kilter.trainers.sft:run",
     ),
+    "label": Command(
+        "Sample K responses per prompt from a model and label them with the simulated labeler (gold + noise).",
+        config="kilter.data.simulate:LabelConfig",
+        run="kilter.data.simulate:run",
+    ),
+    "rm": Command(
+        "Train a reward model (Bradley-Terry on comparisons, K-way rankings or thumbs; ensembles; phase 2).",
+        config="kilter.trainers.rm:RMConfig",
+        run="kilter.trainers.rm:run",
+    ),
+    "ppo": Command(
+        "RL fine-tuning against a reward with a KL penalty (algorithm: ppo, a2c, reinforce, rloo, grpo).",
+        config="kilter.trainers.ppo:PPOConfig",
+        run="kilter.trainers.ppo:run",
+    ),
+    "dpo": Command(
+        "Direct preference optimisation on comparisons or rankings (sigmoid DPO, IPO, conservative DPO).",
+        config="kilter.trainers.dpo:DPOConfig",
+        run="kilter.trainers.dpo:run",
+    ),
+    "kto": Command(
+        "Kahneman-Tversky optimisation on thumbs-up/down ratings {prompt, completion, label}.",
+        config="kilter.trainers.kto:KTOConfig",
+        run="kilter.trainers.kto:run",
+    ),
+    "bon": Command(
+        "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
+        config="kilter.trainers.bon:BonConfig",
+        run="kilter.trainers.bon:run",
+    ),
+    "score": Command(
+        "Score prompt/response pairs (or comparisons, reporting accuracy) with a reward model or ensemble.",
+        config="kilter.trainers.score:ScoreConfig",
+        run="kilter.trainers.score:run",
+    ),
     "convert-hh": Command(
         "Convert Anthropic HH-style transcripts (chosen/rejected) into prompt/chosen/rejected JSONL.",
         config="kilter.data.convert:ConvertHHConfig",
         run="kilter.data.convert:run",
     ),
+    "eval": Command(
+        "Evaluate models on a prompt set: reward, gold, KL to a reference, win rate, BLEU/ROUGE; JSON + Markdown.",
+        config="kilter.evaluation.evaluate:EvalConfig",
+        run="kilter.evaluation.evaluate:run",
+    ),
     "prepare-model": Command(
         "Materialize a model preset (e.g. smollm2-135m) as a cached safetensors folder.",
         config="kilter.models.presets:PrepareConfig",
         run="kilter.models.presets:run",
+    ),
+    "serve": Command(
+        "Serve the human-feedback web app (compare, rank, rate, edit, write) on a SQLite or PostgreSQL database.",
+        config="kilter.feedback.settings:ServeConfig",
+        run="kilter.feedback.cli:serve",
+    ),
+    "project": Command(
+        "Feedback projects: create, list, add-user, remove-user, import, status (run `kilter project --help`).",
+        main="kilter.feedback.cli:project_main",
+    ),
+    "users": Command(
+        "Feedback app accounts: add (with invite link), list, invite, set-password, deactivate, activate.",
+        main="kilter.feedback.cli:users_main",
+    ),
+    "import": Command(
+        "Import prompts and candidate responses (JSONL) into a feedback project.",
+        config="kilter.feedback.cli:ImportConfig",
+        run="kilter.feedback.cli:run_import",
+    ),
+    "sample": Command(
+        "Generate K candidate responses per prompt from one or several models into a project or JSONL.",
+        config="kilter.feedback.sampling:SampleConfig",
+        run="kilter.feedback.sampling:run",
+    ),
+    "export": Command(
+        "Export a feedback project's judgments as training JSONL (comparisons, rankings, ratings, demonstrations, raw).",
+        config="kilter.feedback.cli:ExportConfig",
+        run="kilter.feedback.cli:run_export",
+    ),
+    "leaderboard": Command(
+        "Rate a project's models from pairwise battles: Bradley-Terry with bootstrap intervals, and Elo.",
+        config="kilter.feedback.cli:LeaderboardConfig",
+        run="kilter.feedback.cli:run_leaderboard",
     ),
 }
 

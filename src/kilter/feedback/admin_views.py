@@ -13,6 +13,7 @@ from kilter.errors import KilterError
 from kilter.feedback import analysis, export
 from kilter.feedback.settings import ServeConfig
 from kilter.feedback.store import ProjectRow, Store, UserRow
+from kilter.feedback.tasks import sentence
 
 
 def register(app: FastAPI, store: Store, settings: ServeConfig, *, render: Callable, require_admin: Callable,
@@ -47,7 +48,7 @@ def register(app: FastAPI, store: Store, settings: ServeConfig, *, render: Calla
                 if isinstance(project, str) and project:
                     store.add_member(project, created.username)
         except KilterError as exc:
-            return admin_page(request, user, 422, error=str(exc).capitalize() + ".")
+            return admin_page(request, user, 422, error=sentence(str(exc)))
         return admin_page(request, user, notice=f"Created {created.username}. Send them this invite link:",
                           link=invite_url(request, token))
 
@@ -96,10 +97,11 @@ def register(app: FastAPI, store: Store, settings: ServeConfig, *, render: Calla
             raise HTTPException(404, str(exc)) from None
         return RedirectResponse(f"/admin/p/{quote(project.name)}", status_code=303)
 
-    @app.get("/admin/p/{name}/export/{kind}")
-    def download(name: str, kind: str, aggregate: str = "each", min_judgments: int = 1, exclude_flagged: bool = False,
+    @app.get("/admin/p/{name}/export")
+    def download(name: str, kind: str = "", aggregate: str = "each", min_judgments: int = 1, exclude_flagged: bool = False,
                  user: UserRow = Depends(require_admin)):
         project = project_or_404(name)
+        kind = kind or export.DEFAULT_KIND[project.task]
         records = store.judgments(project)
         if exclude_flagged:
             records = analysis.without_users(records, analysis.quality(records, project.task).flagged)

@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
-from kilter.evaluation.agreement import flag_annotators, gold_accuracy, krippendorff_alpha, pairwise_agreement
+from kilter.evaluation.agreement import (
+    flag_annotators,
+    gold_accuracy,
+    krippendorff_alpha,
+    pairwise_agreement,
+)
 from kilter.evaluation.ratings import Battle
 from kilter.evaluation.ratings import leaderboard as rating_leaderboard
 from kilter.feedback.store import JudgmentRecord

@@ -34,7 +34,16 @@ from kilter.errors import KilterError
 from kilter.feedback import security
 from kilter.feedback.settings import ServeConfig
 from kilter.feedback.store import ProjectRow, Store, UserRow
-from kilter.feedback.tasks import FLAGS, PAIRWISE_CHOICES, SCORE_RANGE, TASK_TITLES, FormError, letter, parse_submission
+from kilter.feedback.tasks import (
+    FLAGS,
+    PAIRWISE_CHOICES,
+    SCORE_RANGE,
+    TASK_TITLES,
+    FormError,
+    letter,
+    parse_submission,
+    sentence,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -237,7 +246,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
             if problem is None and password != field(form, "password2"):
                 problem = "the two passwords differ"
             if problem:
-                return render(request, "invite.html", 422, user=None, invited=user, token=token, error=problem.capitalize() + ".")
+                return render(request, "invite.html", 422, user=None, invited=user, token=token, error=sentence(problem))
             store.set_password(user.username, password)
             user = store.get_user(user.id)
         login(request, user)
@@ -285,9 +294,9 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
             if view is None:
                 raise HTTPException(409, "This task is not assigned to you.") from None
             values = {"text": field(form, "text"), "comment": field(form, "comment")}
-            return task_page(request, user, project, view, 422, error=str(exc).capitalize() + ".", values=values)
+            return task_page(request, user, project, view, 422, error=sentence(str(exc)), values=values)
         except KilterError as exc:
-            raise HTTPException(409, str(exc).capitalize() + ".") from None
+            raise HTTPException(409, sentence(str(exc))) from None
         return RedirectResponse(f"/p/{quote(project.name)}?saved=1", status_code=303)
 
     @app.post("/p/{name}/skip")

@@ -7,6 +7,7 @@ invite token is stored, so a copy of the database does not contain working login
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -15,9 +16,14 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _hasher = PasswordHasher()
-# Verified against when the username does not exist, so a wrong username costs as much time as
-# a wrong password and response times do not reveal which accounts exist.
-_DUMMY_HASH = _hasher.hash("kilter-no-such-user")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the username does not exist, so a wrong username costs as much time
+    as a wrong password and response times do not reveal which accounts exist."""
+    return _hasher.hash("kilter-no-such-user")
+
 
 MIN_PASSWORD = 8
 
@@ -29,7 +35,7 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str | None, password: str) -> bool:
     """True when ``password`` matches; always spends one Argon2 verification."""
     try:
-        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+        return _hasher.verify(stored_hash or _dummy_hash(), password) and stored_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 

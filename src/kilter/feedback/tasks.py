@@ -82,6 +82,12 @@ class Shown:
     original_text: str = ""  # the response being edited (edit task)
 
 
+def sentence(message: str) -> str:
+    """``"please choose X"`` -> ``"Please choose X."`` for showing an error on a page."""
+    message = message.strip()
+    return (message[:1].upper() + message[1:]).rstrip(".") + "."
+
+
 def letter(position: int) -> str:
     return "ABCDEFGHI"[position]
 

@@ -3,6 +3,11 @@
 Prompts are left-padded so every row's new tokens start at the same column; generation
 stops as soon as every row has produced EOS (or a stop string), and each response is cut
 right after its first EOS, which stays part of the response.
+
+Every sampling knob is passed explicitly.  ``generate`` otherwise fills unset ones from the
+model's ``generation_config`` and from library defaults -- notably ``top_k=50`` and any
+``repetition_penalty`` a checkpoint ships with -- and then the tokens would come from a
+different distribution than the one the trainer scores, biasing the PPO ratio.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from kilter.errors import ConfigError
 
 
 @dataclass
@@ -30,8 +37,20 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    """0 disables top-k filtering."""
     do_sample: bool = True
     stop_strings: list[str] | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature} "
+                              "(use do_sample=false for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +75,23 @@ def cut_after_eos(tokens: list[int], eos_id: int, pad_id: int) -> tuple[list[int
     return out, False
 
 
+def hf_generate_kwargs(params: SamplingParams, pad_id: int, eos_id: int) -> dict:
+    """Keyword arguments for ``model.generate`` that pin down the sampling distribution exactly."""
+    params.check()
+    kwargs: dict = dict(
+        max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+        num_beams=1, num_return_sequences=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        min_length=0, min_new_tokens=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None,
+        bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+    )
+    if params.do_sample:
+        kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),
+                      top_k=int(params.top_k))
+    else:
+        kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+    return kwargs
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: SamplingParams,
                  batch_size: int = 64) -> Generation:
@@ -64,23 +100,15 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], params: Sampling
     model.eval()
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    base_kwargs = hf_generate_kwargs(params, pad, eos)
+    if params.stop_strings:
+        base_kwargs.update(stop_strings=params.stop_strings, tokenizer=tokenizer)
     responses: list[list[int]] = []
     finished: list[bool] = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
         ids, mask = left_pad(chunk, pad, device)
-        kwargs = dict(
-            input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-            pad_token_id=pad, eos_token_id=eos, use_cache=True,
-        )
-        if params.do_sample:
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k if params.top_k > 0 else None)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop_strings:
-            kwargs.update(stop_strings=params.stop_strings, tokenizer=tokenizer)
-        out = model.generate(**kwargs)
+        out = model.generate(input_ids=ids, attention_mask=mask, **base_kwargs)
         new = out[:, ids.shape[1]:].tolist()
         for row in new:
             resp, done = cut_after_eos(row, eos, pad)

@@ -1,0 +1,235 @@
+"""SFT side by side: ``kilter sft`` vs TRL's ``SFTTrainer`` on identical model, data and settings.
+
+    benchmarks/.venv-trl/bin/python benchmarks/bench_sft.py                 # full comparison
+    benchmarks/.venv-trl/bin/python benchmarks/bench_sft.py --quick         # correctness check only
+
+Both read ``benchmarks/out/data/sft.jsonl`` (the built-in task's 4000 demonstrations).  Kilter
+joins prompt and completion as ``prompt + "\\n" + completion + EOS``; TRL gets the prompt with
+that "\\n" already appended, so both train on the *same token ids* -- each TRL run checks this
+against Kilter's encoder and reports mismatches.  Loss is on completion tokens only in both.
+
+Settings (see common.py for how time is measured):
+  same  fp32, random batches (Kilter data.group_by_length=false, TRL train_sampling_strategy=random)
+  best  bf16 autocast when the CPU has bf16 instructions, length-grouped batches in both
+Common to both: AdamW(0.9, 0.95, eps 1e-8, wd 0), 5% warmup then cosine to 10% of the peak LR,
+grad-norm clip 1.0, no gradient checkpointing, no evaluation or saving inside the loop, batch
+size B with no accumulation, the same max_length, seed 0.  The final metric is the held-out
+completion-token loss of the trained model, computed by the same code for both.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+PROFILES = {
+    # model label: batch, max_length, lr, steps, warmup (timing window = steps - warmup)
+    "tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
+    "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 16, "warmup": 4},
+}
+QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
+
+
+def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
+    from kilter.models import resolve_model_path
+
+    spec_name, lora = C.MODELS[model_label]
+    prof = dict(PROFILES[model_label])
+    if args.quick:
+        prof.update(QUICK[model_label])
+    if args.steps:
+        prof["steps"] = args.steps
+    if args.warmup is not None:
+        prof["warmup"] = args.warmup
+    best = setting == "best"
+    precision = "bf16" if best and C.bf16_hardware() != "none" else "fp32"
+    return {
+        "model_label": model_label, "model_dir": resolve_model_path(spec_name), "lora": lora,
+        "train": str(files["sft"]), "eval": str(files["sft_eval"]), "setting": setting,
+        "precision": precision, "group_by_length": best, "threads": args.threads, "seed": 0, **prof,
+    }
+
+
+# --------------------------------------------------------------------------- Kilter
+
+
+def kilter_cmd(spec: dict, run_dir: Path) -> list[str]:
+    return [
+        str(C.KILTER), "sft", f"model={spec['model_dir']}", f"output_dir={run_dir}",
+        f"data.train={spec['train']}", "data.eval=null", f"data.max_length={spec['max_length']}",
+        f"data.group_by_length={str(spec['group_by_length']).lower()}",
+        f"batch_size={spec['batch_size']}", "grad_accum=1", f"max_steps={spec['steps']}",
+        f"optim.lr={spec['lr']}", "optim.warmup_ratio=0.05", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
+        "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", f"precision={spec['precision']}",
+        f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "gradient_checkpointing=false", "device=cpu", f"seed={spec['seed']}", "log_every=1",
+        "save_every=1000000", "n_samples=0", "tensorboard=false", f"threads={spec['threads']}",
+    ]
+
+
+def run_kilter(spec: dict, work: Path, i: int) -> dict:
+    run_dir = work / f"kilter-{i}"
+    C.clean_dir(run_dir)
+    child = C.run_child(kilter_cmd(spec, run_dir), work / f"kilter-{i}.log", spec["threads"])
+    if child.rc != 0:
+        return {"ok": False, "error": f"exit {child.rc}", "log_tail": C.tail(child.log)}
+    steps, rows = C.read_kilter_steps(run_dir, spec["batch_size"])
+    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"])}
+    losses = [r["loss/sft"] for r in rows if "loss/sft" in r]
+    res["train_loss_last10"] = sum(losses[-10:]) / max(len(losses[-10:]), 1)
+    res["final_dir"] = str(run_dir / "final")
+    return res
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def run_trl(spec: dict, work: Path, i: int) -> dict:
+    run_dir = work / f"trl-{i}"
+    C.clean_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    child = C.run_child([str(C.PY), __file__, "--trl-worker", str(spec_path)], work / f"trl-{i}.log", spec["threads"])
+    result_path = run_dir / "result.json"
+    if child.rc != 0 or not result_path.exists():
+        return {"ok": False, "error": f"exit {child.rc}", "log_tail": C.tail(child.log)}
+    out = json.loads(result_path.read_text())
+    steps = C.StepLog(out["times"], out["samples"], out["tokens"])
+    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"])}
+    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked")})
+    res["final_dir"] = str(run_dir / "final")
+    return res
+
+
+def trl_worker(spec_path: str) -> int:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from kilter.data.tokenize import PROMPT_SEP, encode_sft_records
+
+    spec = json.loads(Path(spec_path).read_text())
+    run_dir = Path(spec_path).parent
+    torch.set_num_threads(spec["threads"])
+    rows = C.read_jsonl(Path(spec["train"]))
+    # The same text Kilter tokenizes: prompt + "\n" + completion (+ EOS, which TRL appends).
+    dataset = Dataset.from_list([{"prompt": r["prompt"] + PROMPT_SEP, "completion": r["completion"]} for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    peft_config = None
+    if spec["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = SFTConfig(
+        output_dir=str(run_dir / "trainer"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.05, adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
+        gradient_checkpointing=False, max_length=spec["max_length"], completion_only_loss=True, packing=False,
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=spec["seed"],
+        data_seed=spec["seed"], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=spec["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+
+    # Same token ids as Kilter?  (input ids and which positions carry a label)
+    n_check = min(500, len(rows))
+    kilter_examples = encode_sft_records(tokenizer, rows[:n_check], spec["max_length"])
+    mismatches = 0
+    for k in range(n_check):
+        trl_ex = trainer.train_dataset[k]
+        trl_ids = list(trl_ex["input_ids"])
+        trl_mask = [lab != -100 for lab in trl_ex["labels"]] if "labels" in trl_ex else list(map(bool, trl_ex["completion_mask"]))
+        kil_mask = [lab != -100 for lab in kilter_examples[k]["labels"]]
+        if trl_ids != kilter_examples[k]["input_ids"] or trl_mask != kil_mask:
+            mismatches += 1
+            if mismatches == 1:
+                print(f"token mismatch at example {k}:\n trl    {trl_ids} {trl_mask}\n kilter "
+                      f"{kilter_examples[k]['input_ids']} {kil_mask}", flush=True)
+
+    tokens_per_batch: list[int] = []
+    inner = trainer.data_collator
+
+    def counting_collator(features):
+        batch = inner(features)
+        tokens_per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
+                                else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    times: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.time())
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model = trainer.model
+    if spec["lora"]:
+        model = model.merge_and_unload()
+    model.save_pretrained(run_dir / "final", safe_serialization=True)
+    tokenizer.save_pretrained(run_dir / "final")
+    n = len(times)
+    result = {
+        "times": times, "samples": [spec["batch_size"]] * n, "tokens": tokens_per_batch[:n],
+        "train_loss_last10": losses[-1] if losses else None,
+        "token_mismatches": mismatches, "token_checked": n_check,
+    }
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--trl-worker":
+        return trl_worker(sys.argv[2])
+    parser = C.base_parser("SFT: kilter sft vs TRL SFTTrainer")
+    args = parser.parse_args()
+    out = Path(args.out)
+    files = C.prepare_data(out)
+    report = C.start_report("sft", args)
+    libs = args.libs.split(",") if args.libs else ["kilter", "trl"]
+    pairs = 1 if args.quick else args.pairs
+    groups = []
+    for model_label in args.models.split(","):
+        for setting in args.settings.split(","):
+            spec = make_spec(model_label, setting, args, files)
+            work = out / "runs" / f"sft-{model_label}-{setting}"
+            print(f"\n[sft] {model_label} / {setting}: precision {spec['precision']}, batch {spec['batch_size']}, "
+                  f"max_length {spec['max_length']}, {spec['steps']} steps (timed: last {spec['steps'] - spec['warmup']}), "
+                  f"grouped batches {spec['group_by_length']}", flush=True)
+
+            def run_one(lib: str, i: int) -> dict:
+                res = run_kilter(spec, work, i) if lib == "kilter" else run_trl(spec, work, i)
+                if res.get("ok"):
+                    res["metric"] = C.sft_eval_loss(res["final_dir"], spec["model_dir"], Path(spec["eval"]),
+                                                    spec["max_length"])
+                    if not args.keep_runs:
+                        C.clean_dir(Path(res["final_dir"]).parent)
+                return res
+
+            runs = C.alternate(libs, pairs, run_one)
+            groups.append({"model": model_label, "setting": setting, "spec": spec, "runs": runs})
+            mism = [r.get("token_mismatches") for r in runs.get("trl", []) if r.get("ok")]
+            if mism and any(mism):
+                report["notes"].append(f"{model_label}/{setting}: TRL token ids differ from Kilter's on {max(mism)} "
+                                       "of the checked examples")
+    report["runs"] = groups
+    C.finish_report(report, args, groups, "eval loss")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

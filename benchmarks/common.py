@@ -1,0 +1,512 @@
+"""Shared machinery of the side-by-side benchmarks (Kilter vs TRL).
+
+Every comparison script (bench_sft.py, bench_rm.py, bench_dpo.py, bench_rl.py) does the same:
+
+1. write the built-in task's data to JSONL once (both libraries read the same file);
+2. measure this machine's matmul peak (fp32 and bf16, large ``torch.matmul``) in the same
+   invocation, before and after the runs;
+3. run Kilter and TRL alternately (K, T, K, T, ...), each in its own subprocess, with the
+   same model folder, data, lengths, batch size, optimizer and step count;
+4. report medians of samples/s, tokens/s, peak RSS, final metric, MFU and the K/T ratio.
+
+How time is measured (the same way for both libraries).  Each run records a wall-clock
+timestamp at the end of every optimizer step (Kilter: the ``time`` field of its
+``metrics.jsonl`` with ``log_every=1``; TRL: a ``TrainerCallback.on_step_end``).  The
+throughput is the work done in steps ``warmup+1 .. N`` divided by ``t[N] - t[warmup]``: model
+loading, tokenization, the first (allocator-warming) steps, evaluation and saving are all
+outside the window, for both.  Tokens are real (non-padding) tokens; padding a library
+chooses to compute is its own cost.
+
+Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (the whole process, load included).
+MFU = 6 * parameters * tokens / time / peak (the PaLM convention, full-model parameters even
+with LoRA, attention FLOPs ignored), against the measured matmul peak of the precision used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+VENV = HERE / ".venv-trl"
+PY = VENV / "bin" / "python" if (VENV / "bin" / "python").exists() else Path(sys.executable)
+KILTER = PY.parent / "kilter"
+
+MODELS = {
+    # label: (kilter model spec, LoRA?)
+    "tiny": ("builtin:tiny", False),
+    "smollm2-lora": ("smollm2-135m", True),
+}
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_hardware() -> str:
+    flags = cpu_flags()
+    found = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return ",".join(found) if found else "none"
+
+
+def machine_line(threads: int) -> str:
+    import torch
+
+    return (f"{cpu_model()}, {os.cpu_count()} cores, bf16 ISA: {bf16_hardware()}, "
+            f"torch {torch.__version__}, {threads} threads, python {platform.python_version()}")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "kilter"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # noqa: BLE001
+            out[name] = "-"
+    return out
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
+    """Best GFLOP/s of an (n x n) @ (n x n) torch.matmul over ``repeats`` timed calls.
+
+    bf16 inputs go straight to torch.matmul (oneDNN uses avx512_bf16/AMX when the CPU has them),
+    the same kernels that bf16 autocast reaches.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    for _ in range(2):
+        torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
+
+
+def measure_peaks(threads: int, quick: bool = False) -> dict[str, float]:
+    n = 1024 if quick else 2048
+    return {p: matmul_peak_gflops(p, n=n, threads=threads) for p in ("fp32", "bf16")}
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DISABLE_TQDM": "1",
+        "WANDB_DISABLED": "true",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env["PATH"] = f"{PY.parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class ChildResult:
+    rc: int
+    wall_s: float
+    max_rss_mb: float
+    log: Path
+
+
+def run_child(cmd: list[str], log: Path, threads: int, cwd: Path = ROOT, timeout: float | None = None) -> ChildResult:
+    """Run ``cmd`` to completion; peak RSS comes from this child's own rusage (os.wait4)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=child_env(threads))
+        deadline = None if timeout is None else start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return ChildResult(proc.returncode, wall, usage.ru_maxrss / 1024.0, log)
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- step records
+
+
+@dataclass
+class StepLog:
+    """Per optimizer step: end timestamp, samples (examples/episodes) and real tokens."""
+
+    times: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
+
+    def window(self, warmup: int) -> dict[str, float]:
+        """Throughput over steps warmup+1..N (needs N > warmup)."""
+        n = len(self.times)
+        if n <= warmup:
+            raise ValueError(f"only {n} steps logged; need more than warmup={warmup}")
+        elapsed = self.times[-1] - self.times[warmup - 1] if warmup > 0 else None
+        if elapsed is None:
+            raise ValueError("warmup must be >= 1 (the window starts at the end of a step)")
+        samples = sum(self.samples[warmup:])
+        tokens = sum(self.tokens[warmup:])
+        return {"steps": n - warmup, "seconds": elapsed, "samples_per_s": samples / elapsed,
+                "tokens_per_s": tokens / elapsed, "step_s": elapsed / (n - warmup),
+                "tokens_per_sample": tokens / max(samples, 1)}
+
+
+def read_kilter_steps(run_dir: Path, samples_per_step: int, token_key: str = "perf/tokens_per_s",
+                      sample_key: str = "perf/samples_per_s") -> tuple[StepLog, list[dict]]:
+    """Step log of a Kilter run logged every step; tokens per step = samples x (tok/s) / (samples/s)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], {}).update(row)
+    log = StepLog()
+    for step in sorted(by_step):
+        row = by_step[step]
+        if sample_key not in row:
+            continue
+        log.times.append(row["time"])
+        log.samples.append(samples_per_step)
+        ratio = (row.get(token_key) or 0.0) / max(row.get(sample_key) or 1e-12, 1e-12)
+        log.tokens.append(samples_per_step * ratio)
+    return log, [by_step[s] for s in sorted(by_step)]
+
+
+# --------------------------------------------------------------------------- statistics and tables
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def mfu(params: int, tokens_per_s: float, peak_gflops: float, flops_per_token_param: float = 6.0) -> float:
+    return flops_per_token_param * params * tokens_per_s / (peak_gflops * 1e9)
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+SUMMARY_COLUMNS = [
+    ("bench", "bench"), ("model", "model"), ("setting", "setting"), ("lib", "library"),
+    ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("step_s", "s/step"),
+    ("max_rss_mb", "peak RSS MB"), ("metric", "final metric"), ("mfu_pct", "MFU %"), ("ratio", "K/T samples/s"),
+]
+
+
+def summarize(bench: str, model: str, setting: str, runs: dict[str, list[dict]], params: int, peak: float,
+              metric_name: str, flops_per_token_param: float = 6.0) -> list[dict]:
+    """One row per library: medians over its runs, plus the Kilter/TRL ratio of medians."""
+    rows = []
+    med = {}
+    for lib, samples in runs.items():
+        ok = [r for r in samples if r.get("ok")]
+        row = {"bench": bench, "model": model, "setting": setting, "lib": lib, "n": len(ok),
+               "samples_per_s": median([r["samples_per_s"] for r in ok]),
+               "tokens_per_s": median([r["tokens_per_s"] for r in ok]),
+               "step_s": median([r["step_s"] for r in ok]),
+               "max_rss_mb": median([r["max_rss_mb"] for r in ok]),
+               "metric": median([r.get("metric") for r in ok]),
+               "metric_name": metric_name}
+        row["mfu_pct"] = 100 * mfu(params, row["tokens_per_s"], peak, flops_per_token_param) if ok else float("nan")
+        med[lib] = row
+        rows.append(row)
+    kilter_libs = [lib for lib in med if lib.startswith("kilter")]
+    for lib in kilter_libs:
+        if "trl" in med and med["trl"]["samples_per_s"] == med["trl"]["samples_per_s"]:
+            med[lib]["ratio"] = med[lib]["samples_per_s"] / med["trl"]["samples_per_s"]
+    return rows
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--models", default="tiny,smollm2-lora", help="comma list of: " + ", ".join(MODELS))
+    p.add_argument("--settings", default="same,best",
+                   help="same: fp32, no length grouping, identical everything; best: each library's best CPU "
+                        "settings (bf16 autocast when the CPU has bf16 instructions, length-grouped batches)")
+    p.add_argument("--pairs", type=int, default=3, help="K/T alternations per model and setting (medians over them)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per model)")
+    p.add_argument("--warmup", type=int, default=None, help="steps excluded from the timing window (default per model)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for every run")
+    p.add_argument("--libs", default=None, help="comma list to run a subset (e.g. kilter or trl)")
+    p.add_argument("--quick", action="store_true", help="phase-A check: tiny step counts, 1 pair, no real timing")
+    p.add_argument("--out", default=str(OUT), help="where logs, run folders and results go")
+    p.add_argument("--keep-runs", action="store_true", help="keep every run's output folder (default: keep logs only)")
+    return p
+
+
+def start_report(bench: str, args) -> dict:
+    peaks = measure_peaks(args.threads, quick=args.quick)
+    report = {
+        "bench": bench,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_line(args.threads),
+        "versions": library_versions(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "peaks_start": peaks,
+        "quick": bool(args.quick),
+        "rows": [],
+        "runs": [],
+        "notes": [],
+    }
+    print(f"[{bench}] {report['machine']}")
+    print(f"[{bench}] matmul peak (start): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    load = os.getloadavg()
+    print(f"[{bench}] load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    report["loadavg_start"] = load
+    return report
+
+
+def finish_report(report: dict, args, groups: list[dict], metric_name: str,
+                  flops_per_token_param: float = 6.0) -> Path:
+    """Measure the end peak, build the summary rows (medians, ratios, MFU), print and save them.
+
+    ``groups``: one dict per (model, setting) with keys model, setting, spec (holding model_dir,
+    lora, precision) and runs ({lib: [run results]}).
+    """
+    peaks = measure_peaks(args.threads, quick=args.quick)
+    report["peaks_end"] = peaks
+    report["loadavg_end"] = os.getloadavg()
+    print(f"[{report['bench']}] matmul peak (end): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    for g in groups:
+        spec = g["spec"]
+        params = count_params(spec["model_dir"], spec.get("lora", False))
+        peak = peak_for(report, spec.get("precision", "fp32"))
+        report["rows"] += summarize(report["bench"], g["model"], g["setting"] + f" ({spec.get('precision', 'fp32')})",
+                                    g["runs"], params, peak, metric_name, flops_per_token_param)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    path = out / f"{report['bench']}{suffix}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print()
+    print(markdown_table(report["rows"], SUMMARY_COLUMNS))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"\n[{report['bench']}] results in {path}")
+    return path
+
+
+def peak_for(report: dict, precision: str) -> float:
+    """The higher of the start and end measurements of the matmul peak (a peak is the best seen)."""
+    start = report["peaks_start"][precision]
+    end = report.get("peaks_end", {}).get(precision, start)
+    return max(start, end)
+
+
+def alternate(libs: list[str], pairs: int, run_one: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """K, T, K, T, ... : each library's i-th run follows the other's (i-1)-th."""
+    results: dict[str, list[dict]] = {lib: [] for lib in libs}
+    for i in range(pairs):
+        for lib in libs:
+            res = run_one(lib, i)
+            results[lib].append(res)
+            status = "ok" if res.get("ok") else f"FAILED ({res.get('error', '?')})"
+            if res.get("ok"):
+                print(f"  {lib:<14} run {i}: {res['samples_per_s']:8.2f} samples/s {res['tokens_per_s']:10.1f} tok/s "
+                      f"{res['max_rss_mb']:7.0f} MB  metric {fmt(res.get('metric'))}  [{status}]", flush=True)
+            else:
+                print(f"  {lib:<14} run {i}: {status}\n{res.get('log_tail', '')}", flush=True)
+    return results
+
+
+def clean_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def count_params(model_dir: str, lora: bool) -> int:
+    """Parameters of the base model (what the 6*N*tokens convention counts), tied weights once."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    mlp = 3 * h * inter
+    norms = 2 * h
+    emb = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    return layers * (attn + mlp + norms) + emb + h
+
+
+# --------------------------------------------------------------------------- data (built-in task -> JSONL)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _pairs_by_prompt(demos: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Disjoint pairs of distinct demonstrations of the same prompt, in a fixed order."""
+    groups: dict[str, list[str]] = {}
+    for d in demos:
+        groups.setdefault(d["prompt"], []).append(d["completion"])
+    prompts, pairs = [], []
+    for prompt, completions in groups.items():
+        for i in range(0, len(completions) - 1, 2):
+            if completions[i] != completions[i + 1]:
+                prompts.append(prompt)
+                pairs.append([completions[i], completions[i + 1]])
+    return prompts, pairs
+
+
+def prepare_data(out: Path, seed: int = 0) -> dict[str, Path]:
+    """The built-in task as JSONL files that both libraries read (idempotent).
+
+    sft*.jsonl: {prompt, completion} demonstrations; comparisons*.jsonl: {prompt, chosen, rejected}
+    from the SimulatedLabeler (noise 0.3) over pairs of demonstrations of the same prompt;
+    prompts*.jsonl: {prompt}.
+    """
+    from kilter.data.labeler import SimulatedLabeler
+    from kilter.data.task import build_task
+
+    data_dir = out / "data"
+    files = {name: data_dir / f"{name}.jsonl" for name in
+             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    if all(p.exists() for p in files.values()):
+        return files
+    task = build_task(seed=seed)
+    write_jsonl(files["sft"], task.demonstrations)
+    write_jsonl(files["sft_eval"], task.eval_demonstrations)
+    labeler = SimulatedLabeler(noise=0.3, seed=seed)
+    prompts, pairs = _pairs_by_prompt(task.demonstrations)
+    train_records = labeler.label_comparisons(prompts, pairs, pairs="adjacent")
+    # Held-out prompts have ~3 demonstrations each: judge every pair for a finer accuracy estimate.
+    groups: dict[str, list[str]] = {}
+    for d in task.eval_demonstrations:
+        groups.setdefault(d["prompt"], []).append(d["completion"])
+    eval_records = labeler.label_comparisons(list(groups), [list(dict.fromkeys(g)) for g in groups.values()], pairs="all")
+    for name, records in (("comparisons", train_records), ("comparisons_eval", eval_records)):
+        write_jsonl(files[name], [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                                  for r in records])
+    write_jsonl(files["prompts"], [{"prompt": p} for p in task.train_prompts])
+    write_jsonl(files["prompts_eval"], [{"prompt": p} for p in task.eval_prompts])
+    return files
+
+
+# --------------------------------------------------------------------------- evaluation (same code for both)
+
+
+def load_for_eval(model_dir: str, kind: str = "causal"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def sft_eval_loss(model_dir: str, tokenizer_dir: str, eval_file: Path, max_length: int, limit: int = 128,
+                  batch_size: int = 16) -> float:
+    """Mean completion-token cross-entropy on held-out demonstrations (Kilter's encoding, which the
+    SFT benchmark checks is token-identical to TRL's)."""
+    import torch
+
+    from kilter.data.collate import pad_batch
+    from kilter.data.tokenize import encode_sft_records
+    from kilter.losses import causal_lm_loss
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = load_for_eval(model_dir)
+    examples = encode_sft_records(tok, read_jsonl(eval_file)[:limit], max_length)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[start:start + batch_size], tok.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mean, n = causal_lm_loss(logits, batch["labels"])
+            total += float(mean) * int(n)
+            count += int(n)
+    return total / max(count, 1)

@@ -1,0 +1,209 @@
+// Keyboard shortcuts for the task pages. Loaded as a file (the Content-Security-Policy forbids
+// inline scripts); pages work without it, with the mouse.
+(function () {
+  "use strict";
+
+  var form = document.getElementById("task-form");
+  if (!form) return;
+  var task = form.dataset.task;
+  var cards = Array.prototype.slice.call(document.querySelectorAll(".response[data-position]"));
+  var statusLine = document.getElementById("key-status");
+  var help = document.getElementById("shortcuts");
+  var current = 0;
+  var flagMode = false;
+  var tieNext = false;
+  var rankOrder = []; // ranking: [{pos, tied}] in the order the keys were pressed
+  var submitted = false;
+
+  function say(text) { if (statusLine) statusLine.textContent = text || ""; }
+  function letter(pos) { return "ABCDEFGHI".charAt(pos); }
+
+  function setCurrent(pos) {
+    if (!cards.length) return;
+    current = (pos + cards.length) % cards.length;
+    cards.forEach(function (card, i) { card.classList.toggle("current", i === current); });
+    if (flagMode) openFlags();
+  }
+
+  function openFlags() {
+    var box = cards[current] && cards[current].querySelector("details.flags");
+    if (box) box.open = true;
+  }
+
+  function setFlagMode(on) {
+    flagMode = on && cards.length > 0;
+    document.body.classList.toggle("flag-mode", flagMode);
+    if (flagMode) {
+      openFlags();
+      say("Flag mode for response " + letter(current) + ": 1-9 toggle flags, / or Esc to leave.");
+    } else {
+      say("");
+    }
+  }
+
+  function updateFlagCounts() {
+    cards.forEach(function (card) {
+      var n = card.querySelectorAll("details.flags input:checked").length;
+      var badge = card.querySelector("[data-flag-count]");
+      if (badge) badge.textContent = n ? String(n) : "";
+    });
+  }
+
+  function pick(input) {
+    if (!input) return false;
+    input.checked = true;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+    return true;
+  }
+
+  function submitForm() {
+    if (submitted) return;
+    if (!form.reportValidity()) { say("Something is missing: see the highlighted field."); return; }
+    form.requestSubmit();
+  }
+
+  // ------------------------------------------------------------------ ranking
+
+  function rankSelects() { return cards.map(function (c) { return c.querySelector("select[data-rank]"); }); }
+
+  function writeRanks() {
+    var selects = rankSelects();
+    selects.forEach(function (s) { s.value = ""; });
+    var rank = 0;
+    rankOrder.forEach(function (entry, i) {
+      if (!entry.tied || i === 0) rank = i + 1;
+      selects[entry.pos].value = String(rank);
+    });
+    markRanked();
+  }
+
+  function markRanked() {
+    rankSelects().forEach(function (s, i) { cards[i].classList.toggle("ranked", s.value !== ""); });
+  }
+
+  function readRanks() {
+    // after a change with the mouse, rebuild the key order from the selects
+    var selects = rankSelects();
+    var ranked = [];
+    selects.forEach(function (s, pos) { if (s.value) ranked.push({ pos: pos, rank: Number(s.value) }); });
+    ranked.sort(function (a, b) { return a.rank - b.rank || a.pos - b.pos; });
+    rankOrder = ranked.map(function (r, i) { return { pos: r.pos, tied: i > 0 && r.rank === ranked[i - 1].rank }; });
+    markRanked();
+  }
+
+  function rankKey(pos) {
+    var existing = rankOrder.findIndex(function (e) { return e.pos === pos; });
+    if (existing >= 0) {
+      rankOrder.splice(existing, 1);
+      say("Response " + letter(pos) + " unranked.");
+    } else {
+      rankOrder.push({ pos: pos, tied: tieNext && rankOrder.length > 0 });
+    }
+    tieNext = false;
+    writeRanks();
+    setCurrent(pos);
+    if (existing < 0) {
+      var sel = rankSelects()[pos];
+      say("Response " + letter(pos) + " ranked " + sel.value + ". Now give it a score (1-7).");
+    }
+  }
+
+  function scoreKey(value) {
+    var input = cards[current].querySelector('.score input[value="' + value + '"]');
+    if (pick(input)) {
+      say("Response " + letter(current) + " scored " + value + ".");
+      var next = cards.findIndex(function (c, i) { return i > current && !c.querySelector(".score input:checked"); });
+      if (next >= 0) setCurrent(next);
+    }
+  }
+
+  // ------------------------------------------------------------------ keys
+
+  function typingIn(el) {
+    if (!el) return false;
+    var tag = el.tagName;
+    if (tag === "TEXTAREA" || tag === "SELECT") return true;
+    return tag === "INPUT" && ["radio", "checkbox", "hidden", "submit", "button"].indexOf(el.type) < 0;
+  }
+
+  document.addEventListener("keydown", function (ev) {
+    if (ev.altKey || ev.metaKey && ev.key !== "Enter") return;
+    var key = ev.key;
+    var target = ev.target;
+    if (typingIn(target)) {
+      if (key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); submitForm(); }
+      else if (key === "Escape") { target.blur(); }
+      return;
+    }
+    if (ev.ctrlKey) return;
+    var handled = true;
+    if (flagMode && /^[1-9]$/.test(key)) {
+      var box = cards[current].querySelector('input[data-flag="' + key + '"]');
+      if (box) { box.checked = !box.checked; updateFlagCounts(); }
+    } else if (key === "/" ) {
+      setFlagMode(!flagMode);
+    } else if (key === "Escape") {
+      if (flagMode) setFlagMode(false);
+      else if (help && !help.hidden) help.hidden = true;
+    } else if (key === "?") {
+      if (help) help.hidden = !help.hidden;
+    } else if (key === "ArrowRight" || key === "ArrowDown" && task === "ranking" || key === "j") {
+      setCurrent(current + 1);
+    } else if (key === "ArrowLeft" || key === "ArrowUp" && task === "ranking" || key === "k") {
+      setCurrent(current - 1);
+    } else if (key === "Enter") {
+      if (task === "edit" || task === "demonstration") { handled = false; } else submitForm();
+    } else if (key === "s") {
+      var skip = document.querySelector("[data-skip]");
+      if (skip && !submitted) skip.click();
+    } else if (key === "m") {
+      var comment = document.querySelector("[data-comment]");
+      if (comment) comment.focus();
+    } else if ((key === "e" && task === "edit") || (key === "w" && task === "demonstration")) {
+      var main = document.querySelector("[data-main-text]");
+      if (main) { main.focus(); main.setSelectionRange(main.value.length, main.value.length); }
+    } else if (task === "ranking" && /^[a-i]$/.test(key) && "abcdefghi".indexOf(key) < cards.length) {
+      rankKey("abcdefghi".indexOf(key));
+    } else if (task === "ranking" && key === "=") {
+      tieNext = rankOrder.length > 0;
+      if (tieNext) say("The next response you press ties with the previous one.");
+    } else if (task === "ranking" && key === "Backspace") {
+      if (rankOrder.length) { var last = rankOrder.pop(); writeRanks(); say("Response " + letter(last.pos) + " unranked."); }
+    } else if (task === "ranking" && /^[1-7]$/.test(key)) {
+      scoreKey(key);
+    } else {
+      var input = form.querySelector('input[data-key="' + CSS.escape(key) + '"]');
+      if (input) {
+        pick(input);
+        say(input.closest("label").textContent.replace(/\s+/g, " ").trim() + " - press Enter to submit.");
+      } else {
+        handled = false;
+      }
+    }
+    if (handled) ev.preventDefault();
+  });
+
+  // ------------------------------------------------------------------ mouse and form
+
+  cards.forEach(function (card, i) {
+    card.addEventListener("mousedown", function () { setCurrent(i); });
+  });
+  form.addEventListener("change", function (ev) {
+    if (ev.target.matches("select[data-rank]")) readRanks();
+    if (ev.target.matches("details.flags input")) updateFlagCounts();
+  });
+  form.addEventListener("submit", function (ev) {
+    if (submitted) { ev.preventDefault(); return; }
+    submitted = true;
+    var button = form.querySelector("[data-submit]");
+    if (button) button.disabled = true;
+    say("Saving...");
+  });
+  document.querySelectorAll("[data-toggle-help]").forEach(function (b) {
+    b.addEventListener("click", function () { if (help) help.hidden = !help.hidden; });
+  });
+
+  setCurrent(0);
+  updateFlagCounts();
+  if (task === "ranking") readRanks();
+})();

@@ -1,0 +1,159 @@
+"""Turn sampled responses into padded tensors and score them in batched forward passes.
+
+Layout of a rollout batch (N rows): ``[left-padded prompt (P columns) | right-padded response
+(R columns)]``.  The logits that predict response token ``t`` sit at column ``P + t - 1``, so
+``logits[:, P - 1 : P + R - 1]`` lines up with the (N, R) response grid; the value of the state
+*before* token ``t`` is read at the same column (the critic's V(s_t) for action a_t).
+
+Position ids are passed explicitly as ``cumsum(attention_mask) - 1``: a plain forward call
+would otherwise number the left padding too and see other positions than ``generate`` did,
+so the "old" log-probs would not be those of the sampling policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kilter.ops.logprobs import entropy_from_logits, selective_log_softmax
+from kilter.trainers import common
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor
+    """(N, P + R) prompt and response ids."""
+    attention_mask: torch.Tensor
+    """(N, P + R) 1 on real tokens."""
+    position_ids: torch.Tensor
+    """(N, P + R) positions counted over real tokens only."""
+    response_mask: torch.Tensor
+    """(N, R) float, 1 on response tokens up to and including the first EOS."""
+    prompt_width: int
+    """P: the column where responses start."""
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """(N, R) the sampled tokens (padding where the mask is 0)."""
+        return self.input_ids[:, self.prompt_width:]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor | list[int], trim: bool = True) -> RolloutBatch:
+        """A sub-batch of ``rows``; with ``trim`` the all-padding columns at either end are dropped.
+
+        Dropping columns changes no result: left prompt padding is masked out of attention and
+        position ids, and response columns past every row's end are masked out of every loss.
+        Returns a batch whose per-token (n, R') tensors line up with ``trim_columns``.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        sub = RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
+                           self.response_mask[rows], self.prompt_width)
+        if not trim:
+            return sub
+        lead = int((sub.attention_mask[:, : self.prompt_width].sum(0) == 0).cumprod(0).sum())
+        lead = min(lead, self.prompt_width - 1)  # keep column P - 1: it predicts the first response token
+        live = (sub.response_mask.sum(0) > 0).nonzero()
+        width = int(live.max()) + 1 if len(live) else 1
+        end = self.prompt_width + width
+        return RolloutBatch(sub.input_ids[:, lead:end], sub.attention_mask[:, lead:end],
+                            sub.position_ids[:, lead:end], sub.response_mask[:, :width], self.prompt_width - lead)
+
+    def to(self, device) -> RolloutBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return RolloutBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in values.items()})
+
+
+def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+             device: str | torch.device = "cpu") -> RolloutBatch:
+    """Pack prompts (left-padded) and responses (right-padded) into one :class:`RolloutBatch`.
+
+    An empty response (the limit was 0 or generation failed) keeps one padding column so the
+    shapes stay valid; its mask row is all zeros and it contributes nothing to any loss.
+    """
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    n = len(prompt_ids)
+    width_p = max(len(p) for p in prompt_ids)
+    width_r = max(1, max(len(r) for r in response_ids))
+    ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width_p + width_r), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, width_p - len(p):width_p] = torch.tensor(p, dtype=torch.long)
+        attn[i, width_p - len(p):width_p] = 1
+        if r:
+            ids[i, width_p:width_p + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, width_p:width_p + len(r)] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    resp_mask = attn[:, width_p:].float()
+    return RolloutBatch(ids, attn, positions, resp_mask, width_p).to(device)
+
+
+def response_logits(model, batch: RolloutBatch, precision: str = "fp32") -> torch.Tensor:
+    """(n, R, V) logits of the policy at the columns that predict each response token."""
+    device = batch.input_ids.device
+    with common.autocast(precision, device.type):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+    p, r = batch.prompt_width, batch.response_mask.shape[1]
+    return out.logits[:, p - 1:p + r - 1]
+
+
+def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: str = "fp32",
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n, R) log pi(token) at ``temperature`` (and the entropy of that distribution); with grad."""
+    logits = response_logits(model, batch, precision)
+    logp = selective_log_softmax(logits, batch.response_ids, temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logp, entropy
+
+
+@torch.no_grad()
+def batched_logprobs(model, batch: RolloutBatch, temperature: float, batch_size: int, precision: str = "fp32",
+                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`token_logprobs` for a whole rollout in chunks of ``batch_size`` rows, without grad.
+
+    Returns (N, R) tensors on the batch's device; padding positions hold 0.
+    """
+    n, width = batch.response_mask.shape
+    logp = torch.zeros(n, width, device=batch.input_ids.device)
+    entropy = torch.zeros(n, width, device=batch.input_ids.device) if with_entropy else None
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(start + batch_size, n)))
+        sub = batch.select(rows)
+        lp, ent = token_logprobs(model, sub, temperature, precision, with_entropy)
+        cols = sub.response_mask.shape[1]
+        logp[start:start + len(rows), :cols] = lp.float() * sub.response_mask
+        if entropy is not None and ent is not None:
+            entropy[start:start + len(rows), :cols] = ent.float() * sub.response_mask
+    return logp, entropy
+
+
+def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> torch.Tensor:
+    """(n, R) critic values V(s_t) read from every response column's hidden state; with grad.
+
+    The reward model's head applied per token (:func:`kilter.models.reward.token_values`):
+    the value model starts as the reward model (InstructGPT), so at the last token it
+    begins by predicting the reward itself.
+    """
+    from kilter.models.reward import token_values as all_token_values
+
+    with common.autocast(precision, batch.input_ids.device.type):
+        values = all_token_values(value_model, batch.input_ids, batch.attention_mask)
+    p, r = batch.prompt_width, batch.response_mask.shape[1]
+    return values[:, p - 1:p + r - 1].float()
+
+
+@torch.no_grad()
+def batched_values(value_model, batch: RolloutBatch, batch_size: int, precision: str = "fp32") -> torch.Tensor:
+    """:func:`token_values` for a whole rollout in chunks, without grad: (N, R), 0 on padding."""
+    n, width = batch.response_mask.shape
+    values = torch.zeros(n, width, device=batch.input_ids.device)
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(start + batch_size, n)))
+        sub = batch.select(rows)
+        cols = sub.response_mask.shape[1]
+        values[start:start + len(rows), :cols] = token_values(value_model, sub, precision) * sub.response_mask
+    return values

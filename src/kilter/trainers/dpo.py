@@ -1,0 +1,545 @@
+"""Direct preference optimisation on comparisons or rankings (``kilter dpo``).
+
+DPO (Rafailov et al. 2023) skips the reward model: the policy's log-ratio to a frozen
+reference, beta * log(pi / pi_ref), is an implicit reward, and a Bradley-Terry loss on
+that reward is minimised directly on the labeled pairs.  The same loop runs IPO
+(``loss_type=ipo``, Azar et al. 2023) and conservative DPO (``label_smoothing`` > 0).
+
+One optimizer step: the chosen and rejected responses of B pairs are forwarded as one
+batch of 2B rows; their summed response log-probs under the policy and the reference
+(precomputed once into ``ref_logps.pt``, or computed on the fly) give the per-pair losses.
+Losses are summed over the whole step and divided by the number of pairs in it, across
+gradient-accumulation micro-batches and data-parallel ranks, as in ``kilter sft``.
+
+K-way rankings become pairs: every non-tied pair (``ranking_pairs: all``) or the best
+response against each worse one (``best_vs_rest``).  The comparisons' optional
+``strength`` is not used by the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from kilter.config import BaseConfig
+from kilter.data.collate import length_bucketed_batches, pad_batch, shard_indices
+from kilter.data.sources import load_records
+from kilter.data.tokenize import encode_pair
+from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.errors import ConfigError, DataError
+from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
+from kilter.models import load_causal_lm, load_tokenizer
+from kilter.rollout.generate import SamplingParams, generate_texts
+from kilter.runs import RunDir
+from kilter.trainers import common
+from kilter.trainers.common import LoraSection, OptimConfig
+from kilter.trainers.reference import Reference, cached_sequence_logps, sequence_logps
+
+# --------------------------------------------------------------------------- config
+
+
+class SampleSection(BaseConfig):
+    """Answers to held-out prompts before and after training, scored by a reward function."""
+
+    n: int = Field(4, ge=0)
+    """How many prompts to answer before and after training (0: none)."""
+    prompts: str | None = None
+    """Prompt source (a prompt file or builtin:prompts_eval); null: the prompts of the eval data, else of the training data."""
+    reward_fn: str | None = None
+    """Reward function 'module:function' or 'file.py:function', f(prompts, responses) -> list of floats, to score the samples (kilter.data.task:gold_scores on the built-in task)."""
+    max_new_tokens: int = Field(48, gt=0)
+    """Length limit of the samples."""
+    show: int = Field(4, ge=0)
+    """Rows of the printed before/after table."""
+
+
+class DPOData(BaseConfig):
+    """Where the preference pairs come from and how they are cut and batched."""
+
+    train: str = "data/comparisons.jsonl"
+    """Comparisons {prompt, chosen, rejected} or rankings {prompt, responses, ranks}: .jsonl/.json/.csv/.parquet or a save_to_disk folder."""
+    eval: str | None = None
+    """Held-out pairs for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""
+    kind: Literal["auto", "comparison", "ranking"] = "auto"
+    """Record kind of the files (auto: judged from the first row's fields)."""
+    ranking_pairs: Literal["all", "best_vs_rest"] = "all"
+    """How a ranking becomes pairs: every non-tied pair, or the best response against each worse one."""
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    """Without data.eval, hold out this fraction of the training prompts (all their pairs) for evaluation."""
+    split: str | None = None
+    """Split of a saved DatasetDict (default train)."""
+    skip_invalid: bool = False
+    """Skip malformed rows (counted and reported) instead of stopping at the first."""
+    max_length: int = Field(256, gt=1)
+    """Maximum tokens of prompt + response (the prompt is cut first, from the left)."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together to cut padding."""
+    max_eval_pairs: int = Field(512, gt=0)
+    """Evaluate on at most this many held-out pairs."""
+
+
+class DPOConfig(BaseConfig):
+    """Direct preference optimisation (sigmoid DPO, IPO, conservative DPO) on labeled pairs."""
+
+    model: str = "runs/sft/final"
+    """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
+    ref_model: str | None = None
+    """Reference model (null: the starting model; with LoRA, the base with the adapter disabled)."""
+    output_dir: str = "runs/dpo"
+    """Run directory (config.yaml, metrics.jsonl, ref_logps.pt, checkpoints/, final/)."""
+    data: DPOData = DPOData()
+    """Training and evaluation pairs."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO (Rafailov et al. 2023); ipo: squared loss to the margin 1/(2 beta) (Azar et al. 2023)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL constraint: implicit reward = beta * log(pi / pi_ref)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Conservative DPO: assumed probability that a label is flipped (sigmoid loss only)."""
+    average_logps: bool = False
+    """Use per-token mean instead of summed response log-probs (the IPO paper's choice)."""
+    reference: Literal["precompute", "online"] = "precompute"
+    """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
+    batch_size: int = Field(16, gt=0)
+    """Pairs per micro-batch on each process (each pair is two rows)."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training pairs (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    lora: LoraSection = LoraSection()
+    """LoRA adapters (peft); the reference is then the base model with the adapter disabled."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: cuda when available)."""
+    seed: int = 0
+    """Seed for data order, the eval split and sampling."""
+    log_every: int = Field(10, gt=0)
+    """Log training metrics (averaged since the last log) every N optimizer steps."""
+    eval_every: int = Field(100, gt=0)
+    """Evaluate every N optimizer steps (and before and after training)."""
+    save_every: int = Field(200, gt=0)
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (null: keep all)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    samples: SampleSection = SampleSection()
+    """Samples before and after training."""
+    threads: int | None = Field(None, gt=0)
+    """torch CPU threads (null: torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def ranking_to_pairs(record: dict, mode: str = "all") -> list[dict]:
+    """Comparison records from one ranking {prompt, responses, ranks} (rank 1 best, ties give no pair).
+
+    ``all``: every non-tied pair (C(K, 2) without ties); ``best_vs_rest``: each best-ranked
+    response against every worse one (K - 1 without ties).
+    """
+    ranks, responses = record["ranks"], record["responses"]
+    if mode == "all":
+        index_pairs = ranking_pairs(ranks)
+    elif mode == "best_vs_rest":
+        best = min(ranks)
+        index_pairs = [(i, j) for i in range(len(ranks)) if ranks[i] == best
+                       for j in range(len(ranks)) if ranks[j] > best]
+    else:
+        raise ConfigError(f"data.ranking_pairs must be 'all' or 'best_vs_rest', got {mode!r}")
+    return [{"prompt": record["prompt"], "chosen": responses[i], "rejected": responses[j]} for i, j in index_pairs]
+
+
+def load_pairs(spec: str, data: DPOData) -> tuple[list[dict], int]:
+    """Comparison records from a comparison or ranking source; returns (pairs, rows skipped)."""
+    from kilter.data.preferences import detect_kind
+
+    kind = detect_kind(spec, data.split, allowed=("comparison", "ranking")) if data.kind == "auto" else data.kind
+    records = load_records(spec, kind, skip_invalid=data.skip_invalid, split=data.split)
+    if kind == "comparison":
+        return list(records.rows), records.n_skipped
+    pairs = [p for r in records.rows for p in ranking_to_pairs(r, data.ranking_pairs)]
+    if not pairs:
+        raise DataError(f"{spec}: none of its {len(records.rows)} rankings yields a pair (all ranks tie)")
+    return pairs, records.n_skipped
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
+    """``{"chosen": example, "rejected": example}`` per pair, with identical prompt ids."""
+    return [encode_pair(tokenizer, p["prompt"], p["chosen"], p["rejected"], max_length) for p in pairs]
+
+
+def pair_batch(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B rows: the B chosen responses, then the B rejected ones."""
+    rows = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
+    return pad_batch(rows, pad_id, keys=("input_ids", "labels"))
+
+
+def flat_examples(encoded: list[dict]) -> list[dict]:
+    """[chosen_0, rejected_0, chosen_1, ...] for precomputing; reshape the result to (N, 2)."""
+    return [e[side] for e in encoded for side in ("chosen", "rejected")]
+
+
+# --------------------------------------------------------------------------- shared trainer pieces
+
+
+def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
+    """The global batches of one epoch; a pure function of (seed, epoch), which makes resume exact."""
+    if by_length:
+        return length_bucketed_batches(lengths, global_batch, seed=seed * 1000 + epoch, drop_last=True)
+    order = list(range(len(lengths)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
+
+
+def micro_batches(indices: list[int], n: int) -> list[list[int]]:
+    size = max(1, math.ceil(len(indices) / n))
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def load_policy(cfg, info: DistInfo):
+    """(tokenizer, policy, reference) for DPO/KTO: the reference is built before any update."""
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer)
+    ref_model = None
+    if cfg.ref_model is not None:
+        ref_model = load_causal_lm(cfg.ref_model, tokenizer)
+        if ref_model.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
+            raise ConfigError(f"ref_model {cfg.ref_model} has a different vocabulary size than model {cfg.model}")
+    if cfg.lora.enabled:
+        model = common.apply_lora(model, cfg.lora)
+    if cfg.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    model.to(info.device)
+    model.train()
+    if ref_model is not None:
+        ref_model.to(info.device)
+    return tokenizer, model, Reference(model, ref_model)
+
+
+def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows with about ``fraction`` of the distinct prompts held out."""
+    from kilter.data.preferences import split_by_prompt
+
+    if fraction <= 0:
+        return rows, []
+    return split_by_prompt(rows, fraction, seed)
+
+
+def sample_prompts(spec: str | None, fallback_rows: list[dict], n: int) -> list:
+    """Up to ``n`` distinct prompts from ``spec`` (prompt records) or from ``fallback_rows``."""
+    from kilter.data.preferences import prompt_key
+
+    if n == 0:
+        return []
+    rows = load_records(spec, "prompt").rows if spec else fallback_rows
+    seen: dict[str, Any] = {}
+    for row in rows:
+        seen.setdefault(prompt_key(row["prompt"]), row["prompt"])
+        if len(seen) >= n:
+            break
+    return list(seen.values())
+
+
+def sample_report(model, tokenizer, prompts: list, section: SampleSection, seed: int, reward_fn=None
+                  ) -> tuple[str, dict[str, float]]:
+    """Greedy answers as a table, plus mean rewards of greedy and of sampled (T=1) answers."""
+    from kilter.data.preferences import prompt_key
+
+    metrics: dict[str, float] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        greedy = generate_texts(model, tokenizer, prompts, SamplingParams(section.max_new_tokens, do_sample=False))
+        sampled = generate_texts(model, tokenizer, prompts, SamplingParams(section.max_new_tokens, do_sample=True))
+    shown = prompts[: section.show]
+    rows = [{"prompt": p if isinstance(p, str) else prompt_key(p), "response": t}
+            for p, t in zip(shown, greedy.texts)]
+    columns = ["prompt", "response"]
+    if reward_fn is not None:
+        from kilter.trainers.bon import call_reward_function
+
+        greedy_scores = call_reward_function(reward_fn, prompts, greedy.texts)
+        sampled_scores = call_reward_function(reward_fn, prompts, sampled.texts)
+        metrics["samples/reward_greedy"] = sum(greedy_scores) / len(greedy_scores)
+        metrics["samples/reward_sampled"] = sum(sampled_scores) / len(sampled_scores)
+        for row, score in zip(rows, greedy_scores):
+            row["reward"] = score
+        columns.append("reward")
+    metrics["samples/length_greedy"] = sum(len(r) for r in greedy.response_ids) / max(1, len(prompts))
+    return common.format_sample_table(rows, columns), metrics
+
+
+def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep: int | None,
+                    trainer: str) -> None:
+    def write(path: Path) -> None:
+        common.save_model(model, tokenizer, path, merge_lora=False)
+        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
+        common.write_trainer_state(path, {"step": step, "trainer": trainer})
+
+    run_dir.save_checkpoint(step, write, keep=keep)
+
+
+class NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- statistics
+
+# Sums reduced across ranks once per step; the order fixes the layout of the stats tensor.
+_STAT_KEYS = ("loss", "chosen", "rejected", "accuracy", "margin", "logps_chosen", "logps_rejected")
+
+
+def pair_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> torch.Tensor:
+    """Per-batch sums of the logged quantities, float64 on the CPU, in ``_STAT_KEYS`` order."""
+    n = losses.numel()
+    acc = pairwise_accuracy(chosen_rewards, rejected_rewards) * n
+    values = [losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(), acc,
+              (chosen_rewards - rejected_rewards).sum(), policy_chosen.detach().sum(), policy_rejected.detach().sum()]
+    return torch.stack([v.double().cpu() for v in values])
+
+
+def stats_to_metrics(sums: torch.Tensor, count: float, prefix: str, loss_key: str) -> dict[str, float]:
+    mean = (sums / max(count, 1.0)).tolist()
+    names = {"loss": loss_key, "chosen": "rewards/chosen", "rejected": "rewards/rejected",
+             "accuracy": "rewards/accuracy", "margin": "rewards/margin", "logps_chosen": "logps/chosen",
+             "logps_rejected": "logps/rejected"}
+    return {prefix + names[k]: v for k, v in zip(_STAT_KEYS, mean)}
+
+
+def _reduce(t: torch.Tensor, info: DistInfo, device: str) -> torch.Tensor:
+    # NCCL reduces only device tensors; gloo (CPU) takes them where they are.
+    return all_reduce_sum(t.to(device) if info.enabled else t, info).cpu()
+
+
+@torch.no_grad()
+def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps: torch.Tensor | None,
+             cfg: DPOConfig, pad_id: int, info: DistInfo) -> dict[str, float]:
+    """Loss, implicit-reward accuracy/margin and log-probs on held-out pairs (eval/* keys)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+    mine = list(range(info.rank, len(encoded), info.world_size))
+    for start in range(0, len(mine), cfg.batch_size):
+        idx = mine[start:start + cfg.batch_size]
+        batch = pair_batch([encoded[i] for i in idx], pad_id)
+        policy = sequence_logps(model, batch, cfg.precision, info.device, cfg.average_logps)
+        ref = _reference_values(reference, batch, ref_logps, idx, cfg, info.device)
+        n = len(idx)
+        losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
+                                  cfg.label_smoothing)
+        sums += pair_stats(losses, cr, rr, policy[:n], policy[n:])
+    if was_training:
+        model.train()
+    sums = _reduce(sums, info, info.device)
+    return stats_to_metrics(sums, float(len(encoded)), "eval/", "loss")
+
+
+def _reference_values(reference: Reference | None, batch, ref_logps: torch.Tensor | None, idx: list[int],
+                      cfg: DPOConfig, device) -> torch.Tensor:
+    """(2B,) reference log-probs in pair_batch order: from the precomputed table or a forward pass."""
+    if ref_logps is not None:
+        table = ref_logps[torch.tensor(idx)]  # (B, 2): chosen, rejected
+        return torch.cat([table[:, 0], table[:, 1]]).to(device)
+    return reference.sequence_logps(batch, cfg.precision, device, cfg.average_logps)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run(cfg: DPOConfig) -> int:
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _log(info: DistInfo, message: str) -> None:
+    if info.is_main:
+        print(f"kilter dpo: {message}", file=sys.stderr if message.startswith("skipped") else sys.stdout)
+
+
+def _train(cfg: DPOConfig, info: DistInfo) -> int:
+    if cfg.loss_type == "ipo" and cfg.label_smoothing > 0:
+        raise ConfigError("label_smoothing applies only to loss_type=sigmoid (conservative DPO), not ipo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = info.device
+    common.check_precision(cfg.precision, device)
+    common.set_seed(cfg.seed)
+
+    # Data first: a bad file should fail before a large model is loaded.
+    train_rows, skipped = load_pairs(cfg.data.train, cfg.data)
+    if skipped:
+        _log(info, f"skipped {skipped} invalid rows in {cfg.data.train}")
+    if cfg.data.eval:
+        eval_rows, skipped = load_pairs(cfg.data.eval, cfg.data)
+        if skipped:
+            _log(info, f"skipped {skipped} invalid rows in {cfg.data.eval}")
+    else:
+        train_rows, eval_rows = split_eval(train_rows, cfg.data.eval_fraction, cfg.seed)
+    eval_rows = eval_rows[: cfg.data.max_eval_pairs]
+    reward_fn = None
+    if cfg.samples.reward_fn:
+        from kilter.trainers.bon import load_reward_function
+
+        reward_fn = load_reward_function(cfg.samples.reward_fn)
+    prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.n)
+
+    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
+    existing = run_dir.latest_checkpoint()
+    if existing is not None and not cfg.resume:
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
+                          "or choose another output_dir")
+
+    tokenizer, model, reference = load_policy(cfg, info)
+    pad_id = tokenizer.pad_token_id
+    train = encode_pairs(tokenizer, train_rows, cfg.data.max_length)
+    held_out = encode_pairs(tokenizer, eval_rows, cfg.data.max_length)
+
+    ref_train = ref_eval = None
+    if cfg.reference == "precompute":
+        batch = 2 * cfg.batch_size
+        ref_train, hit = cached_sequence_logps(run_dir.path, "train", reference, flat_examples(train), pad_id,
+                                               batch, cfg.precision, device, info, cfg.average_logps)
+        ref_train = ref_train.view(-1, 2)
+        _log(info, f"reference log-probs of {len(train)} training pairs {'loaded from' if hit else 'written to'} "
+                   f"{run_dir.path / 'ref_logps.pt'}")
+        if held_out:
+            ref_eval, _ = cached_sequence_logps(run_dir.path, "eval", reference, flat_examples(held_out), pad_id,
+                                                batch, cfg.precision, device, info, cfg.average_logps)
+            ref_eval = ref_eval.view(-1, 2)
+        reference.release()  # a separate frozen copy is no longer needed
+        reference = None
+
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    steps_per_epoch = len(train) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.train has {len(train)} pairs, fewer than one global batch of {global_batch} "
+                          "(batch_size x grad_accum x processes); lower batch_size")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in train]
+
+    optimizer = common.make_optimizer(model, cfg.optim)
+    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    start_step = 0
+    if cfg.resume and existing is not None:
+        common.load_trainable_weights(model, existing)
+        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = common.read_trainer_state(existing)["step"]
+        run_dir.truncate_metrics(start_step)
+        _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
+    run_dir.write_config(cfg)
+
+    trainable, total_params = common.count_parameters(model)
+    _log(info, f"{len(train)} pairs ({len(held_out)} held out), {total_steps} steps, global batch {global_batch} "
+               f"pairs, {cfg.loss_type} loss, beta {cfg.beta}, reference {cfg.reference}"
+               f"{' (adapter disabled)' if cfg.lora.enabled and cfg.ref_model is None else ''}, "
+               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+    if start_step == 0:
+        if held_out:
+            run_dir.log(0, evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info))
+        if prompts and info.is_main:
+            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
+            run_dir.log(0, metrics)
+            print("samples before training:\n" + table)
+
+    ddp_model = model
+    if info.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if device == "cpu" else [info.local_rank])
+
+    batches_cache: dict[int, list[list[int]]] = {}
+    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not info.is_main, dynamic_ncols=True)
+    window = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+    window_pairs, window_tokens, window_start = 0.0, 0.0, time.perf_counter()
+    last: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in batches_cache:
+            batches_cache.clear()
+            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
+        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
+        step_sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+        tokens = 0.0
+        micro = micro_batches(mine, cfg.grad_accum)
+        for k, idx in enumerate(micro):
+            batch = pair_batch([train[i] for i in idx], pad_id)
+            tokens += float(batch["attention_mask"].sum())
+            ref = _reference_values(reference, batch, ref_train, idx, cfg, device)
+            ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else NullContext()
+            with ctx:
+                policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.average_logps)
+                n = len(idx)
+                losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
+                                          cfg.label_smoothing)
+                # DDP averages gradients over ranks; the world_size factor turns that into a sum.
+                (losses.sum() * info.world_size / global_batch).backward()
+            step_sums += pair_stats(losses, cr, rr, policy[:n], policy[n:])
+        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window += _reduce(step_sums, info, device)
+        window_pairs += global_batch
+        window_tokens += tokens * info.world_size
+        progress.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            last = stats_to_metrics(window, window_pairs, "", "loss/dpo")
+            last.update({"optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                         "perf/pairs_per_s": window_pairs / elapsed, "perf/tokens_per_s": window_tokens / elapsed,
+                         "progress/epoch": done / steps_per_epoch})
+            run_dir.log(done, last)
+            progress.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}")
+            window.zero_()
+            window_pairs, window_tokens, window_start = 0.0, 0.0, time.perf_counter()
+        if held_out and (done % cfg.eval_every == 0 or done == total_steps):
+            metrics = evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
+            run_dir.log(done, metrics)
+            last.update(metrics)
+        if done % cfg.save_every == 0 or done == total_steps:
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "dpo")
+    progress.close()
+
+    run_dir.save_final(lambda p: common.save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    barrier(info)
+    if info.is_main:
+        if prompts:
+            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
+            run_dir.log(total_steps, metrics)
+            last.update(metrics)
+            print("samples after training:\n" + table)
+        shown = ("loss/dpo", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin",
+                 "samples/reward_greedy")
+        summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
+        print(f"kilter dpo: done ({summary}); model in {run_dir.final}")
+    run_dir.close()
+    return 0
+
+
+__all__ = ["DPOConfig", "DPOData", "SampleSection", "run", "evaluate", "ranking_to_pairs", "load_pairs",
+           "encode_pairs", "pair_batch", "flat_examples", "epoch_batches", "micro_batches", "load_policy",
+           "sample_prompts", "sample_report", "save_checkpoint"]

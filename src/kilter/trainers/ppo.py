@@ -1,0 +1,441 @@
+"""Phase 3: RL fine-tuning against a reward under a KL penalty to pi_0 (``kilter ppo``).
+
+One iteration = sample responses for a batch of prompts -> score them (reward sources,
+reference log-probs, critic values) -> per-token rewards ``-beta * KL_t`` plus the sequence
+reward on the last token (Ziegler et al. 2019; Ouyang et al. 2022, eq. 2) -> advantages ->
+an update.  ``algorithm`` picks the estimator:
+
+* ``ppo``: GAE over a learned critic, clipped surrogate and clipped value loss, several
+  epochs over shuffled minibatches (Schulman et al. 2017; InstructGPT);
+* ``a2c``: the same critic and GAE, one pass, no clipping (DeepMind's Sparrow/Gopher-Cite);
+* ``reinforce``: reward-to-go minus a moving-average or greedy-decode baseline (Williams
+  1992; self-critical sequence training, Rennie et al. 2017);
+* ``rloo`` / ``grpo``: k samples per prompt, the others' mean (RLOO, Ahmadian et al. 2024) or
+  the group's mean and std (GRPO, Shao et al. 2024) as baseline; no critic.
+
+The math lives in :mod:`kilter.ops` and :mod:`kilter.losses`; the update epochs in
+:mod:`kilter.trainers.ppo_update`; setup helpers in :mod:`kilter.trainers.ppo_setup`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from kilter.config import BaseConfig
+from kilter.distributed import DistInfo, cleanup, init_distributed
+from kilter.errors import ConfigError, KilterError
+from kilter.ops import AdaptiveKLController, FixedKLController, build_token_rewards, explained_variance, kl_estimate
+from kilter.ops.masked import masked_mean
+from kilter.rewards.base import RewardConfig, build_reward, prompt_text
+from kilter.rollout.engine import make_engine
+from kilter.rollout.generate import SamplingParams
+from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.runs import RunDir
+from kilter.trainers import common, ppo_setup
+from kilter.trainers.common import LoraSection, OptimConfig
+from kilter.trainers.ppo_update import CRITIC, MovingAverageBaseline, UpdateSettings, compute_advantages, run_update
+
+Algorithm = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
+
+
+class PPOData(BaseConfig):
+    """Prompts to learn on and to evaluate with."""
+
+    prompts: str = "builtin:prompts"
+    """Training prompts: a file of {prompt} records (or {messages}), a saved dataset, or builtin:prompts."""
+    eval_prompts: str | None = "builtin:prompts_eval"
+    """Held-out prompts for the periodic evaluation (null: none)."""
+    n_eval: int = Field(64, gt=0)
+    """Evaluate on at most this many held-out prompts."""
+    max_prompt_length: int = Field(128, gt=0)
+    """Prompts are cut from the left to this many tokens."""
+    skip_invalid: bool = False
+    """Skip malformed prompt rows instead of stopping at the first."""
+    task_seed: int = 0
+    """Seed of the built-in task's generated data (builtin: sources only)."""
+    gold: bool | None = None
+    """Log reward/gold with the built-in task's hidden gold judgment (null: when the prompts are builtin:)."""
+
+
+class RolloutSection(BaseConfig):
+    """How responses are sampled."""
+
+    batch_size: int = Field(64, gt=0)
+    """Prompts per iteration."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """Responses per prompt (k); rloo and grpo need at least 2."""
+    max_new_tokens: int = Field(48, gt=0)
+    """Length limit of a response in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs for training and the KL are computed at this temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1: off)."""
+    top_k: int = Field(0, ge=0)
+    """Sample among the k most likely tokens (0: off)."""
+    stop_strings: list[str] | None = None
+    """Also end a response at any of these strings (EOS always ends it)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation backend: hf (transformers generate, default) or vllm (optional, CUDA, full fine-tuning only)."""
+    generation_batch_size: int = Field(64, gt=0)
+    """Prompts per generate call."""
+    forward_batch_size: int = Field(64, gt=0)
+    """Rows per no-grad forward pass when scoring a rollout."""
+
+
+class KLSection(BaseConfig):
+    """The penalty that keeps the policy near the reference pi_0."""
+
+    beta: float = Field(0.05, ge=0)
+    """KL coefficient (the starting value when adaptive)."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimate: k1 = log pi - log pi_0 (unbiased, InstructGPT), k3 = (r - 1) - log r (unbiased, >= 0)."""
+    adaptive: bool = False
+    """Adapt beta so the KL per response tracks target (Ziegler et al. 2019)."""
+    target: float = Field(6.0, gt=0)
+    """Adaptive controller: target KL per response (nats)."""
+    horizon: int = Field(10000, gt=0)
+    """Adaptive controller: horizon in responses."""
+
+
+class UpdateSection(BaseConfig):
+    """The optimisation of one rollout batch."""
+
+    epochs: int = Field(4, gt=0)
+    """Passes over each rollout batch (ppo, rloo, grpo; a2c and reinforce take one)."""
+    num_minibatches: int = Field(4, gt=0)
+    """Minibatches (optimizer steps) per pass; must divide batch_size x samples_per_prompt."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per minibatch (memory); must divide the minibatch size."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    clip_range_value: float = Field(0.2, gt=0)
+    """Value clip: one update moves a value at most this far from its rollout value."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per token."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the batch (rloo/grpo: scale only)."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient."""
+    target_kl: float | None = Field(None, gt=0)
+    """Stop the iteration's update early once a minibatch's approximate KL to the sampling policy exceeds this."""
+
+
+class BaselineSection(BaseConfig):
+    """Baseline of algorithm=reinforce."""
+
+    kind: Literal["moving_average", "greedy", "none"] = "moving_average"
+    """moving_average of past returns, greedy (reward of the greedy response to the same prompt), or none."""
+    decay: float = Field(0.9, ge=0, lt=1)
+    """Moving-average decay per iteration."""
+
+
+class ValueSection(BaseConfig):
+    """The critic of ppo and a2c."""
+
+    model: str | None = None
+    """Critic initialisation: a reward-model folder, 'policy' (policy backbone + new head), or null (the reward model if the reward has one, else 'policy')."""
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant")
+    """Critic optimizer."""
+
+
+class PtxSection(BaseConfig):
+    """PPO-ptx: mix a supervised loss on demonstrations into every step (InstructGPT eq. 2)."""
+
+    data: str | None = None
+    """Demonstrations ({prompt, completion}) or texts, e.g. builtin:sft (null: off)."""
+    coef: float = Field(0.0, ge=0)
+    """Weight of the supervised loss (gamma in InstructGPT)."""
+    batch_size: int = Field(16, gt=0)
+    """Demonstrations per optimizer step."""
+    max_length: int = Field(256, gt=1)
+    """Token limit per demonstration."""
+
+
+class PPOConfig(BaseConfig):
+    """RL fine-tuning of a policy against a reward with a KL penalty to the starting model."""
+
+    model: str = "runs/sft/final"
+    """Policy to start from (usually kilter sft's final/); also the frozen reference pi_0."""
+    output_dir: str = "runs/ppo"
+    """Run directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/)."""
+    algorithm: Algorithm = "ppo"
+    """ppo, a2c, reinforce, rloo or grpo."""
+    iterations: int = Field(100, gt=0)
+    """Rollout + update cycles."""
+    data: PPOData = PPOData()
+    """Prompts."""
+    rollout: RolloutSection = RolloutSection()
+    """Sampling."""
+    reward: RewardConfig = RewardConfig()
+    """Reward sources and shaping."""
+    kl: KLSection = KLSection()
+    """KL penalty to the reference."""
+    update: UpdateSection = UpdateSection()
+    """Loss and update schedule."""
+    baseline: BaselineSection = BaselineSection()
+    """Baseline for algorithm=reinforce."""
+    value: ValueSection = ValueSection()
+    """Critic (ppo, a2c)."""
+    ptx: PtxSection = PtxSection()
+    """Supervised loss mixed into the update."""
+    optim: OptimConfig = OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant")
+    """Policy optimizer; the schedule advances once per iteration."""
+    lora: LoraSection = LoraSection()
+    """LoRA adapters for the policy (and the critic); the reference is then the adapter-disabled policy."""
+    freeze_layers: int = Field(0, ge=0)
+    """Freeze the embeddings and the lowest N transformer blocks of the policy and critic."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: cuda when available)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and minibatch shuffling."""
+    log_every: int = Field(1, gt=0)
+    """Log metrics every N iterations."""
+    sample_every: int = Field(10, gt=0)
+    """Print a table of rollout samples every N iterations (also appended to samples.jsonl)."""
+    n_samples: int = Field(4, ge=0)
+    """Rows in that table."""
+    eval_every: int = Field(25, gt=0)
+    """Evaluate on held-out prompts every N iterations (and before and after training)."""
+    save_every: int = Field(50, gt=0)
+    """Write a checkpoint every N iterations (and at the end)."""
+    keep_checkpoints: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (null: keep all)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir."""
+    save_value_model: bool = True
+    """Also write the critic to final/value/."""
+    threads: int | None = Field(None, gt=0)
+    """torch CPU threads (null: torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+
+    @property
+    def rollout_size(self) -> int:
+        """Responses per iteration: batch_size x samples_per_prompt."""
+        return self.rollout.batch_size * self.rollout.samples_per_prompt
+
+    def sampling(self) -> SamplingParams:
+        r = self.rollout
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, do_sample=True, stop_strings=r.stop_strings)
+
+
+def check_config(cfg: PPOConfig) -> None:
+    """Cross-field checks, each failing with one line naming the keys involved."""
+    n = cfg.rollout_size
+    if n % cfg.update.num_minibatches:
+        raise ConfigError(f"update.num_minibatches={cfg.update.num_minibatches} does not divide the rollout batch "
+                          f"of {n} responses (rollout.batch_size x rollout.samples_per_prompt)")
+    minibatch = n // cfg.update.num_minibatches
+    if minibatch % cfg.update.grad_accum:
+        raise ConfigError(f"update.grad_accum={cfg.update.grad_accum} does not divide the minibatch of {minibatch} "
+                          "responses (rollout batch / update.num_minibatches)")
+    if cfg.algorithm in ("rloo", "grpo") and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"algorithm={cfg.algorithm} compares samples of the same prompt: set "
+                          "rollout.samples_per_prompt >= 2")
+    if not cfg.reward.all_sources():
+        raise ConfigError("no reward source: set reward.model (a reward model folder), reward.function "
+                          "('module:function', 'file.py:function' or builtin:gold) or reward.sources")
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        raise ConfigError("lora.dropout must be 0 for RL: dropout makes the policy's log-probs random")
+    if cfg.ptx.coef > 0 and not cfg.ptx.data:
+        raise ConfigError("ptx.coef > 0 needs ptx.data (demonstrations, e.g. builtin:sft)")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run(cfg: PPOConfig) -> int:
+    check_config(cfg)
+    info = init_distributed(cfg.device)
+    try:
+        if info.enabled:
+            raise KilterError("kilter ppo runs in one process; launch it without torchrun")
+        return _train(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: PPOConfig, info: DistInfo) -> int:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = info.device
+    common.check_precision(cfg.precision, device)
+    common.set_seed(cfg.seed)
+    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
+    existing = run_dir.latest_checkpoint()
+    if existing is not None and not cfg.resume:
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
+                          "or choose another output_dir")
+
+    reward = build_reward(cfg.reward, device=device)
+    m = ppo_setup.build_models(cfg, reward, device)
+    tok = m.tokenizer
+    prompts = ppo_setup.PromptStream(cfg, tok)
+    eval_prompts = ppo_setup.load_eval_prompts(cfg, tok)
+    gold_fn = ppo_setup.gold_function(cfg)
+    ptx = ppo_setup.build_ptx(cfg, tok)
+    engine = make_engine(cfg.rollout.engine, m.policy, tok, model_path=m.policy_path,
+                         batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed)
+    kl_ctl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else FixedKLController(cfg.kl.beta))
+    ma_baseline = MovingAverageBaseline(cfg.baseline.decay)
+
+    policy_opt = common.make_optimizer(m.policy, cfg.optim)
+    policy_sched = common.make_scheduler(policy_opt, cfg.optim, cfg.iterations)
+    value_opt = value_sched = None
+    if m.value is not None:
+        value_opt = common.make_optimizer(m.value, cfg.value.optim)
+        value_sched = common.make_scheduler(value_opt, cfg.value.optim, cfg.iterations)
+    optimizers = {"policy_optimizer": policy_opt, "policy_scheduler": policy_sched}
+    if value_opt is not None:
+        optimizers.update(value_optimizer=value_opt, value_scheduler=value_sched)
+
+    start = 0
+    if cfg.resume and existing is not None:
+        common.load_trainable_weights(m.policy, existing)
+        if m.value is not None:
+            common.load_trainable_weights(m.value, existing / "value")
+        extra = common.load_training_state(existing, optimizers)
+        kl_ctl.load_state_dict(extra["kl"])
+        reward.load_state_dict(extra["reward"])
+        ma_baseline.load_state_dict(extra["baseline"])
+        if ptx is not None:
+            ptx.position = extra["ptx_position"]
+        start = common.read_trainer_state(existing)["iteration"]
+        run_dir.truncate_metrics(start)
+        ppo_setup.truncate_samples(run_dir, start)
+        print(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
+    run_dir.write_config(cfg)
+
+    trainable, total = common.count_parameters(m.policy)
+    print(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
+          f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
+          f"reference: {'adapter-disabled policy' if m.reference.shares_policy else 'frozen copy'}, "
+          f"critic: {m.value_source or 'none'}, device {device}")
+    settings = UpdateSettings(
+        algorithm=cfg.algorithm, epochs=cfg.update.epochs, num_minibatches=cfg.update.num_minibatches,
+        grad_accum=cfg.update.grad_accum, clip_range=cfg.update.clip_range,
+        clip_range_value=cfg.update.clip_range_value, entropy_coef=cfg.update.entropy_coef,
+        target_kl=cfg.update.target_kl, temperature=cfg.rollout.temperature, precision=cfg.precision,
+        max_grad_norm=cfg.optim.max_grad_norm, value_max_grad_norm=cfg.value.optim.max_grad_norm,
+        ptx_coef=cfg.ptx.coef)
+    params = cfg.sampling()
+    ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
+    if start == 0 and eval_prompts:
+        run_dir.log(0, ev.evaluate())
+
+    progress = tqdm(total=cfg.iterations, initial=start, desc=f"kilter {cfg.algorithm}", dynamic_ncols=True)
+    last: dict[str, float] = {}
+    for it in range(start, cfg.iterations):
+        t0 = time.perf_counter()
+        rows = prompts.batch(it)
+        k = cfg.rollout.samples_per_prompt
+        row_prompts = [r["prompt"] for r in rows for _ in range(k)]
+        row_ids = [r["ids"] for r in rows for _ in range(k)]
+        gen = engine.generate(row_ids, params)
+        t_gen = time.perf_counter() - t0
+        batch = assemble(row_ids, gen.response_ids, tok.pad_token_id, device)
+        mask = batch.response_mask
+        fb = cfg.rollout.forward_batch_size
+        old_logp, entropy = batched_logprobs(m.policy, batch, params.temperature, fb, cfg.precision, with_entropy=True)
+        ref_logp = ppo_setup.reference_logprobs(m.reference, batch, params.temperature, fb)
+        values = batched_values(m.value, batch, fb, cfg.precision) if m.value is not None else None
+        scored = reward(row_prompts, gen.texts, gen.finished)
+        scores = scored.total.to(device)
+        kl = kl_estimate(old_logp, ref_logp, cfg.kl.estimator) * mask
+        beta = kl_ctl.beta
+        token_rewards = build_token_rewards(scores, kl, mask, beta)
+        baseline = None
+        if cfg.algorithm == "reinforce" and cfg.baseline.kind != "none":
+            baseline = ppo_setup.reinforce_baseline(cfg, m, reward, ma_baseline, rows, token_rewards, mask, params)
+        adv = compute_advantages(cfg.algorithm, token_rewards, mask, values=values, gamma=cfg.update.gamma,
+                                 lam=cfg.update.lam, group_size=k, baseline=baseline,
+                                 whiten=cfg.update.whiten_advantages)
+        if cfg.algorithm == "reinforce":
+            ma_baseline.update(float(token_rewards.sum(1).mean()))
+        t_score = time.perf_counter()
+        stats = run_update(m.policy, m.value if cfg.algorithm in CRITIC else None, policy_opt, value_opt, batch,
+                           old_logp, adv, values, settings, seed=cfg.seed, iteration=it, ptx=ptx)
+        t_train = time.perf_counter() - t_score
+        policy_sched.step()
+        if value_sched is not None:
+            value_sched.step()
+        seq_kl = kl.sum(1)
+        kl_ctl.update(float(seq_kl.mean()), cfg.rollout_size)
+        engine.sync_weights(m.policy)
+
+        done = it + 1
+        golds = gold_fn([prompt_text(p) for p in row_prompts], gen.texts) if gold_fn else None
+        metrics = {
+            "reward/total": float(scored.total.mean()),
+            "reward/raw": float(scored.raw.mean()),
+            **{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
+            "kl/ref": float(seq_kl.mean()),
+            "kl/beta": beta,
+            "kl/per_token": float(masked_mean(kl, mask)),
+            "policy/entropy": float(masked_mean(entropy, mask)),
+            "response/length": float(mask.sum(1).mean()),
+            "response/finished": sum(gen.finished) / len(gen.finished),
+            "advantage/mean": float(masked_mean(adv.advantages, mask)),
+            "optim/lr": policy_sched.get_last_lr()[0],
+            "perf/rollout_tokens_per_s": float(mask.sum()) / max(t_gen, 1e-9),
+            "perf/train_tokens_per_s": stats.pop("_train_tokens") / max(t_train, 1e-9),
+            "perf/iteration_s": time.perf_counter() - t0,
+            **stats,
+        }
+        if golds is not None:
+            metrics["reward/gold"] = sum(golds) / len(golds)
+        if values is not None and adv.returns is not None:
+            metrics["value/explained_variance"] = explained_variance(values, adv.returns, mask)
+            metrics["value/mean"] = float(masked_mean(values, mask))
+        if done % cfg.log_every == 0 or done == cfg.iterations:
+            run_dir.log(done, metrics)
+        last.update(metrics)
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['kl/ref']:.2f}",
+                             **({"gold": f"{metrics['reward/gold']:.3f}"} if golds is not None else {}))
+        if cfg.n_samples and (done % cfg.sample_every == 0 or done == cfg.iterations or done == 1):
+            ppo_setup.show_samples(run_dir, done, row_prompts, gen.texts, scored.total, golds, cfg.n_samples, k,
+                                   write=tqdm.write)
+        if eval_prompts and (done % cfg.eval_every == 0 or done == cfg.iterations):
+            eval_metrics = ev.evaluate()
+            run_dir.log(done, eval_metrics)
+            last.update(eval_metrics)
+        if done % cfg.save_every == 0 or done == cfg.iterations:
+            _save_checkpoint(run_dir, done, m, optimizers, kl_ctl, reward, ma_baseline, ptx, cfg)
+    progress.close()
+
+    run_dir.save_final(lambda p: ppo_setup.save_final(p, m, cfg))
+    keys = ("reward/total", "reward/gold", "kl/ref", "eval/gold", "eval/reward", "eval/kl")
+    summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
+    print(f"kilter ppo: done ({summary}); policy in {run_dir.final}")
+    run_dir.close()
+    return 0
+
+
+def _save_checkpoint(run_dir: RunDir, iteration: int, m, optimizers: dict, kl_ctl, reward, baseline, ptx,
+                     cfg: PPOConfig) -> None:
+    def write(path: Path) -> None:
+        common.save_model(m.policy, m.tokenizer, path, merge_lora=False)
+        if m.value is not None:
+            common.save_model(m.value, None, path / "value", merge_lora=False)
+        extra = {"kl": kl_ctl.state_dict(), "reward": reward.state_dict(), "baseline": baseline.state_dict(),
+                 "ptx_position": ptx.position if ptx is not None else 0}
+        common.save_training_state(path, optimizers, extra)
+        common.write_trainer_state(path, {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm})
+
+    run_dir.save_checkpoint(iteration, write, keep=cfg.keep_checkpoints)
+
+
+__all__ = ["PPOConfig", "check_config", "run"]

@@ -1,0 +1,290 @@
+"""Setup and bookkeeping for ``kilter ppo``: models, prompt order, evaluation, sample tables.
+
+The policy, the frozen reference pi_0 and the critic are built here:
+
+* the **policy** is the starting model (dropout off), optionally with LoRA adapters and the
+  lowest N blocks frozen;
+* the **reference** is :class:`kilter.trainers.reference.Reference`: with LoRA the policy itself
+  with the adapter disabled (no second copy), otherwise a frozen deep copy taken before any
+  update;
+* the **critic** (ppo, a2c) starts from the reward model (InstructGPT) -- or, when the reward
+  has no model or ``value.model=policy``, from the policy's backbone with a new scalar head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kilter.errors import ConfigError, DataError, KilterError
+from kilter.rewards.base import RewardPipeline, prompt_text
+from kilter.rollout.generate import SamplingParams, generate_ids
+from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
+from kilter.trainers import common
+from kilter.trainers.reference import Reference
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    policy: torch.nn.Module
+    reference: Reference
+    value: torch.nn.Module | None
+    policy_path: str
+    value_source: str | None
+
+
+def freeze_lower_layers(model, n: int) -> int:
+    """Freeze the lowest ``n`` transformer blocks (and the input embeddings unless they are tied
+    to the output layer, which must keep learning).  Returns the number of frozen tensors."""
+    if n == 0:
+        return 0
+    base = model.get_base_model() if common.is_peft(model) else model
+    backbone = getattr(base, base.base_model_prefix, base)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        layers = getattr(backbone, "h", None)
+    if layers is None:
+        raise KilterError(f"freeze_layers: cannot find the transformer blocks of {type(base).__name__}")
+    if n > len(layers):
+        raise ConfigError(f"freeze_layers={n} but the model has only {len(layers)} blocks")
+    frozen = list(layers[:n])
+    embeddings = base.get_input_embeddings()
+    output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if output is None or output.weight is not embeddings.weight:
+        frozen.append(embeddings)
+    count = 0
+    for module in frozen:
+        for param in module.parameters():
+            if param.requires_grad:
+                param.requires_grad_(False)
+                count += 1
+    return count
+
+
+def _same_vocabulary(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def build_value(cfg, reward: RewardPipeline, tokenizer, device: str) -> tuple[torch.nn.Module, str]:
+    from kilter.models.loading import load_tokenizer
+    from kilter.models.reward import build_value_model, load_reward_backbone, resolve_reward_dir
+
+    source = cfg.value.model or reward.first_model_path() or "policy"
+    if source == "policy":
+        backbone = load_reward_backbone(cfg.model, tokenizer)
+        with torch.no_grad():  # a new head starts at V = 0 everywhere
+            backbone.score.weight.zero_()
+        model = build_value_model(backbone)
+        label = "policy backbone + new head"
+    else:
+        folder = resolve_reward_dir(source)
+        member = folder
+        if (folder / "ensemble.json").is_file():
+            member = folder / json.loads((folder / "ensemble.json").read_text())["members"][0]
+        if not _same_vocabulary(load_tokenizer(str(member)), tokenizer):
+            raise ConfigError(f"value.model {source} uses a different tokenizer than the policy; "
+                              "set value.model=policy")
+        model = build_value_model(source, tokenizer)
+        label = f"reward model {source}"
+    if cfg.lora.enabled:
+        model = common.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    freeze_lower_layers(model, cfg.freeze_layers)
+    model.to(device)
+    model.eval()  # dropout is off anyway; eval() keeps every forward deterministic
+    return model, label
+
+
+def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
+    from kilter.models import load_causal_lm, load_tokenizer
+    from kilter.models.loading import resolve_model_path
+
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_causal_lm(cfg.model, tokenizer)
+    if cfg.lora.enabled:
+        policy = common.apply_lora(policy, cfg.lora)
+    policy.to(device)
+    policy.eval()
+    reference = Reference(policy)  # a frozen copy now, before any update (or the adapter-disabled policy)
+    freeze_lower_layers(policy, cfg.freeze_layers)
+    value, label = (None, None)
+    if cfg.algorithm in ("ppo", "a2c"):
+        value, label = build_value(cfg, reward, tokenizer, device)
+    return Models(tokenizer, policy, reference, value, resolve_model_path(cfg.model), label)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PromptStream:
+    """Training prompts in epochs of a seeded shuffle; iteration i's batch is a pure function of i."""
+
+    def __init__(self, cfg, tokenizer) -> None:
+        from kilter.data.sources import load_records
+        from kilter.data.tokenize import encode_prompt
+
+        records = load_records(cfg.data.prompts, "prompt", skip_invalid=cfg.data.skip_invalid,
+                               task_seed=cfg.data.task_seed)
+        if not records.rows:
+            raise DataError(f"{cfg.data.prompts}: no prompts")
+        self.rows = [{"prompt": r["prompt"], "ids": encode_prompt(tokenizer, r["prompt"], cfg.data.max_prompt_length)}
+                     for r in records.rows]
+        self.batch_size = cfg.rollout.batch_size
+        self.seed = cfg.seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.rows), generator=gen).tolist()}
+        return self._orders[epoch]
+
+    def batch(self, iteration: int) -> list[dict]:
+        out = []
+        for position in range(iteration * self.batch_size, (iteration + 1) * self.batch_size):
+            epoch, offset = divmod(position, len(self.rows))
+            out.append(self.rows[self._order(epoch)[offset]])
+        return out
+
+
+def load_eval_prompts(cfg, tokenizer) -> list[dict]:
+    if not cfg.data.eval_prompts:
+        return []
+    from kilter.data.sources import load_records
+    from kilter.data.tokenize import encode_prompt
+
+    records = load_records(cfg.data.eval_prompts, "prompt", skip_invalid=cfg.data.skip_invalid,
+                           task_seed=cfg.data.task_seed)
+    return [{"prompt": r["prompt"], "ids": encode_prompt(tokenizer, r["prompt"], cfg.data.max_prompt_length)}
+            for r in records.rows[: cfg.data.n_eval]]
+
+
+def gold_function(cfg):
+    """The built-in task's hidden gold judgment when it applies, else None."""
+    use = cfg.data.gold if cfg.data.gold is not None else cfg.data.prompts.startswith("builtin:")
+    if not use:
+        return None
+    from kilter.data.task import gold_scores
+
+    return gold_scores
+
+
+def build_ptx(cfg, tokenizer):
+    if not cfg.ptx.data or cfg.ptx.coef <= 0:
+        return None
+    from kilter.data.sources import load_records
+    from kilter.data.tokenize import encode_sft_records
+    from kilter.trainers.ppo_update import PtxStream
+
+    records = load_records(cfg.ptx.data, "demonstration", task_seed=cfg.data.task_seed)
+    examples = encode_sft_records(tokenizer, records.rows, cfg.ptx.max_length)
+    if not examples:
+        raise DataError(f"{cfg.ptx.data}: no demonstrations for ptx")
+    return PtxStream(examples, cfg.ptx.batch_size, cfg.seed, tokenizer.pad_token_id)
+
+
+# --------------------------------------------------------------------------- scoring helpers
+
+
+@torch.no_grad()
+def reference_logprobs(reference: Reference, batch: RolloutBatch, temperature: float, batch_size: int) -> torch.Tensor:
+    """(N, R) log pi_0(token) of every response token at the sampling temperature, 0 on padding."""
+    n, width = batch.response_mask.shape
+    out = torch.zeros(n, width, device=batch.input_ids.device)
+    for start in range(0, n, batch_size):
+        rows = list(range(start, min(start + batch_size, n)))
+        sub = batch.select(rows)
+        p, cols = sub.prompt_width, sub.response_mask.shape[1]
+        full_mask = torch.cat([torch.zeros(len(rows), p, device=sub.input_ids.device), sub.response_mask], dim=1)
+        per_token = reference.per_token_logps(sub.input_ids, sub.attention_mask, full_mask, temperature)
+        out[start:start + len(rows), :cols] = per_token[:, p - 1:p - 1 + cols] * sub.response_mask
+    return out
+
+
+def reinforce_baseline(cfg, m: Models, reward: RewardPipeline, moving_average, rows: list[dict],
+                       token_rewards: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(N,) baseline per response for REINFORCE.
+
+    moving_average: the running mean of past returns (the current batch's mean on the first
+    iteration); greedy: the shaped reward of the greedy response to the same prompt
+    (self-critical training, Rennie et al. 2017) -- it depends only on the prompt, not on
+    the sampled response, so the gradient stays unbiased.
+    """
+    n = mask.shape[0]
+    if cfg.baseline.kind == "moving_average":
+        value = moving_average.current(float(token_rewards.sum(1).mean()))
+        return torch.full((n,), value, device=mask.device)
+    greedy_params = SamplingParams(max_new_tokens=params.max_new_tokens, do_sample=False,
+                                   stop_strings=params.stop_strings)
+    gen = generate_ids(m.policy, m.tokenizer, [r["ids"] for r in rows], greedy_params,
+                       batch_size=cfg.rollout.generation_batch_size)
+    scored = reward([r["prompt"] for r in rows], gen.texts, gen.finished, update_stats=False)
+    return scored.total.to(mask.device).repeat_interleave(cfg.rollout.samples_per_prompt)
+
+
+class Evaluator:
+    """Samples on held-out prompts under a fixed seed (without touching the training RNG)."""
+
+    def __init__(self, cfg, m: Models, reward: RewardPipeline, gold_fn, rows: list[dict], params: SamplingParams):
+        self.cfg, self.m, self.reward, self.gold_fn, self.rows, self.params = cfg, m, reward, gold_fn, rows, params
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.rows:
+            return {}
+        device = next(self.m.policy.parameters()).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + 7_777)
+            gen = generate_ids(self.m.policy, self.m.tokenizer, [r["ids"] for r in self.rows], self.params,
+                               batch_size=self.cfg.rollout.generation_batch_size)
+        batch = assemble([r["ids"] for r in self.rows], gen.response_ids, self.m.tokenizer.pad_token_id, device)
+        fb = self.cfg.rollout.forward_batch_size
+        logp, _ = batched_logprobs(self.m.policy, batch, self.params.temperature, fb, self.cfg.precision)
+        ref = reference_logprobs(self.m.reference, batch, self.params.temperature, fb)
+        prompts = [r["prompt"] for r in self.rows]
+        scored = self.reward(prompts, gen.texts, gen.finished, update_stats=False)
+        out = {
+            "eval/reward": float(scored.raw.mean()),
+            "eval/kl": float(((logp - ref) * batch.response_mask).sum(1).mean()),
+            "eval/length": float(batch.response_mask.sum(1).mean()),
+        }
+        if self.gold_fn is not None:
+            golds = self.gold_fn([prompt_text(p) for p in prompts], gen.texts)
+            out["eval/gold"] = sum(golds) / len(golds)
+        return out
+
+
+def show_samples(run_dir, iteration: int, prompts: list, texts: list[str], rewards: torch.Tensor,
+                 golds: list[float] | None, n: int, group: int, write=print) -> None:
+    """Print a table of the first ``n`` prompts' first samples and append them to samples.jsonl."""
+    picks = list(range(0, len(texts), group))[:n]
+    rows = []
+    for i in picks:
+        row = {"prompt": prompt_text(prompts[i]), "response": texts[i], "reward": float(rewards[i])}
+        if golds is not None:
+            row["gold"] = float(golds[i])
+        rows.append(row)
+    columns = ["prompt", "response", "reward"] + (["gold"] if golds is not None else [])
+    write(f"samples at iteration {iteration}:\n" + common.format_sample_table(rows, columns))
+    with open(Path(run_dir.path) / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({"iteration": iteration, **row}, ensure_ascii=False) + "\n")
+
+
+def truncate_samples(run_dir, iteration: int) -> None:
+    """On resume, drop sample rows written after the checkpoint (as for metrics.jsonl)."""
+    path = Path(run_dir.path) / "samples.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= iteration]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def save_final(path: Path, m: Models, cfg) -> None:
+    common.save_model(m.policy, m.tokenizer, path, merge_lora=cfg.lora.merge_on_save)
+    if m.value is not None and cfg.save_value_model:
+        common.save_model(m.value, None, path / "value", merge_lora=True)

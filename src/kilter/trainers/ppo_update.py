@@ -1,0 +1,265 @@
+"""The learning half of ``kilter ppo``: advantages for each algorithm and the update epochs.
+
+Kept apart from :mod:`kilter.trainers.ppo` (config, models, rollout loop, checkpoints) so
+each file reads top to bottom.  Everything here works on one rollout batch of N responses
+laid out as :class:`kilter.rollout.scoring.RolloutBatch` with (N, R) per-token tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kilter.losses import causal_lm_loss, pg_loss, ppo_policy_loss, ppo_value_loss
+from kilter.ops import discounted_returns, gae, grpo_advantages, masked_mean, masked_sum, masked_whiten, rloo_advantages
+from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
+from kilter.trainers import common
+
+CLIPPED = ("ppo", "rloo", "grpo")
+"""Algorithms that optimise the clipped surrogate (and may take several epochs per batch)."""
+CRITIC = ("ppo", "a2c")
+"""Algorithms with a learned value function."""
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor
+    """(N, R) per-token advantages (0 on padding)."""
+    returns: torch.Tensor | None
+    """(N, R) value targets for the critic (ppo/a2c), else None."""
+    baseline: torch.Tensor | None = None
+    """(N,) the baseline subtracted per response (reinforce/rloo/grpo), for logging."""
+
+
+class MovingAverageBaseline:
+    """b <- decay * b + (1 - decay) * mean(batch returns); the first batch sets b directly.
+
+    The baseline used for a batch is the value *before* that batch is folded in, so it does
+    not depend on the batch's own actions (which keeps the policy gradient unbiased).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.value: float | None = None
+
+    def current(self, fallback: float) -> float:
+        return fallback if self.value is None else self.value
+
+    def update(self, batch_mean: float) -> None:
+        self.value = batch_mean if self.value is None else self.decay * self.value + (1 - self.decay) * batch_mean
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, R) -> (N,): the undiscounted return of each response (score minus its summed KL penalty)."""
+    return masked_sum(token_rewards, mask, dim=1)
+
+
+def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.Tensor, *,
+                       values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95,
+                       group_size: int = 1, baseline: torch.Tensor | None = None, whiten: bool = True) -> Advantages:
+    """Per-token advantages for one rollout batch.
+
+    token_rewards, mask: (N, R) -- ``-beta * KL`` per token plus the score on the last token.
+
+    * ppo / a2c: GAE(gamma, lambda) over the critic's ``values`` (N, R); returns = A + V.
+    * reinforce: reward-to-go G_t (discount gamma) minus ``baseline`` (N,) per response.
+    * rloo / grpo: the whole response is one action; its return (score - beta * summed KL)
+      is compared with the other ``group_size - 1`` samples of its prompt (RLOO) or
+      standardised within the group (GRPO), and every token gets that advantage.
+
+    ``whiten`` normalises the advantages over all response tokens of the batch; for the
+    group methods only the scale changes (their group baseline already centres them, and
+    shifting the mean could flip the sign of a near-zero advantage).
+    """
+    if algorithm in CRITIC:
+        if values is None:
+            raise ValueError(f"{algorithm} needs critic values")
+        adv, returns = gae(token_rewards, values, mask, gamma, lam)
+        base = None
+    elif algorithm == "reinforce":
+        returns_to_go = discounted_returns(token_rewards, mask, gamma)
+        base = baseline if baseline is not None else torch.zeros(mask.shape[0], device=mask.device)
+        adv = (returns_to_go - base.unsqueeze(1)) * mask
+        returns = None
+    elif algorithm in ("rloo", "grpo"):
+        totals = sequence_returns(token_rewards, mask)
+        seq_adv = rloo_advantages(totals, group_size) if algorithm == "rloo" else grpo_advantages(totals, group_size)
+        base = totals - seq_adv if algorithm == "rloo" else None
+        adv = seq_adv.unsqueeze(1) * mask
+        returns = None
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    if whiten:
+        adv = masked_whiten(adv, mask, shift_mean=algorithm not in ("rloo", "grpo"))
+    return Advantages(adv, returns, base)
+
+
+# --------------------------------------------------------------------------- update
+
+
+@dataclass
+class UpdateSettings:
+    algorithm: str
+    epochs: int
+    num_minibatches: int
+    grad_accum: int
+    clip_range: float
+    clip_range_value: float
+    entropy_coef: float
+    target_kl: float | None
+    temperature: float
+    precision: str
+    max_grad_norm: float | None
+    value_max_grad_norm: float | None
+    ptx_coef: float = 0.0
+
+
+class PtxStream:
+    """Demonstration batches for PPO-ptx, in an order fixed by (seed, position) for exact resume."""
+
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int) -> None:
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.position = 0
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self.examples),
+                                                  generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()}
+        return self._orders[epoch]
+
+    def next_batch(self, device) -> dict[str, torch.Tensor]:
+        from kilter.data.collate import pad_batch
+
+        rows = []
+        for _ in range(self.batch_size):
+            epoch, offset = divmod(self.position, len(self.examples))
+            rows.append(self.examples[self._order(epoch)[offset]])
+            self.position += 1
+        batch = pad_batch(rows, self.pad_id, keys=("input_ids", "labels"))
+        return {k: v.to(device) for k, v in batch.items()}
+
+
+def _minibatch_order(n: int, seed: int, iteration: int, epoch: int) -> torch.Tensor:
+    # A pure function of (seed, iteration, epoch): a resumed run shuffles exactly like an uninterrupted one.
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1009 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, old_logp: torch.Tensor,
+               adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, *, seed: int, iteration: int,
+               ptx: PtxStream | None = None) -> dict[str, float]:
+    """Epochs over shuffled minibatches of the rollout; returns the iteration's update metrics.
+
+    Each minibatch is split into ``grad_accum`` micro-batches whose token-mean losses are
+    weighted by their share of the minibatch's response tokens, so the step equals one on the
+    whole minibatch.  With ``target_kl`` set, a minibatch whose approximate KL to the
+    sampling policy already exceeds it is not applied and the update stops (early stopping,
+    as in Stable-Baselines3's PPO).
+    """
+    n = len(batch)
+    mb_size = n // s.num_minibatches
+    micro_size = mb_size // s.grad_accum
+    epochs = s.epochs if s.algorithm in CLIPPED else 1
+    mask = batch.response_mask
+    sums: dict[str, float] = {}
+    count = 0
+    steps = 0
+    stopped = False
+    tokens_seen = 0.0
+
+    def add(key: str, value: float, weight: float = 1.0) -> None:
+        sums[key] = sums.get(key, 0.0) + value * weight
+
+    for epoch in range(epochs):
+        order = _minibatch_order(n, seed, iteration, epoch)
+        for m in range(s.num_minibatches):
+            rows = order[m * mb_size:(m + 1) * mb_size]
+            mb_tokens = float(mask[rows].sum().clamp(min=1.0))
+            mb_stats: dict[str, float] = {}
+            for k in range(s.grad_accum):
+                micro_rows = rows[k * micro_size:(k + 1) * micro_size]
+                sub = batch.select(micro_rows)
+                cols = sub.response_mask.shape[1]
+                sub_mask = sub.response_mask
+                weight = float(sub_mask.sum()) / mb_tokens
+                tokens_seen += float(sub.attention_mask.sum())
+                logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision,
+                                               with_entropy=s.entropy_coef > 0)
+                sub_adv = adv.advantages[micro_rows, :cols]
+                sub_old = old_logp[micro_rows, :cols]
+                if s.algorithm in CLIPPED:
+                    loss, stats = ppo_policy_loss(logp, sub_old, sub_adv, sub_mask, s.clip_range)
+                    clipfrac, approx_kl = float(stats["clipfrac"]), float(stats["approx_kl"])
+                else:
+                    loss = pg_loss(logp, sub_adv, sub_mask)
+                    with torch.no_grad():
+                        log_ratio = (logp - sub_old) * sub_mask
+                        approx_kl = float(masked_mean(torch.expm1(log_ratio) - log_ratio, sub_mask))
+                    clipfrac = 0.0
+                mb_stats["policy/approx_kl"] = mb_stats.get("policy/approx_kl", 0.0) + approx_kl * weight
+                mb_stats["policy/clipfrac"] = mb_stats.get("policy/clipfrac", 0.0) + clipfrac * weight
+                mb_stats["loss/policy"] = mb_stats.get("loss/policy", 0.0) + float(loss.detach()) * weight
+                if entropy is not None:
+                    ent = masked_mean(entropy, sub_mask)
+                    loss = loss - s.entropy_coef * ent
+                    mb_stats["loss/entropy"] = mb_stats.get("loss/entropy", 0.0) + float(ent) * weight
+                (loss * weight).backward()
+                if value_model is not None and adv.returns is not None and old_values is not None:
+                    values = token_values(value_model, sub, s.precision)
+                    # a2c takes one unclipped step: an infinite clip range is the plain squared error.
+                    clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
+                    v_loss, v_stats = ppo_value_loss(values, old_values[micro_rows, :cols],
+                                                     adv.returns[micro_rows, :cols], sub_mask, clip_v)
+                    (v_loss * weight).backward()
+                    mb_stats["loss/value"] = mb_stats.get("loss/value", 0.0) + float(v_loss) * weight
+                    mb_stats["value/clipfrac"] = mb_stats.get("value/clipfrac", 0.0) + float(v_stats["clipfrac"]) * weight
+            if ptx is not None and s.ptx_coef > 0:
+                demo = ptx.next_batch(batch.input_ids.device)
+                with common.autocast(s.precision, batch.input_ids.device.type):
+                    logits = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
+                                    use_cache=False).logits
+                lm_loss, _ = causal_lm_loss(logits, demo["labels"])
+                (s.ptx_coef * lm_loss).backward()
+                mb_stats["loss/ptx"] = float(lm_loss)
+            if s.target_kl is not None and mb_stats["policy/approx_kl"] > s.target_kl:
+                policy_opt.zero_grad(set_to_none=True)
+                if value_opt is not None:
+                    value_opt.zero_grad(set_to_none=True)
+                add("policy/approx_kl_at_stop", mb_stats["policy/approx_kl"])
+                stopped = True
+                break
+            mb_stats["optim/grad_norm"] = common.clip_and_norm(policy.parameters(), s.max_grad_norm)
+            policy_opt.step()
+            policy_opt.zero_grad(set_to_none=True)
+            if value_opt is not None and value_model is not None:
+                mb_stats["optim/value_grad_norm"] = common.clip_and_norm(value_model.parameters(),
+                                                                         s.value_max_grad_norm)
+                value_opt.step()
+                value_opt.zero_grad(set_to_none=True)
+            for key, value in mb_stats.items():
+                add(key, value)
+            count += 1
+            steps += 1
+        if stopped:
+            break
+    out = {k: v / max(count, 1) for k, v in sums.items() if k != "policy/approx_kl_at_stop"}
+    out["ppo/optimizer_steps"] = float(steps)
+    out["ppo/early_stopped"] = float(stopped)
+    out["ppo/epochs"] = steps / s.num_minibatches
+    out["_train_tokens"] = tokens_seen
+    return out

@@ -1,0 +1,635 @@
+"""Phase 2: the reward model (``kilter rm``).
+
+The model is the LM backbone with a scalar head (``AutoModelForSequenceClassification``,
+num_labels=1; see :mod:`kilter.models.reward`).  Training data are *groups* (one prompt, its
+responses, the labeled pairs among them; :mod:`kilter.data.preferences`): every response of
+a batch is forwarded once, and the loss of a group is the mean over its pairs of the
+Bradley-Terry term (Ouyang et al. 2022, eq. 1)::
+
+    -log sigmoid(r_better - r_worse - margin),   margin = strength_margin_scale * strength
+
+where ``strength`` in [0, 1] comes from a graded comparison ("slightly" 0.25 ... "much
+better" 1.0) and is 0 when absent; ``strength_margin_scale=0`` disables margins (Llama 2,
+Touvron et al. 2023, eq. 2).  Ties make no pair.  A batch's loss is the mean over its
+groups; gradients are normalised by the number of groups in the whole optimizer step, across
+gradient accumulation and data-parallel ranks, as in ``kilter sft``.
+
+After training a bias is set so that the mean reward over a reference set is 0 (InstructGPT;
+default reference: the training responses) and saved in the model's config.json.  With
+``ensemble_size=N`` the run trains N members on bootstrap resamples of the training groups
+with seeds seed, seed+1, ...; ``final/`` then holds ``ensemble.json`` and ``member-i/``.
+``init_from`` starts from an earlier reward model, head included: the second stage of
+preference-model pretraining (docs/reward-model.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from kilter.config import BaseConfig
+from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.preferences import (
+    encode_groups,
+    load_preference_groups,
+    reference_pairs,
+    reference_pairs_from_file,
+    split_by_prompt,
+)
+from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.errors import ConfigError
+from kilter.losses import pairwise_accuracy
+from kilter.models import load_tokenizer
+from kilter.models.reward import (
+    is_ensemble_dir,
+    load_reward,
+    load_reward_backbone,
+    raw_scores,
+    resolve_reward_dir,
+    save_reward_model,
+    set_reward_bias,
+    write_ensemble_manifest,
+)
+from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
+from kilter.trainers import common
+from kilter.trainers.common import LoraSection, OptimConfig
+from kilter.trainers.sft import _epoch_batches, _micro_batches, _null
+
+Kind = Literal["auto", "comparison", "ranking", "rating"]
+
+
+class RMData(BaseConfig):
+    """Where the preference data comes from and how it is grouped and batched."""
+
+    train: str | None = None
+    """Training data (required): comparisons, rankings or thumbs ratings (.jsonl/.json/.csv/.parquet or a saved dataset)."""
+    eval: str | None = None
+    """Held-out preference data (null: hold out eval_fraction of the training prompts)."""
+    kind: Kind = "auto"
+    """Record kind of the files: comparison, ranking, rating (thumbs, paired within a prompt) or auto (from the first row)."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Fraction of training prompts held out for evaluation when data.eval is null (0: no evaluation)."""
+    split: str | None = None
+    """Split of a saved DatasetDict (default train)."""
+    skip_invalid: bool = False
+    """Skip malformed rows (counted and reported) instead of stopping at the first."""
+    max_length: int = Field(256, gt=1)
+    """Maximum tokens of prompt + response (the prompt is cut from the left first)."""
+    group_by_prompt: bool = True
+    """Put comparisons that share a prompt into one group, so each response is forwarded once."""
+    max_group_size: int = Field(16, ge=2)
+    """Most distinct responses in one group; a prompt with more starts another group."""
+    group_by_length: bool = True
+    """Batch groups of similar length together to cut padding."""
+    max_eval_groups: int = Field(512, gt=0)
+    """Evaluate on at most this many held-out groups."""
+
+
+class RMConfig(BaseConfig):
+    """Train a reward model with the Bradley-Terry loss on comparisons, K-way rankings or thumbs."""
+
+    model: str = "builtin:tiny"
+    """Backbone to start from: an SFT run's final/, any HF causal-LM folder, a preset (smollm2-135m) or builtin:tiny."""
+    init_from: str | None = None
+    """Start from an earlier reward model (a kilter rm run directory or its final/), head included; replaces model."""
+    output_dir: str = "runs/rm"
+    """Run directory (config.yaml, metrics.jsonl, calibration.json, checkpoints/, final/)."""
+    data: RMData = RMData()
+    """Training and evaluation data."""
+    strength_margin_scale: float = Field(1.0, ge=0)
+    """margin = scale * strength for comparisons that carry a strength in [0, 1] (0: no margins)."""
+    batch_size: int = Field(16, gt=0)
+    """Groups (prompts with their responses) per micro-batch on each process."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training groups (ignored when max_steps is set); InstructGPT used 1 to avoid overfitting."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimizer steps."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    lora: LoraSection = LoraSection()
+    """LoRA adapters (the score head stays fully trainable); final/ is always merged."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast with fp32 master weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: cuda when available)."""
+    seed: int = 0
+    """Seed for head initialisation and data order; ensemble member i uses seed + i."""
+    ensemble_size: int = Field(1, ge=1)
+    """Train this many reward models; scoring returns their mean and standard deviation."""
+    bootstrap: bool = True
+    """Train each ensemble member on a bootstrap resample of the training groups (ensemble_size > 1 only)."""
+    bias_reference: str = "train"
+    """Responses whose mean reward the bias sets to 0: train, eval, none, or a data file (demonstrations, comparisons, ...)."""
+    max_bias_examples: int = Field(4096, gt=0)
+    """Use at most this many reference responses (a fixed random subset) for the bias."""
+    calibration_bins: int = Field(10, gt=1)
+    """Bins of predicted P(chosen wins) in the calibration table (calibration.json, eval/ece)."""
+    eval_batch_size: int = Field(64, gt=0)
+    """Responses per forward pass when evaluating and computing the bias."""
+    log_every: int = Field(10, gt=0)
+    """Log training metrics every N optimizer steps."""
+    eval_every: int = Field(100, gt=0)
+    """Evaluate every N optimizer steps (and at the end)."""
+    save_every: int = Field(200, gt=0)
+    """Write a checkpoint every N optimizer steps (and at the end)."""
+    keep_checkpoints: int | None = Field(2, gt=0)
+    """Keep only the newest N checkpoints (null: keep all)."""
+    resume: bool = False
+    """Continue from the newest checkpoint(s) in output_dir; finished ensemble members are kept."""
+    n_samples: int = Field(4, ge=0)
+    """Held-out pairs shown with their rewards at the end (0: none)."""
+    threads: int | None = Field(None, gt=0)
+    """torch CPU threads (null: torch's default)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+
+
+# --------------------------------------------------------------------------- math
+
+
+def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Flatten encoded groups into one padded batch of responses plus pair indices.
+
+    Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once),
+    ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
+    of each pair, ``margin`` (P,) = margin_scale * strength (0 where no strength), and
+    ``n_groups`` (0-dim).
+    """
+    rows, better, worse, pair_group, margin = [], [], [], [], []
+    for g, group in enumerate(groups):
+        offset = len(rows)
+        rows.extend(group["examples"])
+        for b, w, strength in group["pairs"]:
+            better.append(offset + b)
+            worse.append(offset + w)
+            pair_group.append(g)
+            margin.append(margin_scale * strength if strength is not None else 0.0)
+    batch = pad_batch(rows, pad_id, keys=("input_ids",))
+    batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
+                 pair_group=torch.tensor(pair_group, dtype=torch.long),
+                 margin=torch.tensor(margin, dtype=torch.float32), n_groups=torch.tensor(len(groups)))
+    return batch
+
+
+def grouped_pair_losses(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, pair_group: torch.Tensor,
+                        n_groups: int, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group Bradley-Terry loss: the mean over a group's pairs (InstructGPT eq. 1, 1/C(K,2)).
+
+    rewards: (N,) one per response; better, worse, pair_group: (P,) long; margin: (P,) or None
+    -> (loss per group (G,), has_pairs (G,) bool).  A group without pairs gets loss 0.
+    Summing the result and dividing by ``has_pairs.sum()`` gives the batch loss; with K=2 and
+    one pair per group it is :func:`kilter.losses.bradley_terry_loss`, without margins it is
+    :func:`kilter.losses.kway_bradley_terry_loss`.
+    """
+    diff = rewards[better] - rewards[worse]
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    pair_losses = -F.logsigmoid(diff)
+    sums = pair_losses.new_zeros(n_groups).index_add(0, pair_group, pair_losses)
+    counts = torch.bincount(pair_group, minlength=n_groups)
+    has = counts > 0
+    return sums / counts.clamp(min=1).to(sums.dtype), has
+
+
+def calibration_sums(p_chosen: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Per-bin (count, sum of predictions, sum of outcomes) of predicted P(chosen wins).
+
+    p_chosen: (P,) the model's sigmoid(r_chosen - r_rejected) -> (3, n_bins) float64.
+    Each pair enters twice, as (p, won=1) and as (1 - p, won=0), so the table covers [0, 1]
+    symmetrically and does not depend on which response of a pair is named first.  Bins are
+    [i/n, (i+1)/n), the last one closed.  Sums (not means) so ranks can all-reduce them.
+    """
+    p = p_chosen.detach().double().flatten()
+    preds = torch.cat([p, 1.0 - p])
+    outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+    index = (preds * n_bins).long().clamp(0, n_bins - 1)
+    out = torch.zeros(3, n_bins, dtype=torch.float64)
+    out[0].index_add_(0, index, torch.ones_like(preds))
+    out[1].index_add_(0, index, preds)
+    out[2].index_add_(0, index, outcome)
+    return out
+
+
+def calibration_report(sums: torch.Tensor) -> dict:
+    """Reliability table and expected calibration error from :func:`calibration_sums`.
+
+    ECE = sum over bins of (n_b / n) * |mean prediction_b - observed frequency_b|
+    (Naeini et al. 2015; Guo et al. 2017).  Empty bins are listed with nulls.
+    """
+    count, pred, obs = sums[0], sums[1], sums[2]
+    n_bins, total = count.shape[0], float(count.sum())
+    bins, ece = [], 0.0
+    for i in range(n_bins):
+        n = float(count[i])
+        mean_pred = float(pred[i]) / n if n else None
+        observed = float(obs[i]) / n if n else None
+        if n:
+            ece += n / total * abs(mean_pred - observed)
+        bins.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "count": int(n), "mean_predicted": mean_pred,
+                     "observed": observed})
+    return {"n_pairs": int(total // 2), "ece": ece, "bins": bins}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _forward(model, batch: dict, precision: str, device: str) -> torch.Tensor:
+    with common.autocast(precision, device):
+        return raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
+def _chunks_of_rows(groups: list[dict], rows_per_batch: int) -> list[list[dict]]:
+    chunks, current, n = [], [], 0
+    for g in groups:
+        if current and n + len(g["examples"]) > rows_per_batch:
+            chunks.append(current)
+            current, n = [], 0
+        current.append(g)
+        n += len(g["examples"])
+    return chunks + ([current] if current else [])
+
+
+@torch.no_grad()
+def evaluate(model, groups: list[dict], cfg: RMConfig, pad_id: int, device: str, info: DistInfo,
+             bias: float = 0.0) -> tuple[dict[str, float], dict]:
+    """eval/loss, eval/accuracy, eval/margin, eval/ece, eval/reward_mean, eval/reward_std + calibration table."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(8, dtype=torch.float64)  # loss, groups, wins, pairs, margin, r, r^2, responses
+    calib = torch.zeros(3, cfg.calibration_bins, dtype=torch.float64)
+    for chunk in _chunks_of_rows(groups[info.rank::info.world_size], cfg.eval_batch_size):
+        batch = collate_groups(chunk, pad_id, cfg.strength_margin_scale)
+        rewards = _forward(model, batch, cfg.precision, device).cpu() + bias
+        losses, has = grouped_pair_losses(rewards, batch["better"], batch["worse"], batch["pair_group"],
+                                          len(chunk), batch["margin"])
+        gap = rewards[batch["better"]] - rewards[batch["worse"]]
+        totals += torch.tensor([float(losses[has].sum()), float(has.sum()), float(pairwise_accuracy(gap, 0 * gap))
+                                * len(gap), len(gap), float(gap.sum()), float(rewards.sum()),
+                                float((rewards ** 2).sum()), len(rewards)], dtype=torch.float64)
+        calib += calibration_sums(torch.sigmoid(gap), cfg.calibration_bins)
+    totals, calib = all_reduce_sum(totals, info), all_reduce_sum(calib, info)
+    if was_training:
+        model.train()
+    loss, n_groups, wins, n_pairs, margin_sum, r_sum, r2_sum, n_resp = totals.tolist()
+    mean = r_sum / max(n_resp, 1)
+    report = calibration_report(calib)
+    metrics = {
+        "eval/loss": loss / max(n_groups, 1),
+        "eval/accuracy": wins / max(n_pairs, 1),
+        "eval/margin": margin_sum / max(n_pairs, 1),
+        "eval/ece": report["ece"],
+        "eval/reward_mean": mean,
+        "eval/reward_std": math.sqrt(max(r2_sum / max(n_resp, 1) - mean ** 2, 0.0)),
+    }
+    return metrics, report
+
+
+@torch.no_grad()
+def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, device: str, info: DistInfo) -> float:
+    """Mean raw reward (no bias) over encoded reference examples, shared by all ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    mine = examples[info.rank::info.world_size]
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        batch = pad_batch(mine[start:start + cfg.eval_batch_size], pad_id, keys=("input_ids",))
+        rewards = _forward(model, batch, cfg.precision, device).double().cpu()
+        total += torch.tensor([float(rewards.sum()), len(rewards)], dtype=torch.float64)
+    total = all_reduce_sum(total, info)
+    if was_training:
+        model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
+    """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
+    d = cfg.data
+    kwargs = dict(skip_invalid=d.skip_invalid, split=d.split, group_by_prompt=d.group_by_prompt,
+                  max_group_size=d.max_group_size)
+    train = load_preference_groups(d.train, d.kind, **kwargs)
+    if info.is_main:
+        _report_data("train", train)
+    train_groups, eval_groups = train.groups, []
+    if d.eval:
+        held = load_preference_groups(d.eval, d.kind, **kwargs)
+        if info.is_main:
+            _report_data("eval", held)
+        eval_groups = held.groups
+    elif d.eval_fraction > 0:
+        train_groups, eval_groups = split_by_prompt(train.groups, d.eval_fraction, cfg.seed)
+    eval_groups = eval_groups[: d.max_eval_groups]
+
+    ref = cfg.bias_reference
+    if ref == "train":
+        pairs = reference_pairs(train_groups)
+    elif ref == "eval":
+        if not eval_groups:
+            raise ConfigError("bias_reference=eval needs evaluation data (data.eval or data.eval_fraction > 0)")
+        pairs = reference_pairs(eval_groups)
+    elif ref == "none":
+        pairs = []
+    else:
+        pairs = reference_pairs_from_file(ref)
+    if len(pairs) > cfg.max_bias_examples:
+        pairs = random.Random(f"kilter-rm-bias-{cfg.seed}").sample(pairs, cfg.max_bias_examples)
+    from kilter.data.tokenize import encode_prompt_completion
+
+    reference = [{"input_ids": encode_prompt_completion(tokenizer, p, r, d.max_length)["input_ids"]} for p, r in pairs]
+    return (train_groups, eval_groups, encode_groups(tokenizer, train_groups, d.max_length),
+            encode_groups(tokenizer, eval_groups, d.max_length), reference)
+
+
+def _report_data(split: str, data) -> None:
+    print(f"kilter rm: {split}: {data.n_records} {data.kind} records from {data.source} -> {len(data.groups)} groups, "
+          f"{data.n_responses} responses, {data.n_pairs} pairs")
+    if data.n_invalid:
+        print(f"kilter rm: {split}: skipped {data.n_invalid} invalid rows (first: {data.first_error})", file=sys.stderr)
+    if data.n_without_pairs:
+        print(f"kilter rm: {split}: skipped {data.n_without_pairs} groups without a strict preference "
+              "(all ties, or all thumbs alike)", file=sys.stderr)
+
+
+def _start_points(cfg: RMConfig) -> list[str]:
+    """The folder (or model spec) each member starts from."""
+    if cfg.init_from is None:
+        return [cfg.model] * cfg.ensemble_size
+    folder = resolve_reward_dir(cfg.init_from)
+    if not is_ensemble_dir(folder):
+        return [str(folder)] * cfg.ensemble_size
+    members = json.loads((folder / "ensemble.json").read_text())["members"]
+    if len(members) != cfg.ensemble_size:
+        raise ConfigError(f"init_from {cfg.init_from} is an ensemble of {len(members)} members but ensemble_size="
+                          f"{cfg.ensemble_size}; match them or point init_from at one member folder")
+    return [str(folder / m) for m in members]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run(cfg: RMConfig) -> int:
+    info = init_distributed(cfg.device)
+    try:
+        return _train_all(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _train_all(cfg: RMConfig, info: DistInfo) -> int:
+    if not cfg.data.train:
+        raise ConfigError("data.train is required: a comparison, ranking or rating file (see `kilter label`)")
+    if cfg.lora.enabled and not cfg.lora.merge_on_save:
+        raise ConfigError("lora.merge_on_save=false is not supported by kilter rm: final/ must load as a plain "
+                          "AutoModelForSequenceClassification")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    common.check_precision(cfg.precision, info.device)
+    starts = _start_points(cfg)
+    root = Path(cfg.output_dir)
+    n = cfg.ensemble_size
+    member_dirs = [root] if n == 1 else [root / f"member-{i}" for i in range(n)]
+    finals = [root / "final"] if n == 1 else [root / "final" / f"member-{i}" for i in range(n)]
+    if not cfg.resume:
+        for d in member_dirs:
+            if RunDir(d, writer=False).latest_checkpoint() is not None:
+                raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to "
+                                  "continue or choose another output_dir")
+
+    tokenizer = load_tokenizer(starts[0])
+    train_groups, eval_groups, train_enc, eval_enc, reference = _load_data(cfg, tokenizer, info)
+    if info.is_main:
+        where = cfg.init_from or cfg.model
+        print(f"kilter rm: {len(train_enc)} training groups, {len(eval_enc)} eval groups, {len(reference)} reference "
+              f"responses for the bias; starting from {where}; {n} model(s)")
+
+    for i in range(n):
+        if n > 1 and cfg.resume and (finals[i] / "config.json").is_file():
+            if info.is_main:
+                print(f"kilter rm: member {i} already finished ({finals[i]}); skipping")
+            continue
+        _train_member(cfg, info, i, starts[i], member_dirs[i], finals[i], tokenizer, train_enc, eval_enc,
+                      eval_groups, reference)
+
+    if n > 1 and info.is_main:
+        write_ensemble_manifest(root / "final", [f.name for f in finals],
+                                {"seeds": [cfg.seed + i for i in range(n)], "bootstrap": cfg.bootstrap})
+        root_dir = RunDir(root, writer=True, tensorboard=False)
+        root_dir.write_config(cfg)
+        metrics = _ensemble_eval(root / "final", eval_groups, cfg, info.device) if eval_groups else {}
+        if metrics:
+            root_dir.log(0, metrics)
+            print("kilter rm: ensemble " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        print(f"kilter rm: done; ensemble of {n} in {root / 'final'}")
+        root_dir.close()
+    barrier(info)
+    return 0
+
+
+def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: Path, final: Path, tokenizer,
+                  train_enc: list[dict], eval_enc: list[dict], eval_groups: list[dict],
+                  reference: list[dict]) -> dict[str, float]:
+    device = info.device
+    seed = cfg.seed + member
+    tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
+    common.set_seed(seed)
+    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard)
+    existing = run_dir.latest_checkpoint() if cfg.resume else None
+
+    model = load_reward_backbone(start, tokenizer)
+    set_reward_bias(model, 0.0)  # training is shift-invariant; the bias is recomputed at the end
+    if cfg.lora.enabled:
+        model = common.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    if cfg.gradient_checkpointing:
+        common.enable_gradient_checkpointing(model)
+    model.to(device)
+    model.train()
+
+    order = list(range(len(train_enc)))
+    if cfg.ensemble_size > 1 and cfg.bootstrap:
+        rng = random.Random(f"kilter-rm-bootstrap-{cfg.seed}-{member}")
+        order = [rng.randrange(len(train_enc)) for _ in order]
+    lengths = [sum(len(e["input_ids"]) for e in train_enc[j]["examples"]) for j in order]
+    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+    steps_per_epoch = len(order) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.train has {len(order)} groups, fewer than one global batch of {global_batch} "
+                          "(batch_size x grad_accum x processes); lower batch_size")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = common.make_optimizer(model, cfg.optim)
+    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    start_step = 0
+    if existing is not None:
+        common.load_trainable_weights(model, existing)
+        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = common.read_trainer_state(existing)["step"]
+        run_dir.truncate_metrics(start_step)
+        if info.is_main:
+            print(f"kilter {tag}: resumed from {existing} at step {start_step}/{total_steps}")
+    run_dir.write_config(cfg)
+    if info.is_main:
+        trainable, total_params = common.count_parameters(model)
+        print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {global_batch} groups, "
+              f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+
+    ddp_model = model
+    if info.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=None if device == "cpu" else [info.local_rank])
+    pad_id = tokenizer.pad_token_id
+    batches_cache: dict[int, list[list[int]]] = {}
+    progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
+    window = _Window()
+    last: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in batches_cache:
+            batches_cache.clear()
+            batches_cache[epoch] = _epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
+        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
+        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale)
+                 for idx in _micro_batches(mine, cfg.grad_accum)]
+        local_groups = sum(int(torch.bincount(b["pair_group"], minlength=int(b["n_groups"])).gt(0).sum())
+                           for b in micro)
+        global_groups = float(all_reduce_sum(local_groups, info))
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for k, batch in enumerate(micro):
+            ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else _null()
+            with ctx:
+                rewards = _forward(ddp_model, batch, cfg.precision, device)
+                losses, has = grouped_pair_losses(rewards, batch["better"].to(device), batch["worse"].to(device),
+                                                  batch["pair_group"].to(device), int(batch["n_groups"]),
+                                                  batch["margin"].to(device))
+                loss_sum = losses[has].sum()
+                # DDP averages gradients over ranks; the world_size factor turns that into a sum.
+                (loss_sum * info.world_size / max(global_groups, 1.0)).backward()
+            step_loss += loss_sum.detach().double().cpu()
+            window.add(rewards.detach().float().cpu(), batch)
+        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_groups, 1.0)
+        progress.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            last = {"loss/rm": loss_value, **window.metrics(info), "optim/lr": scheduler.get_last_lr()[0],
+                    "optim/grad_norm": grad_norm, "progress/epoch": done / steps_per_epoch}
+            run_dir.log(done, last)
+            progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['train/accuracy']:.2f}")
+            window = _Window()
+        if eval_enc and (done % cfg.eval_every == 0 or done == total_steps):
+            metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
+            run_dir.log(done, metrics)
+            last.update(metrics)
+        if done % cfg.save_every == 0 or done == total_steps:
+            _save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg)
+    progress.close()
+
+    # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
+    summary: dict[str, float] = {}
+    if reference:
+        raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
+        set_reward_bias(model, -raw_mean)
+        summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
+    if eval_enc:
+        metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info, bias=-summary.get(
+            "reward/reference_raw_mean", 0.0))
+        summary.update(metrics)
+        if info.is_main:
+            atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
+    run_dir.log(total_steps, summary)
+    if info.is_main:
+        save_folder_atomically(final, lambda p: save_reward_model(model, tokenizer, p))
+        if cfg.n_samples and eval_groups:
+            print(f"held-out pairs ({tag}):\n" + _sample_table(final, eval_groups[: cfg.n_samples], device))
+        shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
+        print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")
+    barrier(info)
+    run_dir.close()
+    return summary
+
+
+class _Window:
+    """Training statistics between two log lines: pair accuracy, margin, reward mean/std, speed."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.t = torch.zeros(7, dtype=torch.float64)  # wins, pairs, gap sum, r, r^2, responses, tokens
+
+    def add(self, rewards: torch.Tensor, batch: dict) -> None:
+        gap = rewards[batch["better"]] - rewards[batch["worse"]]
+        wins = float(pairwise_accuracy(gap, torch.zeros_like(gap))) * len(gap)
+        self.t += torch.tensor([wins, len(gap), float(gap.sum()), float(rewards.sum()), float((rewards ** 2).sum()),
+                                len(rewards), float(batch["attention_mask"].sum())], dtype=torch.float64)
+
+    def metrics(self, info: DistInfo) -> dict[str, float]:
+        wins, pairs, gap, r, r2, n, tokens = all_reduce_sum(self.t, info).tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        mean = r / max(n, 1)
+        return {"train/accuracy": wins / max(pairs, 1), "train/margin": gap / max(pairs, 1), "reward/mean": mean,
+                "reward/std": math.sqrt(max(r2 / max(n, 1) - mean ** 2, 0.0)), "perf/pairs_per_s": pairs / elapsed,
+                "perf/samples_per_s": n / elapsed, "perf/tokens_per_s": tokens / elapsed}
+
+
+def _save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, cfg: RMConfig) -> None:
+    def write(path: Path) -> None:
+        common.save_model(model, tokenizer, path, merge_lora=False)
+        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
+        common.write_trainer_state(path, {"step": step, "trainer": "rm"})
+
+    run_dir.save_checkpoint(step, write, keep=cfg.keep_checkpoints)
+
+
+def _pairs_of(groups: list[dict]) -> tuple[list, list[str], list[tuple[int, int]]]:
+    """Flatten text groups into (prompts, responses) and (better, worse) row indices."""
+    prompts, responses, pairs = [], [], []
+    for g in groups:
+        offset = len(responses)
+        prompts += [g["prompt"]] * len(g["responses"])
+        responses += list(g["responses"])
+        pairs += [(offset + b, offset + w) for b, w, _ in g["pairs"]]
+    return prompts, responses, pairs
+
+
+def _sample_table(final: Path, groups: list[dict], device: str) -> str:
+    """The first labeled pair of each group with its rewards, as a text table."""
+    rm = load_reward(final, device=device)
+    firsts = [(g["prompt"], g["responses"][g["pairs"][0][0]], g["responses"][g["pairs"][0][1]]) for g in groups]
+    prompts = [p for p, _, _ in firsts for _ in range(2)]
+    rewards = rm.score(prompts, [r for _, b, w in firsts for r in (b, w)])
+    rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "preferred": b, "other": w,
+             "r_pref": float(rewards[2 * i]), "r_other": float(rewards[2 * i + 1])}
+            for i, (p, b, w) in enumerate(firsts)]
+    return common.format_sample_table(rows, ["prompt", "preferred", "other", "r_pref", "r_other"], width=40)
+
+
+def _ensemble_eval(folder: Path, groups: list[dict], cfg: RMConfig, device: str) -> dict[str, float]:
+    """Held-out accuracy of the members' mean reward, and the mean member spread."""
+    ensemble = load_reward(folder, device=device)
+    prompts, responses, pairs = _pairs_of(groups)
+    mean, std = ensemble.score_with_std(prompts, responses, batch_size=cfg.eval_batch_size)
+    better = torch.tensor([b for b, _ in pairs])
+    worse = torch.tensor([w for _, w in pairs])
+    return {"ensemble/eval_accuracy": float(pairwise_accuracy(mean[better], mean[worse])),
+            "ensemble/eval_margin": float((mean[better] - mean[worse]).mean()),
+            "ensemble/reward_std_mean": float(std.mean())}
+
+
+__all__ = ["RMConfig", "RMData", "run", "collate_groups", "grouped_pair_losses", "calibration_sums",
+           "calibration_report", "evaluate"]

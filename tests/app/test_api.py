@@ -1,0 +1,228 @@
+"""The web app through an in-process client, on a temp SQLite file and on PostgreSQL."""
+
+import json
+
+import pytest
+from feedback_testlib import Client, invited, seed_project
+
+from kilter.data.records import validate_record
+
+
+def shown_order(html: str, texts: list[str]) -> list[str]:
+    """The given response texts sorted by where they appear on the page."""
+    return sorted(texts, key=html.index)
+
+
+@pytest.fixture
+def ann(app):
+    """An annotator client logged in through an invite link."""
+    token = invited(app.state.store, "ann")
+    client = Client(app)
+    client.login_invite(token)
+    return client
+
+
+@pytest.fixture
+def admin(app):
+    token = invited(app.state.store, "boss", role="admin")
+    client = Client(app)
+    client.login_invite(token)
+    return client
+
+
+@pytest.mark.parametrize("path", ["/", "/p/anything", "/admin", "/admin/p/anything"])
+def test_every_page_but_login_needs_a_session(app, path):
+    r = Client(app).get(path)
+    assert r.status_code == 303
+    assert r.headers["location"].startswith("/login?next=")
+
+
+def test_password_login_and_logout(app):
+    app.state.store.create_user("pat", "annotator", "password123")
+    client = Client(app)
+    r = client.get("/login?next=/admin")
+    assert r.status_code == 200 and 'name="password"' in r.text
+    r = client.post("/login", {"username": "pat", "password": "password123", "next": "/p/x"})
+    assert (r.status_code, r.headers["location"]) == (303, "/p/x")
+    home = client.get("/")
+    assert home.status_code == 200 and "pat" in home.text
+    r = client.post("/logout")
+    assert (r.status_code, r.headers["location"]) == (303, "/login")
+    assert client.get("/").status_code == 303
+
+
+def test_invite_link_logs_in_and_can_set_a_password(app):
+    store = app.state.store
+    token = invited(store, "newbie")
+    client = Client(app)
+    page = client.get(f"/invite/{token}")
+    assert page.status_code == 200 and "Welcome, newbie" in page.text
+    bad = client.post(f"/invite/{token}", {"password": "abcdefgh", "password2": "different"})
+    assert bad.status_code == 422 and "differ" in bad.text
+    r = client.post(f"/invite/{token}", {"password": "abcdefgh1", "password2": "abcdefgh1"})
+    assert r.status_code == 303
+    assert client.get("/").status_code == 200
+    assert store.check_password("newbie", "abcdefgh1") is not None
+    assert Client(app).get("/invite/not-a-real-token").status_code == 404
+
+
+def test_pairwise_judgment_round_trip(app, ann):
+    store = app.state.store
+    project = seed_project(store, "pw", "pairwise", n_prompts=2)
+    page, assignment = ann.task("pw")
+    assert page.status_code == 200
+    assert "pw prompt" in page.text and "A much better" in page.text and "Both bad" in page.text
+    texts = [t for t in ("pw p0 response 0", "pw p0 response 1", "pw p1 response 0", "pw p1 response 1") if t in page.text]
+    left, right = shown_order(page.text, texts)
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "A3", "flags_1": ["hallucination"],
+                                  "comment": "left is clearer"})
+    assert (r.status_code, r.headers["location"]) == (303, "/p/pw?saved=1")
+    (rec,) = store.judgments(project)
+    by_id = {c.id: c.text for c in rec.candidates}
+    assert by_id[rec.preferred_candidate_id] == left  # "A better" = the response shown on the left
+    assert rec.strength == 0.75 and rec.choice == "A3" and rec.comment == "left is clearer"
+    assert [by_id[c] for c in rec.display_order] == [left, right]
+    assert rec.responses[1]["flags"] == ["hallucination"]
+    after, next_assignment = ann.task("pw")
+    assert "Saved" in ann.get("/p/pw?saved=1").text
+    assert next_assignment != assignment and "you have done 1" in after.text
+
+
+def test_ranking_judgment_round_trip(app, ann):
+    store = app.state.store
+    project = seed_project(store, "rk", "ranking", n_prompts=1, k=3)
+    page, assignment = ann.task("rk")
+    shown = shown_order(page.text, [f"rk p0 response {i}" for i in range(3)])
+    r = ann.post("/p/rk/submit", {"assignment_id": assignment, "rank_0": "2", "rank_1": "1", "rank_2": "3",
+                                  "score_0": "5", "score_1": "7", "score_2": "1", "flags_2": ["harmful", "instruction"]})
+    assert r.status_code == 303
+    (rec,) = store.judgments(project)
+    text_of = {c.id: c.text for c in rec.candidates}
+    got = {text_of[e["candidate"]]: (e["rank"], e["score"], e["flags"]) for e in rec.responses}
+    assert got == {shown[0]: (2, 5, []), shown[1]: (1, 7, []), shown[2]: (3, 1, ["instruction", "harmful"])}
+
+
+@pytest.mark.parametrize("task, fields, column, expected", [
+    ("rating", {"label": "down"}, "label", False),
+    ("edit", {"text": "A better answer."}, "text", "A better answer."),
+    ("demonstration", {"text": "What I would say."}, "text", "What I would say."),
+])
+def test_other_tasks_round_trip(app, ann, task, fields, column, expected):
+    store = app.state.store
+    project = seed_project(store, task, task, n_prompts=1, k=1)
+    page, assignment = ann.task(task)
+    assert page.status_code == 200 and f"{task} prompt 0" in page.text
+    if task == "edit":
+        assert page.text.count(f"{task} p0 response 0") == 2  # shown, and pre-filled in the editor
+    r = ann.post(f"/p/{task}/submit", {"assignment_id": assignment, **fields})
+    assert r.status_code == 303
+    (rec,) = store.judgments(project)
+    assert getattr(rec, column) == expected
+
+
+def test_incomplete_form_is_refused_and_keeps_the_text(app, ann):
+    store = app.state.store
+    project = seed_project(store, "ed", "edit", n_prompts=1, k=1)
+    _, assignment = ann.task("ed")
+    r = ann.post("/p/ed/submit", {"assignment_id": assignment, "text": "   ", "comment": "my note"})
+    assert r.status_code == 422 and "Please fill in the edited response" in r.text
+    assert "my note" in r.text
+    assert store.judgments(project) == []
+    rk = seed_project(store, "rk", "ranking", n_prompts=1, k=2)
+    _, assignment = ann.task("rk")
+    r = ann.post("/p/rk/submit", {"assignment_id": assignment, "rank_0": "1"})
+    assert r.status_code == 422 and "Please choose the 1-7 score of response A" in r.text
+    assert store.judgments(rk) == []
+
+
+def test_double_submit_stores_one_judgment(app, ann):
+    store = app.state.store
+    project = seed_project(store, "pw", "pairwise", n_prompts=2)
+    _, assignment = ann.task("pw")
+    for _ in range(3):
+        assert ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "B4"}).status_code == 303
+    assert len(store.judgments(project)) == 1
+
+
+def test_skip_then_done_page(app, ann):
+    store = app.state.store
+    project = seed_project(store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    assert ann.post("/p/pw/skip", {"assignment_id": assignment}).status_code == 303
+    page, none = ann.task("pw")
+    assert none is None and "All done here" in page.text
+    assert store.judgments(project) == []
+
+
+def test_home_lists_only_my_projects(app, ann):
+    store = app.state.store
+    seed_project(store, "mine", "rating", n_prompts=1, k=1)
+    seed_project(store, "other", "rating", n_prompts=1, k=1, members=())
+    page = ann.get("/")
+    assert "/p/mine" in page.text and "/p/other" not in page.text
+
+
+def battle_project(store, annotators=("ann",)):
+    """Three models, 2 prompts each; everyone prefers strong > medium > weak ("B/A much better")."""
+    project = seed_project(store, "arena", "pairwise", n_prompts=4, k=3, models=["weak", "strong", "medium"],
+                           members=annotators, overlap=len(annotators))
+    rank = {"strong": 0, "medium": 1, "weak": 2}
+    from kilter.feedback.tasks import parse_submission
+
+    for name in annotators:
+        user = next(u for u in store.users() if u.username == name)
+        while (view := store.next_task(project, user)) is not None:
+            left, right = view.responses
+            choice = "A4" if rank[left.model] < rank[right.model] else "B4"
+            store.submit(project, user, view.assignment_id,
+                         lambda shown, c=choice: parse_submission("pairwise", lambda n: {"choice": [c]}.get(n, []), shown))
+    return project
+
+
+def test_admin_project_page_shows_progress_agreement_and_leaderboard(app, admin):
+    store = app.state.store
+    for name in ("ann", "bob"):
+        invited(store, name)
+    battle_project(store, annotators=("ann", "bob"))
+    page = admin.get("/admin/p/arena")
+    assert page.status_code == 200
+    # 4 prompts x 3 cross-model pairs = 12 items, each judged by both annotators
+    assert "12<span class=\"muted\">/12</span>" in page.text
+    assert "Krippendorff" in page.text and "1.00" in page.text  # they always agree
+    board = page.text[page.text.index('id="leaderboard"'):]
+    assert board.index("strong") < board.index("medium") < board.index("weak")
+    overview = admin.get("/admin")
+    assert "/admin/p/arena" in overview.text and "ann" in overview.text
+
+
+def test_admin_can_add_people_and_members(app, admin):
+    store = app.state.store
+    seed_project(store, "pw", "pairwise", n_prompts=1, members=())
+    r = admin.post("/admin/users", {"username": "carol", "role": "annotator", "projects": ["pw"]})
+    assert r.status_code == 200 and "/invite/" in r.text
+    link = r.text.split('id="invite-link">')[1].split("<")[0]
+    carol = Client(app)
+    carol.login_invite(link.rsplit("/", 1)[1])
+    assert carol.task("pw")[1] is not None
+    assert admin.post("/admin/users", {"username": "carol"}).status_code == 422  # exists already
+    invited(store, "dave")
+    assert admin.post("/admin/p/pw/members", {"username": "dave"}).status_code == 303
+    assert "dave" in store.members(store.project("pw").id)
+    assert admin.post("/admin/users/carol/active", {"active": "0"}).status_code == 303
+    assert carol.get("/").status_code == 303  # deactivation ends the session
+
+
+def test_admin_export_download_is_training_ready(app, admin):
+    store = app.state.store
+    invited(store, "ann")
+    battle_project(store)
+    r = admin.get("/admin/p/arena/export?kind=comparisons")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    assert len(rows) == 12
+    for row in rows:
+        validate_record(row, "comparison")
+        assert row["strength"] == 1.0
+    raw = [json.loads(line) for line in admin.get("/admin/p/arena/export?kind=raw").text.splitlines()]
+    assert {row["annotator"] for row in raw} == {"ann"} and len(raw) == 12
+    assert admin.get("/admin/p/arena/export?kind=ratings").status_code == 404

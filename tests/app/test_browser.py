@@ -1,0 +1,229 @@
+"""Headless Chromium against a real server: log in, judge with the keyboard, find it in the export.
+
+Also saves a screenshot of every page (to $KILTER_SHOTS_DIR when set, else a temp folder).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from feedback_testlib import LiveServer, seed_project
+
+from kilter.cli import main
+from kilter.feedback.importer import parse_row
+from kilter.feedback.store import Store
+from kilter.feedback.tasks import parse_submission
+
+pytestmark = pytest.mark.browser
+
+EVIL = "<script>document.title='pwned'</script>Plain words after the tag."
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A seeded database and a running server shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("site")
+    db = str(tmp / "site.db")
+    store = Store(db)
+    store.migrate()
+    store.create_user("ann", "annotator", "ann-password")
+    tokens = {name: store.create_user(name, role, invite_days=1)[1]
+              for name, role in (("boss", "admin"), ("bea", "annotator"), ("cy", "annotator"), ("troll", "annotator"))}
+    seed_project(store, "compare", "pairwise", n_prompts=3, models=["sft", "ppo"], members=("ann",))
+    seed_project(store, "rank", "ranking", n_prompts=2, k=3, models=["sft", "ppo", "dpo"], members=("ann",))
+    for task in ("rating", "edit", "demonstration"):
+        seed_project(store, task, task, n_prompts=2, k=1, members=("ann",))
+    store.create_project("xss", "pairwise")
+    store.import_prompts("xss", [parse_row({"prompt": "Say something.", "responses": [EVIL, "A harmless answer."]}, "x")])
+    store.add_member("xss", "ann")
+    seed_arena(store)
+    store.close()
+    server = LiveServer(db, tmp).start()
+    yield {"db": db, "url": server.url, "tokens": tokens, "tmp": tmp}
+    server.stop()
+
+
+def seed_arena(store):
+    """A tournament judged by three people, one of them a troll, with gold items, for the admin page."""
+    arena = seed_project(store, "arena", "pairwise", n_prompts=8, k=3, overlap=3, gold_fraction=0.3,
+                         models=["sft-v1", "ppo-v2", "base"], members=("bea", "cy", "troll"))
+    store.import_prompts("arena", [parse_row({"prompt": f"Known answer {i}", "responses": [
+        {"text": "A correct, helpful reply.", "model": "gold"}, {"text": "Wrong.", "model": "gold"}], "gold": 0},
+        f"gold line {i}") for i in range(6)])
+    quality = {"ppo-v2": 0, "sft-v1": 1, "base": 2, "gold": 0}
+    for name in ("bea", "cy", "troll"):
+        user = next(u for u in store.users() if u.username == name)
+        while (view := store.next_task(arena, user)) is not None:
+            a, b = view.responses
+            if a.model == "gold":
+                better_left = a.text.startswith("A correct")
+            else:
+                better_left = quality[a.model] < quality[b.model]
+            if name == "troll":
+                better_left = not better_left
+            choice = "A2" if better_left else "B2"
+            store.submit(arena, user, view.assignment_id,
+                         lambda shown, c=choice: parse_submission("pairwise", lambda n: {"choice": [c]}.get(n, []), shown))
+
+
+def shots_dir(site) -> Path:
+    folder = Path(os.environ.get("KILTER_SHOTS_DIR") or site["tmp"] / "shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def login(browser, site, username="ann", password="ann-password"):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.delete_all_cookies()
+    browser.get(site["url"] + "/login")
+    browser.find_element(By.NAME, "username").send_keys(username)
+    browser.find_element(By.NAME, "password").send_keys(password + Keys.ENTER)
+    wait_for(browser, lambda d: d.current_url.rstrip("/") == site["url"])
+
+
+def wait_for(browser, condition, timeout=15):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(condition)
+
+
+def keys(browser, *sequence):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    chain = ActionChains(browser)
+    for key in sequence:
+        chain.send_keys(key)
+    chain.perform()
+
+
+def body(browser):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.TAG_NAME, "body")
+
+
+def submit_and_wait(browser, key):
+    from selenium.webdriver.common.by import By
+
+    old = browser.find_element(By.NAME, "assignment_id").get_attribute("value")
+    keys(browser, key)
+    wait_for(browser, lambda d: "saved=1" in d.current_url and
+             (not d.find_elements(By.NAME, "assignment_id") or d.find_element(By.NAME, "assignment_id").get_attribute("value") != old))
+
+
+def test_pairwise_and_ranking_with_the_keyboard_reach_the_export(browser, site, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/compare")
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".response .response-text")]
+    keys(browser, "?")
+    assert browser.find_element(By.ID, "shortcuts").is_displayed()
+    keys(browser, Keys.ESCAPE, "/", "1", "/")  # flag A: "fails to follow the instruction"
+    keys(browser, "7")  # B better
+    assert browser.find_element(By.CSS_SELECTOR, 'input[value="B3"]').is_selected()
+    submit_and_wait(browser, Keys.ENTER)
+    assert "Saved" in body(browser).text
+
+    browser.get(site["url"] + "/p/rank")
+    ranked = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".response .response-text")]
+    # B first (score 5), then A (score 3), C ties with A (score 1) and gets the "makes things up" flag
+    keys(browser, "b", "5", "a", "3", "=", "c", "1", "/", "2", "/")
+    selects = browser.find_elements(By.CSS_SELECTOR, "select[data-rank]")
+    assert [s.get_attribute("value") for s in selects] == ["2", "1", "2"]
+    submit_and_wait(browser, Keys.ENTER)
+
+    pair_dir, rank_dir = tmp_path / "pair", tmp_path / "rank"
+    assert main(["export", "--project", "compare", "--out", str(pair_dir), "--db", site["db"]]) == 0
+    assert main(["export", "--project", "rank", "--out", str(rank_dir), "--db", site["db"]]) == 0
+
+    def read(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    # pairwise: "B better" with a flag on A
+    (comparison,) = read(pair_dir / "comparisons.jsonl")
+    assert comparison == {"prompt": comparison["prompt"], "chosen": shown[1], "rejected": shown[0], "strength": 0.75}
+    (pair,) = read(pair_dir / "raw.jsonl")
+    assert pair["annotator"] == "ann" and pair["choice"] == "B3"
+    assert pair["responses"][0]["flags"] == ["instruction"] and pair["responses"][1]["flags"] == []
+    # ranking: B best, A and C tied second
+    (ranking,) = read(rank_dir / "rankings.jsonl")
+    assert dict(zip(ranking["responses"], ranking["ranks"])) == {ranked[0]: 2, ranked[1]: 1, ranked[2]: 2}
+    assert {(c["chosen"], c["rejected"]) for c in read(rank_dir / "comparisons.jsonl")} == {
+        (ranked[1], ranked[0]), (ranked[1], ranked[2])}
+    (judgment,) = read(rank_dir / "raw.jsonl")
+    text_of = {c["id"]: c["text"] for c in judgment["candidates"]}
+    assert [text_of[c] for c in judgment["display_order"]] == ranked
+    assert [(r["rank"], r["score"], r["flags"]) for r in judgment["responses"]] == [
+        (2, 3, []), (1, 5, []), (2, 1, ["hallucination"])]
+
+
+def test_script_in_a_model_output_stays_inert(browser, site):
+    from selenium.webdriver.common.by import By
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/xss")
+    texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".response .response-text")]
+    assert EVIL in texts  # shown as text, tags and all
+    assert "pwned" not in browser.title
+    assert browser.execute_script("return document.querySelectorAll('.response-text script').length") == 0
+
+
+def test_screenshots_of_every_page(browser, site):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    folder = shots_dir(site)
+    pages = []
+
+    def shot(name, full=False):
+        path = folder / f"{name}.png"
+        if full:
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1440, max(900, height + 40))
+        browser.save_screenshot(str(path))
+        if full:
+            browser.set_window_size(1440, 900)
+        pages.append(path)
+
+    browser.delete_all_cookies()
+    browser.get(site["url"] + "/login")
+    shot("01-login")
+    browser.get(site["url"] + "/invite/" + site["tokens"]["boss"])
+    shot("02-invite")
+    login(browser, site)
+    shot("03-home")
+    for i, task in enumerate(("compare", "rank", "rating", "edit", "demonstration"), start=4):
+        browser.get(site["url"] + f"/p/{task}")
+        assert browser.find_elements(By.ID, "task-form"), task
+        shot(f"0{i}-task-{task}")
+    browser.get(site["url"] + "/p/rank")
+    keys(browser, "b", "6", "/")
+    shot("09-task-rank-keyboard")
+    browser.get(site["url"] + "/admin")
+    shot("10-forbidden")
+    browser.get(site["url"] + "/p/compare")
+    for _ in range(5):  # finish the project to reach the "all done" page
+        if not browser.find_elements(By.ID, "task-form"):
+            break
+        keys(browser, "3")
+        submit_and_wait(browser, Keys.ENTER)
+    assert "All done" in body(browser).text
+    shot("11-done")
+    browser.delete_all_cookies()
+    browser.get(site["url"] + "/invite/" + site["tokens"]["boss"])
+    browser.find_element(By.CSS_SELECTOR, "button.primary").click()
+    wait_for(browser, lambda d: "/invite/" not in d.current_url)
+    browser.get(site["url"] + "/admin")
+    shot("12-admin", full=True)
+    browser.get(site["url"] + "/admin/p/arena")
+    text = body(browser).text
+    assert "flagged" in text and "troll" in text and "Model leaderboard" in text
+    shot("13-admin-project", full=True)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["ppo-v2", "sft-v1", "base"]
+    assert all(p.stat().st_size > 10_000 for p in pages)

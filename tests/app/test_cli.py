@@ -1,0 +1,143 @@
+"""The feedback commands: kilter project | users | import | export | leaderboard | serve --help."""
+
+import io
+import json
+
+import pytest
+
+from kilter.cli import main
+from kilter.data.records import validate_record
+from kilter.feedback.store import Store
+from kilter.feedback.tasks import parse_submission
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "cli.db")
+
+
+def arena_file(tmp_path):
+    rows = [{"prompt": f"question {i}", "id": f"q{i}",
+             "responses": [{"text": f"{m} says {i}", "model": m, "sampling": {"temperature": 0.8}}
+                           for m in ("weak", "strong", "medium")]} for i in range(5)]
+    return write_jsonl(tmp_path / "arena.jsonl", rows)
+
+
+def judge_all(db, project_name, username):
+    """Someone who always prefers strong > medium > weak, with a clear margin."""
+    store = Store(db)
+    project = store.project(project_name)
+    user = next(u for u in store.users() if u.username == username)
+    order = {"strong": 0, "medium": 1, "weak": 2}
+    while (view := store.next_task(project, user)) is not None:
+        left, right = view.responses
+        choice = "A3" if order[left.model] < order[right.model] else "B3"
+        store.submit(project, user, view.assignment_id,
+                     lambda shown, c=choice: parse_submission("pairwise", lambda n: {"choice": [c]}.get(n, []), shown))
+    store.close()
+
+
+def test_project_users_import_export_leaderboard(capsys, tmp_path, db, monkeypatch):
+    code, out, _ = run(capsys, "project", "create", "arena", "--task", "pairwise", "--title", "Model arena", "--db", db)
+    assert code == 0 and "created project arena (pairwise, overlap 1)" in out
+    code, out, _ = run(capsys, "users", "add", "ann", "--invite", "--project", "arena", "--db", db,
+                       "--base-url", "https://label.example.org")
+    assert code == 0 and "invite link: https://label.example.org/invite/" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-password\n"))
+    code, out, _ = run(capsys, "users", "add", "root", "--role", "admin", "--password-stdin", "--db", db)
+    assert code == 0 and "created admin root" in out and "invite" not in out
+    code, out, _ = run(capsys, "import", "--project", "arena", "--file", arena_file(tmp_path), "--db", db)
+    # 5 prompts x 3 models -> 3 cross-model pairs each
+    assert code == 0 and "imported 5 prompts, 15 responses -> 15 items (0 gold) into arena" in out
+
+    judge_all(db, "arena", "ann")
+
+    code, out, _ = run(capsys, "project", "list", "--db", db)
+    assert code == 0 and out.splitlines()[1].split() == ["arena", "pairwise", "1", "15/15", "15", "1"]
+    code, out, _ = run(capsys, "project", "status", "arena", "--json", "--db", db)
+    status = json.loads(out)
+    assert status["judgments"] == 15 and status["annotators"][0]["name"] == "ann"
+
+    code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--bootstrap", "50", "--db", db)
+    assert code == 0
+    models = [line.split()[1] for line in out.splitlines()[1:]]
+    assert models == ["strong", "medium", "weak"]
+    code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--format", "json", "--bootstrap", "0", "--db", db)
+    rows = json.loads(out)
+    assert [r["model"] for r in rows] == ["strong", "medium", "weak"]
+    assert rows[0]["wins"] == 10 and rows[0]["losses"] == 0 and rows[2]["win_rate"] == 0.0
+
+    out_dir = tmp_path / "export"
+    code, out, _ = run(capsys, "export", "--project", "arena", "--out", str(out_dir), "--db", db)
+    assert code == 0 and "wrote 15 comparisons records" in out and "wrote 15 raw records" in out
+    comparisons = [json.loads(x) for x in (out_dir / "comparisons.jsonl").read_text().splitlines()]
+    for row in comparisons:
+        validate_record(row, "comparison")
+        assert row["strength"] == 0.75
+        assert ("strong" in row["chosen"]) or ("medium" in row["chosen"] and "weak" in row["rejected"])
+    single = tmp_path / "train.jsonl"
+    code, _, _ = run(capsys, "export", "--project", "arena", "--kind", "auto", "--out", str(single), "--db", db)
+    assert code == 0 and len(single.read_text().splitlines()) == 15
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["project", "create", "x", "--task", "vote"], "invalid choice: 'vote'"),
+    (["project", "frobnicate"], "invalid choice: 'frobnicate'"),
+    (["project", "add-user", "nope", "ann"], "no project named 'nope'"),
+    (["users", "invite", "ghost"], "no user named 'ghost'"),
+    (["export", "--project", "nope", "--out", "x"], "no project named 'nope'"),
+    (["export", "--project", "p", "--out", "x", "--aggregate", "median"], "aggregate"),
+    (["export", "--out", "x"], "config key 'project' is required"),
+    (["leaderboard"], "config key 'project' is required"),
+    (["import", "--project", "p", "--file", "missing.jsonl"], "missing.jsonl: file not found"),
+    (["sample", "--prompts", "p.jsonl"], "config key 'models' is required"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, db, argv, message):
+    code, _, err = run(capsys, *argv, "--db", db)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_import_errors_name_the_line_and_field(capsys, tmp_path, db):
+    run(capsys, "project", "create", "rk", "--task", "ranking", "--db", db)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "responses": ["x", "y"]}, {"prompt": "b", "responses": ["x"]}])
+    code, _, err = run(capsys, "import", "--project", "rk", "--file", bad, "--db", db)
+    assert code == 2 and "bad.jsonl line 2: field 'responses': a ranking project needs 2 to 9 responses" in err
+
+
+def test_leaderboard_refuses_tasks_without_battles(capsys, db):
+    run(capsys, "project", "create", "th", "--task", "rating", "--db", db)
+    code, _, err = run(capsys, "leaderboard", "--project", "th", "--db", db)
+    assert code == 2 and "leaderboards need pairwise or ranking" in err
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("serve", "secure_cookies"), ("export", "aggregate"), ("import", "file"), ("leaderboard", "bootstrap"),
+    ("sample", "max_new_tokens"), ("project", "add-user"), ("users", "set-password"),
+])
+def test_help(capsys, command, expected):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and expected in out
+
+
+def test_project_subcommand_help(capsys):
+    code, out, _ = run(capsys, "project", "create", "--help")
+    assert code == 0 and "--overlap" in out and "--gold-fraction" in out
+
+
+def test_db_from_environment(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILTER_DB", str(tmp_path / "env.db"))
+    assert run(capsys, "project", "create", "e", "--task", "demonstration")[0] == 0
+    assert (tmp_path / "env.db").exists()

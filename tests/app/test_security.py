@@ -1,0 +1,185 @@
+"""Security: escaping of model outputs, CSRF on every POST, roles, rate limits, sessions, headers."""
+
+import re
+
+import pytest
+from fastapi.routing import APIRoute
+from feedback_testlib import Client, invited, seed_project
+from itsdangerous import TimestampSigner
+
+from kilter.feedback.importer import parse_row
+
+EVIL = "<script>document.title='pwned'</script><img src=x onerror=\"alert(1)\">"
+
+
+@pytest.fixture
+def ann(app):
+    client = Client(app)
+    client.login_invite(invited(app.state.store, "ann"))
+    return client
+
+
+def test_script_in_model_output_is_escaped_text(app, ann):
+    store = app.state.store
+    store.create_project("xss", "pairwise")
+    store.import_prompts("xss", [parse_row({"prompt": EVIL, "responses": [EVIL, "fine <b>bold</b>"]}, "x line 1")])
+    store.add_member("xss", "ann")
+    page, _ = ann.task("xss")
+    assert "<script>document" not in page.text and "<img src=x" not in page.text and "<b>bold" not in page.text
+    assert page.text.count("&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;") == 2  # prompt + response
+    assert "fine &lt;b&gt;bold&lt;/b&gt;" in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    # the only scripts the page loads are our own static file, never inline code
+    assert re.findall(r"<script[^>]*>", page.text) == ['<script src="/static/app.js" defer>']
+
+
+def test_comment_and_names_are_escaped_on_admin_pages(app, ann):
+    store = app.state.store
+    seed_project(store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "A1", "comment": EVIL})
+    admin = Client(app)
+    admin.login_invite(invited(store, "boss", "admin"))
+    raw = admin.get("/admin/p/pw/export?kind=raw").text
+    assert "<script>" in raw  # the export holds the data as given (JSON, not HTML)
+    page = admin.get("/admin/p/pw")
+    assert "<script>document" not in page.text
+
+
+def post_routes(app):
+    return [r for r in app.routes if isinstance(r, APIRoute) and "POST" in r.methods]
+
+
+def test_every_post_without_the_csrf_token_is_rejected(app, ann):
+    store = app.state.store
+    seed_project(store, "pw", "pairwise", n_prompts=2)
+    _, assignment = ann.task("pw")
+    admin = Client(app)
+    admin.login_invite(invited(store, "boss", "admin"))
+    token = store.new_invite("ann")
+    paths = {"/login": {"username": "ann", "password": "x" * 8}, "/logout": {},
+             "/invite/{token}": {}, "/p/{name}/submit": {"assignment_id": assignment, "choice": "A1"},
+             "/p/{name}/skip": {"assignment_id": assignment}, "/admin/users": {"username": "mallory"},
+             "/admin/users/{username}/invite": {}, "/admin/users/{username}/active": {"active": "0"},
+             "/admin/p/{name}/members": {"username": "ann"}}
+    routes = post_routes(app)
+    assert sorted(r.path for r in routes) == sorted(paths)  # a new POST route must be added here
+    for route in routes:
+        url = route.path.format(token=token, name="pw", username="ann")
+        for client in (ann, admin):
+            missing = client.post(url, paths[route.path], csrf=False)
+            wrong = client.post(url, {**paths[route.path], "csrf_token": "forged"}, csrf=False)
+            assert missing.status_code == 403, (url, missing.status_code)
+            assert wrong.status_code == 403, (url, wrong.status_code)
+    assert store.judgments(store.project("pw")) == []
+    assert "mallory" not in [u.username for u in store.users()]
+    assert ann.get("/").status_code == 200  # and nobody got logged out or deactivated
+
+
+def test_csrf_token_of_another_session_does_not_work(app, ann):
+    store = app.state.store
+    seed_project(store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    other = Client(app)
+    other.get("/login")
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "A1", "csrf_token": other.csrf}, csrf=False)
+    assert r.status_code == 403
+
+
+@pytest.mark.parametrize("method, path", [
+    ("get", "/admin"), ("get", "/admin/p/secret"), ("get", "/admin/p/secret/export?kind=raw"),
+    ("post", "/admin/users"), ("post", "/admin/p/secret/members"), ("post", "/admin/users/ann/invite"),
+    ("get", "/p/secret"), ("post", "/p/secret/submit"), ("post", "/p/secret/skip"),
+])
+def test_annotator_gets_403_on_admin_pages_and_other_projects(app, ann, method, path):
+    seed_project(app.state.store, "secret", "pairwise", n_prompts=1, members=())
+    r = ann.get(path) if method == "get" else ann.post(path, {"assignment_id": 1, "username": "x", "choice": "A1"})
+    assert r.status_code == 403
+    assert "secret p0 response" not in r.text
+
+
+def test_wrong_passwords_are_rate_limited_per_user_and_address(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, login_max_failures=3, login_window_s=60)
+    app.state.store.create_user("vic", "annotator", "the real password")
+    client = Client(app)
+    client.get("/login")
+    for _ in range(3):
+        r = client.post("/login", {"username": "vic", "password": "guess"})
+        assert r.status_code == 401 and "Wrong username or password" in r.text
+    blocked = client.post("/login", {"username": "vic", "password": "the real password"})
+    assert blocked.status_code == 429 and "Too many failed attempts" in blocked.text
+    assert client.get("/").status_code == 303  # not logged in
+    # the limit is per (username, address): another account from here is not locked out
+    assert client.post("/login", {"username": "someone", "password": "guess"}).status_code == 401
+
+
+def test_rate_limit_window_expires(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, login_max_failures=1, login_window_s=0.5)
+    app.state.store.create_user("vic", "annotator", "the real password")
+    client = Client(app)
+    client.get("/login")
+    assert client.post("/login", {"username": "vic", "password": "nope"}).status_code == 401
+    assert client.post("/login", {"username": "vic", "password": "nope"}).status_code == 429
+    import time
+
+    time.sleep(0.6)
+    assert client.post("/login", {"username": "vic", "password": "the real password"}).status_code == 303
+
+
+def test_password_change_ends_other_sessions(app, ann):
+    assert ann.get("/").status_code == 200
+    app.state.store.set_password("ann", "a brand new password")
+    assert ann.get("/").status_code == 303
+
+
+def test_login_redirect_stays_on_this_site(app):
+    app.state.store.create_user("pat", "annotator", "password123")
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+        client = Client(app)
+        client.get("/login")
+        r = client.post("/login", {"username": "pat", "password": "password123", "next": target})
+        assert r.headers["location"] == "/"
+
+
+def test_security_headers_and_cookie_flags(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, secure_cookies=True)
+    client = Client(app)
+    r = client.get("/login")
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert r.headers["cache-control"] == "no-store"
+    assert r.headers["strict-transport-security"].startswith("max-age=")
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "secure" in cookie
+
+
+def test_session_key_is_generated_per_database_and_kept(app_factory, tmp_path):
+    a = app_factory(str(tmp_path / "a.db"))
+    b = app_factory(str(tmp_path / "b.db"))
+    key_a = a.state.store.secret("session_key", lambda: "unused")
+    assert key_a != b.state.store.secret("session_key", lambda: "unused")
+    assert len(key_a) >= 40
+    token = invited(a.state.store, "ann")
+    client = Client(a)
+    client.login_invite(token)
+    restarted = app_factory(str(tmp_path / "a.db"))  # same database: the login survives a restart
+    again = Client(restarted)
+    again.http.cookies = client.http.cookies
+    assert again.get("/").status_code == 200
+    other = Client(b)  # a cookie signed for database a means nothing to b
+    other.http.cookies = client.http.cookies
+    assert other.get("/").status_code == 303
+
+
+def test_forged_session_cookie_is_ignored(app):
+    user, _ = app.state.store.create_user("boss", "admin")
+    import base64
+    import json
+
+    payload = base64.b64encode(json.dumps({"uid": user.id, "ep": 0, "csrf": "x"}).encode())
+    forged = TimestampSigner("guessed-key").sign(payload).decode()
+    client = Client(app)
+    client.http.cookies.set("kilter_session", forged)
+    assert client.get("/admin").status_code == 303

@@ -1,0 +1,20 @@
+"""Suite-wide settings: offline, a private model cache, few threads, fast failure on hangs."""
+
+import os
+
+import pytest
+
+# Tests never reach a hub; a private cache keeps built-in models apart from the user's.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("KILTER_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "kilter-tests"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
