@@ -172,8 +172,8 @@ def trl_worker(spec_path: str) -> int:
             times.append(time.time())
 
     trainer.add_callback(StepClock())
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    output = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [output.training_loss]
     model = trainer.model
     if spec["lora"]:
         model = model.merge_and_unload()

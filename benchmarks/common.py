@@ -143,6 +143,8 @@ def child_env(threads: int) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TRANSFORMERS_VERBOSITY": "error",
         "DISABLE_TQDM": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "WANDB_DISABLED": "true",
         "PYTHONUNBUFFERED": "1",
     })
@@ -481,6 +483,9 @@ def load_for_eval(model_dir: str, kind: str = "causal"):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     model = cls.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()

@@ -37,6 +37,8 @@ class BaseConfig(BaseModel):
         use_attribute_docstrings=True,
         validate_assignment=True,
         protected_namespaces=(),
+        # `output_dir=2024` or a YAML `model: 12` name folders, not numbers.
+        coerce_numbers_to_str=True,
     )
 
 
@@ -58,8 +60,12 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["optim.lr=1e-4", "--seed", "3", "--lora.r=8"]`` into a nested dict."""
+def parse_overrides(items: list[str], cls: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Turn ``["optim.lr=1e-4", "--seed", "3", "--lora.r=8"]`` into a nested dict.
+
+    A bare ``--flag`` means ``flag=true``; with ``cls`` given, a bare flag naming a field
+    that is not a boolean is an error (pydantic would otherwise read ``true`` as 1).
+    """
     pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(items):
@@ -73,6 +79,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 value = "true"  # a bare flag switches a boolean on
+                info = _field_for(cls, tuple(key.replace("-", "_").split("."))) if cls is not None else None
+                if info is not None and info.annotation not in (bool, bool | None):
+                    raise ConfigError(f"--{key} needs a value: expected {_type_name(info.annotation)}")
             pairs.append((key.replace("-", "_"), value))
         elif "=" in item:
             key, value = item.split("=", 1)
@@ -143,6 +152,24 @@ def _field_for(cls: type[BaseModel], loc: tuple) -> Any:
     return info
 
 
+def _key_name(cls: type[BaseModel], loc: tuple) -> str:
+    """The dotted key of an error location, without pydantic's union-member tags ("list[str]")."""
+    parts: list[str] = []
+    model: Any = cls
+    for part in loc:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if isinstance(part, str) and part in fields:
+            parts.append(part)
+            model = fields[part].annotation
+            for arg in typing.get_args(model) or ():
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+        elif isinstance(part, int):
+            parts.append(str(part))
+            model = None
+    return ".".join(parts) or "<root>"
+
+
 def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -156,6 +183,7 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
         hint = f"; known keys: {', '.join(known)}" if known else ""
         return f"unknown config key {key!r}{where}{hint}"
     info = _field_for(cls, loc)
+    key = _key_name(cls, loc)
     expected = f"expected {_type_name(info.annotation)}" if info is not None else first["msg"]
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f", got {got!r}"
@@ -185,7 +213,7 @@ def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides:
             raise ConfigError(f"config file {p}: expected a mapping of keys to values at the top level")
         data = loaded
     if overrides:
-        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides), cls)
         data = _deep_merge(data, extra)
         if source:
             source += " + overrides"

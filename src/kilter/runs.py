@@ -116,6 +116,7 @@ class RunDir:
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run files are meant to be shared
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
         fh.flush()

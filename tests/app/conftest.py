@@ -96,8 +96,8 @@ def client_for(app):
 def live_server(tmp_path):
     servers: list[LiveServer] = []
 
-    def start(db: str, port: int | None = None) -> LiveServer:
-        server = LiveServer(db, tmp_path, port).start()
+    def start(db: str, port: int | None = None, workers: int = 1) -> LiveServer:
+        server = LiveServer(db, tmp_path, port, workers).start()
         servers.append(server)
         return server
 

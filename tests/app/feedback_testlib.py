@@ -107,8 +107,8 @@ def free_port() -> int:
 class LiveServer:
     """``kilter serve`` in a subprocess; ``kill()`` is kill -9."""
 
-    def __init__(self, db: str, tmp: Path, port: int | None = None):
-        self.db, self.port = db, port or free_port()
+    def __init__(self, db: str, tmp: Path, port: int | None = None, workers: int = 1):
+        self.db, self.port, self.workers = db, port or free_port(), workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
@@ -117,7 +117,7 @@ class LiveServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "kilter", "serve", "--db", self.db, "--port", str(self.port),
-                                          "--log_level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                          "--log_level", "warning", "--workers", str(self.workers)], stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -3,8 +3,10 @@
 Also saves a screenshot of every page (to $KILTER_SHOTS_DIR when set, else a temp folder).
 """
 
+import base64
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,7 @@ def seed_arena(store):
         f"gold line {i}") for i in range(6)])
     quality = {"ppo-v2": 0, "sft-v1": 1, "base": 2, "gold": 0}
     for name in ("bea", "cy", "troll"):
+        rng = random.Random(name)  # honest people still disagree now and then
         user = next(u for u in store.users() if u.username == name)
         while (view := store.next_task(arena, user)) is not None:
             a, b = view.responses
@@ -60,7 +63,7 @@ def seed_arena(store):
                 better_left = a.text.startswith("A correct")
             else:
                 better_left = quality[a.model] < quality[b.model]
-            if name == "troll":
+            if name == "troll" or (a.model != "gold" and rng.random() < 0.2):
                 better_left = not better_left
             choice = "A2" if better_left else "B2"
             store.submit(arena, user, view.assignment_id,
@@ -182,12 +185,11 @@ def test_screenshots_of_every_page(browser, site):
 
     def shot(name, full=False):
         path = folder / f"{name}.png"
-        if full:
-            height = browser.execute_script("return document.documentElement.scrollHeight")
-            browser.set_window_size(1440, max(900, height + 40))
-        browser.save_screenshot(str(path))
-        if full:
-            browser.set_window_size(1440, 900)
+        if full:  # the whole page, not just the laptop-sized viewport
+            png = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+            path.write_bytes(base64.b64decode(png["data"]))
+        else:
+            browser.save_screenshot(str(path))
         pages.append(path)
 
     browser.delete_all_cookies()

@@ -147,8 +147,8 @@ def test_quality_gold_accuracy_peer_agreement_and_flags():
                                preferred_candidate_id=c[side].id, strength=0.5))
     report = quality(records, "pairwise")
     stats = {a.name: a for a in report.annotators}
-    # good1 agrees with good2 on 6 units, disagrees with troll on 6: 6/12
-    assert stats["good1"].peer == (6, 12) and stats["troll"].peer == (0, 12)
+    # the troll fails gold, so good1 is compared with good2 only (6/6); the troll with both (0/12)
+    assert stats["good1"].peer == (6, 6) and stats["troll"].peer == (0, 12)
     assert stats["good1"].gold == (5, 5) and stats["troll"].gold == (0, 5)
     assert list(report.flagged) == ["troll"]
     assert "gold accuracy 0.00 (0/5)" in report.flagged["troll"][0]

@@ -46,13 +46,16 @@ def test_migrations_build_exactly_the_models_schema(store):
     assert current_revision(store.engine) == "0001"
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(sqlite_path):
+def test_sqlite_runs_in_wal_mode_and_fsyncs_judgments(sqlite_path):
     store = Store(sqlite_path)
     store.migrate()
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    with store._write(durable=True) as s:  # judgments: FULL, the WAL is fsynced at commit
+        assert s.execute(text("PRAGMA synchronous")).scalar() == 2
+    with store._write(durable=False) as s:  # reservations: NORMAL
+        assert s.execute(text("PRAGMA synchronous")).scalar() == 1
     store.close()
 
 

@@ -5,7 +5,7 @@ model, so a model evaluated against itself draws identical responses), then scor
 
 * **reward model** -- mean score; for an ensemble also the mean disagreement (std across members);
 * **gold** -- the hidden judgment of the built-in task (:func:`kilter.data.task.gold_scores`) or a
-  user function ``gold_fn: module:function`` with the reward-function signature;
+  user function ``gold_fn`` with the reward-function signature ``f(prompts, responses)``;
 * **KL to the reference** -- see :func:`sequence_kl`; the estimator is described there and in
   docs/eval.md;
 * **win rate** against the reference model's responses to the same prompts (pairs matched by
@@ -330,7 +330,6 @@ class Sampled:
     response_ids: list[list[int]]
     texts: list[str]
     finished: list[bool]
-    scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _sample(model, tokenizer, prompts: list, n: int, params, cfg: EvalConfig, seed: int) -> Sampled:

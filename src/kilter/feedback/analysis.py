@@ -14,6 +14,9 @@ What is compared, per task:
 * rating -- the thumbs value; alpha is nominal.
 * edit, demonstration -- free text: no agreement statistic.
 
+Peer agreement of an annotator who passes the gold checks is measured only against colleagues
+who pass them too (see :func:`quality`), so one troll does not get honest people flagged.
+
 Battles (leaderboard): each pairwise judgment between candidates from two different models is
 one battle; tie and "both bad" are ties. A ranking judgment gives one battle per pair of
 responses from different models (equal ranks tie). Gold items are left out: their responses are
@@ -22,6 +25,7 @@ often written by hand to test annotators, not produced by the models being rated
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -112,10 +116,19 @@ class QualityReport:
     alpha: float | None
     alpha_level: str | None
     annotators: list[AnnotatorStats]
+    alpha_unflagged: float | None = None  # alpha once flagged annotators are left out
+
 
     @property
     def flagged(self) -> dict[str, list[str]]:
         return {a.name: a.reasons for a in self.annotators if a.reasons}
+
+
+def _alpha(units: dict[Any, dict[str, Any]], level: str | None) -> float | None:
+    if level is None:
+        return None
+    value = krippendorff_alpha(units, level=level)
+    return None if math.isnan(value) else value  # nan: too few overlapping judgments
 
 
 def quality(records: Iterable[JudgmentRecord], task: str, min_items: int = 5, min_gold_acc: float = 0.6,
@@ -142,19 +155,24 @@ def quality(records: Iterable[JudgmentRecord], task: str, min_items: int = 5, mi
             direction[unit][rec.user] = value
             alpha_units[unit][rec.user] = signed_level(rec) if task == "pairwise" else value
     level = {"pairwise": "ordinal", "ranking": "ordinal", "rating": "nominal"}.get(task)
-    alpha = None
-    if level is not None:
-        value = krippendorff_alpha(alpha_units, level=level)
-        alpha = None if value != value else value  # nan: too few overlapping judgments
-    peer = pairwise_agreement(direction)
     accuracy = gold_accuracy(gold_judgments, gold)
+    # Two passes: someone who fails the gold items (a troll, a bot) would drag down everyone's
+    # peer agreement -- with three people per item, one contrarian caps the others at 50%. So
+    # honest annotators are compared only with colleagues who pass gold; the failing ones are
+    # still compared with everybody.
+    failing = set(flag_annotators({}, accuracy, min_items=min_items, min_gold_acc=min_gold_acc, min_peer=min_peer))
+    peer_all = pairwise_agreement(direction)
+    peer_clean = pairwise_agreement({u: {c: v for c, v in by.items() if c not in failing} for u, by in direction.items()})
+    peer = {c: (peer_all[c] if c in failing else peer_clean.get(c, (0, 0))) for c in peer_all}
     reasons = flag_annotators(peer, accuracy, min_items=min_items, min_gold_acc=min_gold_acc, min_peer=min_peer)
+    alpha = _alpha(alpha_units, level)
+    kept = _alpha({u: {c: v for c, v in by.items() if c not in reasons} for u, by in alpha_units.items()}, level)
     annotators = [
         AnnotatorStats(name, counts[name], peer.get(name, (0, 0)), accuracy.get(name, (0, 0)),
                        statistics.median(seconds[name]) if seconds[name] else None, reasons.get(name, []))
         for name in sorted(counts)
     ]
-    return QualityReport(alpha, level, annotators)
+    return QualityReport(alpha, level, annotators, kept if reasons else alpha)
 
 
 def battles(records: Iterable[JudgmentRecord]) -> list[Battle]:

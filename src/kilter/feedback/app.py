@@ -103,7 +103,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     if settings.migrate:
         store.migrate()
     secret = settings.secret_key or store.secret("session_key", lambda: security.new_token(48))
-    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True,
+    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True, auto_reload=False,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(letter=letter, pct=_pct, flags=FLAGS, choices=PAIRWISE_CHOICES, score_range=SCORE_RANGE,
                        task_titles=TASK_TITLES)
@@ -164,11 +164,10 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
         return form
 
     def project_for(user: UserRow, name: str) -> ProjectRow:
-        try:
-            project = store.project(name)
-        except KilterError:
-            raise HTTPException(404, f"There is no project named {name!r}.") from None
-        if not store.can_access(user, project.id):
+        project, allowed = store.project_access(name, user)
+        if project is None:
+            raise HTTPException(404, f"There is no project named {name!r}.")
+        if not allowed:
             raise HTTPException(403, "You are not a member of this project.")
         return project
 

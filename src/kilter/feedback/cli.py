@@ -73,6 +73,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 def serve(cfg) -> int:
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from kilter.feedback.app import create_app
 
@@ -80,7 +81,8 @@ def serve(cfg) -> int:
     if not any(u.is_admin for u in store.users()):
         print("kilter serve: no admin account yet; create one with `kilter users add NAME --role admin --invite`",
               file=sys.stderr)
-    print(f"Kilter feedback app on http://{cfg.host}:{cfg.port} (database {store.url.split('@')[-1]})", flush=True)
+    shown_db = make_url(store.url).render_as_string(hide_password=True)
+    print(f"Kilter feedback app on http://{cfg.host}:{cfg.port} (database {shown_db})", flush=True)
     store.close()
     options = dict(host=cfg.host, port=cfg.port, log_level=cfg.log_level, proxy_headers=cfg.proxy_headers,
                    forwarded_allow_ips=cfg.forwarded_allow_ips, timeout_graceful_shutdown=5)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from kilter.errors import KilterError
+
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 # A minimal chat template: each turn is "<|role|>content\n"; the generation prompt opens an
@@ -114,7 +116,8 @@ def builtin_model_dir(name: str = "tiny", seed: int = 0) -> Path:
     """Folder with the untrained built-in model + tokenizer (built once, then cached)."""
     size = name or "tiny"
     if size not in SIZES:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(SIZES)}")
+        raise KilterError(f"unknown built-in model {name!r}; choose one of "
+                          + ", ".join(f"builtin:{n}" for n in SIZES))
     target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v2"
     if (target / "config.json").is_file():
         return target

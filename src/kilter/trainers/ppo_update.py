@@ -13,7 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from kilter.losses import causal_lm_loss, pg_loss, ppo_policy_loss, ppo_value_loss
-from kilter.ops import discounted_returns, gae, grpo_advantages, masked_mean, masked_sum, masked_whiten, rloo_advantages
+from kilter.ops import (
+    discounted_returns,
+    gae,
+    grpo_advantages,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    rloo_advantages,
+)
 from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
 from kilter.trainers import common
 
@@ -100,8 +109,10 @@ def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.
         returns = None
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
-    if whiten:
-        adv = masked_whiten(adv, mask, shift_mean=algorithm not in ("rloo", "grpo"))
+    if whiten and algorithm in ("rloo", "grpo"):
+        adv = adv * torch.rsqrt(masked_var(adv, mask) + 1e-8)
+    elif whiten:
+        adv = masked_whiten(adv, mask)
     return Advantages(adv, returns, base)
 
 
@@ -217,7 +228,7 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
                 if entropy is not None:
                     ent = masked_mean(entropy, sub_mask)
                     loss = loss - s.entropy_coef * ent
-                    mb_stats["loss/entropy"] = mb_stats.get("loss/entropy", 0.0) + float(ent) * weight
+                    mb_stats["loss/entropy"] = mb_stats.get("loss/entropy", 0.0) + float(ent.detach()) * weight
                 (loss * weight).backward()
                 if value_model is not None and adv.returns is not None and old_values is not None:
                     values = token_values(value_model, sub, s.precision)
@@ -226,7 +237,7 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
                     v_loss, v_stats = ppo_value_loss(values, old_values[micro_rows, :cols],
                                                      adv.returns[micro_rows, :cols], sub_mask, clip_v)
                     (v_loss * weight).backward()
-                    mb_stats["loss/value"] = mb_stats.get("loss/value", 0.0) + float(v_loss) * weight
+                    mb_stats["loss/value"] = mb_stats.get("loss/value", 0.0) + float(v_loss.detach()) * weight
                     mb_stats["value/clipfrac"] = mb_stats.get("value/clipfrac", 0.0) + float(v_stats["clipfrac"]) * weight
             if ptx is not None and s.ptx_coef > 0:
                 demo = ptx.next_batch(batch.input_ids.device)

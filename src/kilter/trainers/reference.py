@@ -237,6 +237,7 @@ def _save_cache(path: Path, blob: dict) -> None:
     os.close(fd)
     try:
         torch.save(blob, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; run directories are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
