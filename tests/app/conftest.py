@@ -23,9 +23,9 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # --------------------------------------------------------------------------- databases
 
 
-@pytest.fixture
-def pg_database():
-    """A fresh, empty PostgreSQL database on the server at KILTER_TEST_PG_URL; dropped afterwards."""
+@pytest.fixture(scope="session")
+def pg_session_database():
+    """One fresh database on the server at KILTER_TEST_PG_URL for the whole run, migrated once."""
     if not PG_URL:
         pytest.skip("PostgreSQL tests need KILTER_TEST_PG_URL (see scripts/start-test-postgres.sh)")
     import psycopg
@@ -34,10 +34,25 @@ def pg_database():
     name = f"kilter_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    head, _, _ = base.rpartition("/")
-    yield f"{head}/{name}"
+    url = f"{base.rpartition('/')[0]}/{name}"
+    store = Store(url)
+    store.migrate()
+    store.close()
+    yield url
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_database(pg_session_database):
+    """The session's PostgreSQL database, emptied (schema kept) before each test."""
+    import psycopg
+
+    with psycopg.connect(pg_session_database, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")]
+        conn.execute("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE")
+    return pg_session_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

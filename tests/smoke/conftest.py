@@ -20,3 +20,20 @@ def sft_model_dir(tmp_path_factory) -> Path:
                  "eval_every=1000", "save_every=1000", "log_every=25", "tensorboard=false"])
     assert code == 0
     return out / "final"
+
+
+@pytest.fixture(scope="session")
+def sim_labels_dir(sft_model_dir, tmp_path_factory) -> Path:
+    """`kilter label` output for the shared SFT model: K=4 samples per prompt, simulated labels.
+
+    Train files (noise 0.3): comparisons.jsonl, rankings.jsonl, thumbs.jsonl, samples.jsonl on 96
+    training prompts; eval_comparisons.jsonl / eval_rankings.jsonl on 32 held-out prompts,
+    labeled by the gold preference itself (noise 0).
+    """
+    from kilter.cli import main
+
+    out = tmp_path_factory.mktemp("labels-shared") / "labels"
+    code = main(["label", f"model={sft_model_dir}", f"output_dir={out}", "k=4", "n_prompts=96",
+                 "n_eval_prompts=32", "max_new_tokens=40", "seed=0"])
+    assert code == 0
+    return out

@@ -178,7 +178,7 @@ def run(cfg: LabelConfig) -> int:
                 "labeler_gold_agreement": _agreement(comparisons), "mean_gold": sum(golds) / len(golds)}
         summary[prefix.rstrip("_") or "train"] = part
         agreement = part["labeler_gold_agreement"]
-        print(f"kilter label: {prefix or 'train '}{spec}: {len(kept)} prompts x up to {cfg.k} responses "
+        print(f"kilter label: {prefix.rstrip('_') or 'train'} ({spec}): {len(kept)} prompts x up to {cfg.k} responses "
               f"({dropped} dropped, {part['prompts_skipped']} prompts skipped) -> {len(comparisons)} comparisons, "
               f"{len(rankings)} rankings; mean gold {part['mean_gold']:+.3f}, labeler agrees with gold on "
               + (f"{agreement:.1%}" if agreement is not None else "n/a"))

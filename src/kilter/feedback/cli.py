@@ -106,7 +106,7 @@ def app_factory():
 
 
 class ImportConfig(BaseConfig):
-    """Import prompts and candidate responses (JSONL) into a project; see docs/feedback.md for the format."""
+    """Each line: {"prompt", "id"?, "responses": [text or {"text", "model", "sampling"}], "gold"?} (docs/feedback.md, "Import format")."""
 
     project: str = ""
     """Project to add the items to (created with `kilter project create`); required."""
@@ -135,7 +135,7 @@ def run_import(cfg: ImportConfig) -> int:
 
 
 class ExportConfig(BaseConfig):
-    """Write a project's judgments as training-ready JSONL (comparisons, rankings, ratings, demonstrations, raw)."""
+    """Records follow DESIGN.md "Records", so kilter sft | rm | dpo | kto read them directly; aggregation rules in docs/feedback.md."""
 
     project: str = ""
     """Project to export; required."""
@@ -190,7 +190,7 @@ def run_export(cfg: ExportConfig) -> int:
 
 
 class LeaderboardConfig(BaseConfig):
-    """Rate the models of a tournament from their pairwise battles: Bradley-Terry with bootstrap intervals, and Elo."""
+    """A battle is a pairwise (or ranking) judgment between responses of two different models; ties count half a win each."""
 
     project: str = ""
     """Project whose pairwise or ranking judgments are the battles; required."""

@@ -21,7 +21,7 @@ from kilter.feedback.importer import CandidateIn, read_jsonl, write_jsonl
 
 
 class SampleConfig(BaseConfig):
-    """Generate K candidate responses per prompt from one or several models into a project or a JSONL file."""
+    """With several models a pairwise project gets cross-model pairs only: a tournament for kilter leaderboard."""
 
     models: list[str] = Field(default_factory=list)
     """Model folders (saved with save_pretrained) or presets, comma-separated on the command line; required."""

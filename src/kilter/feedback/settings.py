@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from kilter.config import BaseConfig, Field
 
 
 class ServeConfig(BaseConfig):
-    """Serve the human-feedback web app (compare, rank, rate, edit, write) on a database."""
+    """Settings of the feedback server; create_app(settings) takes the same object. Guide: docs/feedback.md."""
 
-    db: str = "kilter.db"
-    """Database: a SQLite file path (created if missing) or a URL such as postgresql://user:pass@host/dbname."""
+    db: str = Field(default_factory=lambda: os.environ.get("KILTER_DB", "kilter.db"))
+    """Database: a SQLite file path (created if missing) or a URL such as postgresql://user:pass@host/dbname (default: $KILTER_DB or kilter.db)."""
     host: str = "127.0.0.1"
     """Address to listen on; use 0.0.0.0 to accept connections from other machines (put HTTPS in front)."""
     port: int = Field(8000, ge=1, le=65535)

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -33,11 +34,11 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig
+from kilter.config import BaseConfig, dump_config
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import load_records
 from kilter.errors import ConfigError, DataError, KilterError
-from kilter.runs import RunDir
+from kilter.runs import atomic_write_text
 
 __all__ = ["BonConfig", "run", "kl_bound", "select_best", "load_reward_function", "call_reward_function"]
 
@@ -240,15 +241,14 @@ def run(cfg: BonConfig) -> int:
     prompts = [r["prompt"] for r in load_records(cfg.prompts, "prompt").rows]
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    eval_fn = load_reward_function(cfg.eval_reward_fn) if cfg.eval_reward_fn else None
-    scorer = _Scorer(cfg, device)
-
     out = Path(cfg.output_dir)
     candidates_path = out / "candidates.jsonl"
     if candidates_path.exists() and not cfg.resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds candidates.jsonl; pass resume=true to continue "
                           "or choose another output_dir")
-    run_dir = RunDir(out, writer=True, tensorboard=False)
+    eval_fn = load_reward_function(cfg.eval_reward_fn) if cfg.eval_reward_fn else None
+    scorer = _Scorer(cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
     done = _read_done(candidates_path, cfg.batch_size, len(prompts)) if cfg.resume else []
     if cfg.resume:
         for i, row in enumerate(done):
@@ -259,7 +259,7 @@ def run(cfg: BonConfig) -> int:
                 raise ConfigError(f"{candidates_path} row {i + 1} has {len(row.get('responses', ()))} responses, "
                                   f"but n={cfg.n}; resume with the same n")
     write_jsonl(candidates_path, done)  # drops any half-written tail
-    run_dir.write_config(cfg)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer, dtype=cfg.precision, device=device)
@@ -303,8 +303,8 @@ def run(cfg: BonConfig) -> int:
     write_jsonl(out / "chosen.jsonl", chosen)
     if cfg.write_pairs:
         write_jsonl(out / "comparisons.jsonl", best_vs_worst(done))
-    run_dir.log(len(done), metrics)
-    run_dir.close()
+    # One metrics line, in the run-directory format (step = prompts done), replacing any earlier one.
+    atomic_write_text(out / "metrics.jsonl", json.dumps({"step": len(done), "time": round(time.time(), 3), **metrics}) + "\n")
     print(f"kilter bon: mean reward {metrics['reward/mean']:.4f} -> best-of-{cfg.n} {metrics['reward/best']:.4f} "
           f"(gain {metrics['reward/gain']:+.4f}); KL bound log n - (n-1)/n = {metrics['kl/bound']:.4f} nats")
     if "reward_eval/best" in metrics:

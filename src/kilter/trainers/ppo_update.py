@@ -246,7 +246,7 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
                                     use_cache=False).logits
                 lm_loss, _ = causal_lm_loss(logits, demo["labels"])
                 (s.ptx_coef * lm_loss).backward()
-                mb_stats["loss/ptx"] = float(lm_loss)
+                mb_stats["loss/ptx"] = float(lm_loss.detach())
             if s.target_kl is not None and mb_stats["policy/approx_kl"] > s.target_kl:
                 policy_opt.zero_grad(set_to_none=True)
                 if value_opt is not None:

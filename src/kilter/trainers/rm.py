@@ -51,6 +51,7 @@ from kilter.errors import ConfigError
 from kilter.losses import pairwise_accuracy
 from kilter.models import load_tokenizer
 from kilter.models.reward import (
+    RewardModel,
     is_ensemble_dir,
     load_reward,
     load_reward_backbone,
@@ -533,7 +534,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['train/accuracy']:.2f}")
             window = _Window()
-        if eval_enc and (done % cfg.eval_every == 0 or done == total_steps):
+        if eval_enc and done % cfg.eval_every == 0 and done < total_steps:  # the last one follows the bias
             metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
             run_dir.log(done, metrics)
             last.update(metrics)
@@ -548,8 +549,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         set_reward_bias(model, -raw_mean)
         summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
     if eval_enc:
-        metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info, bias=-summary.get(
-            "reward/reference_raw_mean", 0.0))
+        metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info, bias=summary.get("reward/bias", 0.0))
         summary.update(metrics)
         if info.is_main:
             atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
@@ -557,7 +557,8 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     if info.is_main:
         save_folder_atomically(final, lambda p: save_reward_model(model, tokenizer, p))
         if cfg.n_samples and eval_groups:
-            print(f"held-out pairs ({tag}):\n" + _sample_table(final, eval_groups[: cfg.n_samples], device))
+            scorer = RewardModel(model, tokenizer, max_length=cfg.data.max_length)
+            print(f"held-out pairs ({tag}):\n" + _sample_table(scorer, eval_groups[: cfg.n_samples]))
         shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
         print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")
     barrier(info)
@@ -607,9 +608,8 @@ def _pairs_of(groups: list[dict]) -> tuple[list, list[str], list[tuple[int, int]
     return prompts, responses, pairs
 
 
-def _sample_table(final: Path, groups: list[dict], device: str) -> str:
+def _sample_table(rm: RewardModel, groups: list[dict]) -> str:
     """The first labeled pair of each group with its rewards, as a text table."""
-    rm = load_reward(final, device=device)
     firsts = [(g["prompt"], g["responses"][g["pairs"][0][0]], g["responses"][g["pairs"][0][1]]) for g in groups]
     prompts = [p for p, _, _ in firsts for _ in range(2)]
     rewards = rm.score(prompts, [r for _, b, w in firsts for r in (b, w)])

@@ -25,12 +25,13 @@ from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_sft_records
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
-from kilter.losses import causal_lm_loss
+from kilter.data.tokenize import IGNORE_INDEX
+from kilter.losses import causal_lm_loss, sft_loss
 from kilter.models import load_causal_lm, load_tokenizer
 from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.runs import RunDir
 from kilter.trainers import common
-from kilter.trainers.common import LoraSection, OptimConfig
+from kilter.trainers.common import LoraSection, OptimConfig, pack_micro_batch
 
 
 class SFTData(BaseConfig):
@@ -52,6 +53,8 @@ class SFTData(BaseConfig):
     """Pack several examples into each row of max_length tokens (no padding; see docs for attention)."""
     group_by_length: bool = True
     """Batch examples of similar length together to cut padding."""
+    padding_free: bool = True
+    """Pack each micro-batch's examples into rows with per-example attention, so no compute goes to padding (checked against the padded forward; off when the model does not support it or with packing)."""
     max_eval_examples: int = Field(256, gt=0)
     """Evaluate on at most this many held-out examples."""
     task_seed: int = 0
@@ -145,16 +148,44 @@ def _forward_sum(model, batch: dict[str, torch.Tensor], precision: str, device: 
     return mean * n_tokens, n_tokens
 
 
+def _forward_sum_fast(loss_model, batch: dict[str, torch.Tensor], precision: str, device: str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_forward_sum` through :class:`common.CompletionLogits`: the LM head runs only at
+    positions that predict a labelled token; padded or packed (no attention mask) batches."""
+    labels = batch["labels"].to(device)
+    targets = labels[:, 1:]
+    select = targets != IGNORE_INDEX
+    mask = batch.get("attention_mask")
+    position_ids = batch.get("position_ids")
+    with common.autocast(precision, device):
+        logits = loss_model(batch["input_ids"].to(device), None if mask is None else mask.to(device),
+                            None if position_ids is None else position_ids.to(device), select)
+    mean, n_tokens = sft_loss(logits, targets[select])
+    return mean * n_tokens, n_tokens
+
+
+def _batch_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """Real (non-padding) tokens of a padded or packed batch."""
+    if "n_tokens" in batch:
+        return float(batch["n_tokens"])
+    return float(batch["attention_mask"].sum())
+
+
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, precision: str, device: str,
-             info: DistInfo) -> dict[str, float]:
+             info: DistInfo, loss_model=None, pack_capacity: int | None = None) -> dict[str, float]:
+    """eval/loss and eval/perplexity; ``loss_model``/``pack_capacity`` select the fast paths of training."""
     was_training = model.training
     model.eval()
     total, tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = examples[info.rank::info.world_size]
     for start in range(0, len(mine), batch_size):
-        batch = pad_batch(mine[start:start + batch_size], pad_id)
-        loss_sum, n = _forward_sum(model, batch, precision, device)
+        chunk = mine[start:start + batch_size]
+        batch = pack_micro_batch(chunk, pad_id, pack_capacity) if pack_capacity else pad_batch(chunk, pad_id)
+        if loss_model is not None:
+            loss_sum, n = _forward_sum_fast(loss_model, batch, precision, device)
+        else:
+            loss_sum, n = _forward_sum(model, batch, precision, device)
         total += loss_sum.double().cpu()
         tokens += n.double().cpu()
     total, tokens = all_reduce_sum(total, info), all_reduce_sum(tokens, info)
@@ -218,6 +249,9 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         common.enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
+    # Completion-only logits always when the model allows; padding-free rows unless the user packs.
+    loss_model, packed_ok = common.fast_causal_lm(model, device, packing=cfg.data.padding_free and not cfg.data.packing)
+    pack_capacity = cfg.data.max_length if packed_ok else None
 
     examples, _ = _encode(cfg, tokenizer, cfg.data.train, info)
     if cfg.data.packing:
@@ -257,14 +291,17 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     gold = builtin_gold(cfg.data.eval or "")
     if info.is_main:
         print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {global_batch}, "
-              f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+              f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}, "
+              f"padding-free rows {'on' if packed_ok else 'off'}, "
+              f"completion-only logits {'on' if loss_model is not None else 'off'}")
         if eval_prompts and start_step == 0:
             print("samples before training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                               cfg.sample_max_new_tokens, cfg.seed, gold))
 
-    ddp_model = model
+    ddp_model = loss_model if loss_model is not None else model
     if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [info.local_rank])
+        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=None if device == "cpu"
+                                                              else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
@@ -277,7 +314,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             batches_cache[epoch] = _epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
         micro = _micro_batches(mine, cfg.grad_accum)
-        padded = [pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
+        padded = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity) if pack_capacity
+                  else pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in padded)
         global_tokens = float(all_reduce_sum(local_tokens, info))
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -285,7 +323,10 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             sync = k == len(padded) - 1
             ctx = ddp_model.no_sync() if (info.enabled and not sync) else _null()
             with ctx:
-                loss_sum, _ = _forward_sum(ddp_model, batch, cfg.precision, device)
+                if loss_model is not None:
+                    loss_sum, _ = _forward_sum_fast(ddp_model, batch, cfg.precision, device)
+                else:
+                    loss_sum, _ = _forward_sum(ddp_model, batch, cfg.precision, device)
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (loss_sum * info.world_size / max(global_tokens, 1.0)).backward()
             step_loss += loss_sum.detach().double().cpu()
@@ -295,7 +336,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         optimizer.zero_grad(set_to_none=True)
 
         loss_value = float(all_reduce_sum(step_loss, info)) / max(global_tokens, 1.0)
-        window_tokens += sum(float(b["attention_mask"].sum()) for b in padded) * info.world_size
+        window_tokens += sum(_batch_tokens(b) for b in padded) * info.world_size
         window_examples += global_batch
         progress.update(1)
         done = step + 1
@@ -313,7 +354,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
             window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
         if eval_examples and (done % cfg.eval_every == 0 or done == total_steps):
-            metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info)
+            metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info,
+                               loss_model=loss_model, pack_capacity=pack_capacity)
             run_dir.log(done, metrics)
             last_metrics.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:

@@ -115,17 +115,19 @@ def test_collate_groups_flattens_each_response_once():
 
 
 def test_calibration_by_hand():
-    # p(chosen) = 0.9 and 0.6; each pair also enters as (0.1, lost) and (0.4, lost).
-    sums = calibration_sums(torch.tensor([0.9, 0.6]), 10)
-    assert sums[0].tolist() == [0, 1, 0, 0, 1, 0, 1, 0, 0, 1]
+    # p(chosen) = 0.93 and 0.64; each pair also enters as (0.07, lost) and (0.36, lost).
+    # (Values off the bin edges: 0.9 in float32 is 0.8999999..., which belongs to bin 8.)
+    sums = calibration_sums(torch.tensor([0.93, 0.64]), 10)
+    assert sums[0].tolist() == [1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
     report = calibration_report(sums)
-    # |0.9 - 1| + |0.6 - 1| + |0.1 - 0| + |0.4 - 0| over 4 entries = 0.25
-    assert report["ece"] == pytest.approx(0.25)
+    # (|0.93 - 1| + |0.64 - 1| + |0.07 - 0| + |0.36 - 0|) / 4 = 0.86 / 4 = 0.215
+    assert report["ece"] == pytest.approx(0.215, abs=1e-6)
     assert report["n_pairs"] == 2
     top = report["bins"][9]
     assert (top["lo"], top["hi"], top["count"]) == (0.9, 1.0, 1)
-    assert top["mean_predicted"] == pytest.approx(0.9) and top["observed"] == 1.0
-    assert report["bins"][0]["count"] == 0 and report["bins"][0]["observed"] is None
+    assert top["mean_predicted"] == pytest.approx(0.93) and top["observed"] == 1.0
+    assert report["bins"][3]["observed"] == 0.0
+    assert report["bins"][1]["count"] == 0 and report["bins"][1]["observed"] is None
     # A model that says 0.5 for everything is perfectly calibrated on average: observed 0.5.
     flat = calibration_report(calibration_sums(torch.full((4,), 0.5), 4))
     assert flat["ece"] == pytest.approx(0.0) and flat["bins"][2]["count"] == 8

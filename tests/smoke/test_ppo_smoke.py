@@ -1,0 +1,117 @@
+"""`kilter ppo` end to end: learning on the built-in task, and every algorithm variant runs and learns something."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kilter.cli import main
+from kilter.data.task import gold_scores
+
+QUIET = ["tensorboard=false", "n_samples=2", "sample_every=100"]
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_rows(run):
+    return [r for r in _rows(run) if "reward/total" in r]
+
+
+def test_ppo_with_the_gold_reward_raises_gold_and_keeps_kl_bounded(sft_model_dir, tmp_path):
+    out = tmp_path / "ppo"
+    code = main(["ppo", f"model={sft_model_dir}", f"output_dir={out}", "reward.function=builtin:gold",
+                 "iterations=10", "rollout.batch_size=32", "rollout.max_new_tokens=32", "update.epochs=2",
+                 "update.num_minibatches=2", "optim.lr=5e-4", "value.optim.lr=5e-4", "kl.beta=0.05",
+                 "data.n_eval=32", "eval_every=10", "save_every=10", *QUIET])
+    assert code == 0
+    rows = _train_rows(out)
+    assert len(rows) == 10
+    first = sum(r["reward/gold"] for r in rows[:2]) / 2
+    last = sum(r["reward/gold"] for r in rows[-2:]) / 2
+    assert last > first + 0.25, f"gold did not rise: {first:.3f} -> {last:.3f}"
+    assert rows[0]["kl/ref"] == 0.0  # the first rollout comes from pi_0 itself
+    assert all(r["kl/ref"] < 8.0 for r in rows), [r["kl/ref"] for r in rows]
+    for key in ("reward/total", "reward/gold", "kl/ref", "policy/entropy", "response/length", "policy/clipfrac",
+                "policy/approx_kl", "loss/policy", "loss/value", "value/explained_variance",
+                "perf/rollout_tokens_per_s", "perf/train_tokens_per_s"):
+        assert key in rows[-1], key
+    evals = [r for r in _rows(out) if "eval/gold" in r]
+    assert [r["step"] for r in evals] == [0, 10] and evals[0]["eval/kl"] == 0.0
+    # final/ is a plain Hugging Face causal LM; the critic sits beside it
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    assert (out / "final" / "value" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def micro_reward_dir(tmp_path_factory):
+    """A random reward model on the micro backbone (learning signal irrelevant: plumbing only)."""
+    from kilter.models import load_tokenizer
+    from kilter.models.reward import load_reward_backbone, save_reward_model, set_reward_bias
+    from kilter.models.tiny import builtin_model_dir
+
+    path = str(builtin_model_dir("micro"))
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    rm = load_reward_backbone(path, tok)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)
+    set_reward_bias(rm, -0.1)
+    out = tmp_path_factory.mktemp("rm") / "final"
+    save_reward_model(rm, tok, out)
+    return out
+
+
+def _changed(run, reference: str = "builtin:micro") -> bool:
+    from kilter.models.loading import resolve_model_path
+
+    before = load_file(str(Path(resolve_model_path(reference)) / "model.safetensors"))
+    after = load_file(str(run / "final" / "model.safetensors"))
+    return any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+TINY = ["model=builtin:micro", "iterations=2", "rollout.batch_size=4", "rollout.max_new_tokens=6",
+        "update.num_minibatches=2", "optim.lr=1e-3", "data.n_eval=4", "eval_every=100", "save_every=100", *QUIET]
+
+
+def test_variants_run_and_change_the_policy(tmp_path, micro_reward_dir, capsys):
+    # a reward given as a Python function in a file: shorter is better
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def brevity(prompts, responses):\n    return [-len(r.split()) / 10 for r in responses]\n")
+    runs = {
+        "rloo": ["algorithm=rloo", "rollout.samples_per_prompt=2", "reward.function=builtin:gold"],
+        # GRPO with LoRA: the reference is the policy with its adapter disabled
+        "grpo": ["algorithm=grpo", "rollout.samples_per_prompt=2", "reward.function=builtin:gold",
+                 "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"],
+        # A2C against a reward model: the critic starts from it
+        "a2c": ["algorithm=a2c", f"reward.model={micro_reward_dir}", "kl.estimator=k3"],
+        "reinforce": ["algorithm=reinforce", "baseline.kind=greedy", f"reward.function={rewards}:brevity",
+                      "reward.missing_eos_penalty=1.0"],
+    }
+    for name, extra in runs.items():
+        out = tmp_path / name
+        assert main(["ppo", f"output_dir={out}", *TINY, *extra]) == 0, name
+        printed = capsys.readouterr().out
+        assert _changed(out), f"{name} did not change the policy"
+        rows = _train_rows(out)
+        assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss/policy"])) for r in rows)
+        if name == "grpo":
+            assert "reference: adapter-disabled policy" in printed
+        if name == "a2c":
+            assert f"critic: reward model {micro_reward_dir}" in printed
+            assert "reward/rm" in rows[0] and "loss/value" in rows[0]
+            assert rows[0]["ppo/optimizer_steps"] == 2  # one pass, two minibatches
+        if name == "reinforce":
+            samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+            for s in samples:  # the sample table shows the function's reward (minus the no-EOS penalty)
+                brevity = -len(s["response"].split()) / 10
+                assert s["reward"] == pytest.approx(brevity) or s["reward"] == pytest.approx(brevity - 1.0)
+                assert s["gold"] == pytest.approx(gold_scores([s["prompt"]], [s["response"]])[0])
+            assert "reward/brevity" in rows[0]
+        if name in ("rloo", "grpo", "reinforce"):
+            assert not (out / "final" / "value").exists()  # critic-free
