@@ -194,6 +194,8 @@ class PPOConfig(BaseConfig):
     """Freeze the embeddings and the lowest N transformer blocks of the policy and critic."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast with fp32 master weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (policy and critic) to save memory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: cuda when available)."""
     seed: int = 0

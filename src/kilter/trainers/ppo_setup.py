@@ -93,8 +93,10 @@ def build_value(cfg, reward: RewardPipeline, tokenizer, device: str) -> tuple[to
     if cfg.lora.enabled:
         model = common.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     freeze_lower_layers(model, cfg.freeze_layers)
+    if getattr(cfg, "gradient_checkpointing", False):
+        common.enable_gradient_checkpointing(model)
     model.to(device)
-    model.eval()  # dropout is off anyway; eval() keeps every forward deterministic
+    model.eval()  # dropout is off anyway; train() only during the update (for gradient checkpointing)
     return model, label
 
 
@@ -110,6 +112,8 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
     policy.eval()
     reference = Reference(policy)  # a frozen copy now, before any update (or the adapter-disabled policy)
     freeze_lower_layers(policy, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:
+        common.enable_gradient_checkpointing(policy)
     value, label = (None, None)
     if cfg.algorithm in ("ppo", "a2c"):
         value, label = build_value(cfg, reward, tokenizer, device)

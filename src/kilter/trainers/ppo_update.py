@@ -182,78 +182,102 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
     sampling policy already exceeds it is not applied and the update stops (early stopping,
     as in Stable-Baselines3's PPO).
     """
-    n = len(batch)
-    mb_size = n // s.num_minibatches
-    micro_size = mb_size // s.grad_accum
-    epochs = s.epochs if s.algorithm in CLIPPED else 1
-    mask = batch.response_mask
     sums: dict[str, float] = {}
-    count = 0
-    steps = 0
-    stopped = False
-    tokens_seen = 0.0
 
     def add(key: str, value: float, weight: float = 1.0) -> None:
         sums[key] = sums.get(key, 0.0) + value * weight
 
+    # Dropout is off in every model, so train() changes no number; it only lets gradient
+    # checkpointing (active in training mode only) do its work.
+    models = [mod for mod in (policy, value_model) if mod is not None]
+    for mod in models:
+        mod.train()
+    try:
+        stopped, steps, count, tokens_seen = _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv,
+                                                     old_values, s, seed, iteration, ptx, add)
+    finally:
+        for mod in models:
+            mod.eval()
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    out["ppo/optimizer_steps"] = float(steps)
+    out["ppo/early_stopped"] = float(stopped)
+    out["ppo/epochs"] = steps / s.num_minibatches
+    out["_train_tokens"] = tokens_seen
+    return out
+
+
+def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_logp: torch.Tensor,
+                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, weight: float) -> dict[str, float]:
+    """Forward and backward of one micro-batch (losses scaled by ``weight``); returns its stats."""
+    cols = sub.response_mask.shape[1]
+    mask = sub.response_mask
+    logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=s.entropy_coef > 0)
+    sub_adv, sub_old = adv.advantages[rows, :cols], old_logp[rows, :cols]
+    stats: dict[str, float] = {}
+    if s.algorithm in CLIPPED:
+        loss, pstats = ppo_policy_loss(logp, sub_old, sub_adv, mask, s.clip_range)
+        stats["policy/clipfrac"], stats["policy/approx_kl"] = float(pstats["clipfrac"]), float(pstats["approx_kl"])
+    else:
+        loss = pg_loss(logp, sub_adv, mask)
+        with torch.no_grad():
+            log_ratio = (logp - sub_old) * mask
+            stats["policy/approx_kl"] = float(masked_mean(torch.expm1(log_ratio) - log_ratio, mask))
+        stats["policy/clipfrac"] = 0.0
+    stats["loss/policy"] = float(loss.detach())
+    if entropy is not None:
+        ent = masked_mean(entropy, mask)
+        loss = loss - s.entropy_coef * ent
+        stats["loss/entropy"] = float(ent.detach())
+    (loss * weight).backward()
+    if value_model is not None and adv.returns is not None and old_values is not None:
+        values = token_values(value_model, sub, s.precision)
+        # a2c takes one unclipped step: an infinite clip range is the plain squared error.
+        clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
+        v_loss, v_stats = ppo_value_loss(values, old_values[rows, :cols], adv.returns[rows, :cols], mask, clip_v)
+        (v_loss * weight).backward()
+        stats["loss/value"], stats["value/clipfrac"] = float(v_loss.detach()), float(v_stats["clipfrac"])
+    return stats
+
+
+def _ptx_step(policy, ptx: PtxStream, s: UpdateSettings, device: torch.device) -> float:
+    """Add ``ptx_coef`` x the SFT loss of one demonstration batch to the gradients (InstructGPT eq. 2)."""
+    demo = ptx.next_batch(device)
+    with common.autocast(s.precision, device.type):
+        logits = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"], use_cache=False).logits
+    lm_loss, _ = causal_lm_loss(logits, demo["labels"])
+    (s.ptx_coef * lm_loss).backward()
+    return float(lm_loss.detach())
+
+
+def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, old_values, s: UpdateSettings,
+            seed: int, iteration: int, ptx, add) -> tuple[bool, int, int, float]:
+    n = len(batch)
+    mb_size = n // s.num_minibatches
+    micro_size = mb_size // s.grad_accum
+    epochs = s.epochs if s.algorithm in CLIPPED else 1
+    count = 0
+    tokens_seen = 0.0
     for epoch in range(epochs):
         order = _minibatch_order(n, seed, iteration, epoch)
         for m in range(s.num_minibatches):
             rows = order[m * mb_size:(m + 1) * mb_size]
-            mb_tokens = float(mask[rows].sum().clamp(min=1.0))
+            mb_tokens = float(batch.response_mask[rows].sum().clamp(min=1.0))
             mb_stats: dict[str, float] = {}
             for k in range(s.grad_accum):
                 micro_rows = rows[k * micro_size:(k + 1) * micro_size]
                 sub = batch.select(micro_rows)
-                cols = sub.response_mask.shape[1]
-                sub_mask = sub.response_mask
-                weight = float(sub_mask.sum()) / mb_tokens
+                weight = float(sub.response_mask.sum()) / mb_tokens
                 tokens_seen += float(sub.attention_mask.sum())
-                logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision,
-                                               with_entropy=s.entropy_coef > 0)
-                sub_adv = adv.advantages[micro_rows, :cols]
-                sub_old = old_logp[micro_rows, :cols]
-                if s.algorithm in CLIPPED:
-                    loss, stats = ppo_policy_loss(logp, sub_old, sub_adv, sub_mask, s.clip_range)
-                    clipfrac, approx_kl = float(stats["clipfrac"]), float(stats["approx_kl"])
-                else:
-                    loss = pg_loss(logp, sub_adv, sub_mask)
-                    with torch.no_grad():
-                        log_ratio = (logp - sub_old) * sub_mask
-                        approx_kl = float(masked_mean(torch.expm1(log_ratio) - log_ratio, sub_mask))
-                    clipfrac = 0.0
-                mb_stats["policy/approx_kl"] = mb_stats.get("policy/approx_kl", 0.0) + approx_kl * weight
-                mb_stats["policy/clipfrac"] = mb_stats.get("policy/clipfrac", 0.0) + clipfrac * weight
-                mb_stats["loss/policy"] = mb_stats.get("loss/policy", 0.0) + float(loss.detach()) * weight
-                if entropy is not None:
-                    ent = masked_mean(entropy, sub_mask)
-                    loss = loss - s.entropy_coef * ent
-                    mb_stats["loss/entropy"] = mb_stats.get("loss/entropy", 0.0) + float(ent.detach()) * weight
-                (loss * weight).backward()
-                if value_model is not None and adv.returns is not None and old_values is not None:
-                    values = token_values(value_model, sub, s.precision)
-                    # a2c takes one unclipped step: an infinite clip range is the plain squared error.
-                    clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
-                    v_loss, v_stats = ppo_value_loss(values, old_values[micro_rows, :cols],
-                                                     adv.returns[micro_rows, :cols], sub_mask, clip_v)
-                    (v_loss * weight).backward()
-                    mb_stats["loss/value"] = mb_stats.get("loss/value", 0.0) + float(v_loss.detach()) * weight
-                    mb_stats["value/clipfrac"] = mb_stats.get("value/clipfrac", 0.0) + float(v_stats["clipfrac"]) * weight
+                for key, value in _micro_step(policy, value_model, sub, micro_rows, old_logp, adv, old_values, s,
+                                              weight).items():
+                    mb_stats[key] = mb_stats.get(key, 0.0) + value * weight
             if ptx is not None and s.ptx_coef > 0:
-                demo = ptx.next_batch(batch.input_ids.device)
-                with common.autocast(s.precision, batch.input_ids.device.type):
-                    logits = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"],
-                                    use_cache=False).logits
-                lm_loss, _ = causal_lm_loss(logits, demo["labels"])
-                (s.ptx_coef * lm_loss).backward()
-                mb_stats["loss/ptx"] = float(lm_loss.detach())
+                mb_stats["loss/ptx"] = _ptx_step(policy, ptx, s, batch.input_ids.device)
             if s.target_kl is not None and mb_stats["policy/approx_kl"] > s.target_kl:
                 policy_opt.zero_grad(set_to_none=True)
                 if value_opt is not None:
                     value_opt.zero_grad(set_to_none=True)
-                add("policy/approx_kl_at_stop", mb_stats["policy/approx_kl"])
-                stopped = True
-                break
+                return True, count, count, tokens_seen
             mb_stats["optim/grad_norm"] = common.clip_and_norm(policy.parameters(), s.max_grad_norm)
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)
@@ -265,12 +289,4 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
             for key, value in mb_stats.items():
                 add(key, value)
             count += 1
-            steps += 1
-        if stopped:
-            break
-    out = {k: v / max(count, 1) for k, v in sums.items() if k != "policy/approx_kl_at_stop"}
-    out["ppo/optimizer_steps"] = float(steps)
-    out["ppo/early_stopped"] = float(stopped)
-    out["ppo/epochs"] = steps / s.num_minibatches
-    out["_train_tokens"] = tokens_seen
-    return out
+    return False, count, count, tokens_seen

@@ -31,7 +31,7 @@ from kilter.data.records import validate_record
 from kilter.data.sources import load_records
 from kilter.errors import ConfigError, DataError
 from kilter.losses import ranking_pairs
-from kilter.models.reward import RewardEnsemble, load_reward
+from kilter.models.reward import RewardEnsemble, load_reward, resolve_reward_dir
 
 
 class ScoreConfig(BaseConfig):
@@ -93,6 +93,7 @@ def run(cfg: ScoreConfig) -> int:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
                                                                                  else cfg.device)
+    folder = resolve_reward_dir(cfg.model)  # fail on a wrong model path before reading any data
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(
         cfg.input, cfg.split, allowed=("demonstration", "rating", "comparison", "ranking"))
     if kind in ("comparison", "ranking"):
@@ -123,7 +124,7 @@ def run(cfg: ScoreConfig) -> int:
     else:
         index = [slot(r["prompt"], r["completion"]) for r in rows]
 
-    model = load_reward(cfg.model, device=device, max_length=cfg.max_length)
+    model = load_reward(folder, device=device, max_length=cfg.max_length)
     is_ensemble = isinstance(model, RewardEnsemble)
     mean, std = model.score_with_std(prompts, responses, batch_size=cfg.batch_size, progress=cfg.progress)
     mean, std = mean.tolist(), std.tolist()
