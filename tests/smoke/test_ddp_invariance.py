@@ -53,8 +53,9 @@ def test_two_processes_match_one_with_twice_the_batch(tmp_path):
         assert proc.returncode == 0, f"{name} failed:\n{logs[name][-3000:]}"
 
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    # rank 0 alone writes: exactly one line per logged step and per evaluation
-    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
+    # rank 0 alone writes: exactly one line per logged step and one per evaluation
+    assert [r["step"] for r in rows_two if "loss/sft" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows_two if "eval/loss" in r] == [4, 8]
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
     assert "global batch 16" in logs["two"] and "global batch 16" in logs["one"]
     assert logs["two"].count("kilter sft: done") == 1  # rank 1 prints nothing of its own

@@ -88,8 +88,9 @@ def test_variants_run_and_change_the_policy(tmp_path, micro_reward_dir, capsys):
         # GRPO with LoRA: the reference is the policy with its adapter disabled
         "grpo": ["algorithm=grpo", "rollout.samples_per_prompt=2", "reward.function=builtin:gold",
                  "lora.enabled=true", "lora.r=4", "optim.lr=1e-2"],
-        # A2C against a reward model: the critic starts from it
-        "a2c": ["algorithm=a2c", f"reward.model={micro_reward_dir}", "kl.estimator=k3"],
+        # A2C against a reward model: the critic starts from it (both with LoRA adapters)
+        "a2c": ["algorithm=a2c", f"reward.model={micro_reward_dir}", "kl.estimator=k3", "lora.enabled=true",
+                "lora.r=4", "optim.lr=1e-2"],
         "reinforce": ["algorithm=reinforce", "baseline.kind=greedy", f"reward.function={rewards}:brevity",
                       "reward.missing_eos_penalty=1.0"],
     }

@@ -168,12 +168,12 @@ def test_gradient_checkpointing_gives_the_same_losses(files, reference, tmp_path
 
 def test_bf16_learns_like_fp32(files, reference, tmp_path):
     out = tmp_path / "run"
-    assert _sft(f"output_dir={out}", f"data.train={files['train']}", "max_steps=8", *REFERENCE,
-                "precision=bf16") == 0
+    assert _sft(f"output_dir={out}", f"data.train={files['train']}", "max_steps=4", *REFERENCE,
+                "precision=bf16") == 0  # bf16 matmuls are slow on most CPUs: keep this short
     bf16, fp32 = _losses(out), _losses(reference[0])
-    assert bf16[8] < bf16[1] - 0.5, bf16
+    assert bf16[4] < bf16[1] - 0.5, bf16
     for step in bf16:
-        assert bf16[step] == pytest.approx(fp32[step], rel=0.03), step  # autocast, not a different run
+        assert bf16[step] == pytest.approx(fp32[step], rel=0.01), step  # autocast, not a different run
         if step > 1:
             assert bf16[step] != fp32[step]  # ...but bf16 matmuls really happened
     from safetensors.torch import load_file

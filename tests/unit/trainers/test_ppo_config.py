@@ -70,3 +70,14 @@ def test_help_lists_every_section(capsys):
     for key in ("algorithm", "rollout.temperature", "kl.estimator", "update.num_minibatches", "reward.model",
                 "value.model", "ptx.coef", "baseline.kind", "freeze_layers"):
         assert key in text
+
+
+def test_every_preset_loads_and_passes_the_checks():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[3] / "configs" / "ppo").glob("*.yaml"))
+    assert {p.name for p in presets} >= {"tiny-gold.yaml", "tiny-rm.yaml", "smollm2-135m-lora.yaml"}
+    for path in presets:
+        cfg = load_config(PPOConfig, path, [])
+        check_config(cfg)
+        assert cfg.reward.all_sources(), path.name
