@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,23 +35,9 @@ QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup
 
 
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
-    from kilter.models import resolve_model_path
-
-    spec_name, lora = C.MODELS[model_label]
-    prof = dict(PROFILES[model_label])
-    if args.quick:
-        prof.update(QUICK[model_label])
-    if args.steps:
-        prof["steps"] = args.steps
-    if args.warmup is not None:
-        prof["warmup"] = args.warmup
-    best = setting == "best"
-    precision = "bf16" if best and C.bf16_hardware() != "none" else "fp32"
-    return {
-        "model_label": model_label, "model_dir": resolve_model_path(spec_name), "lora": lora,
-        "train": str(files["sft"]), "eval": str(files["sft_eval"]), "setting": setting,
-        "precision": precision, "group_by_length": best, "threads": args.threads, "seed": 0, **prof,
-    }
+    spec = C.base_spec(model_label, setting, args, PROFILES, QUICK)
+    spec.update(train=str(files["sft"]), eval=str(files["sft_eval"]))
+    return spec
 
 
 # --------------------------------------------------------------------------- Kilter
@@ -74,15 +59,11 @@ def kilter_cmd(spec: dict, run_dir: Path) -> list[str]:
 
 def run_kilter(spec: dict, work: Path, i: int) -> dict:
     run_dir = work / f"kilter-{i}"
-    C.clean_dir(run_dir)
-    child = C.run_child(kilter_cmd(spec, run_dir), work / f"kilter-{i}.log", spec["threads"])
-    if child.rc != 0:
-        return {"ok": False, "error": f"exit {child.rc}", "log_tail": C.tail(child.log)}
-    steps, rows = C.read_kilter_steps(run_dir, spec["batch_size"])
-    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"])}
+    res, rows = C.run_kilter_cli(kilter_cmd(spec, run_dir), run_dir, work / f"kilter-{i}.log", spec,
+                                 spec["batch_size"])
     losses = [r["loss/sft"] for r in rows if "loss/sft" in r]
-    res["train_loss_last10"] = sum(losses[-10:]) / max(len(losses[-10:]), 1)
-    res["final_dir"] = str(run_dir / "final")
+    if losses:
+        res["train_loss_last10"] = sum(losses[-10:]) / len(losses[-10:])
     return res
 
 
@@ -90,27 +71,15 @@ def run_kilter(spec: dict, work: Path, i: int) -> dict:
 
 
 def run_trl(spec: dict, work: Path, i: int) -> dict:
-    run_dir = work / f"trl-{i}"
-    C.clean_dir(run_dir)
-    run_dir.mkdir(parents=True)
-    spec_path = run_dir / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    child = C.run_child([str(C.PY), __file__, "--trl-worker", str(spec_path)], work / f"trl-{i}.log", spec["threads"])
-    result_path = run_dir / "result.json"
-    if child.rc != 0 or not result_path.exists():
-        return {"ok": False, "error": f"exit {child.rc}", "log_tail": C.tail(child.log)}
-    out = json.loads(result_path.read_text())
-    steps = C.StepLog(out["times"], out["samples"], out["tokens"])
-    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"])}
-    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked")})
-    res["final_dir"] = str(run_dir / "final")
+    res, out = C.run_trl_worker(__file__, spec, work, i)
+    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked") if k in out})
     return res
 
 
 def trl_worker(spec_path: str) -> int:
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from kilter.data.tokenize import PROMPT_SEP, encode_sft_records
@@ -147,7 +116,8 @@ def trl_worker(spec_path: str) -> int:
     for k in range(n_check):
         trl_ex = trainer.train_dataset[k]
         trl_ids = list(trl_ex["input_ids"])
-        trl_mask = [lab != -100 for lab in trl_ex["labels"]] if "labels" in trl_ex else list(map(bool, trl_ex["completion_mask"]))
+        trl_mask = ([lab != -100 for lab in trl_ex["labels"]] if "labels" in trl_ex
+                    else list(map(bool, trl_ex["completion_mask"])))
         kil_mask = [lab != -100 for lab in kilter_examples[k]["labels"]]
         if trl_ids != kilter_examples[k]["input_ids"] or trl_mask != kil_mask:
             mismatches += 1
@@ -155,36 +125,16 @@ def trl_worker(spec_path: str) -> int:
                 print(f"token mismatch at example {k}:\n trl    {trl_ids} {trl_mask}\n kilter "
                       f"{kilter_examples[k]['input_ids']} {kil_mask}", flush=True)
 
-    tokens_per_batch: list[int] = []
-    inner = trainer.data_collator
-
-    def counting_collator(features):
-        batch = inner(features)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch
-                                else int(batch["input_ids"].numel()))
-        return batch
-
-    trainer.data_collator = counting_collator
+    tokens: list[int] = []
     times: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.time())
-
-    trainer.add_callback(StepClock())
+    trainer.data_collator = C.StepClockMixin.counting(trainer.data_collator, tokens)
+    trainer.add_callback(C.StepClockMixin.clock(times))
     output = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [output.training_loss]
-    model = trainer.model
-    if spec["lora"]:
-        model = model.merge_and_unload()
-    model.save_pretrained(run_dir / "final", safe_serialization=True)
-    tokenizer.save_pretrained(run_dir / "final")
+    C.save_trl_final(trainer, tokenizer, run_dir / "final", spec["lora"])
     n = len(times)
-    result = {
-        "times": times, "samples": [spec["batch_size"]] * n, "tokens": tokens_per_batch[:n],
-        "train_loss_last10": losses[-1] if losses else None,
-        "token_mismatches": mismatches, "token_checked": n_check,
-    }
+    result = {"times": times, "samples": [spec["batch_size"]] * n, "tokens": tokens[:n],
+              "train_loss_last10": losses[-1], "token_mismatches": mismatches, "token_checked": n_check}
     (run_dir / "result.json").write_text(json.dumps(result))
     return 0
 
@@ -192,43 +142,15 @@ def trl_worker(spec_path: str) -> int:
 # --------------------------------------------------------------------------- driver
 
 
+def evaluate(res: dict, spec: dict) -> float:
+    return C.sft_eval_loss(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"])
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--trl-worker":
         return trl_worker(sys.argv[2])
-    parser = C.base_parser("SFT: kilter sft vs TRL SFTTrainer")
-    args = parser.parse_args()
-    out = Path(args.out)
-    files = C.prepare_data(out)
-    report = C.start_report("sft", args)
-    libs = args.libs.split(",") if args.libs else ["kilter", "trl"]
-    pairs = 1 if args.quick else args.pairs
-    groups = []
-    for model_label in args.models.split(","):
-        for setting in args.settings.split(","):
-            spec = make_spec(model_label, setting, args, files)
-            work = out / "runs" / f"sft-{model_label}-{setting}"
-            print(f"\n[sft] {model_label} / {setting}: precision {spec['precision']}, batch {spec['batch_size']}, "
-                  f"max_length {spec['max_length']}, {spec['steps']} steps (timed: last {spec['steps'] - spec['warmup']}), "
-                  f"grouped batches {spec['group_by_length']}", flush=True)
-
-            def run_one(lib: str, i: int) -> dict:
-                res = run_kilter(spec, work, i) if lib == "kilter" else run_trl(spec, work, i)
-                if res.get("ok"):
-                    res["metric"] = C.sft_eval_loss(res["final_dir"], spec["model_dir"], Path(spec["eval"]),
-                                                    spec["max_length"])
-                    if not args.keep_runs:
-                        C.clean_dir(Path(res["final_dir"]).parent)
-                return res
-
-            runs = C.alternate(libs, pairs, run_one)
-            groups.append({"model": model_label, "setting": setting, "spec": spec, "runs": runs})
-            mism = [r.get("token_mismatches") for r in runs.get("trl", []) if r.get("ok")]
-            if mism and any(mism):
-                report["notes"].append(f"{model_label}/{setting}: TRL token ids differ from Kilter's on {max(mism)} "
-                                       "of the checked examples")
-    report["runs"] = groups
-    C.finish_report(report, args, groups, "eval loss")
-    return 0
+    args = C.base_parser("SFT: kilter sft vs TRL SFTTrainer").parse_args()
+    return C.drive("sft", args, make_spec, {"kilter": run_kilter, "trl": run_trl}, evaluate, "eval loss")
 
 
 if __name__ == "__main__":

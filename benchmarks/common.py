@@ -515,3 +515,189 @@ def sft_eval_loss(model_dir: str, tokenizer_dir: str, eval_file: Path, max_lengt
             total += float(mean) * int(n)
             count += int(n)
     return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- generic driver
+
+
+def base_spec(model_label: str, setting: str, args, profiles: dict, quick: dict) -> dict:
+    """Fields every benchmark spec shares: model folder, LoRA, precision/grouping of the setting, profile."""
+    from kilter.models import resolve_model_path
+
+    spec_name, lora = MODELS[model_label]
+    prof = dict(profiles[model_label])
+    if args.quick:
+        prof.update(quick[model_label])
+    if args.steps:
+        prof["steps"] = args.steps
+    if args.warmup is not None:
+        prof["warmup"] = args.warmup
+    best = setting == "best"
+    return {"model_label": model_label, "model_dir": resolve_model_path(spec_name), "lora": lora, "setting": setting,
+            "precision": "bf16" if best and bf16_hardware() != "none" else "fp32", "group_by_length": best,
+            "threads": args.threads, "seed": 0, **prof}
+
+
+def run_kilter_cli(cmd: list[str], run_dir: Path, log: Path, spec: dict, samples_per_step: float,
+                   sample_key: str = "perf/samples_per_s", token_key: str = "perf/tokens_per_s") -> tuple[dict, list[dict]]:
+    """Run one ``kilter ...`` command; the result dict plus the run's metrics rows."""
+    clean_dir(run_dir)
+    child = run_child(cmd, log, spec["threads"])
+    if child.rc != 0:
+        return {"ok": False, "error": f"exit {child.rc}", "log_tail": tail(child.log)}, []
+    steps, rows = read_kilter_steps(run_dir, samples_per_step, token_key=token_key, sample_key=sample_key)
+    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"]),
+           "final_dir": str(run_dir / "final"), "run_dir": str(run_dir)}
+    return res, rows
+
+
+def run_trl_worker(script: str, spec: dict, work: Path, i: int) -> tuple[dict, dict]:
+    """Run ``script --trl-worker spec.json`` in its own process; it writes result.json with
+    ``times``, ``samples``, ``tokens`` per step (and anything else the script wants to report)."""
+    run_dir = work / f"trl-{i}"
+    clean_dir(run_dir)
+    run_dir.mkdir(parents=True)
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    child = run_child([str(PY), script, "--trl-worker", str(spec_path)], work / f"trl-{i}.log", spec["threads"])
+    result_path = run_dir / "result.json"
+    if child.rc != 0 or not result_path.exists():
+        return {"ok": False, "error": f"exit {child.rc}", "log_tail": tail(child.log)}, {}
+    out = json.loads(result_path.read_text())
+    steps = StepLog(out["times"], out["samples"], out["tokens"])
+    res = {"ok": True, "max_rss_mb": child.max_rss_mb, "wall_s": child.wall_s, **steps.window(spec["warmup"]),
+           "final_dir": str(run_dir / "final"), "run_dir": str(run_dir)}
+    return res, out
+
+
+class StepClockMixin:
+    """Pieces of a TRL worker: a TrainerCallback stamping each optimizer step, and a collator
+    wrapper counting each batch's real tokens (``attention_mask`` ones)."""
+
+    @staticmethod
+    def clock(times: list[float]):
+        from transformers import TrainerCallback
+
+        class StepClock(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                times.append(time.time())
+
+        return StepClock()
+
+    @staticmethod
+    def counting(inner, counts: list[int], key: str = "attention_mask"):
+        def collate(features):
+            batch = inner(features)
+            counts.append(int(batch[key].sum()) if key in batch else int(batch["input_ids"].numel()))
+            return batch
+
+        return collate
+
+
+def save_trl_final(trainer, tokenizer, path: Path, lora: bool) -> None:
+    """The trained model as a plain HF folder (LoRA merged), like Kilter's final/."""
+    model = trainer.model
+    if lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], evaluate: Callable | None,
+          metric_name: str, flops_per_token_param: float = 6.0) -> int:
+    """Alternate the runners per (model, setting), evaluate each run, print and save the summary."""
+    out = Path(args.out)
+    files = prepare_data(out)
+    report = start_report(bench, args)
+    libs = args.libs.split(",") if args.libs else list(runners)
+    pairs = 1 if args.quick else args.pairs
+    groups = []
+    for model_label in args.models.split(","):
+        for setting in args.settings.split(","):
+            spec = make_spec(model_label, setting, args, files)
+            work = out / "runs" / f"{bench}-{model_label}-{setting}"
+            shown = {k: v for k, v in spec.items() if k not in ("model_dir", "threads", "seed") and not str(v).startswith("/")}
+            print(f"\n[{bench}] {model_label} / {setting}: {json.dumps(shown)}", flush=True)
+
+            def run_one(lib: str, i: int) -> dict:
+                res = runners[lib](spec, work, i)
+                if res.get("ok") and evaluate is not None:
+                    try:
+                        res["metric"] = evaluate(res, spec)
+                    except Exception as exc:  # noqa: BLE001 - report, keep the timing
+                        res["metric"] = None
+                        res["metric_error"] = repr(exc)
+                if res.get("ok") and not args.keep_runs and res.get("run_dir"):
+                    clean_dir(Path(res["run_dir"]))
+                return res
+
+            runs = alternate(libs, pairs, run_one)
+            groups.append({"model": model_label, "setting": setting, "spec": spec, "runs": runs})
+            mism = [r.get("token_mismatches") for r in runs.get("trl", []) if r.get("ok")]
+            if mism and any(mism):
+                report["notes"].append(f"{model_label}/{setting}: TRL token ids differ from Kilter's on {max(mism)} "
+                                       "checked examples")
+    report["runs"] = groups
+    finish_report(report, args, groups, metric_name, flops_per_token_param)
+    return 0
+
+
+def rm_eval_accuracy(model_dir: str, tokenizer_dir: str, eval_file: Path, max_length: int,
+                     batch_size: int = 32) -> float:
+    """Held-out pairwise accuracy of a reward model: share of pairs with r(chosen) > r(rejected)."""
+    import torch
+
+    from kilter.data.collate import pad_batch
+    from kilter.data.tokenize import encode_pair
+    from kilter.models import load_tokenizer
+    from kilter.models.reward import raw_scores
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = load_for_eval(model_dir, kind="seq_cls")
+    model.config.pad_token_id = tok.pad_token_id
+    rows = read_jsonl(eval_file)
+    wins = 0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            pairs = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], max_length) for r in chunk]
+            flat = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+            batch = pad_batch(flat, tok.pad_token_id, keys=("input_ids",))
+            scores = raw_scores(model, batch["input_ids"], batch["attention_mask"])
+            wins += int((scores[: len(chunk)] > scores[len(chunk):]).sum())
+    return wins / max(len(rows), 1)
+
+
+def sequence_logps(model, examples: list[dict], pad_id: int, batch_size: int = 32):
+    """Summed completion-token log-probs of encoded examples ({input_ids, labels}) -> (N,) float64."""
+    import torch
+
+    from kilter.data.collate import pad_batch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[start:start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            mask = labels != -100
+            logp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            out.append((logp * mask).sum(-1))
+    return torch.cat(out)
+
+
+def dpo_eval_accuracy(model_dir: str, ref_dir: str, eval_file: Path, max_length: int) -> float:
+    """Held-out implicit-reward accuracy of a DPO policy: share of pairs where
+    log pi/pi_ref (chosen) > log pi/pi_ref (rejected), the reference being the starting model."""
+    from kilter.data.tokenize import encode_pair
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer(ref_dir)
+    rows = read_jsonl(eval_file)
+    pairs = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], max_length) for r in rows]
+    flat = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    policy = sequence_logps(load_for_eval(model_dir), flat, tok.pad_token_id)
+    ref = sequence_logps(load_for_eval(ref_dir), flat, tok.pad_token_id)
+    margin = policy - ref
+    n = len(rows)
+    return float((margin[:n] > margin[n:]).double().mean())

@@ -22,9 +22,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def data(tmp_path_factory) -> tuple[Path, Path]:
     from kilter.data.task import build_task
 
-    # 300 rows at batch 8 is 37 steps an epoch: the 40-step run crosses an epoch boundary
-    # after the step-20 checkpoint, so the resumed part must rebuild the next epoch's order.
-    task = build_task(seed=2, n_demonstrations=300, n_eval=24)
+    # 64 rows at batch 8 is 8 steps an epoch: the 12-step run crosses an epoch boundary
+    # after the step-6 checkpoint, so the resumed part must rebuild the next epoch's order.
+    task = build_task(seed=2, n_demonstrations=64, n_eval=16)
     folder = tmp_path_factory.mktemp("resume-data")
     for name, rows in (("train.jsonl", task.demonstrations), ("eval.jsonl", task.eval_demonstrations)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -34,7 +34,7 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 def _args(out: Path, data: tuple[Path, Path], *extra: str) -> list[str]:
     train, evals = data
     return ["sft", f"output_dir={out}", f"data.train={train}", f"data.eval={evals}", "batch_size=8",
-            "max_steps=40", "save_every=20", "eval_every=20", "log_every=5", "optim.lr=1e-3",
+            "max_steps=12", "save_every=6", "eval_every=6", "log_every=2", "optim.lr=1e-3",
             "optim.weight_decay=0.01", "n_samples=0", "tensorboard=false", *extra]
 
 
@@ -43,14 +43,14 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(data, tmp_path, capsy
     assert main(_args(out, data)) == 0
     straight = _weights(out / "final")
     straight_rows = read_metrics(out)
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-20", "step-40"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-6"]
 
-    # The kill: the run died after writing step-20 and before step-40 and final/.
-    shutil.rmtree(out / "checkpoints" / "step-40")
+    # The kill: the run died after writing step-6 and before step-12 and final/.
+    shutil.rmtree(out / "checkpoints" / "step-12")
     shutil.rmtree(out / "final")
     capsys.readouterr()
     assert main(_args(out, data, "resume=true")) == 0
-    assert f"resumed from {out / 'checkpoints' / 'step-20'} at step 20/40" in capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6/12" in capsys.readouterr().out
 
     resumed = _weights(out / "final")
     assert resumed.keys() == straight.keys()
@@ -60,10 +60,10 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(data, tmp_path, capsy
     rows = read_metrics(out)
     train_steps = [r["step"] for r in rows if "loss/sft" in r]
     eval_steps = [r["step"] for r in rows if "eval/loss" in r]
-    assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]  # no duplicates from the first attempt
-    assert eval_steps == [20, 40]
+    assert train_steps == [2, 4, 6, 8, 10, 12]  # no duplicates from the first attempt
+    assert eval_steps == [6, 12]
     # rows up to the checkpoint are the first attempt's, untouched; later ones were written again
-    before = [r for r in straight_rows if r["step"] <= 20]
+    before = [r for r in straight_rows if r["step"] <= 6]
     assert rows[: len(before)] == before
     for old, new in zip(straight_rows[len(before):], rows[len(before):]):
         assert new["step"] == old["step"] and new["time"] >= old["time"]

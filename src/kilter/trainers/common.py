@@ -97,8 +97,11 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates each tensor in one pass; on CPU it is ~10x faster than foreach
+    # for small models, where the optimizer step is otherwise a large share of the step time.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             foreach=True)
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
@@ -277,34 +280,37 @@ def _probe_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
 def fast_causal_lm(model, device: str, packing: bool = True) -> tuple[CompletionLogits | None, bool]:
     """(completion-only logits wrapper or None, padding-free packing usable) for this model.
 
-    Verified on a probe of two short sequences against the model's ordinary forward, in eval
-    mode (LoRA dropout off): a model whose decoder/head split or packed attention gives other
-    logits (softcapping, custom masks, old transformers) keeps the ordinary path.
+    Verified on a probe against the model's ordinary forward, in eval mode (LoRA dropout off):
+    a 7-token sequence ``a`` alone, then the packed row ``[a, a[:5], a[:2]]`` whose second and
+    third segments must repeat the first 5 and 2 logits of ``a`` (causality).  A model whose
+    decoder/head split or packed attention gives other logits (softcapping, custom masks, old
+    transformers) keeps the ordinary path.
     """
     split = split_causal_lm(model)
     was_training = model.training
     model.eval()
     try:
         vocab = model.get_input_embeddings().weight.shape[0]
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randint(0, vocab, (1, 7), generator=gen).to(device)
-        b = torch.randint(0, vocab, (1, 5), generator=gen).to(device)
-        full_a, full_b = _probe_logits(model, a), _probe_logits(model, b)
-        wrapper = None
-        if split is not None:
-            wrapper = CompletionLogits(model, *split)
-            select = torch.ones(1, 6, dtype=torch.bool, device=device)
-            with torch.no_grad():
-                got = wrapper(a, select=select).float()
-            if not torch.allclose(got, full_a[0, :-1], atol=1e-4, rtol=1e-4):
-                wrapper = None
+        a = torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
+        full = _probe_logits(model, a)[0]
+        ids = torch.cat([a, a[:, :5], a[:, :2]], dim=1)
+        pos = torch.cat([torch.arange(7), torch.arange(5), torch.arange(2)]).unsqueeze(0).to(device)
+        expected = torch.cat([full, full[:5], full[:2]])[:-1]  # logits that predict a next token
+
+        def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+            return torch.allclose(x.float(), y, atol=1e-4, rtol=1e-4)
+
+        wrapper = CompletionLogits(model, *split) if split is not None else None
         packed_ok = False
-        if packing:
-            ids = torch.cat([a, b, a[:, :2]], dim=1)
-            pos = torch.cat([torch.arange(7), torch.arange(5), torch.arange(2)]).unsqueeze(0).to(device)
-            got = _probe_logits(model, ids, position_ids=pos)
-            packed_ok = (torch.allclose(got[0, :7], full_a[0], atol=1e-4, rtol=1e-4)
-                         and torch.allclose(got[0, 7:12], full_b[0], atol=1e-4, rtol=1e-4))
+        with torch.no_grad():
+            if wrapper is not None and packing:
+                packed_ok = close(wrapper(ids, position_ids=pos, select=torch.ones(1, 13, dtype=torch.bool,
+                                                                                 device=device)), expected)
+            if wrapper is not None and not packed_ok:
+                one = wrapper(a, select=torch.ones(1, 6, dtype=torch.bool, device=device))
+                wrapper = wrapper if close(one, full[:-1]) else None
+            if wrapper is None and packing:
+                packed_ok = close(_probe_logits(model, ids, position_ids=pos)[0, :-1], expected)
     except Exception:  # noqa: BLE001 - an unusual model simply keeps the ordinary path
         wrapper, packed_ok = None, False
     finally:

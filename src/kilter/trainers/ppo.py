@@ -274,13 +274,12 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     device = info.device
     common.check_precision(cfg.precision, device)
     common.set_seed(cfg.seed)
-    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
-    existing = run_dir.latest_checkpoint()
+    existing = RunDir(cfg.output_dir, writer=False).latest_checkpoint()
     if existing is not None and not cfg.resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
                           "or choose another output_dir")
-
-    reward = build_reward(cfg.reward, device=device)
+    reward = build_reward(cfg.reward, device=device)  # a bad reward source fails before anything is written
+    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
     m = ppo_setup.build_models(cfg, reward, device)
     tok = m.tokenizer
     prompts = ppo_setup.PromptStream(cfg, tok)
@@ -317,6 +316,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         start = common.read_trainer_state(existing)["iteration"]
         run_dir.truncate_metrics(start)
         ppo_setup.truncate_samples(run_dir, start)
+        engine.sync_weights(m.policy)
         print(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
     run_dir.write_config(cfg)
 

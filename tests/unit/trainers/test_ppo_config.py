@@ -62,6 +62,10 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no reward source" in err and err.count("\n") == 0
     assert not (tmp_path / "run").exists()  # nothing is written before the config is known to be good
+    code = main(["ppo", f"output_dir={tmp_path / 'run'}", "reward.function=kilter_no_such_module:f"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot import module kilter_no_such_module" in err and err.count("\n") == 0
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_lists_every_section(capsys):

@@ -100,3 +100,23 @@ def test_value_model_from_a_reward_model_predicts_the_reward_at_the_end(micro, t
     fresh, label = build_value(cfg, pipeline, tok, "cpu")
     assert label.startswith("policy backbone")
     assert batched_values(fresh, batch, 4).abs().max().item() == 0.0  # a new head starts at V = 0
+
+
+def test_prompt_stream_covers_each_epoch_once_in_a_seeded_order(micro, tmp_path):
+    from types import SimpleNamespace
+
+    from kilter.trainers.ppo_setup import PromptStream
+
+    _, tok, _ = micro
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"prompt": "Review the item {i}."}}\n' for i in range(10)))
+    cfg = SimpleNamespace(data=SimpleNamespace(prompts=str(path), skip_invalid=False, task_seed=0,
+                                               max_prompt_length=4),
+                          rollout=SimpleNamespace(batch_size=4), seed=3)
+    stream = PromptStream(cfg, tok)
+    seen = [r["prompt"] for i in range(5) for r in stream.batch(i)]  # 20 draws = two epochs of 10
+    assert sorted(seen[:10]) == sorted(seen[10:]) == sorted(f"Review the item {i}." for i in range(10))
+    assert seen[:10] != seen[10:]  # each epoch has its own shuffle
+    assert all(len(r["ids"]) <= 4 for r in stream.batch(0))  # prompts cut to max_prompt_length
+    again = PromptStream(cfg, tok)
+    assert [r["prompt"] for r in again.batch(3)] == seen[12:16]  # iteration i's batch is a pure function of i

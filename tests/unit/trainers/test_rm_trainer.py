@@ -208,15 +208,20 @@ def test_lora_run_saves_a_merged_plain_reward_model(data, tmp_path):
 
     out = tmp_path / "lora"
     assert _run(f"output_dir={out}", f"data.train={data['comparisons']}", "data.eval_fraction=0", "max_steps=2",
-                "lora.enabled=true", "lora.r=4") == 0
+                "lora.enabled=true", "lora.r=4", "n_samples=2", f"data.eval={data['comparisons']}") == 0
     final = out / "final"
     assert not (final / "adapter_config.json").exists()
     plain = AutoModelForSequenceClassification.from_pretrained(final)
     assert plain.score.weight.shape == (1, 64)
     scorer = load_reward(out)
     assert isinstance(scorer, RewardModel)
-    rows = _rows(data["demos"])
-    assert abs(float(scorer.score([r["prompt"] for r in rows], [r["completion"] for r in rows]).mean())) < 1.0
+    # The bias was set through the peft wrapper and survived the merge: the training
+    # responses (every chosen and rejected) have mean reward 0.
+    rows = _rows(data["comparisons"])
+    prompts = [r["prompt"] for r in rows for _ in range(2)]
+    responses = [x for r in rows for x in (r["chosen"], r["rejected"])]
+    assert scorer.bias != 0.0
+    assert abs(float(scorer.score(prompts, responses).mean())) < 1e-5
 
 
 @pytest.mark.parametrize("row, message", [

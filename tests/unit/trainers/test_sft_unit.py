@@ -113,6 +113,33 @@ def test_forward_sum_on_a_real_model_is_padding_invariant():
     assert total.item() == pytest.approx(sum(singles), rel=1e-5)
 
 
+def test_fast_paths_give_the_padded_loss():
+    """Completion-only logits and padding-free packed rows change no number the loss sees."""
+    from kilter.models import load_causal_lm, load_tokenizer
+    from kilter.trainers.common import fast_causal_lm, pack_micro_batch
+    from kilter.trainers.sft import _forward_sum_fast
+
+    tok = load_tokenizer("builtin:micro")
+    model = load_causal_lm("builtin:micro", tok)
+    loss_model, packed_ok = fast_causal_lm(model, "cpu")
+    assert loss_model is not None and packed_ok  # a Llama supports both in this transformers
+    examples = [
+        {"input_ids": [10, 11, 12, 13, 14, 15, 16], "labels": [IGNORE, IGNORE, IGNORE, 13, 14, 15, 16]},
+        {"input_ids": [20, 21, 22], "labels": [IGNORE, 21, 22]},
+        {"input_ids": [30, 31, 32, 33, 34], "labels": [IGNORE, IGNORE, 32, 33, 34]},
+        {"input_ids": [40, 41], "labels": [IGNORE, 41]},
+    ]
+    with torch.no_grad():
+        ref, n_ref = _forward_sum(model, pad_batch(examples, tok.pad_token_id), "fp32", "cpu")
+        padded, n_padded = _forward_sum_fast(loss_model, pad_batch(examples, tok.pad_token_id), "fp32", "cpu")
+        packed_batch = pack_micro_batch(examples, tok.pad_token_id, capacity=10)
+        packed, n_packed = _forward_sum_fast(loss_model, packed_batch, "fp32", "cpu")
+    assert n_ref.item() == n_padded.item() == n_packed.item() == 4 + 2 + 3 + 1
+    assert packed_batch["input_ids"].shape[0] < len(examples)  # several examples really share a row
+    assert padded.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert packed.item() == pytest.approx(ref.item(), rel=1e-5)  # no attention across examples
+
+
 # --------------------------------------------------------------------------- batching
 
 
