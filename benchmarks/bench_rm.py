@@ -79,9 +79,15 @@ def trl_worker(spec_path: str) -> int:
     run_dir = Path(spec_path).parent
     torch.set_num_threads(spec["threads"])
     rows = C.read_jsonl(Path(spec["train"]))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     dataset = Dataset.from_list([{"prompt": r["prompt"] + PROMPT_SEP, "chosen": r["chosen"], "rejected": r["rejected"]}
                                  for r in rows])
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    if spec["group_by_length"]:
+        # TRL's length-grouped sampler needs an input_ids or length column, which preference data
+        # lacks: add the pair's longest sequence and keep the column (remove_unused_columns=False).
+        encoded = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], spec["max_length"]) for r in rows]
+        dataset = dataset.add_column("length", [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
+                                                for e in encoded])
     peft_config = None
     if spec["lora"]:
         from peft import LoraConfig
@@ -95,6 +101,7 @@ def trl_worker(spec_path: str) -> int:
         adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
         gradient_checkpointing=False, max_length=spec["max_length"], center_rewards_coefficient=None,
         disable_dropout=True, train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
+        remove_unused_columns=not spec["group_by_length"],
         logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=spec["seed"],
         data_seed=spec["seed"], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -114,7 +121,7 @@ def trl_worker(spec_path: str) -> int:
 
     tokens: list[int] = []
     times: list[float] = []
-    trainer.data_collator = C.StepClockMixin.counting(trainer.data_collator, tokens)
+    C.StepClockMixin.count_tokens(trainer, tokens)
     trainer.add_callback(C.StepClockMixin.clock(times))
     output = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [output.training_loss]

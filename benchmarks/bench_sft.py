@@ -127,7 +127,7 @@ def trl_worker(spec_path: str) -> int:
 
     tokens: list[int] = []
     times: list[float] = []
-    trainer.data_collator = C.StepClockMixin.counting(trainer.data_collator, tokens)
+    C.StepClockMixin.count_tokens(trainer, tokens)
     trainer.add_callback(C.StepClockMixin.clock(times))
     output = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [output.training_loss]

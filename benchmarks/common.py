@@ -276,26 +276,30 @@ SUMMARY_COLUMNS = [
 
 
 def summarize(bench: str, model: str, setting: str, runs: dict[str, list[dict]], params: int, peak: float,
-              metric_name: str, flops_per_token_param: float = 6.0) -> list[dict]:
-    """One row per library: medians over its runs, plus the Kilter/TRL ratio of medians."""
+              metric_name: str, flops_per_token_param: float | dict[str, float] = 6.0) -> list[dict]:
+    """One row per library: medians over its runs, plus each Kilter row's ratio to the TRL row
+    (ratio of the medians of samples/s)."""
     rows = []
     med = {}
     for lib, samples in runs.items():
         ok = [r for r in samples if r.get("ok")]
+        factor = flops_per_token_param.get(lib, 6.0) if isinstance(flops_per_token_param, dict) else flops_per_token_param
         row = {"bench": bench, "model": model, "setting": setting, "lib": lib, "n": len(ok),
                "samples_per_s": median([r["samples_per_s"] for r in ok]),
                "tokens_per_s": median([r["tokens_per_s"] for r in ok]),
                "step_s": median([r["step_s"] for r in ok]),
                "max_rss_mb": median([r["max_rss_mb"] for r in ok]),
                "metric": median([r.get("metric") for r in ok]),
-               "metric_name": metric_name}
-        row["mfu_pct"] = 100 * mfu(params, row["tokens_per_s"], peak, flops_per_token_param) if ok else float("nan")
+               "metric_name": metric_name,
+               "samples_per_s_all": [round(r["samples_per_s"], 4) for r in ok]}
+        row["mfu_pct"] = 100 * mfu(params, row["tokens_per_s"], peak, factor) if ok else float("nan")
         med[lib] = row
         rows.append(row)
-    kilter_libs = [lib for lib in med if lib.startswith("kilter")]
-    for lib in kilter_libs:
-        if "trl" in med and med["trl"]["samples_per_s"] == med["trl"]["samples_per_s"]:
-            med[lib]["ratio"] = med[lib]["samples_per_s"] / med["trl"]["samples_per_s"]
+    base = next((lib for lib in med if lib.startswith("trl")), None)
+    if base is not None and med[base]["samples_per_s"] == med[base]["samples_per_s"]:
+        for lib in med:
+            if lib.startswith("kilter"):
+                med[lib]["ratio"] = med[lib]["samples_per_s"] / med[base]["samples_per_s"]
     return rows
 
 
@@ -342,7 +346,7 @@ def start_report(bench: str, args) -> dict:
 
 
 def finish_report(report: dict, args, groups: list[dict], metric_name: str,
-                  flops_per_token_param: float = 6.0) -> Path:
+                  flops_per_token_param: float | dict[str, float] = 6.0) -> Path:
     """Measure the end peak, build the summary rows (medians, ratios, MFU), print and save them.
 
     ``groups``: one dict per (model, setting) with keys model, setting, spec (holding model_dir,
@@ -585,13 +589,16 @@ class StepClockMixin:
         return StepClock()
 
     @staticmethod
-    def counting(inner, counts: list[int], key: str = "attention_mask"):
-        def collate(features):
-            batch = inner(features)
-            counts.append(int(batch[key].sum()) if key in batch else int(batch["input_ids"].numel()))
-            return batch
+    def count_tokens(trainer, counts: list[int], key: str = "attention_mask") -> None:
+        """Wrap ``trainer.training_step`` to record the real tokens of every training micro-batch
+        (the collator would also see look-ahead and reference-precompute batches)."""
+        inner = trainer.training_step
 
-        return collate
+        def training_step(model, inputs, *args, **kwargs):
+            counts.append(int(inputs[key].sum()) if key in inputs else int(inputs["input_ids"].numel()))
+            return inner(model, inputs, *args, **kwargs)
+
+        trainer.training_step = training_step
 
 
 def save_trl_final(trainer, tokenizer, path: Path, lora: bool) -> None:
@@ -604,7 +611,7 @@ def save_trl_final(trainer, tokenizer, path: Path, lora: bool) -> None:
 
 
 def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], evaluate: Callable | None,
-          metric_name: str, flops_per_token_param: float = 6.0) -> int:
+          metric_name: str, flops_per_token_param: float | dict[str, float] = 6.0) -> int:
     """Alternate the runners per (model, setting), evaluate each run, print and save the summary."""
     out = Path(args.out)
     files = prepare_data(out)
@@ -633,7 +640,7 @@ def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], e
 
             runs = alternate(libs, pairs, run_one)
             groups.append({"model": model_label, "setting": setting, "spec": spec, "runs": runs})
-            mism = [r.get("token_mismatches") for r in runs.get("trl", []) if r.get("ok")]
+            mism = [r.get("token_mismatches") for lib in runs if lib.startswith("trl") for r in runs[lib] if r.get("ok")]
             if mism and any(mism):
                 report["notes"].append(f"{model_label}/{setting}: TRL token ids differ from Kilter's on {max(mism)} "
                                        "checked examples")

@@ -48,6 +48,11 @@ def all_reduce_sum(value: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
     t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
     t = t.to(torch.float64 if t.device.type == "cpu" else t.dtype)
     if info.enabled:
+        if t.device.type == "cpu" and info.device.startswith("cuda"):
+            # NCCL reduces GPU tensors only; trainers keep their running sums on the CPU.
+            on_device = t.to(info.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            return on_device.cpu()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 

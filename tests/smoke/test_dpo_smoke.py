@@ -86,15 +86,18 @@ def test_precomputed_and_online_reference_give_the_same_losses(sft_model_dir, pr
     assert _dpo([*args, f"output_dir={tmp_path / 'online'}", "reference=online"]) == 0
     assert (tmp_path / "pre" / "ref_logps.pt").is_file() and not (tmp_path / "online" / "ref_logps.pt").exists()
     pre, online = read_metrics(tmp_path / "pre"), read_metrics(tmp_path / "online")
-    keys = ("loss/dpo", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
+    # Continuous quantities only: at step 0 the policy IS the reference, every margin is 0 up to
+    # float rounding (which differs with the batching), so the accuracy there is a coin toss.
+    keys = ("loss/dpo", "rewards/margin", "rewards/chosen", "logps/chosen", "eval/loss", "eval/rewards/margin")
     compared = 0
+    assert [r["step"] for r in pre] == [r["step"] for r in online]
     for a, b in zip(pre, online):
-        assert a["step"] == b["step"]
         for key in keys:
             if key in a:
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
                 compared += 1
-    assert compared >= 3 + 2 * 2  # three training steps, two evaluations
+    assert compared >= 3 * 4 + 2 * 2  # three training steps, two evaluations
+    assert pre[-1]["eval/rewards/accuracy"] == pytest.approx(online[-1]["eval/rewards/accuracy"])
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,8 +118,11 @@ def test_resume_equals_uninterrupted(sft_model_dir, pref_data, tmp_path):
     shutil.rmtree(cut / "final")
     assert _dpo([*args, f"output_dir={cut}"]) == 2  # refuses to overwrite checkpoints without resume=true
     assert _dpo([*args, f"output_dir={cut}", "resume=true"]) == 0
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]  # noqa: E731
-    assert strip(read_metrics(cut)) == pytest.approx(strip(read_metrics(full)))
+    resumed, uninterrupted = read_metrics(cut), read_metrics(full)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [1, 2, 3, 4]
+    for a, b in zip(resumed, uninterrupted):
+        a, b = ({k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in (a, b))
+        assert a == pytest.approx(b, rel=1e-6)
     a, b = _weights(full / "final"), _weights(cut / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -138,13 +144,18 @@ def test_lora_ipo_on_rankings_saves_a_plain_model(sft_model_dir, pref_data, tmp_
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "Review the lamp.", "chosen": "Great lamp."}, "field 'rejected': missing"),
-    ({"prompt": "Review the lamp.", "chosen": "", "rejected": "Bad."}, "field 'chosen'"),
-    ({"prompt": "Review the lamp.", "responses": ["a", "b"], "ranks": [1, "x"]}, "field 'ranks'"),
+GOOD_PAIR = {"prompt": "Review the desk.", "chosen": "Nice.", "rejected": "Bad."}
+GOOD_RANKING = {"prompt": "Review the desk.", "responses": ["Nice.", "Bad."], "ranks": [1, 2]}
+
+
+@pytest.mark.parametrize("good, row, message", [
+    (GOOD_PAIR, {"prompt": "Review the lamp.", "chosen": "Great lamp."}, "field 'rejected': missing"),
+    (GOOD_PAIR, {"prompt": "Review the lamp.", "chosen": "", "rejected": "Bad."}, "field 'chosen'"),
+    (GOOD_RANKING, {"prompt": "Review the lamp.", "responses": ["a", "b"], "ranks": [1, "x"]}, "field 'ranks'"),
+    (GOOD_RANKING, {"prompt": "Review the lamp.", "responses": ["a", "b"]}, "field 'ranks': missing"),
 ])
-def test_bad_preference_rows_exit_2_with_one_line(tmp_path, capsys, row, message):
-    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "Review the desk.", "chosen": "Nice.", "rejected": "Bad."}, row])
+def test_bad_preference_rows_exit_2_with_one_line(tmp_path, capsys, good, row, message):
+    bad = _write(tmp_path / "bad.jsonl", [good, row])
     code = _dpo([f"data.train={bad}", f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -48,7 +48,7 @@ def test_kto_separates_held_out_thumbs(sft_model_dir, thumbs, tmp_path):
     assert evals[-1]["eval/rewards/auc"] > 0.6  # chance is 0.5
     assert evals[-1]["eval/rewards/margin"] > evals[0]["eval/rewards/margin"]
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-    assert train[-1]["loss/kto"] < train[0]["loss/kto"]
+    # (the training loss of a window depends on its mix of thumbs up and down, so it is not compared)
     assert all(r["kl/ref"] >= 0 for r in train)  # z0 is a clamped KL estimate
     assert "rewards/desirable" in train[-1] and "logps/undesirable" in train[-1]
     assert (out / "final" / "config.json").is_file()

@@ -49,14 +49,14 @@ def _eval_loss(folder: Path, data: Path) -> float:
 
     tok = load_tokenizer(str(folder))
     model = load_causal_lm(str(folder), tok)
-    examples = encode_sft_records(tok, load_records(str(data), "demonstration").rows[:64], 256)
+    examples = encode_sft_records(tok, load_records(str(data), "demonstration").rows[:32], 256)
     return evaluate(model, examples, tok.pad_token_id, 32, "fp32", "cpu", DistInfo())["eval/loss"]
 
 
 def test_lora_trains_adapters_only_and_merges(sft_model_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _run(out, sft_model_dir, chat_file, f"data.eval={chat_file}", "data.max_eval_examples=64",
-                "max_steps=12", "optim.lr=5e-3", "log_every=4", "eval_every=12", "save_every=12") == 0
+    assert _run(out, sft_model_dir, chat_file, f"data.eval={chat_file}", "data.max_eval_examples=32",
+                "max_steps=8", "optim.lr=5e-3", "log_every=4", "eval_every=8", "save_every=8") == 0
     m = re.search(r"([\d.]+)M of ([\d.]+)M parameters trainable", capsys.readouterr().out)
     trainable, total = float(m.group(1)), float(m.group(2))
     assert 0 < trainable < total / 5
@@ -75,7 +75,7 @@ def test_lora_trains_adapters_only_and_merges(sft_model_dir, chat_file, tmp_path
     assert any("q_proj" in n for n in changed) and any("down_proj" in n for n in changed)
 
     # the checkpoint holds the adapter only, not a second copy of the base
-    ckpt = out / "checkpoints" / "step-12"
+    ckpt = out / "checkpoints" / "step-8"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,8 +90,8 @@ def test_lora_trains_adapters_only_and_merges(sft_model_dir, chat_file, tmp_path
 
 def test_lora_without_merge_saves_the_adapter(sft_model_dir, chat_file, tmp_path):
     out = tmp_path / "run"
-    assert _run(out, sft_model_dir, chat_file, "data.eval=null", "max_steps=2", "lora.merge_on_save=false",
-                "lora.r=4") == 0
+    assert _run(out, sft_model_dir, chat_file, "data.eval=null", "max_steps=1", "batch_size=8",
+                "lora.merge_on_save=false", "lora.r=4") == 0
     final = out / "final"
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert not (final / "model.safetensors").exists()

@@ -64,7 +64,7 @@ class SampleSection(BaseConfig):
 class DPOData(BaseConfig):
     """Where the preference pairs come from and how they are cut and batched."""
 
-    train: str = "data/comparisons.jsonl"
+    train: str = "runs/labels/comparisons.jsonl"
     """Comparisons {prompt, chosen, rejected} or rankings {prompt, responses, ranks}: .jsonl/.json/.csv/.parquet or a save_to_disk folder."""
     eval: str | None = None
     """Held-out pairs for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""

@@ -58,7 +58,7 @@ from kilter.trainers.reference import Reference, cached_sequence_logps, sequence
 class KTOData(BaseConfig):
     """Where the thumbs-up/down records come from and how they are cut and batched."""
 
-    train: str = "data/thumbs.jsonl"
+    train: str = "runs/labels/thumbs.jsonl"
     """Rating records {prompt, completion, label: true|false}: .jsonl/.json/.csv/.parquet or a save_to_disk folder."""
     eval: str | None = None
     """Held-out ratings for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""

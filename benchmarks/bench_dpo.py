@@ -1,0 +1,159 @@
+"""DPO side by side: ``kilter dpo`` vs TRL's ``DPOTrainer`` on identical model, data and settings.
+
+    benchmarks/.venv-trl/bin/python benchmarks/bench_dpo.py                 # full comparison
+    benchmarks/.venv-trl/bin/python benchmarks/bench_dpo.py --quick         # correctness check only
+
+Both read ``benchmarks/out/data/comparisons.jsonl`` and start from the same model, which is also
+the frozen reference (with LoRA: the adapter-disabled policy in both).  Sigmoid DPO loss,
+beta 0.1, summed response log-probs, one pair = one sample, B pairs (2B sequences) per step.
+TRL gets ``prompt + "\\n"`` so both see the same token ids (checked per run).
+
+Settings:
+  same  fp32, random batches, reference log-probs computed online every step in both
+        (Kilter reference=online, TRL precompute_ref_log_probs=false)
+  best  bf16 autocast where the CPU has bf16 instructions, length-grouped batches, reference
+        log-probs precomputed once before training in both (Kilter reference=precompute, TRL
+        precompute_ref_log_probs=true); the precompute pass runs before the first step, so it is
+        outside the timed window for both (its cost is in wall_s in the JSON)
+The final metric is held-out implicit-reward accuracy (216 pairs) against the starting model,
+computed by the same code for both.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+PROFILES = {
+    "tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10, "beta": 0.1},
+    "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 14, "warmup": 4, "beta": 0.1},
+}
+QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
+
+
+def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
+    spec = C.base_spec(model_label, setting, args, PROFILES, QUICK)
+    spec.update(train=str(files["comparisons"]), eval=str(files["comparisons_eval"]),
+                precompute_ref=setting == "best")
+    return spec
+
+
+def kilter_cmd(spec: dict, run_dir: Path) -> list[str]:
+    return [
+        str(C.KILTER), "dpo", f"model={spec['model_dir']}", f"output_dir={run_dir}",
+        f"data.train={spec['train']}", "data.eval=null", "data.eval_fraction=0", "data.kind=comparison",
+        f"data.max_length={spec['max_length']}", f"data.group_by_length={str(spec['group_by_length']).lower()}",
+        "loss_type=sigmoid", f"beta={spec['beta']}", "label_smoothing=0", "average_logps=false",
+        f"reference={'precompute' if spec['precompute_ref'] else 'online'}",
+        f"batch_size={spec['batch_size']}", "grad_accum=1", f"max_steps={spec['steps']}",
+        f"optim.lr={spec['lr']}", "optim.warmup_ratio=0.05", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
+        "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", f"precision={spec['precision']}",
+        f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "gradient_checkpointing=false", "device=cpu", f"seed={spec['seed']}", "log_every=1", "eval_every=1000000",
+        "save_every=1000000", "samples.n=0", "tensorboard=false", f"threads={spec['threads']}",
+    ]
+
+
+def run_kilter(spec: dict, work: Path, i: int) -> dict:
+    run_dir = work / f"kilter-{i}"
+    res, rows = C.run_kilter_cli(kilter_cmd(spec, run_dir), run_dir, work / f"kilter-{i}.log", spec,
+                                 spec["batch_size"], sample_key="perf/pairs_per_s")
+    losses = [r["loss/dpo"] for r in rows if "loss/dpo" in r]
+    if losses:
+        res["train_loss_last10"] = sum(losses[-10:]) / len(losses[-10:])
+    return res
+
+
+def run_trl(spec: dict, work: Path, i: int) -> dict:
+    res, out = C.run_trl_worker(__file__, spec, work, i)
+    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked") if k in out})
+    return res
+
+
+def trl_worker(spec_path: str) -> int:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from kilter.data.tokenize import PROMPT_SEP, encode_pair
+
+    spec = json.loads(Path(spec_path).read_text())
+    run_dir = Path(spec_path).parent
+    torch.set_num_threads(spec["threads"])
+    rows = C.read_jsonl(Path(spec["train"]))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    dataset = Dataset.from_list([{"prompt": r["prompt"] + PROMPT_SEP, "chosen": r["chosen"], "rejected": r["rejected"]}
+                                 for r in rows])
+    if spec["group_by_length"]:
+        # TRL's length-grouped sampler needs an input_ids or length column, which preference data
+        # lacks: add the pair's longest sequence and keep the column (remove_unused_columns=False).
+        encoded = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], spec["max_length"]) for r in rows]
+        dataset = dataset.add_column("length", [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
+                                                for e in encoded])
+    peft_config = None
+    if spec["lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = DPOConfig(
+        output_dir=str(run_dir / "trainer"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.05, adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
+        gradient_checkpointing=False, max_length=spec["max_length"], beta=spec["beta"], loss_type=["sigmoid"],
+        label_smoothing=0.0, precompute_ref_log_probs=spec["precompute_ref"], disable_dropout=True,
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
+        remove_unused_columns=not spec["group_by_length"],
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=spec["seed"],
+        data_seed=spec["seed"], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=spec["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+
+    n_check = min(500, len(rows))
+    mismatches = 0
+    for k in range(n_check):
+        ex = trainer.train_dataset[k]
+        mine = encode_pair(tokenizer, rows[k]["prompt"], rows[k]["chosen"], rows[k]["rejected"], spec["max_length"])
+        prompt = list(ex["prompt_ids"])
+        if (prompt + list(ex["chosen_ids"]) != mine["chosen"]["input_ids"]
+                or prompt + list(ex["rejected_ids"]) != mine["rejected"]["input_ids"]
+                or len(prompt) != mine["chosen"]["prompt_len"]):
+            mismatches += 1
+            if mismatches == 1:
+                print(f"token mismatch at example {k}:\n trl    {prompt} | {list(ex['chosen_ids'])}\n kilter "
+                      f"{mine['chosen']['input_ids']} (prompt {mine['chosen']['prompt_len']})", flush=True)
+
+    tokens: list[int] = []
+    times: list[float] = []
+    C.StepClockMixin.count_tokens(trainer, tokens)
+    trainer.add_callback(C.StepClockMixin.clock(times))
+    output = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [output.training_loss]
+    C.save_trl_final(trainer, tokenizer, run_dir / "final", spec["lora"])
+    n = len(times)
+    result = {"times": times, "samples": [spec["batch_size"]] * n, "tokens": tokens[:n],
+              "train_loss_last10": losses[-1], "token_mismatches": mismatches, "token_checked": n_check}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+def evaluate(res: dict, spec: dict) -> float:
+    return C.dpo_eval_accuracy(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"])
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--trl-worker":
+        return trl_worker(sys.argv[2])
+    args = C.base_parser("DPO: kilter dpo vs TRL DPOTrainer").parse_args()
+    return C.drive("dpo", args, make_spec, {"kilter": run_kilter, "trl": run_trl}, evaluate,
+                   "eval reward accuracy")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
