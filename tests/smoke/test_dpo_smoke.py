@@ -46,7 +46,7 @@ def pref_data(tmp_path_factory) -> dict[str, Path]:
     held_out = SimulatedLabeler(noise=0.0, seed=1).label_comparisons(eval_prompts, eval_groups, pairs="all")
     rankings = SimulatedLabeler(noise=0.3, seed=2).label_rankings(prompts[:40], [g[:4] for g in groups[:40]])
     return {
-        "train": _write(folder / "comparisons.jsonl", train[:1200]),
+        "train": _write(folder / "comparisons.jsonl", train[:800]),
         "small": _write(folder / "small.jsonl", train[:48]),
         "eval": _write(folder / "eval_comparisons.jsonl", held_out),
         "rankings": _write(folder / "rankings.jsonl", rankings),
@@ -134,7 +134,7 @@ def test_lora_ipo_on_rankings_saves_a_plain_model(sft_model_dir, pref_data, tmp_
     code = _dpo([f"model={sft_model_dir}", f"output_dir={out}", f"data.train={pref_data['rankings']}",
                  "data.ranking_pairs=best_vs_rest", "data.eval_fraction=0.2", "loss_type=ipo", "beta=0.5",
                  "lora.enabled=true", "lora.r=4", "reference=online", "batch_size=8", "max_steps=3", "log_every=1",
-                 "optim.lr=5e-3"])
+                 "optim.lr=1e-3"])
     assert code == 0
     rows = read_metrics(out)
     assert [r["step"] for r in rows if "loss/dpo" in r] == [1, 2, 3]

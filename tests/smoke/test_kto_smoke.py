@@ -25,10 +25,10 @@ def thumbs(tmp_path_factory) -> dict[str, Path]:
 
     task = build_task()
     folder = tmp_path_factory.mktemp("kto-data")
-    demos = task.demonstrations[:800]
+    demos = task.demonstrations[:480]
     train = SimulatedLabeler(noise=0.3, seed=0).label_thumbs([d["prompt"] for d in demos],
                                                              [d["completion"] for d in demos])
-    held = task.eval_demonstrations[:128]
+    held = task.eval_demonstrations[:96]
     held_out = SimulatedLabeler(noise=0.0, seed=1).label_thumbs([d["prompt"] for d in held],
                                                                 [d["completion"] for d in held])
     return {"train": _write(folder / "thumbs.jsonl", train), "small": _write(folder / "small.jsonl", train[:32]),

@@ -3,7 +3,7 @@
 For each prompt the policy samples n responses; a reward model, an ensemble or a Python
 reward function scores them, and the best one is kept.  The kept responses form an SFT
 data set (``chosen.jsonl``, {prompt, completion}): fine-tuning on them is rejection
-sampling fine-tuning (Touvron et al. 2023, section 3.2.2; RAFT).  Best-of-n is also a
+sampling fine-tuning (Llama 2, Touvron et al. 2023; RAFT, Dong et al. 2023).  Best-of-n is also a
 strong baseline policy on its own, whose divergence from the sampler is known in closed
 form: KL(best-of-n || pi) <= log n - (n - 1) / n (Stiennon et al. 2020, appendix; Beirami
 et al. 2024 show it is an upper bound), which is reported next to the reward gain.

@@ -1,0 +1,66 @@
+"""Turn the JSON results of the bench_*.py scripts into the tables of RESULTS.md.
+
+    benchmarks/.venv-trl/bin/python benchmarks/report.py > benchmarks/out/tables.md
+
+Reads benchmarks/out/{sft,rm,dpo,rl}.json (whichever exist) and prints, per benchmark, the
+machine line, the matmul peaks measured at the start and end of that invocation, the command,
+and a table of medians with Kilter/TRL ratios, plus every run's samples/s so the spread shows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+TITLES = {"sft": "SFT (kilter sft vs TRL SFTTrainer)", "rm": "Reward model (kilter rm vs TRL RewardTrainer)",
+          "dpo": "DPO (kilter dpo vs TRL DPOTrainer)", "rl": "Online RL (kilter ppo/rloo vs TRL RLOOTrainer)"}
+UNITS = {"sft": ("examples/s", "tokens/s"), "rm": ("pairs/s", "tokens/s"), "dpo": ("pairs/s", "tokens/s"),
+         "rl": ("episodes/s", "gen. tokens/s")}
+
+
+def table(report: dict) -> str:
+    samples, tokens = UNITS[report["bench"]]
+    metric = report["rows"][0]["metric_name"] if report["rows"] else "metric"
+    columns = [("model", "model"), ("setting", "setting"), ("lib", "library"), ("samples_per_s", samples),
+               ("tokens_per_s", tokens), ("step_s", "s/step"), ("max_rss_mb", "peak RSS MB"),
+               ("metric", metric), ("mfu_pct", "MFU %"), ("ratio", "Kilter/TRL")]
+    return C.markdown_table(report["rows"], columns)
+
+
+def spread(report: dict) -> str:
+    lines = []
+    for row in report["rows"]:
+        runs = ", ".join(f"{v:.3g}" for v in row.get("samples_per_s_all", []))
+        lines.append(f"- {row['model']} / {row['setting']} / {row['lib']}: {runs}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else C.OUT
+    for bench in ("sft", "rm", "dpo", "rl"):
+        path = out / f"{bench}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        ps, pe = r["peaks_start"], r.get("peaks_end", {})
+        print(f"### {TITLES[bench]}\n")
+        print(f"`benchmarks/.venv-trl/bin/python benchmarks/{r['command']}` -- {r['date']}  ")
+        print(f"{r['machine']}; " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + "  ")
+        print(f"matmul peak GFLOP/s: fp32 {ps['fp32']:.1f} -> {pe.get('fp32', float('nan')):.1f}, "
+              f"bf16 {ps['bf16']:.1f} -> {pe.get('bf16', float('nan')):.1f} (start -> end); load average "
+              f"{r.get('loadavg_start', ['?'])[0]:.2f} -> {r.get('loadavg_end', ['?'])[0]:.2f}\n")
+        print(table(r))
+        print("\nsamples/s of each run (in run order):\n")
+        print(spread(r))
+        for note in r.get("notes", []):
+            print(f"\nnote: {note}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
