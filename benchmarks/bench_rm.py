@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
 PROFILES = {
-    "tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
-    "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 14, "warmup": 4},
+    "tiny": {"eval_limit": None, "batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
+    "smollm2-lora": {"eval_limit": 128, "batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 14, "warmup": 4},
 }
 QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
 
@@ -134,7 +134,8 @@ def trl_worker(spec_path: str) -> int:
 
 
 def evaluate(res: dict, spec: dict) -> float:
-    return C.rm_eval_accuracy(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"])
+    return C.rm_eval_accuracy(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"],
+                            limit=spec["eval_limit"])
 
 
 def main() -> int:

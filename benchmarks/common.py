@@ -650,7 +650,7 @@ def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], e
 
 
 def rm_eval_accuracy(model_dir: str, tokenizer_dir: str, eval_file: Path, max_length: int,
-                     batch_size: int = 32) -> float:
+                     batch_size: int = 32, limit: int | None = None) -> float:
     """Held-out pairwise accuracy of a reward model: share of pairs with r(chosen) > r(rejected)."""
     import torch
 
@@ -662,7 +662,7 @@ def rm_eval_accuracy(model_dir: str, tokenizer_dir: str, eval_file: Path, max_le
     tok = load_tokenizer(tokenizer_dir)
     model = load_for_eval(model_dir, kind="seq_cls")
     model.config.pad_token_id = tok.pad_token_id
-    rows = read_jsonl(eval_file)
+    rows = read_jsonl(eval_file)[:limit]
     wins = 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
@@ -693,18 +693,25 @@ def sequence_logps(model, examples: list[dict], pad_id: int, batch_size: int = 3
     return torch.cat(out)
 
 
-def dpo_eval_accuracy(model_dir: str, ref_dir: str, eval_file: Path, max_length: int) -> float:
+_REF_LOGPS: dict[tuple, Any] = {}
+
+
+def dpo_eval_accuracy(model_dir: str, ref_dir: str, eval_file: Path, max_length: int, limit: int | None = None) -> float:
     """Held-out implicit-reward accuracy of a DPO policy: share of pairs where
-    log pi/pi_ref (chosen) > log pi/pi_ref (rejected), the reference being the starting model."""
+    log pi/pi_ref (chosen) > log pi/pi_ref (rejected), the reference being the starting model
+    (its log-probs are computed once per invocation and reused for every run)."""
     from kilter.data.tokenize import encode_pair
     from kilter.models import load_tokenizer
 
     tok = load_tokenizer(ref_dir)
-    rows = read_jsonl(eval_file)
+    rows = read_jsonl(eval_file)[:limit]
     pairs = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"], max_length) for r in rows]
     flat = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     policy = sequence_logps(load_for_eval(model_dir), flat, tok.pad_token_id)
-    ref = sequence_logps(load_for_eval(ref_dir), flat, tok.pad_token_id)
+    key = (ref_dir, str(eval_file), max_length, limit)
+    if key not in _REF_LOGPS:
+        _REF_LOGPS[key] = sequence_logps(load_for_eval(ref_dir), flat, tok.pad_token_id)
+    ref = _REF_LOGPS[key]
     margin = policy - ref
     n = len(rows)
     return float((margin[:n] > margin[n:]).double().mean())
