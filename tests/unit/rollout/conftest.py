@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +13,12 @@ def micro_lm():
     model = load_causal_lm(path, tokenizer)
     model.eval()
     return tokenizer, model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
