@@ -11,7 +11,7 @@ TRL gets ``prompt + "\\n"`` so both see the same token ids (checked per run).
 Settings:
   same  fp32, random batches, reference log-probs computed online every step in both
         (Kilter reference=online, TRL precompute_ref_log_probs=false)
-  best  bf16 autocast where the CPU has bf16 instructions, length-grouped batches, reference
+  best-fp32 / best-bf16  length-grouped batches, fp32 or bf16 autocast, reference
         log-probs precomputed once before training in both (Kilter reference=precompute, TRL
         precompute_ref_log_probs=true); the precompute pass runs before the first step, so it is
         outside the timed window for both (its cost is in wall_s in the JSON)
@@ -38,7 +38,7 @@ QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
     spec = C.base_spec(model_label, setting, args, PROFILES, QUICK)
     spec.update(train=str(files["comparisons"]), eval=str(files["comparisons_eval"]),
-                precompute_ref=setting == "best")
+                precompute_ref=setting.startswith("best"))
     return spec
 
 

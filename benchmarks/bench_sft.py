@@ -10,7 +10,9 @@ against Kilter's encoder and reports mismatches.  Loss is on completion tokens o
 
 Settings (see common.py for how time is measured):
   same  fp32, random batches (Kilter data.group_by_length=false, TRL train_sampling_strategy=random)
-  best  bf16 autocast when the CPU has bf16 instructions, length-grouped batches in both
+  best-fp32 / best-bf16  length-grouped batches in both (Kilter data.group_by_length=true, TRL
+        train_sampling_strategy=group_by_length), fp32 or bf16 autocast (bf16 needs the CPU's bf16
+        instructions); each library's best CPU setting is the faster of the two
 Common to both: AdamW(0.9, 0.95, eps 1e-8, wd 0), 5% warmup then cosine to 10% of the peak LR,
 grad-norm clip 1.0, no gradient checkpointing, no evaluation or saving inside the loop, batch
 size B with no accumulation, the same max_length, seed 0.  The final metric is the held-out

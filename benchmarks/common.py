@@ -52,6 +52,12 @@ MODELS = {
 }
 
 
+# setting: (precision, length-grouped batches).  "same" is the identical-settings comparison;
+# best-* are candidates for each library's best CPU settings (the better of the two counts).
+SETTINGS = {"same": ("fp32", False), "best-fp32": ("fp32", True), "best-bf16": ("bf16", True),
+            "best": ("bf16", True)}
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -309,9 +315,10 @@ def summarize(bench: str, model: str, setting: str, runs: dict[str, list[dict]],
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--models", default="tiny,smollm2-lora", help="comma list of: " + ", ".join(MODELS))
-    p.add_argument("--settings", default="same,best",
-                   help="same: fp32, no length grouping, identical everything; best: each library's best CPU "
-                        "settings (bf16 autocast when the CPU has bf16 instructions, length-grouped batches)")
+    p.add_argument("--settings", default="same,best-bf16",
+                   help="comma list of: same (fp32, random batches, identical everything), best-fp32 / best-bf16 "
+                        "(length-grouped batches in both libraries, fp32 or bf16 autocast): candidates for each "
+                        "library's best CPU settings")
     p.add_argument("--pairs", type=int, default=3, help="K/T alternations per model and setting (medians over them)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per model)")
     p.add_argument("--warmup", type=int, default=None, help="steps excluded from the timing window (default per model)")
@@ -365,7 +372,7 @@ def finish_report(report: dict, args, groups: list[dict], metric_name: str,
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
-    path = out / f"{report['bench']}{suffix}.json"
+    path = out / f"{report['bench']}-{args.models.replace(',', '+')}{suffix}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print()
     print(markdown_table(report["rows"], SUMMARY_COLUMNS))
@@ -536,10 +543,13 @@ def base_spec(model_label: str, setting: str, args, profiles: dict, quick: dict)
         prof["steps"] = args.steps
     if args.warmup is not None:
         prof["warmup"] = args.warmup
-    best = setting == "best"
+    if setting not in SETTINGS:
+        raise SystemExit(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    precision, grouped = SETTINGS[setting]
+    if precision == "bf16" and bf16_hardware() == "none":
+        precision = "fp32"
     return {"model_label": model_label, "model_dir": resolve_model_path(spec_name), "lora": lora, "setting": setting,
-            "precision": "bf16" if best and bf16_hardware() != "none" else "fp32", "group_by_length": best,
-            "threads": args.threads, "seed": 0, **prof}
+            "precision": precision, "group_by_length": grouped, "threads": args.threads, "seed": 0, **prof}
 
 
 def run_kilter_cli(cmd: list[str], run_dir: Path, log: Path, spec: dict, samples_per_step: float,

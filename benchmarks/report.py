@@ -2,7 +2,7 @@
 
     benchmarks/.venv-trl/bin/python benchmarks/report.py > benchmarks/out/tables.md
 
-Reads benchmarks/out/{sft,rm,dpo,rl}.json (whichever exist) and prints, per benchmark, the
+Reads benchmarks/out/{sft,rm,dpo,rl}-<models>.json (whichever exist) and prints, per benchmark, the
 machine line, the matmul peaks measured at the start and end of that invocation, the command,
 and a table of medians with Kilter/TRL ratios, plus every run's samples/s so the spread shows.
 """
@@ -41,11 +41,11 @@ def spread(report: dict) -> str:
 
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else C.OUT
-    for bench in ("sft", "rm", "dpo", "rl"):
-        path = out / f"{bench}.json"
-        if not path.exists():
-            continue
+    paths = [p for bench in ("sft", "rm", "dpo", "rl") for p in sorted(out.glob(f"{bench}-*.json"))
+             if not p.name.endswith("-quick.json")]
+    for path in paths:
         r = json.loads(path.read_text())
+        bench = r["bench"]
         ps, pe = r["peaks_start"], r.get("peaks_end", {})
         print(f"### {TITLES[bench]}\n")
         print(f"`benchmarks/.venv-trl/bin/python benchmarks/{r['command']}` -- {r['date']}  ")

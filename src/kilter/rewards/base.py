@@ -61,7 +61,7 @@ class RewardSourceConfig(BaseConfig):
     type: Literal["model", "function", "bleu", "rouge"]
     """model (reward model folder or ensemble), function (Python callable), bleu or rouge (against references)."""
     path: str
-    """Reward model folder; 'module:function', 'file.py:function' or builtin:gold; or the references file (bleu/rouge)."""
+    """A reward-model folder; 'module:function', 'file.py:function' or builtin:gold; or a references file."""
     weight: float = 1.0
     """Multiplier of this term in the total reward."""
     name: str | None = None
@@ -80,7 +80,7 @@ class RewardConfig(BaseConfig):
     model: str | None = None
     """Shorthand for one source of type model with weight 1: a reward-model folder, ensemble or rm run directory."""
     function: str | None = None
-    """Shorthand for one source of type function with weight 1: 'module:function', 'file.py:function' or builtin:gold."""
+    """Shorthand for one function source with weight 1: 'module:function', 'file.py:function' or builtin:gold."""
     sources: list[RewardSourceConfig] = []
     """Further weighted sources (see RewardSourceConfig); all sources are summed."""
     missing_eos_penalty: float | None = Field(None, ge=0)

@@ -141,7 +141,7 @@ class ValueSection(BaseConfig):
     """The critic of ppo and a2c."""
 
     model: str | None = None
-    """Critic initialisation: a reward-model folder, 'policy' (policy backbone + new head), or null (the reward model if the reward has one, else 'policy')."""
+    """Critic start: a reward-model folder, policy (its backbone + new head), or null (the reward's model or policy)."""
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant")
     """Critic optimizer."""
 

@@ -149,8 +149,8 @@ class PtxStream:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(len(self.examples),
-                                                  generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)).tolist()}
+            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.examples), generator=gen).tolist()}
         return self._orders[epoch]
 
     def next_batch(self, device) -> dict[str, torch.Tensor]:
