@@ -92,13 +92,27 @@ def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id:
 
 
 def response_logits(model, batch: RolloutBatch, precision: str = "fp32") -> torch.Tensor:
-    """(n, R, V) logits of the policy at the columns that predict each response token."""
+    """(n, R, V) logits of the policy at the columns that predict each response token.
+
+    The LM head runs on the last R + 1 hidden states only (``logits_to_keep``), not on the
+    prompt: a (n, P + R, V) logits tensor is most of a forward's memory for a large vocabulary.
+    The call still goes through the model's own forward, so wrappers (peft, DDP) and any
+    post-processing of the logits (softcapping, logit scales) apply as usual.  A model that
+    does not know ``logits_to_keep`` returns every column; the slice below fits both.
+    """
     device = batch.input_ids.device
+    r = batch.response_mask.shape[1]
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
     with common.autocast(precision, device.type):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False)
-    p, r = batch.prompt_width, batch.response_mask.shape[1]
-    return out.logits[:, p - 1:p + r - 1]
+        try:
+            logits = model(**inputs, logits_to_keep=r + 1).logits
+        except TypeError as err:
+            if "logits_to_keep" not in str(err):
+                raise
+            logits = model(**inputs).logits
+    # the last column predicts the token after the response; the R before it predict the response
+    return logits[:, -(r + 1):-1]
 
 
 def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: str = "fp32",

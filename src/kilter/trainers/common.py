@@ -172,150 +172,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-# --------------------------------------------------------------------------- padding-free batches, completion-only logits
-# Two speedups for causal-LM losses that change no number the loss sees (up to float rounding):
-# the examples of a micro-batch are packed into as few rows as fit, with position ids that
-# restart per example and no attention mask, so transformers isolates each example's attention
-# (its packed-sequence masks) and no FLOPs go to padding; and the LM head runs only at positions
-# that predict a labelled token, instead of on every prompt and pad position.  Both are checked
-# once per model against the ordinary forward (:func:`fast_causal_lm`) and skipped when they differ.
+# --------------------------------------------------------------------------- padding-free batches (moved to packed.py)
 
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bins of example indices, each bin holding at most ``capacity`` tokens
-    (an example longer than ``capacity`` gets a bin of its own)."""
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        for r, u in enumerate(used):
-            if u + lengths[i] <= capacity:
-                rows[r].append(i)
-                used[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            used.append(lengths[i])
-    return rows
-
-
-def best_packing(lengths: list[int], capacity: int) -> tuple[list[list[int]], int]:
-    """(rows, width) of :func:`pack_rows` at the row capacity between the longest example and
-    ``capacity`` that computes the fewest slots (rows x width; ties: the narrower rows, whose
-    attention is cheaper)."""
-    longest = max(lengths)
-    best: tuple[int, int, list[list[int]]] | None = None
-    for cap in sorted({longest, *range(longest, max(capacity, longest) + 1, 8), max(capacity, longest)}):
-        rows = pack_rows(lengths, cap)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        if best is None or (len(rows) * width, width) < (best[1] * best[0], best[0]):
-            best = (width, len(rows), rows)
-    return best[2], best[0]
-
-
-def pack_micro_batch(examples: list[dict], pad_id: int, capacity: int, ignore_index: int = -100) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``labels``, ``position_ids`` (R, W) holding every example once, packed by
-    :func:`best_packing` into rows of at most ``capacity`` tokens (or the longest example).
-
-    No ``attention_mask``: transformers then reads example boundaries from the restarting
-    position ids (a new sequence wherever a position is not the previous one + 1).  Each
-    example's first label becomes ``ignore_index``, since it would be predicted from the
-    previous example's last token (with right padding it is dropped by the shift anyway).
-    The row tail is padding whose positions also restart at 0, so it forms its own sequence
-    that no real token attends to.  ``n_tokens`` (0-dim) counts the real tokens.
-    """
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    rows, width = best_packing(lengths, capacity)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), ignore_index, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for i in row:
-            n = lengths[i]
-            input_ids[r, start:start + n] = torch.as_tensor(list(examples[i]["input_ids"]), dtype=torch.long)
-            labels[r, start + 1:start + n] = torch.as_tensor(list(examples[i]["labels"])[1:], dtype=torch.long)
-            positions[r, start:start + n] = torch.arange(n)
-            start += n
-        positions[r, start:] = torch.arange(width - start)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "n_tokens": torch.tensor(sum(lengths))}
-
-
-def split_causal_lm(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """(decoder that returns hidden states, LM head) of a Hugging Face causal LM, LoRA included; else None."""
-    base = model.get_base_model() if is_peft(model) else model
-    try:
-        body, head = base.get_decoder(), base.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module) or body is base:
-        return None
-    return body, head
-
-
-class CompletionLogits(torch.nn.Module):
-    """Logits only where a label follows: (B, T) inputs + (B, T-1) bool ``select`` -> (N, V), N = select.sum().
-
-    ``select[b, t]`` marks the positions whose logits predict ``labels[b, t + 1]``.  Wraps the
-    whole model (so DistributedDataParallel sees every parameter) but calls its decoder and
-    head directly, skipping the (B, T, V) logits of prompt and padding positions.
-    """
-
-    def __init__(self, model: torch.nn.Module, body: torch.nn.Module, head: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        object.__setattr__(self, "_body", body)  # already registered through self.model
-        object.__setattr__(self, "_head", head)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, select=None):  # type: ignore[override]
-        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)[0]
-        return self._head(hidden[:, :-1][select])
-
-
-@torch.no_grad()
-def _probe_logits(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False, **kwargs).logits.float()
-
-
-def fast_causal_lm(model, device: str, packing: bool = True) -> tuple[CompletionLogits | None, bool]:
-    """(completion-only logits wrapper or None, padding-free packing usable) for this model.
-
-    Verified on a probe against the model's ordinary forward, in eval mode (LoRA dropout off):
-    a 7-token sequence ``a`` alone, then the packed row ``[a, a[:5], a[:2]]`` whose second and
-    third segments must repeat the first 5 and 2 logits of ``a`` (causality).  A model whose
-    decoder/head split or packed attention gives other logits (softcapping, custom masks, old
-    transformers) keeps the ordinary path.
-    """
-    split = split_causal_lm(model)
-    was_training = model.training
-    model.eval()
-    try:
-        vocab = model.get_input_embeddings().weight.shape[0]
-        a = torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
-        full = _probe_logits(model, a)[0]
-        ids = torch.cat([a, a[:, :5], a[:, :2]], dim=1)
-        pos = torch.cat([torch.arange(7), torch.arange(5), torch.arange(2)]).unsqueeze(0).to(device)
-        expected = torch.cat([full, full[:5], full[:2]])[:-1]  # logits that predict a next token
-
-        def close(x: torch.Tensor, y: torch.Tensor) -> bool:
-            return torch.allclose(x.float(), y, atol=1e-4, rtol=1e-4)
-
-        wrapper = CompletionLogits(model, *split) if split is not None else None
-        packed_ok = False
-        with torch.no_grad():
-            if wrapper is not None and packing:
-                packed_ok = close(wrapper(ids, position_ids=pos, select=torch.ones(1, 13, dtype=torch.bool,
-                                                                                 device=device)), expected)
-            if wrapper is not None and not packed_ok:
-                one = wrapper(a, select=torch.ones(1, 6, dtype=torch.bool, device=device))
-                wrapper = wrapper if close(one, full[:-1]) else None
-            if wrapper is None and packing:
-                packed_ok = close(_probe_logits(model, ids, position_ids=pos)[0, :-1], expected)
-    except Exception:  # noqa: BLE001 - an unusual model simply keeps the ordinary path
-        wrapper, packed_ok = None, False
-    finally:
-        model.train(was_training)
-    return wrapper, packed_ok
+from kilter.trainers.packed import (  # noqa: E402  - re-exported: trainers and tests import them from here
+    CompletionLogits,
+    best_packing,
+    fast_causal_lm,
+    pack_micro_batch,
+    pack_rows,
+    split_causal_lm,
+)
 
 
 # --------------------------------------------------------------------------- saving and loading

@@ -39,7 +39,7 @@ from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import load_causal_lm, load_tokenizer
 from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.runs import RunDir
-from kilter.trainers import common
+from kilter.trainers import common, packed
 from kilter.trainers.common import LoraSection, OptimConfig
 from kilter.trainers.reference import Reference, cached_sequence_logps, sequence_logps
 
@@ -82,6 +82,8 @@ class DPOData(BaseConfig):
     """Maximum tokens of prompt + response (the prompt is cut first, from the left)."""
     group_by_length: bool = True
     """Batch pairs of similar length together to cut padding."""
+    padding_free: bool = True
+    """Pack each micro-batch into rows with per-sequence attention and compute logits only on responses (checked against the padded forward once; off when the model does not support it)."""
     max_eval_pairs: int = Field(512, gt=0)
     """Evaluate on at most this many held-out pairs."""
 
@@ -189,6 +191,11 @@ def pair_batch(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """One padded batch of 2B rows: the B chosen responses, then the B rejected ones."""
     rows = [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
     return pad_batch(rows, pad_id, keys=("input_ids", "labels"))
+
+
+def pair_rows(encoded: list[dict]) -> list[dict]:
+    """The 2B examples of :func:`pair_batch` unpadded (chosen ones, then rejected ones), for packed rows."""
+    return [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
 
 
 def flat_examples(encoded: list[dict]) -> list[dict]:
@@ -355,11 +362,15 @@ def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps:
 
 
 def _reference_values(reference: Reference | None, batch, ref_logps: torch.Tensor | None, idx: list[int],
-                      cfg: DPOConfig, device) -> torch.Tensor:
-    """(2B,) reference log-probs in pair_batch order: from the precomputed table or a forward pass."""
+                      cfg: DPOConfig, device, pad_id: int = 0) -> torch.Tensor:
+    """(2B,) reference log-probs in pair_batch order: from the precomputed table or a forward pass
+    (``batch`` is a padded batch, or the list of examples of :func:`pair_rows` for packed rows)."""
     if ref_logps is not None:
         table = ref_logps[torch.tensor(idx)]  # (B, 2): chosen, rejected
         return torch.cat([table[:, 0], table[:, 1]]).to(device)
+    if isinstance(batch, list):
+        return reference.packed_sequence_logps(batch, pad_id, cfg.data.max_length, cfg.precision,
+                                               device, cfg.average_logps)
     return reference.sequence_logps(batch, cfg.precision, device, cfg.average_logps)
 
 
@@ -464,10 +475,16 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             run_dir.log(0, metrics)
             print("samples before training:\n" + table)
 
-    ddp_model = model
+    fast_model = None
+    if cfg.data.padding_free:
+        wrapper, packed_ok = packed.fast_causal_lm(model, device)
+        fast_model = wrapper if packed_ok else None
+        if fast_model is None or (reference is not None and not reference.enable_packing(device)):
+            fast_model = None
+    ddp_model = fast_model if fast_model is not None else model
     if info.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device == "cpu" else [info.local_rank])
+            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not info.is_main, dynamic_ncols=True)
@@ -484,12 +501,20 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
         tokens = 0.0
         micro = micro_batches(mine, cfg.grad_accum)
         for k, idx in enumerate(micro):
-            batch = pair_batch([train[i] for i in idx], pad_id)
-            tokens += float(batch["attention_mask"].sum())
-            ref = _reference_values(reference, batch, ref_train, idx, cfg, device)
+            if fast_model is not None:
+                batch = pair_rows([train[i] for i in idx])
+                tokens += float(sum(len(r["input_ids"]) for r in batch))
+            else:
+                batch = pair_batch([train[i] for i in idx], pad_id)
+                tokens += float(batch["attention_mask"].sum())
+            ref = _reference_values(reference, batch, ref_train, idx, cfg, device, pad_id)
             ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else NullContext()
             with ctx:
-                policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.average_logps)
+                if fast_model is not None:
+                    policy = packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
+                                                          cfg.precision, device, cfg.average_logps)
+                else:
+                    policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.average_logps)
                 n = len(idx)
                 losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
                                           cfg.label_smoothing)

@@ -39,7 +39,15 @@ from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
 from kilter.runs import RunDir
 from kilter.trainers import common, ppo_setup
 from kilter.trainers.common import LoraSection, OptimConfig
-from kilter.trainers.ppo_update import CRITIC, MovingAverageBaseline, UpdateSettings, compute_advantages, run_update
+from kilter.trainers.ppo_update import (
+    CRITIC,
+    MovingAverageBaseline,
+    UpdateSettings,
+    compute_advantages,
+    first_pass,
+    fuses_first_pass,
+    run_update,
+)
 
 Algorithm = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
 
@@ -126,6 +134,8 @@ class UpdateSection(BaseConfig):
     """Entropy bonus coefficient."""
     target_kl: float | None = Field(None, gt=0)
     """Stop the iteration's update early once a minibatch's approximate KL to the sampling policy exceeds this."""
+    fuse_first_pass: bool = True
+    """With num_minibatches=1 and grad_accum=1: take old log-probs and values from the first step's forward (one pass less)."""
 
 
 class BaselineSection(BaseConfig):
@@ -331,7 +341,8 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         clip_range_value=cfg.update.clip_range_value, entropy_coef=cfg.update.entropy_coef,
         target_kl=cfg.update.target_kl, temperature=cfg.rollout.temperature, precision=cfg.precision,
         max_grad_norm=cfg.optim.max_grad_norm, value_max_grad_norm=cfg.value.optim.max_grad_norm,
-        ptx_coef=cfg.ptx.coef)
+        ptx_coef=cfg.ptx.coef, fuse_first_pass=cfg.update.fuse_first_pass)
+    critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
     ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
     if start == 0 and eval_prompts:
@@ -350,9 +361,19 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         batch = assemble(row_ids, gen.response_ids, tok.pad_token_id, device)
         mask = batch.response_mask
         fb = cfg.rollout.forward_batch_size
-        old_logp, entropy = batched_logprobs(m.policy, batch, params.temperature, fb, cfg.precision, with_entropy=True)
+        first, t_first = None, 0.0
+        if fuses_first_pass(settings):
+            # The update's first step is one forward over the whole rollout: run it now, with grad,
+            # and read the old log-probs, entropy and values off it instead of separate no-grad passes.
+            t_first = time.perf_counter()
+            first = first_pass(m.policy, critic, batch, settings, seed=cfg.seed, iteration=it)
+            old_logp, entropy, values = first.old_logp, first.old_entropy, first.old_values
+            t_first = time.perf_counter() - t_first
+        else:
+            old_logp, entropy = batched_logprobs(m.policy, batch, params.temperature, fb, cfg.precision,
+                                                 with_entropy=True)
+            values = batched_values(critic, batch, fb, cfg.precision) if critic is not None else None
         ref_logp = ppo_setup.reference_logprobs(m.reference, batch, params.temperature, fb)
-        values = batched_values(m.value, batch, fb, cfg.precision) if m.value is not None else None
         scored = reward(row_prompts, gen.texts, gen.finished)
         scores = scored.total.to(device)
         kl = kl_estimate(old_logp, ref_logp, cfg.kl.estimator) * mask
@@ -367,9 +388,11 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if cfg.algorithm == "reinforce":
             ma_baseline.update(float(token_rewards.sum(1).mean()))
         t_score = time.perf_counter()
-        stats = run_update(m.policy, m.value if cfg.algorithm in CRITIC else None, policy_opt, value_opt, batch,
-                           old_logp, adv, values, settings, seed=cfg.seed, iteration=it, ptx=ptx)
-        t_train = time.perf_counter() - t_score
+        stats = run_update(m.policy, critic, policy_opt, value_opt, batch, old_logp, adv, values, settings,
+                           seed=cfg.seed, iteration=it, ptx=ptx, first=first)
+        del first  # frees the fused pass's outputs
+        # the fused forward is part of the training work, as it would be without fusion
+        t_train = time.perf_counter() - t_score + t_first
         policy_sched.step()
         if value_sched is not None:
             value_sched.step()

@@ -195,17 +195,23 @@ def build_ptx(cfg, tokenizer):
 
 @torch.no_grad()
 def reference_logprobs(reference: Reference, batch: RolloutBatch, temperature: float, batch_size: int) -> torch.Tensor:
-    """(N, R) log pi_0(token) of every response token at the sampling temperature, 0 on padding."""
-    n, width = batch.response_mask.shape
-    out = torch.zeros(n, width, device=batch.input_ids.device)
-    for start in range(0, n, batch_size):
-        rows = list(range(start, min(start + batch_size, n)))
-        sub = batch.select(rows)
-        p, cols = sub.prompt_width, sub.response_mask.shape[1]
-        full_mask = torch.cat([torch.zeros(len(rows), p, device=sub.input_ids.device), sub.response_mask], dim=1)
-        per_token = reference.per_token_logps(sub.input_ids, sub.attention_mask, full_mask, temperature)
-        out[start:start + len(rows), :cols] = per_token[:, p - 1:p - 1 + cols] * sub.response_mask
-    return out
+    """(N, R) log pi_0(token) of every response token at the sampling temperature, 0 on padding.
+
+    The policy's batched forward (:func:`batched_logprobs`: the LM head on response columns
+    only), always in fp32 whatever ``precision`` says, as the reference never trains.
+    """
+    # Leaving peft's disable_adapter() sets requires_grad on every adapter weight, which would
+    # unfreeze the adapters of the blocks frozen by freeze_layers (their gradients then count in
+    # the clipped norm, are never zeroed, and break gradient checkpointing of a pending graph).
+    shared = list(reference.policy.parameters()) if reference.shares_policy else []
+    flags = [param.requires_grad for param in shared]
+    try:
+        with reference._as_model() as model:  # the frozen copy, or the adapter-disabled policy
+            logp, _ = batched_logprobs(model, batch, temperature, batch_size)
+    finally:
+        for param, flag in zip(shared, flags):
+            param.requires_grad_(flag)
+    return logp
 
 
 def reinforce_baseline(cfg, m: Models, reward: RewardPipeline, moving_average, rows: list[dict],

@@ -3,11 +3,18 @@
 Kept apart from :mod:`kilter.trainers.ppo` (config, models, rollout loop, checkpoints) so
 each file reads top to bottom.  Everything here works on one rollout batch of N responses
 laid out as :class:`kilter.rollout.scoring.RolloutBatch` with (N, R) per-token tensors.
+
+When the update's first minibatch is the whole rollout in one micro-batch, its forward passes
+run *before* scoring (:func:`first_pass`) and serve both as the rollout's old log-probs,
+entropy and values (detached) and as the first gradient step's graph: the no-grad scoring
+forwards of policy and critic would compute exactly the same numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +141,8 @@ class UpdateSettings:
     max_grad_norm: float | None
     value_max_grad_norm: float | None
     ptx_coef: float = 0.0
+    fuse_first_pass: bool = True
+    """Reuse the scoring forwards as the first minibatch's when that is the whole rollout (:func:`first_pass`)."""
 
 
 class PtxStream:
@@ -171,33 +180,111 @@ def _minibatch_order(n: int, seed: int, iteration: int, epoch: int) -> torch.Ten
     return torch.randperm(n, generator=gen)
 
 
+@contextlib.contextmanager
+def _training(*models) -> Iterator[None]:
+    # Dropout is off in every model, so train() changes no number; it only lets gradient
+    # checkpointing (active in training mode only) do its work.
+    live = [mod for mod in models if mod is not None]
+    for mod in live:
+        mod.train()
+    try:
+        yield
+    finally:
+        for mod in live:
+            mod.eval()
+
+
+# --------------------------------------------------------------------------- the fused first pass
+
+
+@dataclass
+class FirstPass:
+    """The update's first micro-batch, run forward with grad before the rollout is scored.
+
+    ``logp``/``entropy``/``values`` are (N, R') live outputs on ``sub`` (rows in ``rows``
+    order, columns trimmed) that the first gradient step backpropagates through (``entropy``
+    only with an entropy bonus, ``values`` only with a critic);
+    ``old_logp``/``old_entropy``/``old_values`` are the same numbers detached, as (N, R)
+    tensors in the batch's own row order with 0 on padding -- what the no-grad scoring
+    forwards (:func:`kilter.rollout.scoring.batched_logprobs`, ``batched_values``) return.
+    """
+
+    rows: torch.Tensor
+    sub: RolloutBatch
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    values: torch.Tensor | None
+    old_logp: torch.Tensor
+    old_entropy: torch.Tensor
+    old_values: torch.Tensor | None
+
+
+def fuses_first_pass(s: UpdateSettings) -> bool:
+    """True when epoch 0's first (and only) minibatch is the whole rollout in one micro-batch."""
+    return s.fuse_first_pass and s.num_minibatches == 1 and s.grad_accum == 1
+
+
+def _scatter(n: int, width: int, rows: torch.Tensor, part: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n', R') rows of ``part`` (masked, detached) -> (n, width) in batch order, 0 elsewhere."""
+    out = torch.zeros(n, width, device=part.device)
+    out[rows, :part.shape[1]] = part.detach().float() * mask
+    return out
+
+
+def first_pass(policy, value_model, batch: RolloutBatch, s: UpdateSettings, *, seed: int,
+               iteration: int) -> FirstPass:
+    """Forward the policy (and the critic) with grad on the whole rollout, as the update's first step would.
+
+    The micro-batch is the one :func:`run_update` builds for epoch 0 (same shuffle, same
+    trimming), and the forwards are :func:`token_logprobs` / :func:`token_values` at the
+    update's temperature and precision, in training mode: exactly what the step computes.
+    Since the parameters have not moved and dropout is off, the detached outputs are the
+    rollout's old log-probs, entropy and values, and the first step's ratio is exactly 1
+    (as in TRL's GRPO/RLOO, where old = current.detach() for a single pass).  Both graphs
+    stay alive until that step, so peak memory holds the policy's and the critic's
+    activations at once (the unfused update frees the first before building the second).
+    """
+    if not fuses_first_pass(s):
+        raise ValueError("first_pass needs num_minibatches == 1, grad_accum == 1 and fuse_first_pass")
+    n, width = batch.response_mask.shape
+    rows = _minibatch_order(n, seed, iteration, 0).to(batch.input_ids.device)
+    sub = batch.select(rows)
+    mask = sub.response_mask
+    with _training(policy, value_model):
+        logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=True)
+        values = token_values(value_model, sub, s.precision) if value_model is not None else None
+    return FirstPass(
+        rows=rows, sub=sub, logp=logp, entropy=entropy if s.entropy_coef > 0 else None, values=values,
+        old_logp=_scatter(n, width, rows, logp, mask), old_entropy=_scatter(n, width, rows, entropy, mask),
+        old_values=_scatter(n, width, rows, values, mask) if values is not None else None)
+
+
+# --------------------------------------------------------------------------- the update
+
+
 def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, old_logp: torch.Tensor,
                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, *, seed: int, iteration: int,
-               ptx: PtxStream | None = None) -> dict[str, float]:
+               ptx: PtxStream | None = None, first: FirstPass | None = None) -> dict[str, float]:
     """Epochs over shuffled minibatches of the rollout; returns the iteration's update metrics.
 
     Each minibatch is split into ``grad_accum`` micro-batches whose token-mean losses are
     weighted by their share of the minibatch's response tokens, so the step equals one on the
     whole minibatch.  With ``target_kl`` set, a minibatch whose approximate KL to the
     sampling policy already exceeds it is not applied and the update stops (early stopping,
-    as in Stable-Baselines3's PPO).
+    as in Stable-Baselines3's PPO).  ``first`` (from :func:`first_pass` on this batch, before
+    any step) replaces the forwards of epoch 0's minibatch; ``old_logp``/``old_values`` are
+    then its detached outputs.
     """
+    if first is not None and not fuses_first_pass(s):
+        raise ValueError("a FirstPass is only usable when the first minibatch is the whole rollout")
     sums: dict[str, float] = {}
 
     def add(key: str, value: float, weight: float = 1.0) -> None:
         sums[key] = sums.get(key, 0.0) + value * weight
 
-    # Dropout is off in every model, so train() changes no number; it only lets gradient
-    # checkpointing (active in training mode only) do its work.
-    models = [mod for mod in (policy, value_model) if mod is not None]
-    for mod in models:
-        mod.train()
-    try:
+    with _training(policy, value_model):
         stopped, steps, count, tokens_seen = _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv,
-                                                     old_values, s, seed, iteration, ptx, add)
-    finally:
-        for mod in models:
-            mod.eval()
+                                                     old_values, s, seed, iteration, ptx, add, first)
     out = {k: v / max(count, 1) for k, v in sums.items()}
     out["ppo/optimizer_steps"] = float(steps)
     out["ppo/early_stopped"] = float(stopped)
@@ -207,11 +294,18 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
 
 
 def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_logp: torch.Tensor,
-                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, weight: float) -> dict[str, float]:
-    """Forward and backward of one micro-batch (losses scaled by ``weight``); returns its stats."""
+                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, weight: float,
+                live: FirstPass | None = None) -> dict[str, float]:
+    """Forward and backward of one micro-batch (losses scaled by ``weight``); returns its stats.
+
+    With ``live`` (the fused first pass on exactly this micro-batch) its forward outputs are used.
+    """
     cols = sub.response_mask.shape[1]
     mask = sub.response_mask
-    logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=s.entropy_coef > 0)
+    if live is not None:
+        logp, entropy = live.logp, live.entropy
+    else:
+        logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=s.entropy_coef > 0)
     sub_adv, sub_old = adv.advantages[rows, :cols], old_logp[rows, :cols]
     stats: dict[str, float] = {}
     if s.algorithm in CLIPPED:
@@ -230,7 +324,10 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
         stats["loss/entropy"] = float(ent.detach())
     (loss * weight).backward()
     if value_model is not None and adv.returns is not None and old_values is not None:
-        values = token_values(value_model, sub, s.precision)
+        if live is not None and live.values is not None:
+            values = live.values
+        else:
+            values = token_values(value_model, sub, s.precision)
         # a2c takes one unclipped step: an infinite clip range is the plain squared error.
         clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
         v_loss, v_stats = ppo_value_loss(values, old_values[rows, :cols], adv.returns[rows, :cols], mask, clip_v)
@@ -250,7 +347,7 @@ def _ptx_step(policy, ptx: PtxStream, s: UpdateSettings, device: torch.device) -
 
 
 def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, old_values, s: UpdateSettings,
-            seed: int, iteration: int, ptx, add) -> tuple[bool, int, int, float]:
+            seed: int, iteration: int, ptx, add, first: FirstPass | None = None) -> tuple[bool, int, int, float]:
     n = len(batch)
     mb_size = n // s.num_minibatches
     micro_size = mb_size // s.grad_accum
@@ -265,11 +362,14 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
             mb_stats: dict[str, float] = {}
             for k in range(s.grad_accum):
                 micro_rows = rows[k * micro_size:(k + 1) * micro_size]
-                sub = batch.select(micro_rows)
+                live = first if epoch == 0 and m == 0 and k == 0 else None
+                if live is not None and not torch.equal(live.rows.cpu(), micro_rows.cpu()):
+                    raise ValueError("the FirstPass was built for another iteration or seed")
+                sub = live.sub if live is not None else batch.select(micro_rows)
                 weight = float(sub.response_mask.sum()) / mb_tokens
                 tokens_seen += float(sub.attention_mask.sum())
                 for key, value in _micro_step(policy, value_model, sub, micro_rows, old_logp, adv, old_values, s,
-                                              weight).items():
+                                              weight, live).items():
                     mb_stats[key] = mb_stats.get(key, 0.0) + value * weight
             if ptx is not None and s.ptx_coef > 0:
                 mb_stats["loss/ptx"] = _ptx_step(policy, ptx, s, batch.input_ids.device)

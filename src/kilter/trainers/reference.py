@@ -121,6 +121,16 @@ class Reference:
             self.model.requires_grad_(False)
             self.model.eval()
         self._fingerprint: str | None = None
+        self._fast = None  # CompletionLogits of the reference model, once enable_packing() succeeded
+
+    def enable_packing(self, device: str | torch.device) -> bool:
+        """Use padding-free rows and completion-only logits in :meth:`packed_sequence_logps`
+        when the reference model passes :func:`kilter.trainers.packed.fast_causal_lm`'s check."""
+        from kilter.trainers.packed import fast_causal_lm
+
+        wrapper, ok = fast_causal_lm(self.model if self.model is not None else self.policy, str(device))
+        self._fast = wrapper if ok else None
+        return self._fast is not None
 
     @property
     def shares_policy(self) -> bool:
@@ -149,6 +159,17 @@ class Reference:
             return sequence_logps(model, batch, precision, device, average=average)
 
     @torch.no_grad()
+    def packed_sequence_logps(self, examples: Sequence[dict], pad_id: int, capacity: int, precision: str,
+                              device: str | torch.device, average: bool = False) -> torch.Tensor:
+        """(N,) reference log-probs of tokenized examples through packed rows (see :meth:`enable_packing`)."""
+        from kilter.trainers.packed import packed_sequence_logps
+
+        if self._fast is None:
+            raise RuntimeError("enable_packing() did not succeed for this reference")
+        with self._as_model():
+            return packed_sequence_logps(self._fast, list(examples), pad_id, capacity, precision, device, average)
+
+    @torch.no_grad()
     def per_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                         temperature: float = 1.0) -> torch.Tensor:
         """(B, T - 1) per-token log-probs under the reference; see :func:`per_token_logps`."""
@@ -166,6 +187,7 @@ class Reference:
         if self.model is not None:
             self.model = None
             self.policy = None
+            self._fast = None
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

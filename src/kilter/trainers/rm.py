@@ -62,7 +62,7 @@ from kilter.models.reward import (
     write_ensemble_manifest,
 )
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
-from kilter.trainers import common
+from kilter.trainers import common, packed
 from kilter.trainers.common import LoraSection, OptimConfig
 from kilter.trainers.sft import _epoch_batches, _micro_batches, _null
 
@@ -92,6 +92,8 @@ class RMData(BaseConfig):
     """Most distinct responses in one group; a prompt with more starts another group."""
     group_by_length: bool = True
     """Batch groups of similar length together to cut padding."""
+    padding_free: bool = True
+    """Train on packed rows with per-sequence attention and the score head only at each response's last token (checked against the padded forward once; off when the model does not support it)."""
     max_eval_groups: int = Field(512, gt=0)
     """Evaluate on at most this many held-out groups."""
 
@@ -162,10 +164,12 @@ class RMConfig(BaseConfig):
 # --------------------------------------------------------------------------- math
 
 
-def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0) -> dict[str, torch.Tensor]:
+def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
+                   pack_capacity: int | None = None) -> dict[str, torch.Tensor]:
     """Flatten encoded groups into one padded batch of responses plus pair indices.
 
-    Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once),
+    Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once)
+    (with ``pack_capacity``: packed rows, see :func:`kilter.trainers.packed.pack_micro_batch`),
     ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
     of each pair, ``margin`` (P,) = margin_scale * strength (0 where no strength), and
     ``n_groups`` (0-dim).
@@ -179,7 +183,10 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0) -
             worse.append(offset + w)
             pair_group.append(g)
             margin.append(margin_scale * strength if strength is not None else 0.0)
-    batch = pad_batch(rows, pad_id, keys=("input_ids",))
+    if pack_capacity:
+        batch = packed.pack_micro_batch([{"input_ids": r["input_ids"]} for r in rows], pad_id, pack_capacity)
+    else:
+        batch = pad_batch(rows, pad_id, keys=("input_ids",))
     batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
                  pair_group=torch.tensor(pair_group, dtype=torch.long),
                  margin=torch.tensor(margin, dtype=torch.float32), n_groups=torch.tensor(len(groups)))
@@ -250,6 +257,9 @@ def calibration_report(sums: torch.Tensor) -> dict:
 
 def _forward(model, batch: dict, precision: str, device: str) -> torch.Tensor:
     with common.autocast(precision, device):
+        if "last_index" in batch:  # packed rows through packed.LastTokenScores
+            return model(batch["input_ids"].to(device), batch["position_ids"].to(device),
+                         batch["last_index"].to(device))
         return raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
 
@@ -488,10 +498,12 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {global_batch} groups, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
-    ddp_model = model
+    fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
+    pack_capacity = cfg.data.max_length if fast is not None else None
+    ddp_model = fast if fast is not None else model
     if info.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device == "cpu" else [info.local_rank])
+            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
     pad_id = tokenizer.pad_token_id
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
@@ -503,7 +515,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             batches_cache.clear()
             batches_cache[epoch] = _epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale)
+        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity)
                  for idx in _micro_batches(mine, cfg.grad_accum)]
         local_groups = sum(int(torch.bincount(b["pair_group"], minlength=int(b["n_groups"])).gt(0).sum())
                            for b in micro)
@@ -577,7 +589,8 @@ class _Window:
         gap = rewards[batch["better"]] - rewards[batch["worse"]]
         wins = float(pairwise_accuracy(gap, torch.zeros_like(gap))) * len(gap)
         self.t += torch.tensor([wins, len(gap), float(gap.sum()), float(rewards.sum()), float((rewards ** 2).sum()),
-                                len(rewards), float(batch["attention_mask"].sum())], dtype=torch.float64)
+                                len(rewards), float(batch["n_tokens"] if "n_tokens" in batch
+                                                    else batch["attention_mask"].sum())], dtype=torch.float64)
 
     def metrics(self, info: DistInfo) -> dict[str, float]:
         wins, pairs, gap, r, r2, n, tokens = all_reduce_sum(self.t, info).tolist()

@@ -86,17 +86,27 @@ def _raw_scores(folder: Path, prompts: list, responses: list[str]) -> torch.Tens
     return scorer.score(prompts, responses) - scorer.bias
 
 
-def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch, padding_free):
+    from kilter.trainers import packed
+
     rows_seen: list[int] = []
     original = rm_module.raw_scores
+    original_packed = packed.LastTokenScores.forward
 
     def counting(model, input_ids, attention_mask):
         rows_seen.append(int(input_ids.shape[0]))
         return original(model, input_ids, attention_mask)
 
+    def counting_packed(self, input_ids, position_ids, last_index):
+        if torch.is_grad_enabled():  # training forwards, not the no-grad check of the fast path
+            rows_seen.append(int(last_index.numel()))  # one score per packed response
+        return original_packed(self, input_ids, position_ids, last_index)
+
     monkeypatch.setattr(rm_module, "raw_scores", counting)
+    monkeypatch.setattr(packed.LastTokenScores, "forward", counting_packed)
     code = _run(f"output_dir={tmp_path / 'run'}", f"data.train={data['rankings']}", "data.eval_fraction=0",
-                "batch_size=4", "max_steps=1", "bias_reference=none")
+                "batch_size=4", "max_steps=1", "bias_reference=none", f"data.padding_free={str(padding_free).lower()}")
     assert code == 0
     # One step of 4 prompts x K=4 responses (6 pairs each): 16 rows, not 2 x 24 = 48.
     assert rows_seen == [16]
