@@ -12,12 +12,13 @@ so the "old" log-probs would not be those of the sampling policy.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
 
 from kilter.ops.logprobs import entropy_from_logits, selective_log_softmax
-from kilter.trainers import common
+from kilter.trainers import common, packed
 
 
 @dataclass
@@ -91,6 +92,78 @@ def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id:
     return RolloutBatch(ids, attn, positions, resp_mask, width_p).to(device)
 
 
+# --------------------------------------------------------------------------- padding-free scoring
+# A rollout batch is mostly padding on CPU-sized runs (left-padded prompts, right-padded responses
+# of very different lengths: half the slots in the benchmark's batches).  The scoring forwards --
+# policy, reference, critic, with and without grad -- instead pack each row's real tokens into
+# narrow rows (kilter.trainers.packed) and run the head only at the positions that predict a
+# response token, then scatter the results back onto the (n, R) response grid.  Whether a model
+# allows it is checked once per model object against its padded forward.
+
+_FAST_POLICY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FAST_CRITIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fast_policy(model):
+    if model not in _FAST_POLICY:
+        device = str(next(model.parameters()).device)
+        wrapper, ok = packed.fast_causal_lm(model, device)
+        _FAST_POLICY[model] = wrapper if ok else None
+    return _FAST_POLICY[model]
+
+
+def _fast_critic(model):
+    if model not in _FAST_CRITIC:
+        _FAST_CRITIC[model] = packed.fast_reward_model(model, str(next(model.parameters()).device))
+    return _FAST_CRITIC[model]
+
+
+@dataclass
+class _Packed:
+    batch: dict
+    """pack_micro_batch output of the rows' real tokens."""
+    select: torch.Tensor
+    """(rows, W - 1) bool: positions whose next token is a response token."""
+    flat: torch.Tensor
+    """(M,) flat indices (row * W + column) of those positions, ascending (select's order)."""
+    grid: tuple[torch.Tensor, torch.Tensor]
+    """(M,) response-grid row and column of each selected position."""
+    targets: torch.Tensor
+    """(M,) the response token each position predicts."""
+
+
+def _pack_rollout(batch: RolloutBatch) -> _Packed | None:
+    """The padding-free layout of a rollout batch, or None when a row has no prompt token."""
+    mask = batch.attention_mask.bool().cpu()
+    p_width = batch.prompt_width
+    prompt_len = mask[:, :p_width].sum(1)
+    resp_len = mask[:, p_width:].sum(1)
+    if bool((prompt_len == 0).any()):
+        return None
+    ids = batch.input_ids.cpu()
+    examples = [{"input_ids": ids[i][mask[i]].tolist()} for i in range(len(batch))]
+    lengths = (prompt_len + resp_len).tolist()
+    pk = packed.pack_micro_batch(examples, pad_id=0, capacity=max(lengths))
+    width = pk["input_ids"].shape[1]
+    starts = pk["last_index"] - (prompt_len + resp_len) + 1
+    rows = torch.repeat_interleave(torch.arange(len(batch)), resp_len)
+    cols = torch.cat([torch.arange(int(n)) for n in resp_len]) if len(rows) else torch.zeros(0, dtype=torch.long)
+    flat = starts[rows] + prompt_len[rows] - 1 + cols
+    order = torch.argsort(flat)
+    flat, rows, cols = flat[order], rows[order], cols[order]
+    select = torch.zeros(pk["input_ids"].shape[0], width - 1, dtype=torch.bool)
+    select.view(-1)[(flat // width) * (width - 1) + flat % width] = True
+    device = batch.input_ids.device
+    targets = batch.input_ids[rows.to(device), (p_width + cols).to(device)]
+    return _Packed({k: v.to(device) for k, v in pk.items()}, select.to(device), flat.to(device),
+                   (rows.to(device), cols.to(device)), targets)
+
+
+def _to_grid(values: torch.Tensor, lay: _Packed, shape: tuple[int, int]) -> torch.Tensor:
+    out = values.new_zeros(shape)
+    return out.index_put(lay.grid, values)
+
+
 def response_logits(model, batch: RolloutBatch, precision: str = "fp32") -> torch.Tensor:
     """(n, R, V) logits of the policy at the columns that predict each response token.
 
@@ -117,7 +190,19 @@ def response_logits(model, batch: RolloutBatch, precision: str = "fp32") -> torc
 
 def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: str = "fp32",
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(n, R) log pi(token) at ``temperature`` (and the entropy of that distribution); with grad."""
+    """(n, R) log pi(token) at ``temperature`` (and the entropy of that distribution); with grad.
+
+    Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`.
+    """
+    fast = _fast_policy(model)
+    lay = _pack_rollout(batch) if fast is not None else None
+    if lay is not None:
+        with common.autocast(precision, batch.input_ids.device.type):
+            logits = fast(lay.batch["input_ids"], None, lay.batch["position_ids"], lay.select)
+        shape = tuple(batch.response_mask.shape)
+        logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature).float(), lay, shape)
+        entropy = _to_grid(entropy_from_logits(logits, temperature).float(), lay, shape) if with_entropy else None
+        return logp, entropy
     logits = response_logits(model, batch, precision)
     logp = selective_log_softmax(logits, batch.response_ids, temperature)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
@@ -152,8 +237,15 @@ def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> t
     the value model starts as the reward model (InstructGPT), so at the last token it
     begins by predicting the reward itself.
     """
+    from kilter.models.reward import get_reward_bias
     from kilter.models.reward import token_values as all_token_values
 
+    fast = _fast_critic(value_model)
+    lay = _pack_rollout(batch) if fast is not None else None
+    if lay is not None:
+        with common.autocast(precision, batch.input_ids.device.type):
+            values = fast(lay.batch["input_ids"], lay.batch["position_ids"], lay.flat)
+        return _to_grid(values + get_reward_bias(value_model), lay, tuple(batch.response_mask.shape))
     with common.autocast(precision, batch.input_ids.device.type):
         values = all_token_values(value_model, batch.input_ids, batch.attention_mask)
     p, r = batch.prompt_width, batch.response_mask.shape[1]

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from kilter.cli import main
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.rollout import scoring
 from kilter.trainers import common, ppo_setup
 from kilter.trainers.ppo_update import (
     PtxStream,
@@ -209,7 +210,10 @@ def test_fusion_applies_only_to_a_single_whole_rollout_micro_batch(models):
 
 
 def _count_forwards(monkeypatch) -> dict[str, int]:
-    """Count policy forwards outside generation (scoring, update, ptx) and critic backbone forwards."""
+    """Count policy and critic decoder forwards outside generation (scoring, update, ptx).
+
+    The decoders are hooked because the padding-free scoring path calls them directly; its
+    one-off checks run before the hooks go on."""
     counts = {"policy": 0, "critic": 0}
     original = ppo_setup.build_models
 
@@ -223,9 +227,14 @@ def _count_forwards(monkeypatch) -> dict[str, int]:
         def on_critic(module, args, kwargs):
             counts["critic"] += 1
 
-        m.policy.register_forward_pre_hook(on_policy, with_kwargs=True)  # after the reference was copied
+        scoring._fast_policy(m.policy)
         if m.value is not None:
-            m.value.model.register_forward_pre_hook(on_critic, with_kwargs=True)  # token_values calls the backbone
+            scoring._fast_critic(m.value)
+
+        # after the reference was copied, so only the policy's own decoder counts
+        m.policy.get_decoder().register_forward_pre_hook(on_policy, with_kwargs=True)
+        if m.value is not None:
+            m.value.model.register_forward_pre_hook(on_critic, with_kwargs=True)
         return m
 
     monkeypatch.setattr(ppo_setup, "build_models", build_and_hook)
