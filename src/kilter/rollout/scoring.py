@@ -94,11 +94,12 @@ def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id:
 
 # --------------------------------------------------------------------------- padding-free scoring
 # A rollout batch is mostly padding on CPU-sized runs (left-padded prompts, right-padded responses
-# of very different lengths: half the slots in the benchmark's batches).  The scoring forwards --
-# policy, reference, critic, with and without grad -- instead pack each row's real tokens into
-# narrow rows (kilter.trainers.packed) and run the head only at the positions that predict a
-# response token, then scatter the results back onto the (n, R) response grid.  Whether a model
-# allows it is checked once per model object against its padded forward.
+# of very different lengths: half the slots in the benchmark's batches), and the k samples of a
+# prompt repeat it k times.  The scoring forwards -- policy, reference, critic, with and without
+# grad -- instead pack each prompt once with its k responses (kilter.trainers.shared_prefix; plain
+# packed rows for models that fail that check) and run the head only at the positions that
+# predict a response token, then scatter the results back onto the (n, R) response grid.  Whether
+# a model allows it is checked once per model object against its padded forward.
 
 _FAST_POLICY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _FAST_CRITIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -120,20 +121,28 @@ def _fast_critic(model):
 
 @dataclass
 class _Packed:
-    batch: dict
-    """pack_micro_batch output of the rows' real tokens."""
-    select: torch.Tensor
-    """(rows, W - 1) bool: positions whose next token is a response token."""
-    flat: torch.Tensor
-    """(M,) flat indices (row * W + column) of those positions, ascending (select's order)."""
+    input_ids: torch.Tensor
+    """(rows, W) packed real tokens."""
+    position_ids: torch.Tensor
+    """(rows, W)."""
+    attention_mask: torch.Tensor | None
+    """(rows, 1, W, W) with shared prompts, else None (transformers' packed-sequence masks)."""
+    index: torch.Tensor
+    """(M,) flat indices (row * W + column) of the hidden states that predict the response tokens."""
     grid: tuple[torch.Tensor, torch.Tensor]
-    """(M,) response-grid row and column of each selected position."""
+    """(M,) response-grid row and column of each of them."""
     targets: torch.Tensor
-    """(M,) the response token each position predicts."""
+    """(M,) the response token each one predicts."""
 
 
-def _pack_rollout(batch: RolloutBatch) -> _Packed | None:
-    """The padding-free layout of a rollout batch, or None when a row has no prompt token."""
+def _pack_rollout(batch: RolloutBatch, shared: bool) -> _Packed | None:
+    """The padding-free layout of a rollout batch, or None when a row has no prompt token.
+
+    With ``shared``, rows with the same prompt (the k samples of a prompt) form one group
+    whose prompt is computed once (:mod:`kilter.trainers.shared_prefix`).
+    """
+    from kilter.trainers import shared_prefix
+
     mask = batch.attention_mask.bool().cpu()
     p_width = batch.prompt_width
     prompt_len = mask[:, :p_width].sum(1)
@@ -141,22 +150,30 @@ def _pack_rollout(batch: RolloutBatch) -> _Packed | None:
     if bool((prompt_len == 0).any()):
         return None
     ids = batch.input_ids.cpu()
-    examples = [{"input_ids": ids[i][mask[i]].tolist()} for i in range(len(batch))]
-    lengths = (prompt_len + resp_len).tolist()
-    pk = packed.pack_micro_batch(examples, pad_id=0, capacity=max(lengths))
-    width = pk["input_ids"].shape[1]
-    starts = pk["last_index"] - (prompt_len + resp_len) + 1
+    seqs = [ids[i][mask[i]].tolist() for i in range(len(batch))]
     rows = torch.repeat_interleave(torch.arange(len(batch)), resp_len)
     cols = torch.cat([torch.arange(int(n)) for n in resp_len]) if len(rows) else torch.zeros(0, dtype=torch.long)
-    flat = starts[rows] + prompt_len[rows] - 1 + cols
-    order = torch.argsort(flat)
-    flat, rows, cols = flat[order], rows[order], cols[order]
-    select = torch.zeros(pk["input_ids"].shape[0], width - 1, dtype=torch.bool)
-    select.view(-1)[(flat // width) * (width - 1) + flat % width] = True
+    if shared:
+        by_prompt: dict[tuple, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            by_prompt.setdefault(tuple(seq[:int(prompt_len[i])]), []).append(i)
+        members = list(by_prompt.values())
+        sp = shared_prefix.pack_groups([[seqs[i] for i in g] for g in members], pad_id=0,
+                                       capacity=max(len(s) for s in seqs))
+        seq_of_row = torch.empty(len(batch), dtype=torch.long)
+        seq_of_row[torch.tensor([i for g in members for i in g])] = torch.arange(len(batch))
+        index = shared_prefix.predicting_index(sp, seq_of_row[rows], prompt_len[rows] + cols)
+        input_ids, position_ids, attention = sp.input_ids, sp.position_ids, sp.attention_mask
+    else:
+        lengths = (prompt_len + resp_len).tolist()
+        pk = packed.pack_micro_batch([{"input_ids": s} for s in seqs], pad_id=0, capacity=max(lengths))
+        starts = pk["last_index"] - (prompt_len + resp_len) + 1
+        index = starts[rows] + prompt_len[rows] - 1 + cols
+        input_ids, position_ids, attention = pk["input_ids"], pk["position_ids"], None
     device = batch.input_ids.device
     targets = batch.input_ids[rows.to(device), (p_width + cols).to(device)]
-    return _Packed({k: v.to(device) for k, v in pk.items()}, select.to(device), flat.to(device),
-                   (rows.to(device), cols.to(device)), targets)
+    return _Packed(input_ids.to(device), position_ids.to(device), None if attention is None else attention.to(device),
+                   index.to(device), (rows.to(device), cols.to(device)), targets)
 
 
 def _to_grid(values: torch.Tensor, lay: _Packed, shape: tuple[int, int]) -> torch.Tensor:
@@ -195,10 +212,10 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: st
     Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`.
     """
     fast = _fast_policy(model)
-    lay = _pack_rollout(batch) if fast is not None else None
+    lay = _pack_rollout(batch, fast.shares_prefix) if fast is not None else None
     if lay is not None:
         with common.autocast(precision, batch.input_ids.device.type):
-            logits = fast(lay.batch["input_ids"], None, lay.batch["position_ids"], lay.select)
+            logits = fast(lay.input_ids, lay.attention_mask, lay.position_ids, index=lay.index)
         shape = tuple(batch.response_mask.shape)
         logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature).float(), lay, shape)
         entropy = _to_grid(entropy_from_logits(logits, temperature).float(), lay, shape) if with_entropy else None
@@ -241,10 +258,10 @@ def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> t
     from kilter.models.reward import token_values as all_token_values
 
     fast = _fast_critic(value_model)
-    lay = _pack_rollout(batch) if fast is not None else None
+    lay = _pack_rollout(batch, fast.shares_prefix) if fast is not None else None
     if lay is not None:
         with common.autocast(precision, batch.input_ids.device.type):
-            values = fast(lay.batch["input_ids"], lay.batch["position_ids"], lay.flat)
+            values = fast(lay.input_ids, lay.position_ids, lay.index, attention_mask=lay.attention_mask)
         return _to_grid(values + get_reward_bias(value_model), lay, tuple(batch.response_mask.shape))
     with common.autocast(precision, batch.input_ids.device.type):
         values = all_token_values(value_model, batch.input_ids, batch.attention_mask)

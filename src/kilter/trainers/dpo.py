@@ -83,7 +83,7 @@ class DPOData(BaseConfig):
     group_by_length: bool = True
     """Batch pairs of similar length together to cut padding."""
     padding_free: bool = True
-    """Pack each micro-batch into rows with per-sequence attention and compute logits only on responses (checked against the padded forward once; off when the model does not support it)."""
+    """Pack each micro-batch into rows (no padding; chosen and rejected share one copy of their prompt) with logits only on responses; checked once against the padded forward, off when the model does not support it."""
     max_eval_pairs: int = Field(512, gt=0)
     """Evaluate on at most this many held-out pairs."""
 
@@ -193,13 +193,8 @@ def pair_batch(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return pad_batch(rows, pad_id, keys=("input_ids", "labels"))
 
 
-def pair_rows(encoded: list[dict]) -> list[dict]:
-    """The 2B examples of :func:`pair_batch` unpadded (chosen ones, then rejected ones), for packed rows."""
-    return [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
-
-
 def flat_examples(encoded: list[dict]) -> list[dict]:
-    """[chosen_0, rejected_0, chosen_1, ...] for precomputing; reshape the result to (N, 2)."""
+    """[chosen_0, rejected_0, chosen_1, ...] for precomputing and packed rows; reshape results to (N, 2)."""
     return [e[side] for e in encoded for side in ("chosen", "rejected")]
 
 
@@ -361,16 +356,21 @@ def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps:
     return stats_to_metrics(sums, float(len(encoded)), "eval/", "loss")
 
 
+def _pair_order(interleaved: torch.Tensor) -> torch.Tensor:
+    """[c0, r0, c1, r1, ...] -> [c0, c1, ..., r0, r1, ...] (the order of :func:`pair_batch`)."""
+    return torch.cat([interleaved[0::2], interleaved[1::2]])
+
+
 def _reference_values(reference: Reference | None, batch, ref_logps: torch.Tensor | None, idx: list[int],
                       cfg: DPOConfig, device, pad_id: int = 0) -> torch.Tensor:
     """(2B,) reference log-probs in pair_batch order: from the precomputed table or a forward pass
-    (``batch`` is a padded batch, or the list of examples of :func:`pair_rows` for packed rows)."""
+    (``batch`` is a padded batch, or the interleaved examples of :func:`flat_examples` for packed rows)."""
     if ref_logps is not None:
         table = ref_logps[torch.tensor(idx)]  # (B, 2): chosen, rejected
         return torch.cat([table[:, 0], table[:, 1]]).to(device)
     if isinstance(batch, list):
-        return reference.packed_sequence_logps(batch, pad_id, cfg.data.max_length, cfg.precision,
-                                               device, cfg.average_logps)
+        return _pair_order(reference.packed_sequence_logps(batch, pad_id, cfg.data.max_length, cfg.precision,
+                                                           device, cfg.average_logps, group_size=2))
     return reference.sequence_logps(batch, cfg.precision, device, cfg.average_logps)
 
 
@@ -502,7 +502,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
         micro = micro_batches(mine, cfg.grad_accum)
         for k, idx in enumerate(micro):
             if fast_model is not None:
-                batch = pair_rows([train[i] for i in idx])
+                batch = flat_examples([train[i] for i in idx])
                 tokens += float(sum(len(r["input_ids"]) for r in batch))
             else:
                 batch = pair_batch([train[i] for i in idx], pad_id)
@@ -511,8 +511,9 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else NullContext()
             with ctx:
                 if fast_model is not None:
-                    policy = packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
-                                                          cfg.precision, device, cfg.average_logps)
+                    policy = _pair_order(packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
+                                                                      cfg.precision, device, cfg.average_logps,
+                                                                      group_size=2))
                 else:
                     policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.average_logps)
                 n = len(idx)

@@ -122,10 +122,16 @@ class CompletionLogits(torch.nn.Module):
         self.model = model
         object.__setattr__(self, "_body", body)  # already registered through self.model
         object.__setattr__(self, "_head", head)
+        self.shares_prefix = False
+        """True once :func:`kilter.trainers.shared_prefix.check_lm` passed for this model."""
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, select=None):  # type: ignore[override]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, select=None, index=None):  # type: ignore[override]
+        """``index`` (M,) flat positions (row * W + column) instead of ``select``: positions may repeat
+        (a shared prompt's last token predicts every sibling's first token)."""
         hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)[0]
+        if index is not None:
+            return self._head(hidden.reshape(-1, hidden.shape[-1])[index])
         return self._head(hidden[:, :-1][select])
 
 
@@ -172,29 +178,55 @@ def fast_causal_lm(model, device: str, packing: bool = True) -> tuple[Completion
         wrapper, packed_ok = None, False
     finally:
         model.train(was_training)
+    if wrapper is not None and packed_ok:
+        from kilter.trainers import shared_prefix
+
+        wrapper.shares_prefix = shared_prefix.check_lm(model, wrapper, device)
     return wrapper, packed_ok
 
 
 def packed_sequence_logps(loss_model, examples: list[dict], pad_id: int, capacity: int, precision: str,
-                          device, average: bool = False) -> torch.Tensor:
+                          device, average: bool = False, group_size: int = 1) -> torch.Tensor:
     """Summed (or per-token mean) response log-probs of tokenized examples: (N,) fp32.
 
     The padding-free twin of :func:`kilter.trainers.reference.sequence_logps`: ``examples``
     (``input_ids``, ``labels`` with -100 on the prompt) are packed by :func:`pack_micro_batch`,
     ``loss_model`` is a :class:`CompletionLogits` (or a DDP wrapper of one), and the LM head
-    runs only on response positions.  Per-example sums come from each position's
-    ``example_index``.  Differentiable unless the caller disables gradients.
+    runs only on response positions.  With ``group_size`` k > 1 every k consecutive examples
+    share a prompt and, when the model passed the check, are laid out with one copy of their
+    common prefix (:mod:`kilter.trainers.shared_prefix`).  Differentiable unless the caller
+    disables gradients.
     """
     from kilter.ops.logprobs import selective_log_softmax
     from kilter.trainers.common import autocast
 
-    batch = pack_micro_batch(examples, pad_id, capacity)
-    targets = batch["labels"][:, 1:].to(device)
-    select = targets != IGNORE_INDEX
+    inner = getattr(loss_model, "module", loss_model)  # DistributedDataParallel
     with autocast(precision, str(device)):
-        logits = loss_model(batch["input_ids"].to(device), None, batch["position_ids"].to(device), select)
-    logps = selective_log_softmax(logits, targets[select]).float()
-    owner = batch["example_index"][:, 1:].to(device)[select]
+        if group_size > 1 and getattr(inner, "shares_prefix", False):
+            from kilter.trainers import shared_prefix
+
+            groups = [[list(ex["input_ids"]) for ex in examples[i:i + group_size]]
+                      for i in range(0, len(examples), group_size)]
+            sp = shared_prefix.pack_groups(groups, pad_id, capacity).to(device)
+            seq, pos, target = [], [], []
+            for s, ex in enumerate(examples):
+                for t, label in enumerate(ex["labels"]):
+                    if t > 0 and label != IGNORE_INDEX:
+                        seq.append(s)
+                        pos.append(t)
+                        target.append(ex["input_ids"][t])
+            owner = torch.tensor(seq, dtype=torch.long, device=device)
+            index = shared_prefix.predicting_index(sp, owner, torch.tensor(pos, dtype=torch.long, device=device))
+            logits = loss_model(sp.input_ids, sp.attention_mask, sp.position_ids, index=index)
+            targets = torch.tensor(target, dtype=torch.long, device=device)
+        else:
+            batch = pack_micro_batch(examples, pad_id, capacity)
+            labels = batch["labels"][:, 1:].to(device)
+            select = labels != IGNORE_INDEX
+            logits = loss_model(batch["input_ids"].to(device), None, batch["position_ids"].to(device), select)
+            targets = labels[select]
+            owner = batch["example_index"][:, 1:].to(device)[select]
+    logps = selective_log_softmax(logits, targets).float()
     total = torch.zeros(len(examples), dtype=logps.dtype, device=logps.device).index_add(0, owner, logps)
     if average:
         total = total / torch.bincount(owner, minlength=len(examples)).clamp(min=1).to(total.dtype)
@@ -218,9 +250,12 @@ class LastTokenScores(torch.nn.Module):
         self.model = model
         object.__setattr__(self, "_body", body)
         object.__setattr__(self, "_head", head)
+        self.shares_prefix = False
+        """True once :func:`kilter.trainers.shared_prefix.check_scores` passed for this model."""
 
-    def forward(self, input_ids, position_ids, last_index):  # type: ignore[override]
-        hidden = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]
+    def forward(self, input_ids, position_ids, last_index, attention_mask=None):  # type: ignore[override]
+        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)[0]
         return self._head(hidden.reshape(-1, hidden.shape[-1])[last_index])[:, 0].float()
 
 
@@ -266,4 +301,8 @@ def fast_reward_model(model, device: str) -> LastTokenScores | None:
         ok = False
     finally:
         model.train(was_training)
+    if ok:
+        from kilter.trainers import shared_prefix
+
+        wrapper.shares_prefix = shared_prefix.check_scores(model, wrapper, device)
     return wrapper if ok else None

@@ -160,14 +160,15 @@ class Reference:
 
     @torch.no_grad()
     def packed_sequence_logps(self, examples: Sequence[dict], pad_id: int, capacity: int, precision: str,
-                              device: str | torch.device, average: bool = False) -> torch.Tensor:
+                              device: str | torch.device, average: bool = False, group_size: int = 1) -> torch.Tensor:
         """(N,) reference log-probs of tokenized examples through packed rows (see :meth:`enable_packing`)."""
         from kilter.trainers.packed import packed_sequence_logps
 
         if self._fast is None:
             raise RuntimeError("enable_packing() did not succeed for this reference")
         with self._as_model():
-            return packed_sequence_logps(self._fast, list(examples), pad_id, capacity, precision, device, average)
+            return packed_sequence_logps(self._fast, list(examples), pad_id, capacity, precision, device, average,
+                                         group_size)
 
     @torch.no_grad()
     def per_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,

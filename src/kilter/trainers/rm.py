@@ -63,6 +63,7 @@ from kilter.models.reward import (
 )
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.trainers import common, packed
+from kilter.trainers.shared_prefix import pack_groups
 from kilter.trainers.common import LoraSection, OptimConfig
 from kilter.trainers.sft import _epoch_batches, _micro_batches, _null
 
@@ -93,7 +94,7 @@ class RMData(BaseConfig):
     group_by_length: bool = True
     """Batch groups of similar length together to cut padding."""
     padding_free: bool = True
-    """Train on packed rows with per-sequence attention and the score head only at each response's last token (checked against the padded forward once; off when the model does not support it)."""
+    """Train on packed rows (no padding; a group's responses share one copy of their prompt) with the score head only at each response's last token; checked once against the padded forward, off when the model does not support it."""
     max_eval_groups: int = Field(512, gt=0)
     """Evaluate on at most this many held-out groups."""
 
@@ -165,11 +166,13 @@ class RMConfig(BaseConfig):
 
 
 def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
-                   pack_capacity: int | None = None) -> dict[str, torch.Tensor]:
+                   pack_capacity: int | None = None, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Flatten encoded groups into one padded batch of responses plus pair indices.
 
     Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once)
-    (with ``pack_capacity``: packed rows, see :func:`kilter.trainers.packed.pack_micro_batch`),
+    (with ``pack_capacity``: packed rows, see :func:`kilter.trainers.packed.pack_micro_batch`;
+    with ``shared_prefix`` too, a group's responses share one copy of the prompt and
+    ``attention_mask`` is 4-D, see :mod:`kilter.trainers.shared_prefix`),
     ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
     of each pair, ``margin`` (P,) = margin_scale * strength (0 where no strength), and
     ``n_groups`` (0-dim).
@@ -183,7 +186,12 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
             worse.append(offset + w)
             pair_group.append(g)
             margin.append(margin_scale * strength if strength is not None else 0.0)
-    if pack_capacity:
+    if pack_capacity and shared_prefix:
+        sp = pack_groups([[list(ex["input_ids"]) for ex in group["examples"]] for group in groups], pad_id,
+                         pack_capacity)
+        batch = {"input_ids": sp.input_ids, "position_ids": sp.position_ids, "attention_mask": sp.attention_mask,
+                 "last_index": sp.last_index(), "n_tokens": sp.lengths.sum()}
+    elif pack_capacity:
         batch = packed.pack_micro_batch([{"input_ids": r["input_ids"]} for r in rows], pad_id, pack_capacity)
     else:
         batch = pad_batch(rows, pad_id, keys=("input_ids",))
@@ -258,8 +266,9 @@ def calibration_report(sums: torch.Tensor) -> dict:
 def _forward(model, batch: dict, precision: str, device: str) -> torch.Tensor:
     with common.autocast(precision, device):
         if "last_index" in batch:  # packed rows through packed.LastTokenScores
+            mask = batch.get("attention_mask")  # 4-D with shared prefixes, else none
             return model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                         batch["last_index"].to(device))
+                         batch["last_index"].to(device), attention_mask=None if mask is None else mask.to(device))
         return raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
 
@@ -500,6 +509,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
 
     fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
     pack_capacity = cfg.data.max_length if fast is not None else None
+    shared = fast is not None and fast.shares_prefix
     ddp_model = fast if fast is not None else model
     if info.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -515,7 +525,8 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             batches_cache.clear()
             batches_cache[epoch] = _epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity)
+        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
+                                shared)
                  for idx in _micro_batches(mine, cfg.grad_accum)]
         local_groups = sum(int(torch.bincount(b["pair_group"], minlength=int(b["n_groups"])).gt(0).sum())
                            for b in micro)

@@ -8,8 +8,8 @@ import torch
 from kilter.rollout import scoring
 from kilter.rollout.scoring import assemble, token_logprobs, token_values
 
-PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
-RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27, 28, 29], []]  # an empty response too
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [9, 10], [5, 6, 7, 8]]  # two prompts sampled twice
+RESPONSES = [[20, 21, 22], [23], [24, 25, 26, 27, 28, 29], [], [30, 31], [20, 33]]  # an empty response too
 
 
 def _padded(cache, model):
@@ -33,15 +33,26 @@ def _grads(model):
     return g
 
 
-def test_layout_selects_the_positions_before_each_response_token():
+def test_plain_layout_selects_the_position_before_each_response_token():
     batch = assemble([[5, 6], [7]], [[8, 9], [10, 11, 12]], pad_id=0)
-    lay = scoring._pack_rollout(batch)
-    ids = lay.batch["input_ids"].reshape(-1)
+    lay = scoring._pack_rollout(batch, shared=False)
+    ids = lay.input_ids.reshape(-1)
     # each selected position is followed by the response token it predicts
-    assert ids[lay.flat + 1].tolist() == lay.targets.tolist()
+    assert ids[lay.index + 1].tolist() == lay.targets.tolist()
     assert sorted(lay.targets.tolist()) == [8, 9, 10, 11, 12]
-    assert lay.flat.tolist() == sorted(lay.flat.tolist())
-    assert int(lay.select.sum()) == 5
+    assert lay.attention_mask is None
+
+
+def test_shared_layout_computes_each_prompt_once():
+    # two samples of prompt [5, 6] and one of [7]: 2 + 2 + 3 (first group) + 1 + 1 (second) = 9 slots
+    batch = assemble([[5, 6], [5, 6], [7]], [[8, 9], [10, 11, 12], [13]], pad_id=0)
+    lay = scoring._pack_rollout(batch, shared=True)
+    assert int((lay.input_ids != 0).sum()) == 9
+    ids = lay.input_ids.reshape(-1)
+    # the prompt's last token predicts both first response tokens: the same index twice
+    firsts = lay.index[lay.grid[1] == 0]
+    assert sorted(ids[firsts].tolist()) == [6, 6, 7]
+    assert lay.targets.tolist() == batch.input_ids[lay.grid[0], batch.prompt_width + lay.grid[1]].tolist()
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
@@ -49,7 +60,7 @@ def test_packed_logprobs_equal_the_padded_ones(micro_lm, temperature):
     tok, model = micro_lm
     model.train()
     batch = assemble(PROMPTS, RESPONSES, tok.pad_token_id)
-    assert scoring._fast_policy(model) is not None
+    assert scoring._fast_policy(model) is not None and scoring._fast_policy(model).shares_prefix
     with _padded(scoring._FAST_POLICY, model):
         want, want_ent = token_logprobs(model, batch, temperature, with_entropy=True)
     m = batch.response_mask
@@ -78,7 +89,7 @@ def test_packed_values_equal_the_padded_ones():
     set_reward_bias(critic, 0.25)
     critic.train()
     batch = assemble(PROMPTS, RESPONSES, tok.pad_token_id)
-    assert scoring._fast_critic(critic) is not None
+    assert scoring._fast_critic(critic) is not None and scoring._fast_critic(critic).shares_prefix
     with _padded(scoring._FAST_CRITIC, critic):
         want = token_values(critic, batch)
     m = batch.response_mask

@@ -80,6 +80,41 @@ def test_packed_sequence_logps_equal_the_padded_ones(lora, average):
                                           abs=1e-5)
 
 
+def _pairs(gen: torch.Generator) -> list[dict]:
+    """Interleaved chosen/rejected examples whose two members share a prompt (and sometimes more)."""
+    out = []
+    for n_prompt, n_a, n_b in [(3, 4, 2), (5, 1, 6), (2, 3, 3), (4, 2, 5)]:
+        prompt = torch.randint(10, 200, (n_prompt,), generator=gen).tolist()
+        for n in (n_a, n_b):
+            resp = torch.randint(10, 200, (n,), generator=gen).tolist()
+            out.append({"input_ids": prompt + resp, "labels": [IGNORE] * n_prompt + resp})
+    out[7]["input_ids"][4] = out[6]["input_ids"][4]  # a response that starts like its sibling
+    out[7]["labels"][4] = out[6]["labels"][4]
+    return out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_logps_equal_the_padded_ones(lora):
+    tok, model = _micro(lora)
+    wrapper, ok = packed.fast_causal_lm(model, "cpu")
+    assert ok and wrapper.shares_prefix
+    examples = _pairs(torch.Generator().manual_seed(11))
+    weights = torch.arange(1.0, 1.0 + len(examples))
+
+    def grads():
+        g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+        return g
+
+    want = sequence_logps(model, pad_batch(examples, tok.pad_token_id), "fp32", "cpu")
+    (want * weights).sum().backward()
+    want_grads = grads()
+    got = packed.packed_sequence_logps(wrapper, examples, tok.pad_token_id, 32, "fp32", "cpu", group_size=2)
+    (got * weights).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float((grads() - want_grads).norm()) <= 1e-5 * float(want_grads.norm())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_reference_packed_logps_equal_the_padded_ones(lora):
     tok, model = _micro(lora)
@@ -96,8 +131,9 @@ def test_reference_packed_logps_equal_the_padded_ones(lora):
         assert not torch.allclose(policy, want, atol=1e-3)
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
-def test_packed_reward_scores_equal_the_padded_ones(lora):
+def test_packed_reward_scores_equal_the_padded_ones(lora, shared):
     from kilter.models import load_tokenizer
     from kilter.models.reward import load_reward_backbone, raw_scores
     from kilter.trainers.rm import collate_groups
@@ -115,8 +151,14 @@ def test_packed_reward_scores_equal_the_padded_ones(lora):
     gen = torch.Generator().manual_seed(7)
     groups = [{"examples": [{"input_ids": torch.randint(10, 200, (n,), generator=gen).tolist()} for n in sizes],
                "pairs": [(0, 1, None), (1, 2, 2.0)]} for sizes in ((5, 9, 3), (4, 4, 11))]
+    for g in groups:  # responses of a group share a 3-token prompt
+        for ex in g["examples"][1:]:
+            ex["input_ids"][:3] = g["examples"][0]["input_ids"][:3]
     padded = collate_groups(groups, tok.pad_token_id)
-    packed_batch = collate_groups(groups, tok.pad_token_id, pack_capacity=16)
+    packed_batch = collate_groups(groups, tok.pad_token_id, pack_capacity=16, shared_prefix=shared)
+    assert fast.shares_prefix
+    if shared:  # each group's prompt is computed once
+        assert int((packed_batch["input_ids"] != tok.pad_token_id).sum()) == 5 + 9 + 3 + 4 + 4 + 11 - 2 * 2 * 3
     assert packed_batch["better"].tolist() == padded["better"].tolist()
     assert int(packed_batch["n_tokens"]) == int(padded["attention_mask"].sum()) == 5 + 9 + 3 + 4 + 4 + 11
 
@@ -128,7 +170,8 @@ def test_packed_reward_scores_equal_the_padded_ones(lora):
     want = raw_scores(model, padded["input_ids"], padded["attention_mask"])
     (want * torch.arange(1.0, 7.0)).sum().backward()
     want_grads = grads()
-    got = fast(packed_batch["input_ids"], packed_batch["position_ids"], packed_batch["last_index"])
+    got = fast(packed_batch["input_ids"], packed_batch["position_ids"], packed_batch["last_index"],
+               attention_mask=packed_batch.get("attention_mask"))
     (got * torch.arange(1.0, 7.0)).sum().backward()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     diff = grads() - want_grads  # gradients reach ~1e3 here, so compare relative to their norm

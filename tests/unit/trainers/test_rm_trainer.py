@@ -98,10 +98,10 @@ def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch,
         rows_seen.append(int(input_ids.shape[0]))
         return original(model, input_ids, attention_mask)
 
-    def counting_packed(self, input_ids, position_ids, last_index):
-        if torch.is_grad_enabled():  # training forwards, not the no-grad check of the fast path
+    def counting_packed(self, input_ids, position_ids, last_index, attention_mask=None):
+        if torch.is_grad_enabled():  # training forwards, not the no-grad checks of the fast path
             rows_seen.append(int(last_index.numel()))  # one score per packed response
-        return original_packed(self, input_ids, position_ids, last_index)
+        return original_packed(self, input_ids, position_ids, last_index, attention_mask=attention_mask)
 
     monkeypatch.setattr(rm_module, "raw_scores", counting)
     monkeypatch.setattr(packed.LastTokenScores, "forward", counting_packed)
