@@ -135,7 +135,7 @@ class _Packed:
     """(M,) the response token each one predicts."""
 
 
-def _pack_rollout(batch: RolloutBatch, shared: bool) -> _Packed | None:
+def _pack_rollout(batch: RolloutBatch, shared: bool, attention_weight: float = 0.0) -> _Packed | None:
     """The padding-free layout of a rollout batch, or None when a row has no prompt token.
 
     With ``shared``, rows with the same prompt (the k samples of a prompt) form one group
@@ -159,14 +159,15 @@ def _pack_rollout(batch: RolloutBatch, shared: bool) -> _Packed | None:
             by_prompt.setdefault(tuple(seq[:int(prompt_len[i])]), []).append(i)
         members = list(by_prompt.values())
         sp = shared_prefix.pack_groups([[seqs[i] for i in g] for g in members], pad_id=0,
-                                       capacity=max(len(s) for s in seqs))
+                                       capacity=4 * max(len(s) for s in seqs), attention_weight=attention_weight)
         seq_of_row = torch.empty(len(batch), dtype=torch.long)
         seq_of_row[torch.tensor([i for g in members for i in g])] = torch.arange(len(batch))
         index = shared_prefix.predicting_index(sp, seq_of_row[rows], prompt_len[rows] + cols)
         input_ids, position_ids, attention = sp.input_ids, sp.position_ids, sp.attention_mask
     else:
         lengths = (prompt_len + resp_len).tolist()
-        pk = packed.pack_micro_batch([{"input_ids": s} for s in seqs], pad_id=0, capacity=max(lengths))
+        pk = packed.pack_micro_batch([{"input_ids": s} for s in seqs], pad_id=0, capacity=4 * max(lengths),
+                                     attention_weight=attention_weight)
         starts = pk["last_index"] - (prompt_len + resp_len) + 1
         index = starts[rows] + prompt_len[rows] - 1 + cols
         input_ids, position_ids, attention = pk["input_ids"], pk["position_ids"], None
@@ -212,7 +213,7 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: st
     Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`.
     """
     fast = _fast_policy(model)
-    lay = _pack_rollout(batch, fast.shares_prefix) if fast is not None else None
+    lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
     if lay is not None:
         with common.autocast(precision, batch.input_ids.device.type):
             logits = fast(lay.input_ids, lay.attention_mask, lay.position_ids, index=lay.index)
@@ -258,7 +259,7 @@ def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> t
     from kilter.models.reward import token_values as all_token_values
 
     fast = _fast_critic(value_model)
-    lay = _pack_rollout(batch, fast.shares_prefix) if fast is not None else None
+    lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
     if lay is not None:
         with common.autocast(precision, batch.input_ids.device.type):
             values = fast(lay.input_ids, lay.position_ids, lay.index, attention_mask=lay.attention_mask)

@@ -45,22 +45,39 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def best_packing(lengths: list[int], capacity: int) -> tuple[list[list[int]], int]:
+def best_packing(lengths: list[int], capacity: int, attention_weight: float = 0.0) -> tuple[list[list[int]], int]:
     """(rows, width) of :func:`pack_rows` at the row capacity between the longest example and
-    ``capacity`` that computes the fewest slots (rows x width; ties: the narrower rows, whose
-    attention is cheaper)."""
+    ``capacity`` that costs least: ``rows * width`` token slots plus ``attention_weight *
+    rows * width**2`` for the attention scores of the (masked, so not sparse) rows -- see
+    :func:`attention_weight`; ties go to the narrower rows."""
     longest = max(lengths)
-    best: tuple[int, int, list[list[int]]] | None = None
+    best: tuple[float, int, list[list[int]]] | None = None
     for cap in sorted({longest, *range(longest, max(capacity, longest) + 1, 8), max(capacity, longest)}):
         rows = pack_rows(lengths, cap)
         width = max(sum(lengths[i] for i in row) for row in rows)
-        if best is None or (len(rows) * width, width) < (best[1] * best[0], best[0]):
-            best = (width, len(rows), rows)
-    return best[2], best[0]
+        cost = len(rows) * width * (1.0 + attention_weight * width)
+        if best is None or (cost, width) < (best[0], best[1]):
+            best = (cost, width, rows)
+    return best[2], best[1]
 
 
-def pack_micro_batch(examples: list[dict], pad_id: int, capacity: int, ignore_index: int = IGNORE_INDEX
-                     ) -> dict[str, torch.Tensor]:
+def attention_weight(model) -> float:
+    """Cost of one attention score relative to one token slot, for :func:`best_packing`.
+
+    Per layer a token costs ~2 (4 d^2 + 3 d f) multiply-adds in its projections and MLP
+    (hidden size d, MLP width f), and a row of width W costs 2 * 2 W^2 d in QK^T and AV.
+    0 (slots only) when the config does not say.
+    """
+    config = getattr(model, "config", None)
+    d = getattr(config, "hidden_size", None)
+    f = getattr(config, "intermediate_size", None) or (4 * d if d else None)
+    if not d:
+        return 0.0
+    return 4.0 * d / (8.0 * d * d + 6.0 * d * f)
+
+
+def pack_micro_batch(examples: list[dict], pad_id: int, capacity: int, ignore_index: int = IGNORE_INDEX,
+                     attention_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``position_ids``, ``example_index`` (R, W) holding every example
     once, packed by :func:`best_packing` into rows of at most ``capacity`` tokens (or the longest
     example).
@@ -75,7 +92,7 @@ def pack_micro_batch(examples: list[dict], pad_id: int, capacity: int, ignore_in
     (all ``ignore_index``).
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
-    rows, width = best_packing(lengths, capacity)
+    rows, width = best_packing(lengths, capacity, attention_weight)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), ignore_index, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -124,6 +141,8 @@ class CompletionLogits(torch.nn.Module):
         object.__setattr__(self, "_head", head)
         self.shares_prefix = False
         """True once :func:`kilter.trainers.shared_prefix.check_lm` passed for this model."""
+        self.attention_weight = attention_weight(model)
+        """For :func:`best_packing`."""
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, select=None, index=None):  # type: ignore[override]
         """``index`` (M,) flat positions (row * W + column) instead of ``select``: positions may repeat
@@ -207,7 +226,7 @@ def packed_sequence_logps(loss_model, examples: list[dict], pad_id: int, capacit
 
             groups = [[list(ex["input_ids"]) for ex in examples[i:i + group_size]]
                       for i in range(0, len(examples), group_size)]
-            sp = shared_prefix.pack_groups(groups, pad_id, capacity).to(device)
+            sp = shared_prefix.pack_groups(groups, pad_id, capacity, inner.attention_weight).to(device)
             seq, pos, target = [], [], []
             for s, ex in enumerate(examples):
                 for t, label in enumerate(ex["labels"]):
@@ -220,7 +239,8 @@ def packed_sequence_logps(loss_model, examples: list[dict], pad_id: int, capacit
             logits = loss_model(sp.input_ids, sp.attention_mask, sp.position_ids, index=index)
             targets = torch.tensor(target, dtype=torch.long, device=device)
         else:
-            batch = pack_micro_batch(examples, pad_id, capacity)
+            batch = pack_micro_batch(examples, pad_id, capacity,
+                                     attention_weight=getattr(inner, "attention_weight", 0.0))
             labels = batch["labels"][:, 1:].to(device)
             select = labels != IGNORE_INDEX
             logits = loss_model(batch["input_ids"].to(device), None, batch["position_ids"].to(device), select)
@@ -252,6 +272,8 @@ class LastTokenScores(torch.nn.Module):
         object.__setattr__(self, "_head", head)
         self.shares_prefix = False
         """True once :func:`kilter.trainers.shared_prefix.check_scores` passed for this model."""
+        self.attention_weight = attention_weight(model)
+        """For :func:`best_packing`."""
 
     def forward(self, input_ids, position_ids, last_index, attention_mask=None):  # type: ignore[override]
         hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -166,7 +166,8 @@ class RMConfig(BaseConfig):
 
 
 def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
-                   pack_capacity: int | None = None, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+                   pack_capacity: int | None = None, shared_prefix: bool = False,
+                   attention_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Flatten encoded groups into one padded batch of responses plus pair indices.
 
     Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once)
@@ -188,11 +189,12 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
             margin.append(margin_scale * strength if strength is not None else 0.0)
     if pack_capacity and shared_prefix:
         sp = pack_groups([[list(ex["input_ids"]) for ex in group["examples"]] for group in groups], pad_id,
-                         pack_capacity)
+                         pack_capacity, attention_weight)
         batch = {"input_ids": sp.input_ids, "position_ids": sp.position_ids, "attention_mask": sp.attention_mask,
                  "last_index": sp.last_index(), "n_tokens": sp.lengths.sum()}
     elif pack_capacity:
-        batch = packed.pack_micro_batch([{"input_ids": r["input_ids"]} for r in rows], pad_id, pack_capacity)
+        batch = packed.pack_micro_batch([{"input_ids": r["input_ids"]} for r in rows], pad_id, pack_capacity,
+                                        attention_weight=attention_weight)
     else:
         batch = pad_batch(rows, pad_id, keys=("input_ids",))
     batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
@@ -510,6 +512,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
     pack_capacity = cfg.data.max_length if fast is not None else None
     shared = fast is not None and fast.shares_prefix
+    weight = fast.attention_weight if fast is not None else 0.0
     ddp_model = fast if fast is not None else model
     if info.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -526,7 +529,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             batches_cache[epoch] = _epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
         micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
-                                shared)
+                                shared, weight)
                  for idx in _micro_batches(mine, cfg.grad_accum)]
         local_groups = sum(int(torch.bincount(b["pair_group"], minlength=int(b["n_groups"])).gt(0).sum())
                            for b in micro)

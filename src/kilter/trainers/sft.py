@@ -252,6 +252,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     # Completion-only logits always when the model allows; padding-free rows unless the user packs.
     loss_model, packed_ok = common.fast_causal_lm(model, device, packing=cfg.data.padding_free and not cfg.data.packing)
     pack_capacity = cfg.data.max_length if packed_ok else None
+    weight = loss_model.attention_weight if loss_model is not None else 0.0
 
     examples, _ = _encode(cfg, tokenizer, cfg.data.train, info)
     if cfg.data.packing:
@@ -314,7 +315,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             batches_cache[epoch] = _epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
         micro = _micro_batches(mine, cfg.grad_accum)
-        padded = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity) if pack_capacity
+        padded = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity,
+                                   attention_weight=weight) if pack_capacity
                   else pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in padded)
         global_tokens = float(all_reduce_sum(local_tokens, info))

@@ -64,16 +64,18 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def pack_groups(groups: list[list[list[int]]], pad_id: int, capacity: int) -> SharedPrefixBatch:
+def pack_groups(groups: list[list[list[int]]], pad_id: int, capacity: int,
+                attention_weight: float = 0.0) -> SharedPrefixBatch:
     """Lay groups of token lists out with one shared prefix each, packed into rows of at most
     ``capacity`` token slots (a group longer than that gets a row of its own).
 
     Sequence s is the s-th list in reading order (group by group).  Row tails are padding
-    that attends only to itself, so no query row of the mask is empty.
+    that attends only to itself, so no query row of the mask is empty.  ``attention_weight``
+    as in :func:`kilter.trainers.packed.best_packing`.
     """
     prefixes = [common_prefix(g) for g in groups]
     units = [p + sum(len(s) - p for s in g) for g, p in zip(groups, prefixes)]
-    rows, width = best_packing(units, capacity)
+    rows, width = best_packing(units, capacity, attention_weight)
     n_rows = len(rows)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     pos = torch.zeros((n_rows, width), dtype=torch.long)

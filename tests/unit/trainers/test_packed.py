@@ -177,3 +177,24 @@ def test_packed_reward_scores_equal_the_padded_ones(lora, shared):
     diff = grads() - want_grads  # gradients reach ~1e3 here, so compare relative to their norm
     assert float(diff.norm()) <= 1e-6 * float(want_grads.norm())
     assert want.std() > 0  # distinct scores, so a swapped index would show
+
+
+def test_attention_cost_prefers_narrow_rows():
+    lengths = [30, 30, 30, 30]
+    # slots alone: one 120-wide row and four 30-wide rows cost the same; ties go narrow anyway
+    rows, width = packed.best_packing(lengths, 120)
+    assert width == 30
+    # 70 + 50: two rows of 70 (140 slots) beat one of 120 only when attention is weighed in
+    rows, width = packed.best_packing([70, 50], 120)
+    assert width == 120 and len(rows) == 1
+    rows, width = packed.best_packing([70, 50], 120, attention_weight=0.01)
+    # 1 x 120 x (1 + 1.2) = 264 against 2 x 70 x (1 + 0.7) = 238
+    assert width == 70 and len(rows) == 2
+
+
+def test_attention_weight_from_the_config():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=128, intermediate_size=384))
+    assert packed.attention_weight(model) == pytest.approx(4 * 128 / (8 * 128 ** 2 + 6 * 128 * 384))
+    assert packed.attention_weight(SimpleNamespace()) == 0.0
