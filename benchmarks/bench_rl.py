@@ -16,8 +16,10 @@ episode than either RLOO.  The starting policy is an SFT'd tiny model (made once
 
 Reported per run: episodes/s (= samples/s), generated tokens/s, peak RSS, and the final metric:
 mean gold score of greedy answers to 32 held-out prompts, computed by the same code for all.
-MFU counts 12 N FLOPs per generated token for the RLOO runs (2N sampling + 2 x 2N scoring
-forwards + 6N training) and 20 N for PPO (plus the critic's forward and training).
+MFU counts, per generated token, 10 N FLOPs for the RLOO runs (2N sampling + 2N reference
+forward + 6N policy forward and backward: with one update per batch neither library needs a
+separate old-log-prob forward) and 16 N for PPO (plus 6N for the critic's forward and backward,
+its N without the LM head counted as N for simplicity); with LoRA 2N less per trained model.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ PROFILES = {
     "smollm2-lora": {"prompts": 4, "k": 4, "max_new_tokens": 48, "lr": 5e-5, "steps": 7, "warmup": 2},
 }
 QUICK = {"tiny": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
-FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 20.0, "kilter-rloo": 12.0, "trl-rloo": 12.0}
+FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 16.0, "kilter-rloo": 10.0, "trl-rloo": 10.0,
+                         "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0}
 N_EVAL_PROMPTS = 32
 
 

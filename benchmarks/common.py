@@ -18,8 +18,13 @@ outside the window, for both.  Tokens are real (non-padding) tokens; padding a l
 chooses to compute is its own cost.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4`` (the whole process, load included).
-MFU = 6 * parameters * tokens / time / peak (the PaLM convention, full-model parameters even
-with LoRA, attention FLOPs ignored), against the measured matmul peak of the precision used.
+MFU = F * N * tokens / time / peak, against the measured matmul peak of the precision used,
+where N counts the weights that take part in matmuls (the transformer blocks, plus the LM head
+where the task computes one -- not the input embedding, whose lookup is no matmul, and not the
+head for a reward model) and F is the multiply-adds per token per weight x 2: 6 for full
+fine-tuning (forward, input gradients, weight gradients), 4 with LoRA (frozen weights get no
+weight gradient).  Attention-score FLOPs are ignored, so MFU is a lower bound; it counts the
+model's FLOPs, not what a library happens to compute (padding, logits nobody reads).
 """
 
 from __future__ import annotations
@@ -281,15 +286,24 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def flop_factor(flops_per_token_param: float | dict[str, float], lib: str, lora: bool) -> float:
+    """F of the MFU formula: a dict gives it per library (``lib`` or ``lib:lora``); a number is the
+    full fine-tuning factor, 2 less with LoRA (no weight-gradient matmuls for frozen weights)."""
+    if isinstance(flops_per_token_param, dict):
+        return flops_per_token_param.get(f"{lib}:lora" if lora else lib, flops_per_token_param.get(lib, 6.0))
+    return flops_per_token_param - 2.0 if lora else flops_per_token_param
+
+
 def summarize(bench: str, model: str, setting: str, runs: dict[str, list[dict]], params: int, peak: float,
-              metric_name: str, flops_per_token_param: float | dict[str, float] = 6.0) -> list[dict]:
+              metric_name: str, flops_per_token_param: float | dict[str, float] = 6.0,
+              lora: bool = False) -> list[dict]:
     """One row per library: medians over its runs, plus each Kilter row's ratio to the TRL row
     (ratio of the medians of samples/s)."""
     rows = []
     med = {}
     for lib, samples in runs.items():
         ok = [r for r in samples if r.get("ok")]
-        factor = flops_per_token_param.get(lib, 6.0) if isinstance(flops_per_token_param, dict) else flops_per_token_param
+        factor = flop_factor(flops_per_token_param, lib, lora)
         row = {"bench": bench, "model": model, "setting": setting, "lib": lib, "n": len(ok),
                "samples_per_s": median([r["samples_per_s"] for r in ok]),
                "tokens_per_s": median([r["tokens_per_s"] for r in ok]),
@@ -299,6 +313,7 @@ def summarize(bench: str, model: str, setting: str, runs: dict[str, list[dict]],
                "metric_name": metric_name,
                "samples_per_s_all": [round(r["samples_per_s"], 4) for r in ok]}
         row["mfu_pct"] = 100 * mfu(params, row["tokens_per_s"], peak, factor) if ok else float("nan")
+        row["flops_per_token_param"] = factor
         med[lib] = row
         rows.append(row)
     base = next((lib for lib in med if lib.startswith("trl")), None)
@@ -365,10 +380,11 @@ def finish_report(report: dict, args, groups: list[dict], metric_name: str,
     print(f"[{report['bench']}] matmul peak (end): fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
     for g in groups:
         spec = g["spec"]
-        params = count_params(spec["model_dir"], spec.get("lora", False))
+        params = count_params(spec["model_dir"], head=report["bench"] != "rm")
         peak = peak_for(report, spec.get("precision", "fp32"))
         report["rows"] += summarize(report["bench"], g["model"], g["setting"] + f" ({spec.get('precision', 'fp32')})",
-                                    g["runs"], params, peak, metric_name, flops_per_token_param)
+                                    g["runs"], params, peak, metric_name, flops_per_token_param,
+                                    lora=bool(spec.get("lora", False)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
@@ -410,17 +426,16 @@ def clean_dir(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def count_params(model_dir: str, lora: bool) -> int:
-    """Parameters of the base model (what the 6*N*tokens convention counts), tied weights once."""
+def count_params(model_dir: str, head: bool = True) -> int:
+    """Weights that take part in matmuls: the transformer blocks, plus the LM head when ``head``
+    (the input embedding is a lookup; a reward model has a 1-wide head instead)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or h // heads
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
     mlp = 3 * h * inter
-    norms = 2 * h
-    emb = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    return layers * (attn + mlp + norms) + emb + h
+    return layers * (attn + mlp) + (vocab * h if head else h)
 
 
 # --------------------------------------------------------------------------- data (built-in task -> JSONL)

@@ -8,12 +8,15 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 py="$here/.venv-trl/bin/python"
 [ -x "$py" ] || bash "$here/setup.sh"
+# tiny model: 3 Kilter/TRL pairs per setting; SmolLM2-135M + LoRA: 2 pairs (a run takes minutes)
 for bench in sft rm dpo; do
   "$py" "$here/bench_$bench.py" --models tiny --settings same,best-fp32,best-bf16 "$@"
-  "$py" "$here/bench_$bench.py" --models smollm2-lora --settings same,best-bf16 "$@"
 done
-"$py" "$here/bench_rl.py" --models tiny --settings same,best-bf16 "$@"
-"$py" "$here/bench_rl.py" --models smollm2-lora --settings same "$@"
+"$py" "$here/bench_rl.py" --models tiny --settings same,best-fp32 "$@"
+for bench in sft rm dpo; do
+  "$py" "$here/bench_$bench.py" --models smollm2-lora --settings same,best-bf16 --pairs 2 "$@"
+done
+"$py" "$here/bench_rl.py" --models smollm2-lora --settings same --pairs 2 "$@"
 if [[ " $* " != *" --quick "* ]]; then
   "$py" "$here/report.py" > "$here/out/tables.md"
   echo "tables for RESULTS.md: $here/out/tables.md"
