@@ -12,7 +12,7 @@ py="$here/.venv-trl/bin/python"
 for bench in sft rm dpo; do
   "$py" "$here/bench_$bench.py" --models tiny --settings same,best-fp32,best-bf16 "$@"
 done
-"$py" "$here/bench_rl.py" --models tiny --settings same,best-fp32 "$@"
+"$py" "$here/bench_rl.py" --models tiny --settings same "$@"
 for bench in sft rm dpo; do
   "$py" "$here/bench_$bench.py" --models smollm2-lora --settings same,best-bf16 --pairs 2 "$@"
 done
