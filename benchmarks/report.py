@@ -39,10 +39,42 @@ def spread(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(reports: list[dict]) -> str:
+    """One line per benchmark and model: the identical-settings ratio and the best-vs-best ratio
+    (each library's fastest best-* setting), against the issue's targets."""
+    lines = ["| benchmark | model | identical settings: Kilter/TRL samples/s (tokens/s) | Kilter best | TRL best "
+             "| best/best samples/s (tokens/s) |",
+             "|---|---|---|---|---|---|"]
+    for r in reports:
+        by_model: dict[str, list[dict]] = {}
+        for row in r["rows"]:
+            by_model.setdefault(row["model"], []).append(row)
+        for model, rows in by_model.items():
+            same = {row["lib"]: row for row in rows if row["setting"].startswith("same")}
+            trl_same = next((v for k, v in same.items() if k.startswith("trl")), None)
+            ratios = ", ".join(f"{k} {v['samples_per_s'] / trl_same['samples_per_s']:.2f}x "
+                               f"({v['tokens_per_s'] / trl_same['tokens_per_s']:.2f}x)"
+                               for k, v in same.items() if not k.startswith("trl") and trl_same)
+            best = [row for row in rows if row["setting"].startswith("best")]
+            kil = max((x for x in best if not x["lib"].startswith("trl")), key=lambda x: x["samples_per_s"], default=None)
+            trl = max((x for x in best if x["lib"].startswith("trl")), key=lambda x: x["samples_per_s"], default=None)
+            if kil and trl:
+                cells = (f"{kil['samples_per_s']:.3g}/s ({kil['setting']})", f"{trl['samples_per_s']:.3g}/s ({trl['setting']})",
+                         f"{kil['samples_per_s'] / trl['samples_per_s']:.2f}x "
+                         f"({kil['tokens_per_s'] / trl['tokens_per_s']:.2f}x)")
+            else:
+                cells = ("-", "-", "-")
+            lines.append(f"| {r['bench']} | {model} | {ratios} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else C.OUT
     paths = [p for bench in ("sft", "rm", "dpo", "rl") for p in sorted(out.glob(f"{bench}-*.json"))
              if not p.name.endswith("-quick.json")]
+    print("### Summary\n")
+    print(summary([json.loads(p.read_text()) for p in paths]))
+    print()
     for path in paths:
         r = json.loads(path.read_text())
         bench = r["bench"]
