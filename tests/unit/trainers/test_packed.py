@@ -39,25 +39,12 @@ def _examples(gen: torch.Generator) -> list[dict]:
     return out
 
 
-def _micro(lora: bool):
-    from kilter.models import load_causal_lm, load_tokenizer
-
-    tok = load_tokenizer("builtin:micro")
-    model = load_causal_lm("builtin:micro", tok)
-    if lora:
-        model = common.apply_lora(model, common.LoraSection(enabled=True))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-    model.train()
-    return tok, model
 
 
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
-def test_packed_sequence_logps_equal_the_padded_ones(lora, average):
-    tok, model = _micro(lora)
+def test_packed_sequence_logps_equal_the_padded_ones(lora, average, micro_policy):
+    tok, model = micro_policy(lora)
     wrapper, ok = packed.fast_causal_lm(model, "cpu")
     assert wrapper is not None and ok
     examples = _examples(torch.Generator().manual_seed(3))
@@ -94,8 +81,8 @@ def _pairs(gen: torch.Generator) -> list[dict]:
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_logps_equal_the_padded_ones(lora):
-    tok, model = _micro(lora)
+def test_shared_prompt_logps_equal_the_padded_ones(lora, micro_policy):
+    tok, model = micro_policy(lora)
     wrapper, ok = packed.fast_causal_lm(model, "cpu")
     assert ok and wrapper.shares_prefix
     examples = _pairs(torch.Generator().manual_seed(11))
@@ -116,8 +103,8 @@ def test_shared_prompt_logps_equal_the_padded_ones(lora):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_reference_packed_logps_equal_the_padded_ones(lora):
-    tok, model = _micro(lora)
+def test_reference_packed_logps_equal_the_padded_ones(lora, micro_policy):
+    tok, model = micro_policy(lora)
     reference = Reference(model) if lora else Reference(model, copy.deepcopy(model))
     assert reference.shares_policy == lora
     assert reference.enable_packing("cpu")

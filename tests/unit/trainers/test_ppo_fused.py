@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from kilter.cli import main
-from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.rollout.scoring import batched_logprobs, batched_values
 from kilter.rollout import scoring
 from kilter.trainers import common, ppo_setup
 from kilter.trainers.ppo_update import (
@@ -31,13 +31,6 @@ from kilter.trainers.ppo_update import (
 from kilter.trainers.reference import Reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +49,6 @@ def models():
     return tok, policy, value
 
 
-def _rollout(tok, n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(10, 200, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(10, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    return assemble(prompts, responses, tok.pad_token_id)
 
 
 def _settings(**kw):
@@ -98,9 +84,9 @@ def _assert_same_stats(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "reinforce", "rloo", "grpo"])
-def test_fused_update_equals_the_unfused_one(models, algorithm):
+def test_fused_update_equals_the_unfused_one(models, algorithm, random_rollout):
     tok, policy0, value0 = models
-    batch = _rollout(tok)
+    batch = random_rollout(tok.pad_token_id)
     s = _settings(algorithm=algorithm, ptx_coef=0.1 if algorithm == "ppo" else 0.0)
     critic = algorithm in ("ppo", "a2c")
     runs = []
@@ -136,10 +122,10 @@ def test_fused_update_equals_the_unfused_one(models, algorithm):
     assert any(not torch.equal(a, b) for a, b in zip(p1.parameters(), policy0.parameters()))
 
 
-def test_first_step_of_the_fused_pass_is_exactly_on_policy(models):
+def test_first_step_of_the_fused_pass_is_exactly_on_policy(models, random_rollout):
     """One epoch: the only step reuses the scoring forward, so the ratio is exactly 1."""
     tok, policy0, _ = models
-    batch = _rollout(tok)
+    batch = random_rollout(tok.pad_token_id)
     s = _settings(algorithm="rloo", epochs=1, target_kl=1e-12)
     policy = copy.deepcopy(policy0)
     first = first_pass(policy, None, batch, s, seed=0, iteration=0)
@@ -152,14 +138,14 @@ def test_first_step_of_the_fused_pass_is_exactly_on_policy(models):
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), policy0.parameters()))
 
 
-def test_lora_with_checkpointing_and_the_shared_reference_in_between(models):
+def test_lora_with_checkpointing_and_the_shared_reference_in_between(models, random_rollout):
     """The adapter-disabled reference runs between the fused forward and its backward (as in the trainer).
 
     With a frozen block, leaving peft's disable_adapter() used to unfreeze its adapters; the
     checkpointed backward then recomputed that block differently and failed.
     """
     tok, policy0, _ = models
-    batch = _rollout(tok, seed=4)
+    batch = random_rollout(tok.pad_token_id, seed=4)
     s = _settings(algorithm="grpo", epochs=1, num_minibatches=1)
     runs = []
     for fused in (False, True):
@@ -188,9 +174,9 @@ def test_lora_with_checkpointing_and_the_shared_reference_in_between(models):
     _assert_same(runs[1][0], runs[0][0])
 
 
-def test_fusion_applies_only_to_a_single_whole_rollout_micro_batch(models):
+def test_fusion_applies_only_to_a_single_whole_rollout_micro_batch(models, random_rollout):
     tok, policy0, _ = models
-    batch = _rollout(tok)
+    batch = random_rollout(tok.pad_token_id)
     assert fuses_first_pass(_settings())
     assert not fuses_first_pass(_settings(fuse_first_pass=False))
     assert not fuses_first_pass(_settings(num_minibatches=2))

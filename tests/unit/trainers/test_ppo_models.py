@@ -11,14 +11,6 @@ from kilter.trainers.ppo_setup import freeze_lower_layers, reference_logprobs
 from kilter.trainers.reference import Reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save, most of all
-    on a busy machine (a PPO smoke run took 17 s with one thread and 89 s with two here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

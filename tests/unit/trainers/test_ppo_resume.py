@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -10,14 +9,6 @@ from kilter.cli import main
 from kilter.trainers import ppo
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save, most of all
-    on a busy machine (a PPO smoke run took 17 s with one thread and 89 s with two here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Every piece of state is exercised: adaptive KL, running reward normalisation, ptx position,

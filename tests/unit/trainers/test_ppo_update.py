@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kilter.ops import gae
-from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.rollout.scoring import batched_logprobs, batched_values
 from kilter.trainers.ppo_update import (
     MovingAverageBaseline,
     PtxStream,
@@ -17,14 +17,6 @@ from kilter.trainers.ppo_update import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save, most of all
-    on a busy machine (a PPO smoke run took 17 s with one thread and 89 s with two here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- advantages by hand
@@ -110,13 +102,6 @@ def models():
     return tok, policy, value
 
 
-def _rollout(tok, n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(10, 200, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(10, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    return assemble(prompts, responses, tok.pad_token_id)
 
 
 def _settings(**kw):
@@ -127,8 +112,8 @@ def _settings(**kw):
     return UpdateSettings(**base)
 
 
-def _prepare(tok, policy, value, algorithm="ppo"):
-    batch = _rollout(tok)
+def _prepare(make_rollout, tok, policy, value, algorithm="ppo"):
+    batch = make_rollout(tok.pad_token_id)
     old_logp, _ = batched_logprobs(policy, batch, 1.0, 4)
     values = batched_values(value, batch, 4)
     rewards = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1)) * batch.response_mask
@@ -137,9 +122,9 @@ def _prepare(tok, policy, value, algorithm="ppo"):
     return batch, old_logp, values, adv
 
 
-def test_grad_accumulation_equals_one_big_step(models):
+def test_grad_accumulation_equals_one_big_step(models, random_rollout):
     tok, policy0, value0 = models
-    batch, old_logp, values, adv = _prepare(tok, policy0, value0)
+    batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0)
     results = []
     for accum in (1, 2):
         policy, value = copy.deepcopy(policy0), copy.deepcopy(value0)
@@ -160,9 +145,9 @@ def test_grad_accumulation_equals_one_big_step(models):
     assert any(not torch.equal(a, b) for a, b in zip(v1.parameters(), value0.parameters()))
 
 
-def test_early_stop_on_approximate_kl(models):
+def test_early_stop_on_approximate_kl(models, random_rollout):
     tok, policy0, value0 = models
-    batch, old_logp, values, adv = _prepare(tok, policy0, value0)
+    batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0)
     policy = copy.deepcopy(policy0)
     opt = torch.optim.SGD(policy.parameters(), lr=5.0)
     stats = run_update(policy, None, opt, None, batch, old_logp, adv, None,
@@ -173,10 +158,10 @@ def test_early_stop_on_approximate_kl(models):
     assert stats["ppo/epochs"] == 0.5
 
 
-def test_a2c_and_reinforce_take_one_unclipped_pass(models):
+def test_a2c_and_reinforce_take_one_unclipped_pass(models, random_rollout):
     tok, policy0, value0 = models
     for algorithm in ("a2c", "reinforce"):
-        batch, old_logp, values, adv = _prepare(tok, policy0, value0, algorithm)
+        batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0, algorithm)
         policy = copy.deepcopy(policy0)
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
         critic = copy.deepcopy(value0) if algorithm == "a2c" else None
@@ -188,7 +173,7 @@ def test_a2c_and_reinforce_take_one_unclipped_pass(models):
         assert ("loss/value" in stats) == (algorithm == "a2c")
 
 
-def test_ptx_stream_order_is_reproducible_and_mixes_into_the_loss(models):
+def test_ptx_stream_order_is_reproducible_and_mixes_into_the_loss(models, random_rollout):
     tok, policy0, value0 = models
     examples = [{"input_ids": [10 + i, 20 + i, tok.eos_token_id], "labels": [-100, 20 + i, tok.eos_token_id]}
                 for i in range(5)]
@@ -200,7 +185,7 @@ def test_ptx_stream_order_is_reproducible_and_mixes_into_the_loss(models):
     b.position = 3  # resuming after one batch gives the same continuation
     assert [b.next_batch("cpu")["input_ids"][:, 0].tolist() for _ in range(2)] == first[1:]
 
-    batch, old_logp, values, adv = _prepare(tok, policy0, value0, "reinforce")
+    batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0, "reinforce")
     policy = copy.deepcopy(policy0)
     stats = run_update(policy, None, torch.optim.SGD(policy.parameters(), lr=0.1), None, batch, old_logp, adv,
                        None, _settings(algorithm="reinforce", ptx_coef=0.5),

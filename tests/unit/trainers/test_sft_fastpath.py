@@ -45,24 +45,11 @@ def test_pack_micro_batch_layout():
     assert batch["labels"].tolist() == [[IGNORE, IGNORE, 13, 14], [IGNORE, 22, 23, IGNORE]]
 
 
-def _micro_model(lora: bool):
-    from kilter.models import load_causal_lm, load_tokenizer
-
-    tok = load_tokenizer("builtin:micro")
-    model = load_causal_lm("builtin:micro", tok)
-    if lora:
-        model = common.apply_lora(model, common.LoraSection(enabled=True))
-        # LoRA's B starts at zero; move it so the adapters change the logits and get gradients on A too
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.05)
-    return tok, model
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_fast_paths_give_the_padded_loss_and_gradients(lora):
-    tok, model = _micro_model(lora)
+def test_fast_paths_give_the_padded_loss_and_gradients(lora, micro_policy):
+    tok, model = micro_policy(lora)
     model.train()
     wrapper, packed_ok = common.fast_causal_lm(model, "cpu")
     assert wrapper is not None and packed_ok
