@@ -13,12 +13,3 @@ def micro_lm():
     model = load_causal_lm(path, tokenizer)
     model.eval()
     return tokenizer, model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -1,18 +1,10 @@
-"""Shared pieces of the trainer unit tests: one torch thread, micro models, random rollouts."""
+"""Shared pieces of the trainer unit tests: micro models and random rollouts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
