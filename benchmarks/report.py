@@ -79,7 +79,8 @@ def main() -> int:
         r = json.loads(path.read_text())
         bench = r["bench"]
         ps, pe = r["peaks_start"], r.get("peaks_end", {})
-        print(f"### {TITLES[bench]}\n")
+        models = ", ".join(sorted({row["model"] for row in r["rows"]}))
+        print(f"### {TITLES[bench]}: {models}\n")
         print(f"`benchmarks/.venv-trl/bin/python benchmarks/{r['command']}` -- {r['date']}  ")
         print(f"{r['machine']}; " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + "  ")
         print(f"matmul peak GFLOP/s: fp32 {ps['fp32']:.1f} -> {pe.get('fp32', float('nan')):.1f}, "
