@@ -55,9 +55,8 @@ def run_kilter(spec: dict, work: Path, i: int) -> dict:
     run_dir = work / f"kilter-{i}"
     res, rows = C.run_kilter_cli(kilter_cmd(spec, run_dir), run_dir, work / f"kilter-{i}.log", spec,
                                  spec["batch_size"], sample_key="perf/pairs_per_s")
-    losses = [r["loss/rm"] for r in rows if "loss/rm" in r]
-    if losses:
-        res["train_loss_last10"] = sum(losses[-10:]) / len(losses[-10:])
+    if (loss := C.mean_last(rows, "loss/rm")) is not None:
+        res["train_loss_last10"] = loss
     return res
 
 
@@ -88,23 +87,9 @@ def trl_worker(spec_path: str) -> int:
         encoded = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], spec["max_length"]) for r in rows]
         dataset = dataset.add_column("length", [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
                                                 for e in encoded])
-    peft_config = None
-    if spec["lora"]:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS",
-                                 modules_to_save=["score"])
-    config = RewardConfig(
-        output_dir=str(run_dir / "trainer"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.05, adam_beta1=0.9, adam_beta2=0.95,
-        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
-        gradient_checkpointing=False, max_length=spec["max_length"], center_rewards_coefficient=None,
-        disable_dropout=True, train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
-        remove_unused_columns=not spec["group_by_length"],
-        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=spec["seed"],
-        data_seed=spec["seed"], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-    )
+    peft_config = C.trl_lora_config(spec, "SEQ_CLS", modules_to_save=["score"])
+    config = RewardConfig(**C.trl_training_args(spec, run_dir), center_rewards_coefficient=None, disable_dropout=True,
+                          remove_unused_columns=not spec["group_by_length"])
     trainer = RewardTrainer(model=spec["model_dir"], args=config, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=peft_config)
 

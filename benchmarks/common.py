@@ -626,6 +626,37 @@ class StepClockMixin:
         trainer.training_step = training_step
 
 
+def trl_training_args(spec: dict, run_dir: Path) -> dict:
+    """The TrainingArguments every supervised TRL run shares with Kilter's command line: steps,
+    batch, AdamW(0.9, 0.95, 1e-8, wd 0), 5% warmup + cosine to 10%, clip 1.0, precision,
+    sampling order, no checkpointing/eval/saving/logging overhead, CPU, seed."""
+    return dict(
+        output_dir=str(run_dir / "trainer"), max_steps=spec["steps"], per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=0.05, adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0, bf16=spec["precision"] == "bf16", fp16=False,
+        gradient_checkpointing=False, max_length=spec["max_length"],
+        train_sampling_strategy="group_by_length" if spec["group_by_length"] else "random",
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=spec["seed"],
+        data_seed=spec["seed"], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def trl_lora_config(spec: dict, task_type: str = "CAUSAL_LM", **extra):
+    """peft LoraConfig matching Kilter's lora.r=8 alpha=16 dropout=0 on all linear layers (None without LoRA)."""
+    if not spec["lora"]:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type=task_type, **extra)
+
+
+def mean_last(rows: list[dict], key: str, n: int = 10) -> float | None:
+    """Mean of the last ``n`` logged values of ``key`` in Kilter's metrics rows (None if never logged)."""
+    values = [r[key] for r in rows if key in r]
+    return sum(values[-n:]) / len(values[-n:]) if values else None
+
+
 def save_trl_final(trainer, tokenizer, path: Path, lora: bool) -> None:
     """The trained model as a plain HF folder (LoRA merged), like Kilter's final/."""
     model = trainer.model
