@@ -42,51 +42,32 @@ def kilter_cmd(spec: dict, run_dir: Path) -> list[str]:
         f"data.train={spec['train']}", "data.eval=null", "data.eval_fraction=0", "data.kind=comparison",
         f"data.max_length={spec['max_length']}", "data.group_by_prompt=false",
         f"data.group_by_length={str(spec['group_by_length']).lower()}", "strength_margin_scale=0",
-        f"batch_size={spec['batch_size']}", "grad_accum=1", f"max_steps={spec['steps']}",
-        f"optim.lr={spec['lr']}", "optim.warmup_ratio=0.05", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
-        "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", f"precision={spec['precision']}",
-        f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
-        "gradient_checkpointing=false", "device=cpu", f"seed={spec['seed']}", "log_every=1", "eval_every=1000000",
-        "save_every=1000000", "bias_reference=none", "n_samples=0", "tensorboard=false", f"threads={spec['threads']}",
+        "eval_every=1000000", "bias_reference=none", "n_samples=0", *C.kilter_training_args(spec),
     ]
 
 
 def run_kilter(spec: dict, work: Path, i: int) -> dict:
-    run_dir = work / f"kilter-{i}"
-    res, rows = C.run_kilter_cli(kilter_cmd(spec, run_dir), run_dir, work / f"kilter-{i}.log", spec,
-                                 spec["batch_size"], sample_key="perf/pairs_per_s")
-    if (loss := C.mean_last(rows, "loss/rm")) is not None:
-        res["train_loss_last10"] = loss
-    return res
+    return C.run_kilter_training(kilter_cmd(spec, work / f"kilter-{i}"), spec, work, i,
+                                 "loss/rm", sample_key="perf/pairs_per_s")
 
 
 def run_trl(spec: dict, work: Path, i: int) -> dict:
-    res, out = C.run_trl_worker(__file__, spec, work, i)
-    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked") if k in out})
-    return res
+    return C.run_trl_training(__file__, spec, work, i)
 
 
 def trl_worker(spec_path: str) -> int:
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from kilter.data.tokenize import PROMPT_SEP, encode_pair
+    from kilter.data.tokenize import encode_pair
 
     spec = json.loads(Path(spec_path).read_text())
     run_dir = Path(spec_path).parent
     torch.set_num_threads(spec["threads"])
     rows = C.read_jsonl(Path(spec["train"]))
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    dataset = Dataset.from_list([{"prompt": r["prompt"] + PROMPT_SEP, "chosen": r["chosen"], "rejected": r["rejected"]}
-                                 for r in rows])
-    if spec["group_by_length"]:
-        # TRL's length-grouped sampler needs an input_ids or length column, which preference data
-        # lacks: add the pair's longest sequence and keep the column (remove_unused_columns=False).
-        encoded = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], spec["max_length"]) for r in rows]
-        dataset = dataset.add_column("length", [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
-                                                for e in encoded])
+    dataset = C.preference_dataset(rows, tokenizer, spec)
     peft_config = C.trl_lora_config(spec, "SEQ_CLS", modules_to_save=["score"])
     config = RewardConfig(**C.trl_training_args(spec, run_dir), center_rewards_coefficient=None, disable_dropout=True,
                           remove_unused_columns=not spec["group_by_length"])

@@ -50,31 +50,19 @@ def kilter_cmd(spec: dict, run_dir: Path) -> list[str]:
         str(C.KILTER), "sft", f"model={spec['model_dir']}", f"output_dir={run_dir}",
         f"data.train={spec['train']}", "data.eval=null", f"data.max_length={spec['max_length']}",
         f"data.group_by_length={str(spec['group_by_length']).lower()}",
-        f"batch_size={spec['batch_size']}", "grad_accum=1", f"max_steps={spec['steps']}",
-        f"optim.lr={spec['lr']}", "optim.warmup_ratio=0.05", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
-        "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", f"precision={spec['precision']}",
-        f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
-        "gradient_checkpointing=false", "device=cpu", f"seed={spec['seed']}", "log_every=1",
-        "save_every=1000000", "n_samples=0", "tensorboard=false", f"threads={spec['threads']}",
+        "n_samples=0", *C.kilter_training_args(spec),
     ]
 
 
 def run_kilter(spec: dict, work: Path, i: int) -> dict:
-    run_dir = work / f"kilter-{i}"
-    res, rows = C.run_kilter_cli(kilter_cmd(spec, run_dir), run_dir, work / f"kilter-{i}.log", spec,
-                                 spec["batch_size"])
-    if (loss := C.mean_last(rows, "loss/sft")) is not None:
-        res["train_loss_last10"] = loss
-    return res
+    return C.run_kilter_training(kilter_cmd(spec, work / f"kilter-{i}"), spec, work, i, "loss/sft")
 
 
 # --------------------------------------------------------------------------- TRL
 
 
 def run_trl(spec: dict, work: Path, i: int) -> dict:
-    res, out = C.run_trl_worker(__file__, spec, work, i)
-    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked") if k in out})
-    return res
+    return C.run_trl_training(__file__, spec, work, i)
 
 
 def trl_worker(spec_path: str) -> int:

@@ -599,6 +599,56 @@ def run_trl_worker(script: str, spec: dict, work: Path, i: int) -> tuple[dict, d
     return res, out
 
 
+def kilter_training_args(spec: dict) -> list[str]:
+    """The ``kilter sft|rm|dpo`` overrides every supervised comparison shares with TRL's
+    :func:`trl_training_args`: batch, steps, AdamW and its schedule, precision, LoRA, device,
+    seed, per-step logging and no saving inside the loop."""
+    return [
+        f"batch_size={spec['batch_size']}", "grad_accum=1", f"max_steps={spec['steps']}",
+        f"optim.lr={spec['lr']}", "optim.warmup_ratio=0.05", "optim.schedule=cosine", "optim.min_lr_ratio=0.1",
+        "optim.weight_decay=0.0", "optim.max_grad_norm=1.0", f"precision={spec['precision']}",
+        f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+        "gradient_checkpointing=false", "device=cpu", f"seed={spec['seed']}", "log_every=1",
+        "save_every=1000000", "tensorboard=false", f"threads={spec['threads']}",
+    ]
+
+
+def run_kilter_training(cmd: list[str], spec: dict, work: Path, i: int, loss_key: str,
+                        sample_key: str = "perf/samples_per_s") -> dict:
+    """Run a supervised ``kilter`` command as run ``i`` and add its mean loss over the last 10 steps."""
+    run_dir = work / f"kilter-{i}"
+    res, rows = run_kilter_cli(cmd, run_dir, work / f"kilter-{i}.log", spec, spec["batch_size"],
+                               sample_key=sample_key)
+    if (loss := mean_last(rows, loss_key)) is not None:
+        res["train_loss_last10"] = loss
+    return res
+
+
+def run_trl_training(script: str, spec: dict, work: Path, i: int) -> dict:
+    """:func:`run_trl_worker` for the supervised comparisons, keeping the loss and token check."""
+    res, out = run_trl_worker(script, spec, work, i)
+    res.update({k: out[k] for k in ("train_loss_last10", "token_mismatches", "token_checked") if k in out})
+    return res
+
+
+def preference_dataset(rows: list[dict], tokenizer, spec: dict):
+    """TRL's {prompt, chosen, rejected} dataset of comparison rows, with the prompt ending in
+    Kilter's separator so both libraries see the same token ids.  With length grouping it gets a
+    ``length`` column (the pair's longer sequence): TRL's grouped sampler needs one and preference
+    data has none (keep it with remove_unused_columns=False)."""
+    from datasets import Dataset
+
+    from kilter.data.tokenize import PROMPT_SEP, encode_pair
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"] + PROMPT_SEP, "chosen": r["chosen"], "rejected": r["rejected"]}
+                                 for r in rows])
+    if spec["group_by_length"]:
+        encoded = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], spec["max_length"]) for r in rows]
+        dataset = dataset.add_column("length", [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"]))
+                                                for e in encoded])
+    return dataset
+
+
 class StepClockMixin:
     """Pieces of a TRL worker: a TrainerCallback stamping each optimizer step, and a collator
     wrapper counting each batch's real tokens (``attention_mask`` ones)."""

@@ -21,16 +21,6 @@ from kilter.rewards.base import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save, most of all
-    on a busy machine (a PPO smoke run took 17 s with one thread and 89 s with two here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["Review the lamp.", "Review the desk."]
 
 

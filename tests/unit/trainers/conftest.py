@@ -43,3 +43,18 @@ def random_rollout():
         return assemble(prompts, responses, pad_id)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def micro_ppo_models():
+    """(tokenizer, policy, critic) for PPO updates: the micro LM and a critic on its backbone, eval mode."""
+    from kilter.models import load_causal_lm, load_tokenizer
+    from kilter.models.reward import build_value_model, load_reward_backbone
+    from kilter.models.tiny import builtin_model_dir
+
+    path = str(builtin_model_dir("micro"))
+    tok = load_tokenizer(path)
+    policy = load_causal_lm(path, tok).eval()
+    torch.manual_seed(0)
+    value = build_value_model(load_reward_backbone(path, tok)).eval()
+    return tok, policy, value

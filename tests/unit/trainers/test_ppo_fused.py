@@ -34,16 +34,8 @@ from kilter.trainers.reference import Reference
 
 
 @pytest.fixture(scope="module")
-def models():
-    from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.models.reward import build_value_model, load_reward_backbone
-    from kilter.models.tiny import builtin_model_dir
-
-    path = str(builtin_model_dir("micro"))
-    tok = load_tokenizer(path)
-    policy = load_causal_lm(path, tok).eval()
-    torch.manual_seed(0)
-    value = build_value_model(load_reward_backbone(path, tok)).eval()
+def models(micro_ppo_models):
+    tok, policy, value = micro_ppo_models
     with torch.no_grad():  # a critic that predicts something, so its values and loss are not trivial
         value.score.weight.normal_(0, 0.1)
     return tok, policy, value

@@ -89,17 +89,8 @@ def test_moving_average_baseline():
 
 
 @pytest.fixture(scope="module")
-def models():
-    from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.models.reward import build_value_model, load_reward_backbone
-    from kilter.models.tiny import builtin_model_dir
-
-    path = str(builtin_model_dir("micro"))
-    tok = load_tokenizer(path)
-    policy = load_causal_lm(path, tok).eval()
-    torch.manual_seed(0)
-    value = build_value_model(load_reward_backbone(path, tok)).eval()
-    return tok, policy, value
+def models(micro_ppo_models):
+    return micro_ppo_models
 
 
 
