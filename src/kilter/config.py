@@ -192,6 +192,24 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
     return f"config key {key!r}{where}: {expected}{got_text}"
 
 
+def _section_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """The values a section's *default instance* sets beyond its class defaults, recursively.
+
+    ``optim: OptimConfig = OptimConfig(lr=1e-5, schedule="constant")`` documents PPO's defaults;
+    validating ``{"optim": {"lr": 3e-4}}`` alone would rebuild the section from OptimConfig's class
+    defaults and silently switch the schedule to cosine.  Seeding the data with these values first
+    keeps every default that the user did not override.
+    """
+    out: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        default = field.default
+        if isinstance(default, BaseModel):
+            nested = _deep_merge(_section_defaults(type(default)), default.model_dump(exclude_unset=True))
+            if nested:
+                out[name] = nested
+    return out
+
+
 def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] | dict | None = None):
     """Build ``cls`` from an optional YAML file and overrides; raise ConfigError on any problem."""
     data: dict[str, Any] = {}
@@ -217,6 +235,10 @@ def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides:
         data = _deep_merge(data, extra)
         if source:
             source += " + overrides"
+    seeded = _section_defaults(cls)
+    if seeded:
+        # a section given as anything but a mapping is left to validation to reject
+        data = {**data, **{k: _deep_merge(v, data[k]) for k, v in seeded.items() if isinstance(data.get(k), dict)}}
     try:
         return cls.model_validate(data)
     except ValidationError as err:

@@ -175,3 +175,14 @@ def test_describe_fields_flattens_sections():
     assert rows["mode"] == ("'a' | 'b'", "'a'", "A choice.")
     assert rows["limit"] == ("int | null", "None", "Optional limit.")
     assert "inner" not in rows
+
+
+def test_overriding_one_key_keeps_the_sections_documented_defaults():
+    """PPO's optimizer defaults to a constant schedule without warmup: setting optim.lr must not
+    silently bring back OptimConfig's class defaults (cosine, 5% warmup)."""
+    from kilter.trainers.ppo import PPOConfig
+
+    cfg = load_config(PPOConfig, overrides=["optim.lr=3e-3", "value.optim.lr=1e-3"])
+    assert cfg.optim.lr == 3e-3 and cfg.optim.schedule == "constant" and cfg.optim.warmup_ratio == 0.0
+    assert cfg.value.optim.lr == 1e-3 and cfg.value.optim.schedule == "constant"
+    assert load_config(PPOConfig, overrides=["optim.schedule=cosine"]).optim.lr == 1e-5

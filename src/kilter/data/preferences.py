@@ -13,6 +13,8 @@ K forwards rather than 2 * C(K, 2).  The record kinds map onto groups as follows
 * **comparison** -- with ``group_by_prompt`` (default) the comparisons that share a prompt
   form one group (at most ``max_group_size`` distinct responses; more start a new group);
   otherwise each comparison is a group of two.  The optional ``strength`` rides along.
+  Such a group is marked ``independent``: its pairs were judged one by one, so each weighs as
+  one comparison in the loss (a ranking's C(K, 2) pairs weigh 1 / C(K, 2) each: InstructGPT).
 * **rating** (thumbs up/down) -- the ratings of one prompt form a group in which every
   thumbs-up response beats every thumbs-down one (Anthropic's preference-model pretraining
   turns binary data into pairs the same way).
@@ -147,7 +149,8 @@ def groups_from_records(rows: Sequence[dict], kind: str, group_by_prompt: bool =
                 if key is not None:
                     open_groups[key] = builder
             builder.pairs.append((builder.slot(row["chosen"]), builder.slot(row["rejected"]), row.get("strength")))
-        groups = [b.done() for b in builders]
+        # independent comparisons weigh one each, however many share a prompt (see pair_weights)
+        groups = [{**b.done(), "independent": True} for b in builders]
     elif kind == "rating":
         by_prompt: dict[str, tuple[Any, list[str], list[str]]] = {}
         for row in rows:
@@ -233,5 +236,6 @@ def encode_groups(tokenizer, groups: Sequence[dict], max_length: int) -> list[di
     out = []
     for g in groups:
         examples = encode_completions(tokenizer, g["prompt"], g["responses"], max_length)
-        out.append({"examples": [{"input_ids": e["input_ids"]} for e in examples], "pairs": g["pairs"]})
+        out.append({"examples": [{"input_ids": e["input_ids"]} for e in examples], "pairs": g["pairs"],
+                    "independent": bool(g.get("independent", False))})
     return out

@@ -141,17 +141,21 @@ def encode_completions(
     completions: Sequence[str | list[dict[str, str]]],
     max_length: int,
     truncation_side: str = "left",
+    finished: Sequence[bool] | None = None,
 ) -> list[dict]:
     """Encode several completions of one prompt, all with the same (truncated) prompt ids.
 
     Returns one ``{"input_ids", "labels", "prompt_len"}`` per completion (lists of ints;
     labels are -100 on the ``prompt_len`` prompt tokens).  Used for K-way reward-model data.
+    Each completion ends with EOS, except where ``finished`` says it was cut at the length limit:
+    a sampled response that never ended is scored as unfinished, not as if it had ended.
     """
     if not completions:
         raise KilterError("encode_completions needs at least one completion")
     eos = _eos_id(tokenizer)
     prefix, body = _prompt_ids(tokenizer, prompt)
-    encoded = [_ids(tokenizer, _completion_text(c)) + [eos] for c in completions]
+    ends = [True] * len(completions) if finished is None else [bool(f) for f in finished]
+    encoded = [_ids(tokenizer, _completion_text(c)) + ([eos] if end else []) for c, end in zip(completions, ends)]
     kept_prompt, kept = _fit(prefix, body, encoded, max_length, truncation_side)
     return [_example(kept_prompt, c) for c in kept]
 
@@ -162,12 +166,13 @@ def encode_prompt_completion(
     completion: str | list[dict[str, str]],
     max_length: int,
     truncation_side: str = "left",
+    finished: bool = True,
 ) -> dict:
-    """``{"input_ids", "labels", "prompt_len"}`` for one prompt and its completion (+ EOS).
+    """``{"input_ids", "labels", "prompt_len"}`` for one prompt and its completion (+ EOS when ``finished``).
 
     ``truncation_side`` is where the prompt is cut when too long (see the module docstring).
     """
-    return encode_completions(tokenizer, prompt, [completion], max_length, truncation_side)[0]
+    return encode_completions(tokenizer, prompt, [completion], max_length, truncation_side, [finished])[0]
 
 
 def encode_pair(

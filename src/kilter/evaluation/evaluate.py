@@ -346,12 +346,17 @@ def _sample(model, tokenizer, prompts: list, n: int, params, cfg: EvalConfig, se
     return Sampled(gen.prompt_ids, gen.response_ids, gen.texts, gen.finished)
 
 
-def _rm_scores(reward, prompts: list, texts: list[str], batch_size: int) -> tuple[list[float], list[float] | None]:
-    """Reward-model means, and per-response std across members for an ensemble (None for one model)."""
+def _rm_scores(reward, prompts: list, texts: list[str], batch_size: int,
+               finished: list[bool] | None = None) -> tuple[list[float], list[float] | None]:
+    """Reward-model means, and per-response std across members for an ensemble (None for one model).
+
+    Responses cut at the length limit (``finished`` False) are scored without an appended EOS.
+    """
     if getattr(reward, "members", None) is not None and callable(getattr(reward, "score_with_std", None)):
-        mean, std = reward.score_with_std(prompts, texts, batch_size=batch_size)
+        mean, std = reward.score_with_std(prompts, texts, batch_size=batch_size, finished=finished)
         return _as_scores(mean, len(texts), "reward model"), _as_scores(std, len(texts), "reward model")
-    return _as_scores(reward.score(prompts, texts, batch_size=batch_size), len(texts), "reward model"), None
+    scores = reward.score(prompts, texts, batch_size=batch_size, finished=finished)
+    return _as_scores(scores, len(texts), "reward model"), None
 
 
 def _load_reward(spec: str, device: str, dtype: str):
@@ -444,7 +449,7 @@ def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[st
         per_sample["gold"] = _as_scores(gold_values, len(texts), "gold_fn")
         metrics["reward/gold"], metrics["reward/gold_stderr"] = mean_and_stderr(per_sample["gold"])
     if setup.reward is not None:
-        per_sample["rm"], std = _rm_scores(setup.reward, prompts, texts, cfg.batch_size)
+        per_sample["rm"], std = _rm_scores(setup.reward, prompts, texts, cfg.batch_size, sampled.finished)
         metrics["reward/rm"], metrics["reward/rm_stderr"] = mean_and_stderr(per_sample["rm"])
         if std is not None:
             per_sample["rm_std"] = std

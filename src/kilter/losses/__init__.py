@@ -3,9 +3,11 @@
 from kilter.losses.bradley_terry import (
     bradley_terry_loss,
     kway_bradley_terry_loss,
+    pair_weights,
     pairwise_accuracy,
     ranking_pair_indices,
     ranking_pairs,
+    weighted_pair_loss,
 )
 from kilter.losses.dpo import dpo_loss
 from kilter.losses.kto import kto_loss, kto_reference_kl
@@ -21,6 +23,7 @@ __all__ = [
     "kto_reference_kl",
     "kway_bradley_terry_loss",
     "make_labels",
+    "pair_weights",
     "pairwise_accuracy",
     "pg_loss",
     "ppo_policy_loss",
@@ -28,4 +31,5 @@ __all__ = [
     "ranking_pair_indices",
     "ranking_pairs",
     "sft_loss",
+    "weighted_pair_loss",
 ]

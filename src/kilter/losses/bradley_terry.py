@@ -24,6 +24,39 @@ def bradley_terry_loss(
     return -F.logsigmoid(diff).mean()
 
 
+def pair_weights(pair_group: torch.Tensor, independent: torch.Tensor) -> torch.Tensor:
+    """Weight of each labeled pair in the reward-model loss.
+
+    pair_group: (P,) long, the group of each pair; independent: (G,) bool per group -> (P,).
+    A ranking's (or a prompt's thumbs') C(K, 2) pairs come from one judgment and share one
+    unit of weight, 1 / (its number of pairs) each (InstructGPT, Ouyang et al. 2022, eq. 1: the
+    1 / C(K, 2) factor keeps a prompt from counting C(K, 2) times).  Independent comparisons that
+    merely share a prompt (grouped only to forward each response once) weigh 1 each, so a prompt
+    with many judged comparisons is not down-weighted to one.
+    """
+    n_groups = independent.shape[0]
+    counts = torch.bincount(pair_group, minlength=n_groups).clamp(min=1).to(torch.float64)
+    per_group = torch.where(independent.bool(), torch.ones_like(counts), 1.0 / counts)
+    return per_group[pair_group]
+
+
+def weighted_pair_loss(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, weights: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted Bradley-Terry sum over a batch of pairs: (sum_p w_p * l_p, sum_p w_p).
+
+    rewards: (N,) one per response (each forwarded once); better, worse: (P,) row indices;
+    weights: (P,) from :func:`pair_weights`; margin: (P,) or None, as in :func:`bradley_terry_loss`.
+    l_p = -log sigmoid(r_better - r_worse - margin).  The batch loss is the first sum divided by
+    the second, summed over every micro-batch (and rank) of the optimizer step first, so the
+    gradient does not depend on how the step is split.
+    """
+    diff = rewards[better] - rewards[worse]
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    weights = weights.to(diff.dtype)
+    return (weights * -F.logsigmoid(diff)).sum(), weights.sum()
+
+
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Fraction of pairs where the chosen response scores higher; a tie counts as half.
 

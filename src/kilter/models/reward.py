@@ -243,13 +243,19 @@ class RewardModel:
         self.model.to(device)
         return self
 
-    def encode(self, prompts: Sequence, responses: Sequence[str]) -> list[dict]:
-        """Token ids of each (prompt, response), rendered exactly as in training."""
+    def encode(self, prompts: Sequence, responses: Sequence[str], finished: Sequence[bool] | None = None) -> list[dict]:
+        """Token ids of each (prompt, response), rendered exactly as in training.
+
+        A response that ``finished`` marks False (cut at the length limit) gets no EOS: the
+        reward is read at its last real token, as for an unfinished text (Huang et al. 2024).
+        """
         from kilter.data.tokenize import encode_prompt_completion
 
         if len(prompts) != len(responses):
             raise KilterError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        return [encode_prompt_completion(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        ends = [True] * len(responses) if finished is None else list(finished)
+        return [encode_prompt_completion(self.tokenizer, p, r, self.max_length, finished=bool(f))
+                for p, r, f in zip(prompts, responses, ends)]
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -258,9 +264,9 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
-              progress: bool = False) -> torch.Tensor:
+              progress: bool = False, finished: Sequence[bool] | None = None) -> torch.Tensor:
         """Normalized reward of each (prompt, response): (N,) float32 on the CPU."""
-        return self.score_examples(self.encode(prompts, responses), batch_size, progress)
+        return self.score_examples(self.encode(prompts, responses, finished), batch_size, progress)
 
     @torch.no_grad()
     def score_examples(self, examples: Sequence[dict], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
@@ -285,9 +291,10 @@ class RewardModel:
         return out
 
     def score_with_std(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
-                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       progress: bool = False, finished: Sequence[bool] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rewards, zeros): one model has no spread; same interface as an ensemble."""
-        mean = self.score(prompts, responses, batch_size, progress)
+        mean = self.score(prompts, responses, batch_size, progress, finished)
         return mean, torch.zeros_like(mean)
 
 
@@ -319,14 +326,15 @@ class RewardEnsemble:
 
     @torch.no_grad()
     def member_scores(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
-                      progress: bool = False) -> torch.Tensor:
+                      progress: bool = False, finished: Sequence[bool] | None = None) -> torch.Tensor:
         """(M, N): each member's normalized reward of each pair."""
-        return torch.stack([m.score(prompts, responses, batch_size, progress) for m in self.members])
+        return torch.stack([m.score(prompts, responses, batch_size, progress, finished) for m in self.members])
 
     def score_with_std(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
-                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       progress: bool = False, finished: Sequence[bool] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean (N,), std (N,)) over members."""
-        scores = self.member_scores(prompts, responses, batch_size, progress)
+        scores = self.member_scores(prompts, responses, batch_size, progress, finished)
         return scores.mean(0), scores.std(0, unbiased=False)
 
     def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,

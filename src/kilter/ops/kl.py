@@ -9,6 +9,39 @@ import torch
 from kilter.errors import ConfigError
 
 KLKind = Literal["k1", "k2", "k3"]
+KLPlacement = Literal["reward", "loss"]
+
+
+def kl_placement(kind: KLKind) -> KLPlacement:
+    """Where an estimator's penalty must enter the objective so that its gradient pulls toward pi_0.
+
+    For tokens y ~ pi and a per-token estimate k(y), the policy gradient of a *reward* term
+    -beta * k (held constant) is -beta * E[grad log pi(y) * k(y)].  That equals
+    -beta * grad KL(pi || pi_0) only for k1 = log pi - log pi_0 (Ziegler et al. 2019; InstructGPT),
+    so k1 goes into the reward.  k2 and k3 go into the *loss* as differentiable terms on the
+    current policy's log-probs (Shao et al. 2024, eq. 3):
+
+    - k2 = 0.5 (log pi - log pi_0)^2: E[grad k2] = E[(log pi - log pi_0) grad log pi]
+      = grad KL(pi || pi_0), the same divergence as k1 in the reward;
+    - k3 = pi_0/pi - 1 - log(pi_0/pi): E[grad k3] = E[(1 - pi_0/pi) grad log pi]
+      = -sum_y pi_0(y) grad log pi(y) = grad KL(pi_0 || pi), the *reverse* KL.
+
+    As a reward, k3's expected gradient E[grad log pi * k3] is nearly orthogonal to either KL's
+    gradient near pi_0 (Tang & Munos 2025), and k1 as a loss has zero expected gradient
+    (E[grad log pi] = 0); neither placement is offered.  Per token, the loss terms treat the
+    sampled prefix as fixed: their gradient is that of the sum over visited states of the
+    per-state divergence, not of the sequence-level KL (the reward placement of k1 is).
+    """
+    if kind == "k1":
+        return "reward"
+    if kind in ("k2", "k3"):
+        return "loss"
+    raise ConfigError(f"KL estimator must be one of 'k1', 'k2', 'k3', got {kind!r}")
+
+
+def kl_gradient_follows(kind: KLKind) -> str:
+    """The divergence whose gradient the penalty's expected update follows (see :func:`kl_placement`)."""
+    return {"k1": "KL(pi || pi_0)", "k2": "KL(pi || pi_0)", "k3": "KL(pi_0 || pi)"}[kind]
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLKind = "k1") -> torch.Tensor:

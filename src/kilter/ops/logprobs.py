@@ -41,15 +41,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scaled(logits: torch.Tensor, dtype: torch.dtype, temperature: float, exclude: int) -> torch.Tensor:
+    """A chunk of logits upcast and divided by the temperature; token ``exclude`` (>= 0) gets -inf."""
+    scaled = logits.to(dtype) / temperature
+    if 0 <= exclude < scaled.shape[-1]:
+        scaled[..., exclude] = -torch.inf  # a fresh tensor (the division copied it): in place is safe
+    return scaled
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, temperature, max_elements):  # type: ignore[override]
+    def forward(ctx, logits, labels, temperature, max_elements, exclude):  # type: ignore[override]
         batch, time, vocab = logits.shape
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(batch, time, dtype=dtype, device=logits.device)
         lse = torch.empty(batch, time, dtype=dtype, device=logits.device)
         for sb, st in _chunks(batch, time, vocab, max_elements):
-            scaled = logits[sb, st].to(dtype) / temperature
+            scaled = _scaled(logits[sb, st], dtype, temperature, exclude)
             chunk_lse = torch.logsumexp(scaled, dim=-1)
             picked = scaled.gather(-1, labels[sb, st].unsqueeze(-1)).squeeze(-1)
             out[sb, st] = picked - chunk_lse
@@ -57,6 +65,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
         ctx.max_elements = max_elements
+        ctx.exclude = exclude
         return out
 
     @staticmethod
@@ -64,19 +73,19 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         logits, labels, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         batch, time, vocab = logits.shape
         grad = torch.empty_like(logits)
         temperature = ctx.temperature
         for sb, st in _chunks(batch, time, vocab, ctx.max_elements):
-            scaled = logits[sb, st].to(lse.dtype) / temperature
+            scaled = _scaled(logits[sb, st], lse.dtype, temperature, ctx.exclude)
             probs = torch.exp(scaled - lse[sb, st].unsqueeze(-1))
             g = grad_out[sb, st].to(lse.dtype).unsqueeze(-1)
             # d log p(y) / d l = onehot(y) - softmax(l); then chain through l = z / temperature
             chunk_grad = -probs * g
             chunk_grad.scatter_add_(-1, labels[sb, st].unsqueeze(-1), g)
             grad[sb, st] = (chunk_grad / temperature).to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def selective_log_softmax(
@@ -84,6 +93,7 @@ def selective_log_softmax(
     labels: torch.Tensor,
     temperature: float = 1.0,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    exclude_token: int | None = None,
 ) -> torch.Tensor:
     """log softmax(logits / temperature) at ``labels``: the log-probability of each chosen token.
 
@@ -94,6 +104,8 @@ def selective_log_softmax(
     but computes log-sum-exp chunk by chunk, so no (B, T, V) fp32 tensor exists at once
     (forward or backward).  Differentiable with respect to ``logits`` (first order only).
     The temperature must match the one used when sampling, or the PPO ratio is biased.
+    ``exclude_token`` (the PAD id of rollouts) is removed from the distribution (logit -inf),
+    as every sampler removes it: the policy that samples and the one that is scored are one.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -102,7 +114,8 @@ def selective_log_softmax(
         logits, labels = logits.unsqueeze(0), labels.unsqueeze(0)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    out = _SelectiveLogSoftmax.apply(logits, labels.long(), float(temperature), int(max_chunk_elements))
+    exclude = -1 if exclude_token is None else int(exclude_token)
+    out = _SelectiveLogSoftmax.apply(logits, labels.long(), float(temperature), int(max_chunk_elements), exclude)
     return out.squeeze(0) if squeeze else out
 
 
@@ -113,17 +126,18 @@ def _p_log_p(log_probs: torch.Tensor) -> torch.Tensor:
 
 class _EntropyFromLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, temperature, max_elements):  # type: ignore[override]
+    def forward(ctx, logits, temperature, max_elements, exclude):  # type: ignore[override]
         batch, time, vocab = logits.shape
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(batch, time, dtype=dtype, device=logits.device)
         for sb, st in _chunks(batch, time, vocab, max_elements):
-            scaled = logits[sb, st].to(dtype) / temperature
+            scaled = _scaled(logits[sb, st], dtype, temperature, exclude)
             log_probs = torch.log_softmax(scaled, dim=-1)
             out[sb, st] = -_p_log_p(log_probs).sum(-1)
         ctx.save_for_backward(logits)
         ctx.temperature = temperature
         ctx.max_elements = max_elements
+        ctx.exclude = exclude
         return out
 
     @staticmethod
@@ -135,7 +149,7 @@ class _EntropyFromLogits(torch.autograd.Function):
         temperature = ctx.temperature
         dtype = _compute_dtype(logits.dtype)
         for sb, st in _chunks(batch, time, vocab, ctx.max_elements):
-            scaled = logits[sb, st].to(dtype) / temperature
+            scaled = _scaled(logits[sb, st], dtype, temperature, ctx.exclude)
             log_probs = torch.log_softmax(scaled, dim=-1)
             probs = log_probs.exp()
             # dH/dl_j = -p_j (log p_j - E_p[log p]); log p differs from l by a constant, which cancels.
@@ -143,21 +157,23 @@ class _EntropyFromLogits(torch.autograd.Function):
             chunk_grad = -_p_log_p(log_probs) + probs * mean_log_prob
             chunk_grad = chunk_grad * grad_out[sb, st].to(dtype).unsqueeze(-1) / temperature
             grad[sb, st] = chunk_grad.to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def entropy_from_logits(
-    logits: torch.Tensor, temperature: float = 1.0, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    logits: torch.Tensor, temperature: float = 1.0, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    exclude_token: int | None = None,
 ) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / temperature) at every position.
 
     logits: (B, T, V) (or (N, V)) -> (B, T) (or (N,)), computed chunk-wise like
-    :func:`selective_log_softmax`, differentiable (first order).
+    :func:`selective_log_softmax`, differentiable (first order); ``exclude_token`` as there.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     squeeze = logits.dim() == 2
     if squeeze:
         logits = logits.unsqueeze(0)
-    out = _EntropyFromLogits.apply(logits, float(temperature), int(max_chunk_elements))
+    exclude = -1 if exclude_token is None else int(exclude_token)
+    out = _EntropyFromLogits.apply(logits, float(temperature), int(max_chunk_elements), exclude)
     return out.squeeze(0) if squeeze else out

@@ -83,8 +83,8 @@ class RewardConfig(BaseConfig):
     """Shorthand for one function source with weight 1: 'module:function', 'file.py:function' or builtin:gold."""
     sources: list[RewardSourceConfig] = []
     """Further weighted sources (see RewardSourceConfig); all sources are summed."""
-    missing_eos_penalty: float | None = Field(None, ge=0)
-    """Subtract this from the reward of responses that hit max_new_tokens without ending (null: none)."""
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    """Subtract this from the reward of responses that hit max_new_tokens without ending (null: none); reward models score such responses without an appended EOS."""
     normalize: bool = False
     """Standardise rewards with running mean/std over all rewards seen so far (kept in checkpoints)."""
     clip: float | None = Field(None, gt=0)
@@ -221,8 +221,8 @@ class ModelReward:
     def is_ensemble(self) -> bool:
         return hasattr(self.model, "members")
 
-    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        mean, std = self.model.score_with_std(prompts, responses, batch_size=self.batch_size)
+    def __call__(self, prompts: list, responses: list[str], finished: Sequence[bool] | None = None) -> torch.Tensor:
+        mean, std = self.model.score_with_std(prompts, responses, batch_size=self.batch_size, finished=finished)
         self.last_std = std if self.is_ensemble else None
         return (mean - self.std_coef * std).float()
 
@@ -235,7 +235,7 @@ class FunctionReward:
         self.name = name
         self.spec = spec or name
 
-    def __call__(self, prompts: list, responses: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list, responses: list[str], finished: Sequence[bool] | None = None) -> torch.Tensor:
         out = self.fn([prompt_text(p) for p in prompts], list(responses))
         try:
             values = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
@@ -280,7 +280,7 @@ class RewardPipeline:
         raw = torch.zeros(len(responses), dtype=torch.float32)
         components: dict[str, torch.Tensor] = {}
         for source, weight in self.sources:
-            values = source(prompts, responses)
+            values = source(prompts, responses, finished)
             components[source.name] = values
             if getattr(source, "last_std", None) is not None:
                 components[f"{source.name}_std"] = source.last_std

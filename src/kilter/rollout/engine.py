@@ -78,6 +78,8 @@ class VLLMEngine:  # pragma: no cover - needs vLLM and a GPU
             top_k=params.top_k if (params.do_sample and params.top_k > 0) else -1,
             stop=params.stop_strings or None, stop_token_ids=[self.tokenizer.eos_token_id],
             include_stop_str_in_output=True, skip_special_tokens=False,
+            # PAD is never sampled (as in the other engines); vLLM bounds a bias to [-100, 100]
+            logit_bias={self.tokenizer.pad_token_id: -100.0},
         )
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling, use_tqdm=False)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

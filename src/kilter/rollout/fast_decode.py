@@ -75,6 +75,8 @@ class FastDecoder:
                on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """New tokens ``(B, max_new)`` for left-padded ``ids``/``mask`` ``(B, P)``; pad after EOS.
 
+        PAD's logit is set to -inf before ``choose``: it is never sampled.
+
         ``choose`` maps fp32 logits ``(b, V)`` to tokens ``(b,)``; ``on_logits(rows, logits)``
         sees every step's logits with the original row index of each live row (tests, probe).
         """
@@ -95,11 +97,15 @@ class FastDecoder:
         out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)
         rows = torch.arange(B, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        vocab = self.lm_head.shape[0]
+        pad_index = torch.tensor([pad_id], device=dev) if 0 <= pad_id < vocab else None
         for t in range(max_new):
             logits = F.linear(h, self.lm_head).float()
             if on_logits is not None:
                 on_logits(rows, logits)
-            tok = torch.where(done, pad_id, choose(logits))
+            # PAD is never sampled (as suppress_tokens does in generate); out of place: on_logits keeps its view
+            tok = torch.where(done, pad_id, choose(logits.index_fill(-1, pad_index, -torch.inf) if pad_index is not None
+                                                   else logits))
             out[rows, t] = tok
             done = done | (tok == eos_id)
             n_done = int(done.sum())

@@ -83,7 +83,9 @@ def hf_generate_kwargs(params: SamplingParams, pad_id: int, eos_id: int) -> dict
         max_new_tokens=params.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
         num_beams=1, num_return_sequences=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
         min_length=0, min_new_tokens=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None,
-        bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+        # PAD is never sampled: a sampled PAD would end the response silently and never be trained
+        # down.  The scorer removes it from the distribution too (RolloutBatch.pad_id).
+        bad_words_ids=None, suppress_tokens=[pad_id], begin_suppress_tokens=None,
     )
     if params.do_sample:
         kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),

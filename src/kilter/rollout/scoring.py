@@ -33,6 +33,8 @@ class RolloutBatch:
     """(N, R) float, 1 on response tokens up to and including the first EOS."""
     prompt_width: int
     """P: the column where responses start."""
+    pad_id: int | None = None
+    """The PAD token: never sampled, so it is removed from the scored distribution too (None: keep all)."""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -51,7 +53,7 @@ class RolloutBatch:
         """
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
         sub = RolloutBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
-                           self.response_mask[rows], self.prompt_width)
+                           self.response_mask[rows], self.prompt_width, self.pad_id)
         if not trim:
             return sub
         lead = int((sub.attention_mask[:, : self.prompt_width].sum(0) == 0).cumprod(0).sum())
@@ -60,7 +62,8 @@ class RolloutBatch:
         width = int(live.max()) + 1 if len(live) else 1
         end = self.prompt_width + width
         return RolloutBatch(sub.input_ids[:, lead:end], sub.attention_mask[:, lead:end],
-                            sub.position_ids[:, lead:end], sub.response_mask[:, :width], self.prompt_width - lead)
+                            sub.position_ids[:, lead:end], sub.response_mask[:, :width], self.prompt_width - lead,
+                            self.pad_id)
 
     def to(self, device) -> RolloutBatch:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -89,7 +92,7 @@ def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id:
             attn[i, width_p:width_p + len(r)] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     resp_mask = attn[:, width_p:].float()
-    return RolloutBatch(ids, attn, positions, resp_mask, width_p).to(device)
+    return RolloutBatch(ids, attn, positions, resp_mask, width_p, pad_id).to(device)
 
 
 # --------------------------------------------------------------------------- padding-free scoring
@@ -210,20 +213,27 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: st
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(n, R) log pi(token) at ``temperature`` (and the entropy of that distribution); with grad.
 
-    Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`.
+    pi is the softmax without the PAD token (``batch.pad_id``), which no sampler emits.
+    Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`
+    (padding positions then hold the log-prob of an arbitrary non-PAD token; callers mask them).
     """
+    pad = batch.pad_id
     fast = _fast_policy(model)
     lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
     if lay is not None:
         with common.autocast(precision, batch.input_ids.device.type):
             logits = fast(lay.input_ids, lay.attention_mask, lay.position_ids, index=lay.index)
         shape = tuple(batch.response_mask.shape)
-        logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature).float(), lay, shape)
-        entropy = _to_grid(entropy_from_logits(logits, temperature).float(), lay, shape) if with_entropy else None
+        logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature, exclude_token=pad).float(), lay, shape)
+        entropy = (_to_grid(entropy_from_logits(logits, temperature, exclude_token=pad).float(), lay, shape)
+                   if with_entropy else None)
         return logp, entropy
     logits = response_logits(model, batch, precision)
-    logp = selective_log_softmax(logits, batch.response_ids, temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    targets = batch.response_ids
+    if pad is not None:  # padding columns hold PAD, whose log-prob is now -inf: score another token there
+        targets = torch.where(batch.response_mask != 0, targets, (pad + 1) % logits.shape[-1])
+    logp = selective_log_softmax(logits, targets, temperature, exclude_token=pad)
+    entropy = entropy_from_logits(logits, temperature, exclude_token=pad) if with_entropy else None
     return logp, entropy
 
 

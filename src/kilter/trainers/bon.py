@@ -189,11 +189,12 @@ class _Scorer:
 
             self.rm = load_reward(cfg.reward_model, device=device, dtype=cfg.precision)
 
-    def __call__(self, prompts: list, responses: list[str]) -> tuple[list[float], list[float] | None]:
-        """(scores used to choose, ensemble std or None)."""
+    def __call__(self, prompts: list, responses: list[str],
+                 finished: list[bool] | None = None) -> tuple[list[float], list[float] | None]:
+        """(scores used to choose, ensemble std or None); unfinished responses are scored without EOS."""
         if self.fn is not None:
             return call_reward_function(self.fn, prompts, responses), None
-        mean, std = self.rm.score_with_std(prompts, responses, batch_size=self.batch_size)
+        mean, std = self.rm.score_with_std(prompts, responses, batch_size=self.batch_size, finished=finished)
         chosen_by = mean - self.penalty * std if self.penalty else mean
         has_spread = bool((std > 0).any())
         return chosen_by.tolist(), (std.tolist() if has_spread else None)
@@ -276,9 +277,10 @@ def run(cfg: BonConfig) -> int:
         repeated = [p for p in chunk for _ in range(cfg.n)]
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1_000_003 + start // cfg.batch_size)
-            texts = generate_texts(model, tokenizer, repeated, params, max_prompt_length=cfg.max_prompt_length,
-                                   batch_size=max(cfg.n, 64)).texts
-        scores, std = scorer(repeated, texts)
+            gen = generate_texts(model, tokenizer, repeated, params, max_prompt_length=cfg.max_prompt_length,
+                                 batch_size=max(cfg.n, 64))
+        texts = gen.texts
+        scores, std = scorer(repeated, texts, gen.finished)
         eval_scores = call_reward_function(eval_fn, repeated, texts) if eval_fn else None
         rows = []
         for j, prompt in enumerate(chunk):

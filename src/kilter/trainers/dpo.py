@@ -105,8 +105,8 @@ class DPOConfig(BaseConfig):
     """Strength of the KL constraint: implicit reward = beta * log(pi / pi_ref)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO: assumed probability that a label is flipped (sigmoid loss only)."""
-    average_logps: bool = False
-    """Use per-token mean instead of summed response log-probs (the IPO paper's choice)."""
+    average_logps: bool | None = None
+    """Per-token mean instead of summed response log-probs; null: mean for ipo (the IPO paper's experiments, as TRL), sum for sigmoid."""
     reference: Literal["precompute", "online"] = "precompute"
     """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
     batch_size: int = Field(16, gt=0)
@@ -145,6 +145,11 @@ class DPOConfig(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+
+    @property
+    def averages_logps(self) -> bool:
+        """average_logps, or its default: per-token means for ipo, sums for sigmoid."""
+        return self.average_logps if self.average_logps is not None else self.loss_type == "ipo"
 
 
 # --------------------------------------------------------------------------- pairs
@@ -344,7 +349,7 @@ def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps:
     for start in range(0, len(mine), cfg.batch_size):
         idx = mine[start:start + cfg.batch_size]
         batch = pair_batch([encoded[i] for i in idx], pad_id)
-        policy = sequence_logps(model, batch, cfg.precision, info.device, cfg.average_logps)
+        policy = sequence_logps(model, batch, cfg.precision, info.device, cfg.averages_logps)
         ref = _reference_values(reference, batch, ref_logps, idx, cfg, info.device)
         n = len(idx)
         losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
@@ -370,8 +375,8 @@ def _reference_values(reference: Reference | None, batch, ref_logps: torch.Tenso
         return torch.cat([table[:, 0], table[:, 1]]).to(device)
     if isinstance(batch, list):
         return _pair_order(reference.packed_sequence_logps(batch, pad_id, cfg.data.max_length, cfg.precision,
-                                                           device, cfg.average_logps, group_size=2))
-    return reference.sequence_logps(batch, cfg.precision, device, cfg.average_logps)
+                                                           device, cfg.averages_logps, group_size=2))
+    return reference.sequence_logps(batch, cfg.precision, device, cfg.averages_logps)
 
 
 # --------------------------------------------------------------------------- training
@@ -432,13 +437,13 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     if cfg.reference == "precompute":
         batch = 2 * cfg.batch_size
         ref_train, hit = cached_sequence_logps(run_dir.path, "train", reference, flat_examples(train), pad_id,
-                                               batch, cfg.precision, device, info, cfg.average_logps)
+                                               batch, cfg.precision, device, info, cfg.averages_logps)
         ref_train = ref_train.view(-1, 2)
         _log(info, f"reference log-probs of {len(train)} training pairs {'loaded from' if hit else 'written to'} "
                    f"{run_dir.path / 'ref_logps.pt'}")
         if held_out:
             ref_eval, _ = cached_sequence_logps(run_dir.path, "eval", reference, flat_examples(held_out), pad_id,
-                                                batch, cfg.precision, device, info, cfg.average_logps)
+                                                batch, cfg.precision, device, info, cfg.averages_logps)
             ref_eval = ref_eval.view(-1, 2)
         reference.release()  # a separate frozen copy is no longer needed
         reference = None
@@ -512,10 +517,10 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             with ctx:
                 if fast_model is not None:
                     policy = _pair_order(packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
-                                                                      cfg.precision, device, cfg.average_logps,
+                                                                      cfg.precision, device, cfg.averages_logps,
                                                                       group_size=2))
                 else:
-                    policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.average_logps)
+                    policy = sequence_logps(ddp_model, batch, cfg.precision, device, cfg.averages_logps)
                 n = len(idx)
                 losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
                                           cfg.label_smoothing)

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from kilter.config import BaseConfig
 from kilter.distributed import DistInfo, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
-from kilter.ops import AdaptiveKLController, FixedKLController, build_token_rewards, explained_variance, kl_estimate
+from kilter.losses.ppo import Aggregation
+from kilter.ops import AdaptiveKLController, FixedKLController, explained_variance, kl_estimate
+from kilter.ops.kl import kl_gradient_follows, kl_placement
 from kilter.ops.masked import masked_mean
 from kilter.rewards.base import RewardConfig, build_reward, prompt_text
 from kilter.rollout.engine import make_engine
@@ -47,6 +49,7 @@ from kilter.trainers.ppo_update import (
     first_pass,
     fuses_first_pass,
     run_update,
+    shaped_rewards,
 )
 
 Algorithm = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
@@ -83,9 +86,9 @@ class RolloutSection(BaseConfig):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; log-probs for training and the KL are computed at this temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling threshold (1: off)."""
+    """Nucleus sampling threshold (1: off); < 1 makes the update off-policy (a start-up WARNING says so)."""
     top_k: int = Field(0, ge=0)
-    """Sample among the k most likely tokens (0: off)."""
+    """Sample among the k most likely tokens (0: off); like top_p, off-policy for the update."""
     stop_strings: list[str] | None = None
     """Also end a response at any of these strings (EOS always ends it)."""
     engine: Literal["hf", "vllm"] = "hf"
@@ -101,8 +104,8 @@ class KLSection(BaseConfig):
 
     beta: float = Field(0.05, ge=0)
     """KL coefficient (the starting value when adaptive)."""
-    estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimate: k1 = log pi - log pi_0 (unbiased, InstructGPT), k3 = (r - 1) - log r (unbiased, >= 0)."""
+    estimator: Literal["k1", "k2", "k3"] | None = None
+    """k1 = log pi - log pi_0 in the reward (InstructGPT); k2 = 0.5 (log r)^2 or k3 = r - 1 - log r as a loss term beta * k (GRPO eq. 3); null: k3 for grpo, else k1."""
     adaptive: bool = False
     """Adapt beta so the KL per response tracks target (Ziegler et al. 2019)."""
     target: float = Field(6.0, gt=0)
@@ -128,8 +131,12 @@ class UpdateSection(BaseConfig):
     """Discount per token."""
     lam: float = Field(0.95, ge=0, le=1)
     """GAE lambda."""
-    whiten_advantages: bool = True
-    """Normalise advantages over the batch (rloo/grpo: scale only)."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages over the batch (rloo/grpo: scale only); null: on, except for grpo (its group std already scales them)."""
+    group_std_scale: bool = True
+    """grpo: divide by the group's reward std (Shao et al. 2024); false: only subtract the group mean (Dr. GRPO)."""
+    loss_aggregation: Aggregation = "token_mean"
+    """Per-token loss reduction: token_mean (over the batch's tokens), sequence_mean (GRPO: per response, then over responses) or constant (Dr. GRPO: token sum / (responses x max_new_tokens))."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
     target_kl: float | None = Field(None, gt=0)
@@ -173,7 +180,9 @@ class PPOConfig(BaseConfig):
     """RL fine-tuning of a policy against a reward with a KL penalty to the starting model."""
 
     model: str = "runs/sft/final"
-    """Policy to start from (usually kilter sft's final/); also the frozen reference pi_0."""
+    """Policy to start from (usually kilter sft's final/); also the frozen reference pi_0 unless ref_model is set."""
+    ref_model: str | None = None
+    """Reference pi_0 of the KL penalty when it is not the starting policy (e.g. the SFT model when continuing an earlier RL run); same tokenizer required."""
     output_dir: str = "runs/ppo"
     """Run directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/)."""
     algorithm: Algorithm = "ppo"
@@ -232,6 +241,21 @@ class PPOConfig(BaseConfig):
     """Also write TensorBoard event files when tensorboard is installed."""
 
     @property
+    def kl_estimator(self) -> str:
+        """The KL estimator in use: kl.estimator, or k3 for grpo (Shao et al. 2024) and k1 otherwise."""
+        return self.kl.estimator or ("k3" if self.algorithm == "grpo" else "k1")
+
+    @property
+    def whitens(self) -> bool:
+        """Whether advantages are whitened: update.whiten_advantages, or on for every algorithm but grpo."""
+        w = self.update.whiten_advantages
+        return w if w is not None else self.algorithm != "grpo"
+
+    @property
+    def truncates_sampling(self) -> bool:
+        return self.rollout.top_p < 1 or self.rollout.top_k > 0
+
+    @property
     def rollout_size(self) -> int:
         """Responses per iteration: batch_size x samples_per_prompt."""
         return self.rollout.batch_size * self.rollout.samples_per_prompt
@@ -258,6 +282,9 @@ def check_config(cfg: PPOConfig) -> None:
     if not cfg.reward.all_sources():
         raise ConfigError("no reward source: set reward.model (a reward model folder), reward.function "
                           "('module:function', 'file.py:function' or builtin:gold) or reward.sources")
+    if cfg.algorithm == "grpo" and kl_placement(cfg.kl_estimator) == "reward":
+        raise ConfigError("algorithm=grpo standardises rewards within each group, which would rescale a KL "
+                          "penalty in the reward: use kl.estimator=k3 (GRPO's loss term) or k2")
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         raise ConfigError("lora.dropout must be 0 for RL: dropout makes the policy's log-probs random")
     if cfg.ptx.coef > 0 and not cfg.ptx.data:
@@ -289,8 +316,8 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
                           "or choose another output_dir")
     reward = build_reward(cfg.reward, device=device)  # a bad reward source fails before anything is written
+    m = ppo_setup.build_models(cfg, reward, device)  # and so does a bad model or ref_model
     run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
-    m = ppo_setup.build_models(cfg, reward, device)
     tok = m.tokenizer
     prompts = ppo_setup.PromptStream(cfg, tok)
     eval_prompts = ppo_setup.load_eval_prompts(cfg, tok)
@@ -333,15 +360,26 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     trainable, total = common.count_parameters(m.policy)
     print(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
           f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
-          f"reference: {'adapter-disabled policy' if m.reference.shares_policy else 'frozen copy'}, "
+          f"reference: {m.reference_label}, "
           f"critic: {m.value_source or 'none'}, device {device}")
+    estimator = cfg.kl_estimator
+    kl_in_reward = kl_placement(estimator) == "reward"
+    print(f"kilter ppo: KL penalty {estimator} {'in the reward' if kl_in_reward else 'as a loss term'} "
+          f"(its gradient follows {kl_gradient_follows(estimator)}), loss aggregation {cfg.update.loss_aggregation}, "
+          f"advantages {'whitened' if cfg.whitens else 'not whitened'}")
+    if cfg.truncates_sampling:
+        print(f"kilter ppo: WARNING: rollout.top_p={cfg.rollout.top_p} / top_k={cfg.rollout.top_k} truncate sampling, "
+              "but the update scores tokens under the full softmax: it is off-policy and the training kl/ref is "
+              "biased; eval/kl samples without truncation and stays unbiased (see docs/ppo.md)")
     settings = UpdateSettings(
         algorithm=cfg.algorithm, epochs=cfg.update.epochs, num_minibatches=cfg.update.num_minibatches,
         grad_accum=cfg.update.grad_accum, clip_range=cfg.update.clip_range,
         clip_range_value=cfg.update.clip_range_value, entropy_coef=cfg.update.entropy_coef,
         target_kl=cfg.update.target_kl, temperature=cfg.rollout.temperature, precision=cfg.precision,
         max_grad_norm=cfg.optim.max_grad_norm, value_max_grad_norm=cfg.value.optim.max_grad_norm,
-        ptx_coef=cfg.ptx.coef, fuse_first_pass=cfg.update.fuse_first_pass)
+        ptx_coef=cfg.ptx.coef, fuse_first_pass=cfg.update.fuse_first_pass,
+        kl_loss=None if kl_in_reward else estimator, aggregation=cfg.update.loss_aggregation,
+        normaliser=float(cfg.rollout.max_new_tokens))
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
     ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
@@ -373,23 +411,24 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
             old_logp, entropy = batched_logprobs(m.policy, batch, params.temperature, fb, cfg.precision,
                                                  with_entropy=True)
             values = batched_values(critic, batch, fb, cfg.precision) if critic is not None else None
-        ref_logp = ppo_setup.reference_logprobs(m.reference, batch, params.temperature, fb)
+        ref_logp = ppo_setup.reference_logprobs(m.reference, batch, params.temperature, fb, cfg.precision)
         scored = reward(row_prompts, gen.texts, gen.finished)
         scores = scored.total.to(device)
-        kl = kl_estimate(old_logp, ref_logp, cfg.kl.estimator) * mask
+        kl = kl_estimate(old_logp, ref_logp, estimator) * mask
         beta = kl_ctl.beta
-        token_rewards = build_token_rewards(scores, kl, mask, beta)
+        # k1 enters the reward (Ouyang et al. 2022, eq. 2); k2/k3 are a loss term in run_update instead.
+        token_rewards = shaped_rewards(scores, kl, mask, beta, estimator)
         baseline = None
         if cfg.algorithm == "reinforce" and cfg.baseline.kind != "none":
             baseline = ppo_setup.reinforce_baseline(cfg, m, reward, ma_baseline, rows, token_rewards, mask, params)
         adv = compute_advantages(cfg.algorithm, token_rewards, mask, values=values, gamma=cfg.update.gamma,
                                  lam=cfg.update.lam, group_size=k, baseline=baseline,
-                                 whiten=cfg.update.whiten_advantages)
+                                 whiten=cfg.whitens, group_std_scale=cfg.update.group_std_scale)
         if cfg.algorithm == "reinforce":
             ma_baseline.update(float(token_rewards.sum(1).mean()))
         t_score = time.perf_counter()
         stats = run_update(m.policy, critic, policy_opt, value_opt, batch, old_logp, adv, values, settings,
-                           seed=cfg.seed, iteration=it, ptx=ptx, first=first)
+                           seed=cfg.seed, iteration=it, ptx=ptx, first=first, ref_logp=ref_logp, beta=beta)
         del first  # frees the fused pass's outputs
         # the fused forward is part of the training work, as it would be without fusion
         t_train = time.perf_counter() - t_score + t_first
@@ -407,6 +446,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
             "reward/raw": float(scored.raw.mean()),
             **{f"reward/{name}": float(v.mean()) for name, v in scored.components.items()},
             "kl/ref": float(seq_kl.mean()),
+            "kl/ref_k1": float(((old_logp - ref_logp) * mask).sum(1).mean()),
             "kl/beta": beta,
             "kl/per_token": float(masked_mean(kl, mask)),
             "policy/entropy": float(masked_mean(entropy, mask)),

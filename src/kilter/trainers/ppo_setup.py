@@ -4,9 +4,10 @@ The policy, the frozen reference pi_0 and the critic are built here:
 
 * the **policy** is the starting model (dropout off), optionally with LoRA adapters and the
   lowest N blocks frozen;
-* the **reference** is :class:`kilter.trainers.reference.Reference`: with LoRA the policy itself
-  with the adapter disabled (no second copy), otherwise a frozen deep copy taken before any
-  update;
+* the **reference** is :class:`kilter.trainers.reference.Reference`: ``ref_model`` when given
+  (a separate frozen model: continuing an earlier RL run stays anchored to the SFT model);
+  otherwise with LoRA the policy itself with the adapter disabled (no second copy), else a
+  frozen deep copy taken before any update;
 * the **critic** (ppo, a2c) starts from the reward model (InstructGPT) -- or, when the reward
   has no model or ``value.model=policy``, from the policy's backbone with a new scalar head.
 """
@@ -35,6 +36,7 @@ class Models:
     value: torch.nn.Module | None
     policy_path: str
     value_source: str | None
+    reference_label: str = "frozen copy"
 
 
 def freeze_lower_layers(model, n: int) -> int:
@@ -110,14 +112,24 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
         policy = common.apply_lora(policy, cfg.lora)
     policy.to(device)
     policy.eval()
-    reference = Reference(policy)  # a frozen copy now, before any update (or the adapter-disabled policy)
+    ref_path = getattr(cfg, "ref_model", None)
+    if ref_path and resolve_model_path(ref_path) != resolve_model_path(cfg.model):
+        if not _same_vocabulary(load_tokenizer(ref_path), tokenizer):
+            raise ConfigError(f"ref_model {ref_path} uses a different tokenizer than model {cfg.model}; the KL "
+                              "penalty compares log-probs of the same tokens, so both need one vocabulary")
+        ref = load_causal_lm(ref_path, tokenizer).to(device)
+        reference = Reference(policy, model=ref)
+        label = f"ref_model {ref_path}"
+    else:
+        reference = Reference(policy)  # a frozen copy now, before any update (or the adapter-disabled policy)
+        label = "adapter-disabled policy" if reference.shares_policy else "frozen copy of the starting policy"
     freeze_lower_layers(policy, cfg.freeze_layers)
     if cfg.gradient_checkpointing:
         common.enable_gradient_checkpointing(policy)
-    value, label = (None, None)
+    value, value_label = (None, None)
     if cfg.algorithm in ("ppo", "a2c"):
-        value, label = build_value(cfg, reward, tokenizer, device)
-    return Models(tokenizer, policy, reference, value, resolve_model_path(cfg.model), label)
+        value, value_label = build_value(cfg, reward, tokenizer, device)
+    return Models(tokenizer, policy, reference, value, resolve_model_path(cfg.model), value_label, label)
 
 
 # --------------------------------------------------------------------------- data
@@ -194,11 +206,13 @@ def build_ptx(cfg, tokenizer):
 
 
 @torch.no_grad()
-def reference_logprobs(reference: Reference, batch: RolloutBatch, temperature: float, batch_size: int) -> torch.Tensor:
+def reference_logprobs(reference: Reference, batch: RolloutBatch, temperature: float, batch_size: int,
+                       precision: str = "fp32") -> torch.Tensor:
     """(N, R) log pi_0(token) of every response token at the sampling temperature, 0 on padding.
 
     The policy's batched forward (:func:`batched_logprobs`: the LM head on response columns
-    only), always in fp32 whatever ``precision`` says, as the reference never trains.
+    only) in the policy's ``precision``: scored the same way as the policy, the KL is exactly 0
+    before the first update (a fp32 reference beside a bf16-autocast policy would not be).
     """
     # Leaving peft's disable_adapter() sets requires_grad on every adapter weight, which would
     # unfreeze the adapters of the blocks frozen by freeze_layers (their gradients then count in
@@ -207,7 +221,7 @@ def reference_logprobs(reference: Reference, batch: RolloutBatch, temperature: f
     flags = [param.requires_grad for param in shared]
     try:
         with reference._as_model() as model:  # the frozen copy, or the adapter-disabled policy
-            logp, _ = batched_logprobs(model, batch, temperature, batch_size)
+            logp, _ = batched_logprobs(model, batch, temperature, batch_size, precision)
     finally:
         for param, flag in zip(shared, flags):
             param.requires_grad_(flag)
@@ -218,14 +232,14 @@ def reinforce_baseline(cfg, m: Models, reward: RewardPipeline, moving_average, r
                        token_rewards: torch.Tensor, mask: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """(N,) baseline per response for REINFORCE.
 
-    moving_average: the running mean of past returns (the current batch's mean on the first
-    iteration); greedy: the shaped reward of the greedy response to the same prompt
+    moving_average: the running mean of past returns (0 on the first iteration: never the
+    batch's own rewards, which would bias the gradient); greedy: the shaped reward of the greedy response to the same prompt
     (self-critical training, Rennie et al. 2017) -- it depends only on the prompt, not on
     the sampled response, so the gradient stays unbiased.
     """
     n = mask.shape[0]
     if cfg.baseline.kind == "moving_average":
-        value = moving_average.current(float(token_rewards.sum(1).mean()))
+        value = moving_average.current()
         return torch.full((n,), value, device=mask.device)
     greedy_params = SamplingParams(max_new_tokens=params.max_new_tokens, do_sample=False,
                                    stop_strings=params.stop_strings)
@@ -236,10 +250,17 @@ def reinforce_baseline(cfg, m: Models, reward: RewardPipeline, moving_average, r
 
 
 class Evaluator:
-    """Samples on held-out prompts under a fixed seed (without touching the training RNG)."""
+    """Samples on held-out prompts under a fixed seed (without touching the training RNG).
+
+    It samples from the policy's own distribution at the training temperature, *without* top-p /
+    top-k truncation, so ``eval/kl`` (the mean summed log pi - log pi_0) is an unbiased estimate of
+    KL(pi || pi_0) whatever the rollout settings.
+    """
 
     def __init__(self, cfg, m: Models, reward: RewardPipeline, gold_fn, rows: list[dict], params: SamplingParams):
-        self.cfg, self.m, self.reward, self.gold_fn, self.rows, self.params = cfg, m, reward, gold_fn, rows, params
+        self.cfg, self.m, self.reward, self.gold_fn, self.rows = cfg, m, reward, gold_fn, rows
+        self.params = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                     top_p=1.0, top_k=0, do_sample=True, stop_strings=params.stop_strings)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -254,7 +275,7 @@ class Evaluator:
         batch = assemble([r["ids"] for r in self.rows], gen.response_ids, self.m.tokenizer.pad_token_id, device)
         fb = self.cfg.rollout.forward_batch_size
         logp, _ = batched_logprobs(self.m.policy, batch, self.params.temperature, fb, self.cfg.precision)
-        ref = reference_logprobs(self.m.reference, batch, self.params.temperature, fb)
+        ref = reference_logprobs(self.m.reference, batch, self.params.temperature, fb, self.cfg.precision)
         prompts = [r["prompt"] for r in self.rows]
         scored = self.reward(prompts, gen.texts, gen.finished, update_stats=False)
         out = {

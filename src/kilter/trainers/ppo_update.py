@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from kilter.losses import causal_lm_loss, pg_loss, ppo_policy_loss, ppo_value_loss
+from kilter.losses.ppo import aggregate, aggregation_weight, kl_penalty_loss
 from kilter.ops import (
+    build_token_rewards,
     discounted_returns,
     gae,
     grpo_advantages,
@@ -30,6 +32,7 @@ from kilter.ops import (
     masked_whiten,
     rloo_advantages,
 )
+from kilter.ops.kl import kl_placement
 from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
 from kilter.trainers import common
 
@@ -56,15 +59,16 @@ class MovingAverageBaseline:
     """b <- decay * b + (1 - decay) * mean(batch returns); the first batch sets b directly.
 
     The baseline used for a batch is the value *before* that batch is folded in, so it does
-    not depend on the batch's own actions (which keeps the policy gradient unbiased).
+    not depend on the batch's own actions (which keeps the policy gradient unbiased); before
+    any batch has been seen it is 0 (no baseline), never the first batch's own mean.
     """
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
         self.value: float | None = None
 
-    def current(self, fallback: float) -> float:
-        return fallback if self.value is None else self.value
+    def current(self) -> float:
+        return 0.0 if self.value is None else self.value
 
     def update(self, batch_mean: float) -> None:
         self.value = batch_mean if self.value is None else self.decay * self.value + (1 - self.decay) * batch_mean
@@ -76,6 +80,18 @@ class MovingAverageBaseline:
         self.value = state["value"]
 
 
+def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                   estimator: str) -> torch.Tensor:
+    """(N, R) per-token rewards: the score on the last token, and ``-beta * k1`` per token when
+    the estimator's penalty belongs in the reward (:func:`kilter.ops.kl.kl_placement`).
+
+    With k2/k3 the penalty is a loss term instead, so the rewards -- and every advantage built
+    from them, GRPO's group-standardised ones included -- do not depend on beta at all.
+    """
+    in_reward = kl_placement(estimator) == "reward"
+    return build_token_rewards(scores, kl, mask, beta if in_reward else 0.0)
+
+
 def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, R) -> (N,): the undiscounted return of each response (score minus its summed KL penalty)."""
     return masked_sum(token_rewards, mask, dim=1)
@@ -83,20 +99,24 @@ def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.Tensor, *,
                        values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95,
-                       group_size: int = 1, baseline: torch.Tensor | None = None, whiten: bool = True) -> Advantages:
+                       group_size: int = 1, baseline: torch.Tensor | None = None, whiten: bool = True,
+                       group_std_scale: bool = True) -> Advantages:
     """Per-token advantages for one rollout batch.
 
-    token_rewards, mask: (N, R) -- ``-beta * KL`` per token plus the score on the last token.
+    token_rewards, mask: (N, R) -- the score on the last token, plus ``-beta * k1`` per token
+    when the KL penalty is in the reward (with k2/k3 it is a loss term and not here).
 
     * ppo / a2c: GAE(gamma, lambda) over the critic's ``values`` (N, R); returns = A + V.
     * reinforce: reward-to-go G_t (discount gamma) minus ``baseline`` (N,) per response.
-    * rloo / grpo: the whole response is one action; its return (score - beta * summed KL)
-      is compared with the other ``group_size - 1`` samples of its prompt (RLOO) or
-      standardised within the group (GRPO), and every token gets that advantage.
+    * rloo / grpo: the whole response is one action; its return is compared with the other
+      ``group_size - 1`` samples of its prompt (RLOO: score - beta * summed k1, as in Ahmadian
+      et al. 2024) or standardised within the group (GRPO: the score alone, Shao et al. 2024
+      eq. 3; ``group_std_scale=False`` only centres it, Dr. GRPO), and every token gets it.
 
     ``whiten`` normalises the advantages over all response tokens of the batch; for the
     group methods only the scale changes (their group baseline already centres them, and
-    shifting the mean could flip the sign of a near-zero advantage).
+    shifting the mean could flip the sign of a near-zero advantage).  The trainer turns it off
+    for GRPO by default, whose group std already scales them.
     """
     if algorithm in CRITIC:
         if values is None:
@@ -110,7 +130,8 @@ def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.
         returns = None
     elif algorithm in ("rloo", "grpo"):
         totals = sequence_returns(token_rewards, mask)
-        seq_adv = rloo_advantages(totals, group_size) if algorithm == "rloo" else grpo_advantages(totals, group_size)
+        seq_adv = (rloo_advantages(totals, group_size) if algorithm == "rloo"
+                   else grpo_advantages(totals, group_size, scale=group_std_scale))
         base = totals - seq_adv if algorithm == "rloo" else None
         adv = seq_adv.unsqueeze(1) * mask
         returns = None
@@ -143,6 +164,12 @@ class UpdateSettings:
     ptx_coef: float = 0.0
     fuse_first_pass: bool = True
     """Reuse the scoring forwards as the first minibatch's when that is the whole rollout (:func:`first_pass`)."""
+    kl_loss: str | None = None
+    """k2 or k3: the KL penalty is a loss term beta * aggregate(k(logp, ref_logp)); None: it is in the reward."""
+    aggregation: str = "token_mean"
+    """How per-token losses are reduced (:func:`kilter.losses.ppo.aggregate`)."""
+    normaliser: float | None = None
+    """The constant of aggregation='constant' (the generation budget, max_new_tokens)."""
 
 
 class PtxStream:
@@ -264,7 +291,8 @@ def first_pass(policy, value_model, batch: RolloutBatch, s: UpdateSettings, *, s
 
 def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, old_logp: torch.Tensor,
                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, *, seed: int, iteration: int,
-               ptx: PtxStream | None = None, first: FirstPass | None = None) -> dict[str, float]:
+               ptx: PtxStream | None = None, first: FirstPass | None = None, ref_logp: torch.Tensor | None = None,
+               beta: float = 0.0) -> dict[str, float]:
     """Epochs over shuffled minibatches of the rollout; returns the iteration's update metrics.
 
     Each minibatch is split into ``grad_accum`` micro-batches whose token-mean losses are
@@ -273,8 +301,11 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
     sampling policy already exceeds it is not applied and the update stops (early stopping,
     as in Stable-Baselines3's PPO).  ``first`` (from :func:`first_pass` on this batch, before
     any step) replaces the forwards of epoch 0's minibatch; ``old_logp``/``old_values`` are
-    then its detached outputs.
+    then its detached outputs.  With ``s.kl_loss`` (k2/k3), ``beta`` times the KL loss term
+    against ``ref_logp`` (N, R) is added to every step's policy loss.
     """
+    if s.kl_loss is not None and ref_logp is None:
+        raise ValueError("a KL loss term needs the reference log-probs")
     if first is not None and not fuses_first_pass(s):
         raise ValueError("a FirstPass is only usable when the first minibatch is the whole rollout")
     sums: dict[str, float] = {}
@@ -284,7 +315,7 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
 
     with _training(policy, value_model):
         stopped, steps, count, tokens_seen = _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv,
-                                                     old_values, s, seed, iteration, ptx, add, first)
+                                                     old_values, s, seed, iteration, ptx, add, first, ref_logp, beta)
     out = {k: v / max(count, 1) for k, v in sums.items()}
     out["ppo/optimizer_steps"] = float(steps)
     out["ppo/early_stopped"] = float(stopped)
@@ -295,8 +326,10 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
 
 def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_logp: torch.Tensor,
                 adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, weight: float,
-                live: FirstPass | None = None) -> dict[str, float]:
-    """Forward and backward of one micro-batch (losses scaled by ``weight``); returns its stats.
+                live: FirstPass | None = None, ref_logp: torch.Tensor | None = None,
+                beta: float = 0.0, value_weight: float | None = None) -> dict[str, float]:
+    """Forward and backward of one micro-batch (policy losses scaled by ``weight``, the critic's
+    token-mean loss by ``value_weight``, its share of the minibatch's tokens); returns its stats.
 
     With ``live`` (the fused first pass on exactly this micro-batch) its forward outputs are used.
     """
@@ -309,17 +342,21 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
     sub_adv, sub_old = adv.advantages[rows, :cols], old_logp[rows, :cols]
     stats: dict[str, float] = {}
     if s.algorithm in CLIPPED:
-        loss, pstats = ppo_policy_loss(logp, sub_old, sub_adv, mask, s.clip_range)
+        loss, pstats = ppo_policy_loss(logp, sub_old, sub_adv, mask, s.clip_range, s.aggregation, s.normaliser)
         stats["policy/clipfrac"], stats["policy/approx_kl"] = float(pstats["clipfrac"]), float(pstats["approx_kl"])
     else:
-        loss = pg_loss(logp, sub_adv, mask)
+        loss = pg_loss(logp, sub_adv, mask, s.aggregation, s.normaliser)
         with torch.no_grad():
             log_ratio = (logp - sub_old) * mask
             stats["policy/approx_kl"] = float(masked_mean(torch.expm1(log_ratio) - log_ratio, mask))
         stats["policy/clipfrac"] = 0.0
     stats["loss/policy"] = float(loss.detach())
+    if s.kl_loss is not None and ref_logp is not None:
+        kl_term = kl_penalty_loss(logp, ref_logp[rows, :cols], mask, s.kl_loss, s.aggregation, s.normaliser)
+        loss = loss + beta * kl_term
+        stats["loss/kl"] = float(kl_term.detach())
     if entropy is not None:
-        ent = masked_mean(entropy, mask)
+        ent = aggregate(entropy, mask, s.aggregation, s.normaliser)  # reduced like the policy loss
         loss = loss - s.entropy_coef * ent
         stats["loss/entropy"] = float(ent.detach())
     (loss * weight).backward()
@@ -331,7 +368,7 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
         # a2c takes one unclipped step: an infinite clip range is the plain squared error.
         clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
         v_loss, v_stats = ppo_value_loss(values, old_values[rows, :cols], adv.returns[rows, :cols], mask, clip_v)
-        (v_loss * weight).backward()
+        (v_loss * (weight if value_weight is None else value_weight)).backward()
         stats["loss/value"], stats["value/clipfrac"] = float(v_loss.detach()), float(v_stats["clipfrac"])
     return stats
 
@@ -347,7 +384,8 @@ def _ptx_step(policy, ptx: PtxStream, s: UpdateSettings, device: torch.device) -
 
 
 def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, old_values, s: UpdateSettings,
-            seed: int, iteration: int, ptx, add, first: FirstPass | None = None) -> tuple[bool, int, int, float]:
+            seed: int, iteration: int, ptx, add, first: FirstPass | None = None, ref_logp: torch.Tensor | None = None,
+            beta: float = 0.0) -> tuple[bool, int, int, float]:
     n = len(batch)
     mb_size = n // s.num_minibatches
     micro_size = mb_size // s.grad_accum
@@ -358,7 +396,9 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
         order = _minibatch_order(n, seed, iteration, epoch)
         for m in range(s.num_minibatches):
             rows = order[m * mb_size:(m + 1) * mb_size]
-            mb_tokens = float(batch.response_mask[rows].sum().clamp(min=1.0))
+            mb_mask = batch.response_mask[rows]
+            mb_tokens = float(mb_mask.sum())
+            mb_rows = int((mb_mask.sum(-1) > 0).sum()) if s.aggregation == "sequence_mean" else len(rows)
             mb_stats: dict[str, float] = {}
             for k in range(s.grad_accum):
                 micro_rows = rows[k * micro_size:(k + 1) * micro_size]
@@ -366,10 +406,11 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
                 if live is not None and not torch.equal(live.rows.cpu(), micro_rows.cpu()):
                     raise ValueError("the FirstPass was built for another iteration or seed")
                 sub = live.sub if live is not None else batch.select(micro_rows)
-                weight = float(sub.response_mask.sum()) / mb_tokens
+                weight = aggregation_weight(sub.response_mask, mb_rows, mb_tokens, s.aggregation)
                 tokens_seen += float(sub.attention_mask.sum())
                 for key, value in _micro_step(policy, value_model, sub, micro_rows, old_logp, adv, old_values, s,
-                                              weight, live).items():
+                                              weight, live, ref_logp, beta,
+                                              float(sub.response_mask.sum()) / max(mb_tokens, 1.0)).items():
                     mb_stats[key] = mb_stats.get(key, 0.0) + value * weight
             if ptx is not None and s.ptx_coef > 0:
                 mb_stats["loss/ptx"] = _ptx_step(policy, ptx, s, batch.input_ids.device)

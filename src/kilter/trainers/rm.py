@@ -48,7 +48,7 @@ from kilter.data.preferences import (
 )
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError
-from kilter.losses import pairwise_accuracy
+from kilter.losses import pair_weights, pairwise_accuracy, weighted_pair_loss
 from kilter.models import load_tokenizer
 from kilter.models.reward import (
     RewardModel,
@@ -175,8 +175,9 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
     with ``shared_prefix`` too, a group's responses share one copy of the prompt and
     ``attention_mask`` is 4-D, see :mod:`kilter.trainers.shared_prefix`),
     ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
-    of each pair, ``margin`` (P,) = margin_scale * strength (0 where no strength), and
-    ``n_groups`` (0-dim).
+    of each pair, ``pair_weight`` (P,) its weight in the loss
+    (:func:`kilter.losses.pair_weights`), ``margin`` (P,) = margin_scale * strength (0 where no
+    strength), and ``n_groups`` (0-dim).
     """
     rows, better, worse, pair_group, margin = [], [], [], [], []
     for g, group in enumerate(groups):
@@ -200,27 +201,9 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
     batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
                  pair_group=torch.tensor(pair_group, dtype=torch.long),
                  margin=torch.tensor(margin, dtype=torch.float32), n_groups=torch.tensor(len(groups)))
+    independent = torch.tensor([bool(g.get("independent", False)) for g in groups], dtype=torch.bool)
+    batch["pair_weight"] = pair_weights(batch["pair_group"], independent)
     return batch
-
-
-def grouped_pair_losses(rewards: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, pair_group: torch.Tensor,
-                        n_groups: int, margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group Bradley-Terry loss: the mean over a group's pairs (InstructGPT eq. 1, 1/C(K,2)).
-
-    rewards: (N,) one per response; better, worse, pair_group: (P,) long; margin: (P,) or None
-    -> (loss per group (G,), has_pairs (G,) bool).  A group without pairs gets loss 0.
-    Summing the result and dividing by ``has_pairs.sum()`` gives the batch loss; with K=2 and
-    one pair per group it is :func:`kilter.losses.bradley_terry_loss`, without margins it is
-    :func:`kilter.losses.kway_bradley_terry_loss`.
-    """
-    diff = rewards[better] - rewards[worse]
-    if margin is not None:
-        diff = diff - margin.to(diff.dtype)
-    pair_losses = -F.logsigmoid(diff)
-    sums = pair_losses.new_zeros(n_groups).index_add(0, pair_group, pair_losses)
-    counts = torch.bincount(pair_group, minlength=n_groups)
-    has = counts > 0
-    return sums / counts.clamp(min=1).to(sums.dtype), has
 
 
 def calibration_sums(p_chosen: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -291,26 +274,26 @@ def evaluate(model, groups: list[dict], cfg: RMConfig, pad_id: int, device: str,
     """eval/loss, eval/accuracy, eval/margin, eval/ece, eval/reward_mean, eval/reward_std + calibration table."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(8, dtype=torch.float64)  # loss, groups, wins, pairs, margin, r, r^2, responses
+    totals = torch.zeros(8, dtype=torch.float64)  # weighted loss, weight, wins, pairs, margin, r, r^2, responses
     calib = torch.zeros(3, cfg.calibration_bins, dtype=torch.float64)
     for chunk in _chunks_of_rows(groups[info.rank::info.world_size], cfg.eval_batch_size):
         batch = collate_groups(chunk, pad_id, cfg.strength_margin_scale)
         rewards = _forward(model, batch, cfg.precision, device).cpu() + bias
-        losses, has = grouped_pair_losses(rewards, batch["better"], batch["worse"], batch["pair_group"],
-                                          len(chunk), batch["margin"])
+        loss_sum, weight_sum = weighted_pair_loss(rewards, batch["better"], batch["worse"], batch["pair_weight"],
+                                                  batch["margin"])
         gap = rewards[batch["better"]] - rewards[batch["worse"]]
-        totals += torch.tensor([float(losses[has].sum()), float(has.sum()), float(pairwise_accuracy(gap, 0 * gap))
+        totals += torch.tensor([float(loss_sum), float(weight_sum), float(pairwise_accuracy(gap, 0 * gap))
                                 * len(gap), len(gap), float(gap.sum()), float(rewards.sum()),
                                 float((rewards ** 2).sum()), len(rewards)], dtype=torch.float64)
         calib += calibration_sums(torch.sigmoid(gap), cfg.calibration_bins)
     totals, calib = all_reduce_sum(totals, info), all_reduce_sum(calib, info)
     if was_training:
         model.train()
-    loss, n_groups, wins, n_pairs, margin_sum, r_sum, r2_sum, n_resp = totals.tolist()
+    loss, weight, wins, n_pairs, margin_sum, r_sum, r2_sum, n_resp = totals.tolist()
     mean = r_sum / max(n_resp, 1)
     report = calibration_report(calib)
     metrics = {
-        "eval/loss": loss / max(n_groups, 1),
+        "eval/loss": loss / max(weight, 1e-12),
         "eval/accuracy": wins / max(n_pairs, 1),
         "eval/margin": margin_sum / max(n_pairs, 1),
         "eval/ece": report["ece"],
@@ -531,27 +514,25 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
                                 shared, weight)
                  for idx in _micro_batches(mine, cfg.grad_accum)]
-        local_groups = sum(int(torch.bincount(b["pair_group"], minlength=int(b["n_groups"])).gt(0).sum())
-                           for b in micro)
-        global_groups = float(all_reduce_sum(local_groups, info))
+        # the step's loss is sum(w * l) / sum(w) over all its micro-batches and ranks
+        local_weight = sum(float(b["pair_weight"].sum()) for b in micro)
+        global_weight = float(all_reduce_sum(torch.tensor(local_weight, dtype=torch.float64), info))
         step_loss = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(micro):
             ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else _null()
             with ctx:
                 rewards = _forward(ddp_model, batch, cfg.precision, device)
-                losses, has = grouped_pair_losses(rewards, batch["better"].to(device), batch["worse"].to(device),
-                                                  batch["pair_group"].to(device), int(batch["n_groups"]),
-                                                  batch["margin"].to(device))
-                loss_sum = losses[has].sum()
+                loss_sum, _ = weighted_pair_loss(rewards, batch["better"].to(device), batch["worse"].to(device),
+                                                 batch["pair_weight"].to(device), batch["margin"].to(device))
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
-                (loss_sum * info.world_size / max(global_groups, 1.0)).backward()
+                (loss_sum * info.world_size / max(global_weight, 1e-12)).backward()
             step_loss += loss_sum.detach().double().cpu()
             window.add(rewards.detach().float().cpu(), batch)
         grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_groups, 1.0)
+        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_weight, 1e-12)
         progress.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
@@ -658,5 +639,5 @@ def _ensemble_eval(folder: Path, groups: list[dict], cfg: RMConfig, device: str)
             "ensemble/reward_std_mean": float(std.mean())}
 
 
-__all__ = ["RMConfig", "RMData", "run", "collate_groups", "grouped_pair_losses", "calibration_sums",
+__all__ = ["RMConfig", "RMData", "run", "collate_groups", "calibration_sums",
            "calibration_report", "evaluate"]

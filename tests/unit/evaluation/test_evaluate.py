@@ -140,7 +140,7 @@ def test_config_errors():
 
 
 class _Single:
-    def score(self, prompts, responses, batch_size=32):
+    def score(self, prompts, responses, batch_size=32, finished=None):
         return torch.tensor([float(len(r)) for r in responses])
 
 
@@ -148,7 +148,7 @@ class _Ensemble:
     def __init__(self):
         self.members = [object(), object()]
 
-    def score_with_std(self, prompts, responses, batch_size=32):
+    def score_with_std(self, prompts, responses, batch_size=32, finished=None):
         member_scores = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # (M, N)
         return member_scores.mean(0), member_scores.std(0, unbiased=False)
 

@@ -73,3 +73,24 @@ def test_pg_loss_by_hand():
     assert loss.item() == pytest.approx(2.0)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -0.5, 0.0]]))
+
+
+
+def test_aggregations_by_hand():
+    from kilter.losses.ppo import aggregate, aggregation_weight
+
+    x = torch.tensor([[1.0, 3.0, 0.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # the last row is empty
+    assert float(aggregate(x, mask, "token_mean")) == pytest.approx((1 + 3 + 4) / 3)
+    assert float(aggregate(x, mask, "sequence_mean")) == pytest.approx((2 + 4) / 2)
+    assert float(aggregate(x, mask, "constant", normaliser=4.0)) == pytest.approx((1 + 3 + 4) / (3 * 4))
+    # micro-batch weights: tokens for token_mean, live rows for sequence_mean, rows for constant
+    assert aggregation_weight(mask[:1], 2, 3.0, "token_mean") == pytest.approx(2 / 3)
+    assert aggregation_weight(mask[:1], 2, 3.0, "sequence_mean") == pytest.approx(1 / 2)
+    assert aggregation_weight(mask[:1], 3, 3.0, "constant") == pytest.approx(1 / 3)
+    # gradient direction: sequence_mean weighs the short response's token more than token_mean does
+    w = x.clone().requires_grad_(True)
+    aggregate(w, mask, "sequence_mean").backward()
+    assert w.grad[1, 0] == pytest.approx(0.5) and w.grad[0, 0] == pytest.approx(0.25)
+    with pytest.raises(Exception, match="normaliser"):
+        aggregate(x, mask, "constant")

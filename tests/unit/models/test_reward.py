@@ -253,3 +253,22 @@ def test_smollm2_preset_loads_as_a_reward_model(tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(RewardModel(plain, tok, max_length=64).score(chat, ["Hi!", "Blue."]), before,
                                atol=1e-4, rtol=0)
+
+
+def test_an_unfinished_response_is_scored_without_an_appended_eos(rm):
+    """A response cut at max_new_tokens is scored as the text it is, not as if it had ended."""
+    model, tok = rm
+    scorer = RewardModel(model, tok)
+    done, cut = scorer.encode(PROMPTS[:1] * 2, RESPONSES[:1] * 2, finished=[True, False])
+    assert done["input_ids"][-1] == tok.eos_token_id and done["input_ids"][:-1] == cut["input_ids"]
+    assert tok.eos_token_id not in cut["input_ids"][cut["prompt_len"]:]
+    scores = scorer.score(PROMPTS[:1] * 2, RESPONSES[:1] * 2, finished=[True, False])
+    # read at a different token (EOS vs the last text token), so the two differ
+    assert scores[0] != scores[1]
+    assert float(scores[0]) == pytest.approx(float(scorer.score(PROMPTS[:1], RESPONSES[:1])[0]), abs=1e-5)
+
+
+def test_the_missing_eos_penalty_is_on_by_default():
+    from kilter.rewards.base import RewardConfig
+
+    assert RewardConfig().missing_eos_penalty == 1.0

@@ -85,10 +85,12 @@ def fast_logits(model, prompts, steps: int, pad: int = 0):
 
 
 def hf_logits(model, prompts, steps: int, pad: int = 0):
-    """Per-step logits of HF generate (greedy, its own KV cache and left-padding handling)."""
+    """Per-step logits of HF generate (greedy, its own KV cache and left-padding handling; PAD suppressed,
+    as Kilter never samples it)."""
     ids, mask = left_pad(prompts, pad, "cpu")
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
                          do_sample=False, eos_token_id=None, pad_token_id=pad, output_logits=True,
+                         suppress_tokens=[pad],
                          return_dict_in_generate=True, top_k=None, top_p=None, temperature=None)
     return torch.stack(out.logits), out.sequences[:, ids.shape[1]:]
 
@@ -344,3 +346,18 @@ def test_probe_mismatch_marks_the_model_unsupported(monkeypatch):
     params, tok = SamplingParams(max_new_tokens=3, do_sample=False), StubTokenizer(eos=-5)
     assert generate_ids(model, tok, PROMPTS, params).response_ids == \
         generate_ids(model, tok, PROMPTS, params, fast=False).response_ids
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pad_is_never_sampled_even_when_it_is_the_most_likely_token(fast):
+    """Make PAD the greedy choice of the first step: neither engine emits it (greedy and sampling)."""
+    model = make("llama")
+    prompt = [5, 6, 7]
+    free = generate_ids(model, NO_SPECIALS, [prompt], SamplingParams(max_new_tokens=4, do_sample=False), fast=fast)
+    favourite = free.response_ids[0][0]  # what greedy picks when PAD is out of the vocabulary
+    tok = StubTokenizer(eos=-5, pad=favourite)
+    greedy = generate_ids(model, tok, [prompt], SamplingParams(max_new_tokens=4, do_sample=False), fast=fast)
+    assert len(greedy.response_ids[0]) == 4 and favourite not in greedy.response_ids[0]
+    torch.manual_seed(0)
+    sampled = generate_ids(model, tok, [prompt] * 200, SamplingParams(max_new_tokens=3, temperature=1.5), fast=fast)
+    assert all(len(r) == 3 and favourite not in r for r in sampled.response_ids)

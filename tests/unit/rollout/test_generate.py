@@ -44,15 +44,20 @@ def test_model_generation_defaults_cannot_leak_into_sampling(micro_lm):
     torch.manual_seed(0)
     out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, output_logits=True,
                          return_dict_in_generate=True, **hf_generate_kwargs(params, tok.pad_token_id, tok.eos_token_id))
+    pad = tok.pad_token_id
+    keep = torch.arange(out.scores[0].shape[-1]) != pad
     for processed, raw in zip(out.scores, out.logits):
-        # the processed scores are exactly the raw logits / temperature: no top-k, no penalty
-        assert torch.isfinite(processed).all()
-        assert torch.allclose(processed, raw / 0.7, atol=1e-5)
+        # the processed scores are exactly the raw logits / temperature: no top-k, no penalty;
+        # only PAD is removed (it is never sampled)
+        assert torch.isneginf(processed[:, pad]).all()
+        assert torch.isfinite(processed[:, keep]).all()
+        assert torch.allclose(processed[:, keep], raw[:, keep] / 0.7, atol=1e-5)
     # ...while an explicit top_k does apply
     params_k = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=5)
     out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
                          **hf_generate_kwargs(params_k, tok.pad_token_id, tok.eos_token_id))
     assert (torch.isfinite(out.scores[0]).sum(-1) == 5).all()
+    assert torch.isneginf(out.scores[0][:, pad]).all()
 
 
 def test_generate_ids_cuts_after_first_eos(micro_lm):

@@ -41,14 +41,16 @@ def test_batched_logprobs_equal_the_sampling_distribution(micro_lm):
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
     torch.manual_seed(0)
-    out = model.generate(input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
+    out = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True,
                          **hf_generate_kwargs(SamplingParams(max_new_tokens=7, temperature=temperature),
                                               tok.pad_token_id, tok.eos_token_id))
     new = out.sequences[:, ids.shape[1]:]
     responses = [cut_after_eos(row, tok.eos_token_id, tok.pad_token_id)[0] for row in new.tolist()]
     expected = torch.zeros(len(prompts), new.shape[1])
-    for t, logits in enumerate(out.logits):
-        expected[:, t] = torch.log_softmax(logits / temperature, -1).gather(-1, new[:, t:t + 1]).squeeze(-1)
+    # out.scores are what generate sampled from: logits / temperature with PAD suppressed (-inf)
+    assert all(bool(torch.isneginf(s[:, tok.pad_token_id]).all()) for s in out.scores)
+    for t, scores in enumerate(out.scores):
+        expected[:, t] = torch.log_softmax(scores, -1).gather(-1, new[:, t:t + 1]).squeeze(-1)
 
     batch = assemble(prompts, responses, tok.pad_token_id)
     logp, entropy = batched_logprobs(model, batch, temperature, batch_size=2, with_entropy=True)
@@ -57,8 +59,8 @@ def test_batched_logprobs_equal_the_sampling_distribution(micro_lm):
     assert torch.allclose(logp * m, expected[:, :width] * m, atol=1e-4)
     assert (logp[m == 0] == 0).all()
     # the entropy is that of the same tempered distribution, at every response position
-    first = torch.softmax(out.logits[0] / temperature, -1)
-    assert torch.allclose(entropy[:, 0], -(first * first.log()).sum(-1), atol=1e-4)
+    first = torch.softmax(out.scores[0], -1)
+    assert torch.allclose(entropy[:, 0], -torch.special.xlogy(first, first).sum(-1), atol=1e-4)
     # one big batch, no trimming, with gradients: the same numbers
     with_grad, _ = token_logprobs(model, batch, temperature)
     assert torch.allclose(with_grad.detach() * m, logp, atol=1e-5)
@@ -70,5 +72,6 @@ def test_logprobs_depend_on_temperature(micro_lm, temperature):
     batch = assemble([[5, 6]], [[7, 8, 9]], tok.pad_token_id)
     logp, _ = batched_logprobs(model, batch, temperature, batch_size=4)
     logits = model(input_ids=batch.input_ids).logits[0, 1:4]
+    logits[:, tok.pad_token_id] = -torch.inf  # the scored distribution excludes PAD, as sampling does
     manual = torch.log_softmax(logits / temperature, -1).gather(-1, torch.tensor([[7], [8], [9]])).squeeze(-1)
     assert torch.allclose(logp[0], manual, atol=1e-5)

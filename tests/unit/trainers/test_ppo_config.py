@@ -85,3 +85,30 @@ def test_every_preset_loads_and_passes_the_checks():
         cfg = load_config(PPOConfig, path, [])
         check_config(cfg)
         assert cfg.reward.all_sources(), path.name
+
+
+def test_kl_estimator_and_whitening_defaults_follow_the_algorithm():
+    from kilter.trainers.ppo import PPOConfig
+
+    assert PPOConfig().kl_estimator == "k1" and PPOConfig().whitens
+    grpo = PPOConfig(algorithm="grpo", rollout={"samples_per_prompt": 4}, reward={"function": "builtin:gold"})
+    assert grpo.kl_estimator == "k3"  # GRPO's loss term (Shao et al. 2024, eq. 3)
+    assert not grpo.whitens  # the group std already scales its advantages
+    assert PPOConfig(algorithm="grpo", update={"whiten_advantages": True}).whitens  # unless asked
+
+
+def test_grpo_refuses_a_kl_penalty_inside_the_standardised_reward():
+    from kilter.trainers.ppo import PPOConfig, check_config
+
+    cfg = PPOConfig(algorithm="grpo", rollout={"samples_per_prompt": 4, "batch_size": 4},
+                    update={"num_minibatches": 1}, reward={"function": "builtin:gold"}, kl={"estimator": "k1"})
+    with pytest.raises(ConfigError, match="kl.estimator=k3"):
+        check_config(cfg)
+
+
+def test_ipo_averages_log_probs_per_token_by_default():
+    from kilter.trainers.dpo import DPOConfig
+
+    assert DPOConfig(loss_type="ipo").averages_logps
+    assert not DPOConfig().averages_logps
+    assert not DPOConfig(loss_type="ipo", average_logps=False).averages_logps

@@ -75,9 +75,9 @@ def test_ppo_and_a2c_use_gae_over_the_critic():
 
 def test_moving_average_baseline():
     b = MovingAverageBaseline(decay=0.9)
-    assert b.current(fallback=2.0) == 2.0
+    assert b.current() == 0.0  # no baseline before any batch: never the first batch's own mean
     b.update(1.0)
-    assert b.current(fallback=2.0) == 1.0
+    assert b.current() == 1.0
     b.update(3.0)  # 0.9 * 1 + 0.1 * 3
     assert b.value == pytest.approx(1.2)
     c = MovingAverageBaseline(0.9)
@@ -113,7 +113,8 @@ def _prepare(make_rollout, tok, policy, value, algorithm="ppo"):
     return batch, old_logp, values, adv
 
 
-def test_grad_accumulation_equals_one_big_step(models, random_rollout):
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "constant"])
+def test_grad_accumulation_equals_one_big_step(models, random_rollout, aggregation):
     tok, policy0, value0 = models
     batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0)
     results = []
@@ -122,7 +123,7 @@ def test_grad_accumulation_equals_one_big_step(models, random_rollout):
         p_opt = torch.optim.SGD(policy.parameters(), lr=0.5)
         v_opt = torch.optim.SGD(value.parameters(), lr=0.5)
         stats = run_update(policy, value, p_opt, v_opt, batch, old_logp, adv, values,
-                           _settings(grad_accum=accum), seed=0, iteration=0)
+                           _settings(grad_accum=accum, aggregation=aggregation, normaliser=8.0), seed=0, iteration=0)
         results.append((policy, value, stats))
     (p1, v1, s1), (p2, v2, s2) = results
     for a, b in zip(p1.parameters(), p2.parameters()):
@@ -182,3 +183,63 @@ def test_ptx_stream_order_is_reproducible_and_mixes_into_the_loss(models, random
                        None, _settings(algorithm="reinforce", ptx_coef=0.5),
                        seed=0, iteration=0, ptx=PtxStream(examples, 2, 0, tok.pad_token_id))
     assert stats["loss/ptx"] > 0
+
+
+# --------------------------------------------------------------------------- the KL penalty as a loss term
+
+
+def test_beta_changes_the_step_by_exactly_beta_times_the_kl_term(models, random_rollout):
+    """With k3 as a loss, gradient(beta) - gradient(0) = beta * gradient of the KL term alone."""
+    from kilter.losses.ppo import kl_penalty_loss
+    from kilter.rollout.scoring import token_logprobs
+
+    tok, policy0, value0 = models
+    batch, old_logp, values, adv = _prepare(random_rollout, tok, policy0, value0, "grpo")
+    g = torch.Generator().manual_seed(5)
+    ref_logp = (old_logp + 0.3 * torch.randn(old_logp.shape, generator=g)) * batch.response_mask
+
+    def step_delta(beta: float):
+        policy = copy.deepcopy(policy0)
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        stats = run_update(policy, None, opt, None, batch, old_logp, adv, None,
+                           _settings(algorithm="grpo", num_minibatches=1, entropy_coef=0.0, kl_loss="k3",
+                                     fuse_first_pass=False), seed=0, iteration=0, ref_logp=ref_logp, beta=beta)
+        return [p0 - p for p0, p in zip(policy0.parameters(), policy.parameters())], stats
+
+    base, s0 = step_delta(0.0)
+    with_kl, s1 = step_delta(0.25)
+    # the KL term's own gradient on the same (whole-rollout) minibatch
+    policy = copy.deepcopy(policy0)
+    logp, _ = token_logprobs(policy, batch.select(torch.arange(len(batch))), 1.0)
+    sub = batch.select(torch.arange(len(batch)))
+    term = kl_penalty_loss(logp, ref_logp[:, :sub.response_mask.shape[1]], sub.response_mask, "k3")
+    term.backward()
+    assert s1["loss/kl"] == pytest.approx(float(term.detach()), rel=1e-5) and s1["loss/kl"] > 0
+    for a, b, p in zip(base, with_kl, policy.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(b - a, 0.25 * p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_advantages_do_not_depend_on_beta():
+    from kilter.ops import kl_estimate
+    from kilter.trainers.ppo_update import shaped_rewards
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    logp, ref = -torch.rand(4, 3, generator=g), -torch.rand(4, 3, generator=g)
+    scores = torch.tensor([1.0, 1.0, 0.0, 0.0])  # equal scores within each group (0/1 rule rewards)
+    kl = kl_estimate(logp, ref, "k3") * mask
+    advs = [compute_advantages("grpo", shaped_rewards(scores, kl, mask, beta, "k3"), mask, group_size=2,
+                               whiten=False).advantages for beta in (0.001, 0.1)]
+    torch.testing.assert_close(advs[0], advs[1])
+    assert torch.all(advs[0] == 0)  # equal scores: no advantage at all, whatever the KL ranking
+    # k1 stays in the reward (InstructGPT): there beta does change the per-token rewards
+    r1, r2 = (shaped_rewards(scores, kl_estimate(logp, ref, "k1") * mask, mask, b, "k1") for b in (0.001, 0.1))
+    assert not torch.allclose(r1, r2)
+
+
+def test_dr_grpo_switches_off_the_std_scaling():
+    rewards = torch.tensor([[1.0], [3.0], [2.0], [6.0]])
+    mask = torch.ones(4, 1)
+    plain = compute_advantages("grpo", rewards, mask, group_size=2, whiten=False, group_std_scale=False)
+    torch.testing.assert_close(plain.advantages.flatten(), torch.tensor([-1.0, 1.0, -2.0, 2.0]))

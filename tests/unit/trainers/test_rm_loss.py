@@ -9,12 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kilter.losses import bradley_terry_loss, kway_bradley_terry_loss, ranking_pairs
+from kilter.losses import (
+    bradley_terry_loss,
+    kway_bradley_terry_loss,
+    pair_weights,
+    ranking_pairs,
+    weighted_pair_loss,
+)
 from kilter.trainers.rm import (
     calibration_report,
     calibration_sums,
     collate_groups,
-    grouped_pair_losses,
 )
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -33,6 +38,13 @@ def _pairs_tensors(pairs_per_group: list[list[tuple[int, int]]], sizes: list[int
             torch.tensor(group, dtype=torch.long))
 
 
+def _batch_loss(rewards, better, worse, group, n_groups, margin=None, independent=None):
+    """The trainer's batch loss: sum(w * l) / sum(w) with InstructGPT's per-ranking weights."""
+    independent = torch.zeros(n_groups, dtype=torch.bool) if independent is None else torch.tensor(independent)
+    total, weight = weighted_pair_loss(rewards, better, worse, pair_weights(group, independent), margin)
+    return total / weight
+
+
 def test_group_loss_by_hand():
     # group 0: K=3 equal rewards, ranks 1,2,3 -> 3 pairs of ln 2 -> mean ln 2
     # group 1: rewards (ln 3, 0), one pair -> -ln sigmoid(ln 3) = ln(4/3)
@@ -41,11 +53,28 @@ def test_group_loss_by_hand():
     rewards = torch.tensor([0.0, 0.0, 0.0, LN3, 0.0, 1.0, 0.0, 5.0, 5.0])
     better, worse, group = _pairs_tensors([ranking_pairs([1, 2, 3]), [(0, 1)], [(0, 1)], []], [3, 2, 2, 2])
     margin = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
-    losses, has = grouped_pair_losses(rewards, better, worse, group, 4, margin)
-    assert has.tolist() == [True, True, True, False]
-    torch.testing.assert_close(losses, torch.tensor([LN2, math.log(4 / 3), LN2, 0.0]))
-    batch_loss = losses[has].sum() / has.sum()
+    weights = pair_weights(group, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0, 1.0], dtype=torch.float64))
+    batch_loss = _batch_loss(rewards, better, worse, group, 4, margin)
     assert batch_loss.item() == pytest.approx((LN2 + math.log(4 / 3) + LN2) / 3)
+
+
+def test_independent_comparisons_of_one_prompt_weigh_one_each():
+    # prompt A: three comparisons judged one by one (grouped only to forward each response once):
+    #   pairs (0>1), (0>2), (1>2) on rewards (ln 3, 0, 0) -> ln(4/3), ln(4/3), ln 2
+    # prompt B: one comparison on rewards (0, 0) -> ln 2
+    rewards = torch.tensor([LN3, 0.0, 0.0, 0.0, 0.0])
+    better, worse, group = _pairs_tensors([[(0, 1), (0, 2), (1, 2)], [(0, 1)]], [3, 2])
+    per_pair = [math.log(4 / 3), math.log(4 / 3), LN2, LN2]
+    independent = _batch_loss(rewards, better, worse, group, 2, independent=[True, True])
+    assert independent.item() == pytest.approx(sum(per_pair) / 4)  # four comparisons, one each
+    # the same pairs as one ranking of prompt A: A's three pairs share one unit (1 / C(3, 2))
+    ranking = _batch_loss(rewards, better, worse, group, 2, independent=[False, False])
+    assert ranking.item() == pytest.approx((sum(per_pair[:3]) / 3 + LN2) / 2)
+    # gradient direction: each comparison pushes its better response up, independently weighted
+    r = rewards.clone().requires_grad_(True)
+    _batch_loss(r, better, worse, group, 2, independent=[True, True]).backward()
+    assert r.grad[0] < 0 and r.grad[2] > 0 and r.grad[3] < 0 < r.grad[4]
 
 
 def test_kway_equals_the_mean_over_explicitly_enumerated_pairs():
@@ -58,8 +87,8 @@ def test_kway_equals_the_mean_over_explicitly_enumerated_pairs():
         pairs = [ranking_pairs(r) for r in ranks]
         better, worse, group = _pairs_tensors(pairs, sizes)
         margin = torch.tensor([0.5 * (s or 0.0) for ss in strengths for s in ss], dtype=torch.float64)
-        losses, has = grouped_pair_losses(rewards, better, worse, group, len(sizes), margin)
-        got = losses[has].sum() / has.sum() if has.any() else torch.tensor(0.0)
+        got = (_batch_loss(rewards, better, worse, group, len(sizes), margin) if len(better)
+               else torch.tensor(0.0))
         # Explicit: for every prompt, every pair, one at a time.
         per_prompt, offset = [], 0
         for k, p, ss in zip(sizes, pairs, strengths):
@@ -78,22 +107,19 @@ def test_agrees_with_the_library_losses():
     ranks = torch.tensor([1, 3, 2, 2, 1, 2, 3, 1, 1, 2])
     ranks_per = [[1, 3, 2, 2], [1, 2, 3], [1, 1, 2]]
     better, worse, group = _pairs_tensors([ranking_pairs(r) for r in ranks_per], [4, 3, 3])
-    losses, has = grouped_pair_losses(rewards, better, worse, group, 3)
     expected = kway_bradley_terry_loss(rewards, groups, ranks)
-    assert (losses[has].sum() / has.sum()).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert _batch_loss(rewards, better, worse, group, 3).item() == pytest.approx(expected.item(), abs=1e-12)
     # K = 2 groups with margins: the plain pairwise loss.
     rc, rr, m = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
     flat = torch.stack([rc, rr], 1).flatten()
-    losses, has = grouped_pair_losses(flat, torch.arange(0, 10, 2), torch.arange(1, 10, 2), torch.arange(5), 5, m)
-    assert losses.mean().item() == pytest.approx(bradley_terry_loss(rc, rr, m).item(), abs=1e-12)
+    got = _batch_loss(flat, torch.arange(0, 10, 2), torch.arange(1, 10, 2), torch.arange(5), 5, m)
+    assert got.item() == pytest.approx(bradley_terry_loss(rc, rr, m).item(), abs=1e-12)
 
 
 def test_gradient_flows_once_per_response():
     # A response in three pairs gets the sum of its three pair gradients (divided by 3 pairs).
     rewards = torch.zeros(3, requires_grad=True)
-    losses, has = grouped_pair_losses(rewards, torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]),
-                                      torch.tensor([0, 0, 0]), 1)
-    losses.sum().backward()
+    _batch_loss(rewards, torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.tensor([0, 0, 0]), 1).backward()
     # d/dr of -ln sigmoid(d) at d = 0 is -0.5 for the better side and +0.5 for the worse.
     torch.testing.assert_close(rewards.grad, torch.tensor([-1.0, 0.0, 1.0]) / 3)
 
