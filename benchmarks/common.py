@@ -508,7 +508,6 @@ def prepare_data(out: Path, seed: int = 0) -> dict[str, Path]:
 def load_for_eval(model_dir: str, kind: str = "causal"):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -732,7 +731,7 @@ def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], e
             shown = {k: v for k, v in spec.items() if k not in ("model_dir", "threads", "seed") and not str(v).startswith("/")}
             print(f"\n[{bench}] {model_label} / {setting}: {json.dumps(shown)}", flush=True)
 
-            def run_one(lib: str, i: int) -> dict:
+            def run_one(lib: str, i: int, spec: dict = spec, work: Path = work) -> dict:
                 res = runners[lib](spec, work, i)
                 if res.get("ok") and evaluate is not None:
                     try:

@@ -21,8 +21,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from kilter.data.tokenize import encode_sft_records  # noqa: E402
+from kilter.models import packed  # noqa: E402
 from kilter.models.tiny import builtin_model_dir  # noqa: E402
-from kilter.trainers import packed, sft  # noqa: E402
+from kilter.trainers import sft  # noqa: E402
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm")
 

@@ -30,8 +30,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command(
         "Run the built-in task end to end (SFT, labels, reward model, PPO, eval) and print before/after.",
-        config="kilter.demo:DemoConfig",
-        run="kilter.demo:run",
+        config="kilter.commands.demo:DemoConfig",
+        run="kilter.commands.demo:run",
     ),
     "task": Command(
         "Write the built-in task's data files (corpus, demonstrations, prompts) to a folder.",
@@ -45,8 +45,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "label": Command(
         "Sample K responses per prompt from a model and label them with the simulated labeler (gold + noise).",
-        config="kilter.data.simulate:LabelConfig",
-        run="kilter.data.simulate:run",
+        config="kilter.commands.label:LabelConfig",
+        run="kilter.commands.label:run",
     ),
     "rm": Command(
         "Train a reward model (Bradley-Terry on comparisons, K-way rankings or thumbs; ensembles; phase 2).",
@@ -70,13 +70,13 @@ COMMANDS: dict[str, Command] = {
     ),
     "bon": Command(
         "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
-        config="kilter.trainers.bon:BonConfig",
-        run="kilter.trainers.bon:run",
+        config="kilter.commands.bon:BonConfig",
+        run="kilter.commands.bon:run",
     ),
     "score": Command(
         "Score prompt/response pairs (or comparisons, reporting accuracy) with a reward model or ensemble.",
-        config="kilter.trainers.score:ScoreConfig",
-        run="kilter.trainers.score:run",
+        config="kilter.commands.score:ScoreConfig",
+        run="kilter.commands.score:run",
     ),
     "convert-hh": Command(
         "Convert Anthropic HH-style transcripts (chosen/rejected) into prompt/chosen/rejected JSONL.",

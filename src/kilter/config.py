@@ -249,17 +249,21 @@ def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows of (key, type, default, help) for every field, nested sections flattened."""
+def describe_fields(cls: type[BaseModel], prefix: str = "", instance: BaseModel | None = None
+                    ) -> list[tuple[str, str, str, str]]:
+    """Rows of (key, type, default, help) for every field, nested sections flattened.
+
+    A nested section shows the defaults of the section's default *instance* (PPO's optimizer
+    starts at lr 1e-5, not at OptimConfig's class default).  A config may refine the help of
+    fields it inherits with a ``help_overrides`` class attribute ({field: text}).
+    """
     rows = []
+    overrides = getattr(cls, "help_overrides", {}) or {}
     for name, info in cls.model_fields.items():
         ann = info.annotation
-        sub = None
+        default = getattr(instance, name) if instance is not None else info.get_default(call_default_factory=True)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            sub = ann
-        if sub is not None:
-            rows.extend(describe_fields(sub, prefix + name + "."))
+            rows.extend(describe_fields(ann, prefix + name + ".", default if isinstance(default, ann) else None))
             continue
-        default = info.get_default(call_default_factory=True)
-        rows.append((prefix + name, _type_name(ann), repr(default), (info.description or "").strip()))
+        rows.append((prefix + name, _type_name(ann), repr(default), (overrides.get(name) or info.description or "").strip()))
     return rows

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kilter import fastpaths
 from kilter.config import dump_config
 
 
@@ -34,6 +35,7 @@ class RunDir:
         self.path = Path(path)
         self.writer = writer
         self._tb = None
+        self._fast_paths: dict[str, float] = {}
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
@@ -64,6 +66,10 @@ class RunDir:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
+        # which fast paths the run uses (perf/padding_free, ...), in the first row after each decision
+        decided = fastpaths.record()
+        row.update({k: v for k, v in decided.items() if self._fast_paths.get(k) != v})
+        self._fast_paths = decided
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self._tb is not None:
@@ -113,26 +119,48 @@ class RunDir:
         return save_folder_atomically(self.final, write)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)``, fsync it, then rename it over ``path``: readers see the old file or the new one.
+
+    The one atomic file writer (run files, data files, caches): a crash mid-write leaves any
+    previous file untouched and no half-written one behind.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run files are meant to be shared
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run and data files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
-def save_folder_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Write into ``.target-tmp*`` then swap it in; an existing ``target`` is replaced only at the end."""
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_folder_atomically(target: Path, write: Callable[[Path], None], keep_existing: bool = False) -> Path:
+    """Write into ``.target-tmp*`` then swap it in; an existing ``target`` is replaced only at the end.
+
+    With ``keep_existing`` a target that appeared meanwhile (another process built the same
+    folder) wins and the new copy is discarded, so concurrent builders of a cache are safe.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp", dir=target.parent))
     os.chmod(tmp, 0o755)
     try:
         write(tmp)
-        if target.exists():
+        if target.exists() and keep_existing:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif target.exists():
             old = target.with_name(f".{target.name}-old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)

@@ -37,3 +37,13 @@ def sim_labels_dir(sft_model_dir, tmp_path_factory) -> Path:
                  "n_eval_prompts=32", "max_new_tokens=40", "seed=0"])
     assert code == 0
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Runs pass threads=1 (tiny models on a busy CPU); keep that from leaking into later tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

@@ -101,8 +101,9 @@ def test_bon_with_reward_model_and_ensemble(sft_model_dir, tmp_path):
     rows = _rows(out / "candidates.jsonl")
     _check_best(rows, 3)
     rm = load_reward(single)
-    assert rows[0]["scores"] == pytest.approx(rm.score([rows[0]["prompt"]] * 3, rows[0]["responses"]).tolist(),
-                                              abs=1e-5)
+    # responses cut at max_new_tokens are scored as unfinished (no appended EOS), as PPO scores them
+    rescored = rm.score([rows[0]["prompt"]] * 3, rows[0]["responses"], finished=rows[0]["finished"])
+    assert rows[0]["scores"] == pytest.approx(rescored.tolist(), abs=1e-5)
 
     ensemble = tmp_path / "ensemble"
     _save_rm(sft_model_dir, ensemble / "member-0", seed=1)
@@ -113,7 +114,8 @@ def test_bon_with_reward_model_and_ensemble(sft_model_dir, tmp_path):
                  f"reward_model={ensemble}", "uncertainty_penalty=1.0"]) == 0
     rows = _rows(out / "candidates.jsonl")
     _check_best(rows, 3)
-    mean, std = load_reward(ensemble).score_with_std([rows[0]["prompt"]] * 3, rows[0]["responses"])
+    mean, std = load_reward(ensemble).score_with_std([rows[0]["prompt"]] * 3, rows[0]["responses"],
+                                                     finished=rows[0]["finished"])
     assert rows[0]["std"] == pytest.approx(std.tolist(), abs=1e-5)
     assert rows[0]["scores"] == pytest.approx((mean - std).tolist(), abs=1e-5)  # chosen by mean - 1.0 * std
 
@@ -121,7 +123,7 @@ def test_bon_with_reward_model_and_ensemble(sft_model_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "exactly one of reward_model"),
     (["reward_fn=kilter.data.task:gold_scores", "reward_model=/nonexistent"], "exactly one of reward_model"),
-    (["reward_fn=kilter.data.task:nope"], "no function 'nope'"),
+    (["reward_fn=kilter.data.task:nope"], "no callable named 'nope'"),
     (["reward_fn=kilter.data.task:gold_scores", "n=0"], "config key 'n'"),
 ])
 def test_bon_config_errors_exit_2(tmp_path, capsys, args, message):

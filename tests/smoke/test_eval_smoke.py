@@ -92,7 +92,8 @@ def test_eval_reward_ensemble_and_greedy(models, tmp_path):
     assert any("separate temperature-1 samples" in note for note in report["notes"])
 
     prompts = report["prompts"]["items"]
-    mean, std = load_reward(str(ensemble)).score_with_std(prompts, [s["response"] for s in other["samples"]])
+    mean, std = load_reward(str(ensemble)).score_with_std(prompts, [s["response"] for s in other["samples"]],
+                                                          finished=[s["finished"] for s in other["samples"]])
     assert [s["rm"] for s in other["samples"]] == pytest.approx(mean.tolist(), abs=1e-5)
     assert other["metrics"]["reward/rm_ensemble_std"] == pytest.approx(float(std.mean()), abs=1e-5)
 

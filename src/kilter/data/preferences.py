@@ -239,3 +239,10 @@ def encode_groups(tokenizer, groups: Sequence[dict], max_length: int) -> list[di
         out.append({"examples": [{"input_ids": e["input_ids"]} for e in examples], "pairs": g["pairs"],
                     "independent": bool(g.get("independent", False))})
     return out
+
+
+def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows with about ``fraction`` of the distinct prompts held out."""
+    if fraction <= 0:
+        return rows, []
+    return split_by_prompt(rows, fraction, seed)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 from kilter.data.records import RECORD_KINDS, is_messages, validate_record
 from kilter.errors import DataError, KilterError
+from kilter.runs import atomic_write_file
 
 __all__ = ["Records", "read_records", "iter_raw_rows", "write_jsonl", "SUPPORTED_EXTENSIONS"]
 
@@ -144,11 +143,12 @@ def _csv_rows(path: Path, name: str, delimiter: str) -> Iterator[RawRow]:
 
 
 def _parquet_rows(path: Path, name: str) -> Iterator[RawRow]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
+    except (pa.ArrowException, OSError, ValueError) as exc:  # the types pyarrow raises for a damaged file
         raise DataError(f"{name}: cannot read as Parquet ({exc})") from None
     number = 0
     for batch in parquet.iter_batches(batch_size=1024):
@@ -257,24 +257,18 @@ def read_records(
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write ``rows`` as JSONL through a temp file and ``os.replace``; return how many.
+    """Write ``rows`` as JSONL atomically (:func:`kilter.runs.atomic_write_file`); return how many.
 
     A crash mid-write leaves any previous file untouched rather than half-written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write_file(Path(path), write)
     return count

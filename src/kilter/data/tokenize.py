@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kilter.errors import DataError, KilterError
+from kilter.ops.tokens import IGNORE_INDEX
 
 __all__ = [
     "PROMPT_SEP",
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 PROMPT_SEP = "\n"
-IGNORE_INDEX = -100
 
 Prompt = str | list[dict[str, str]]
 

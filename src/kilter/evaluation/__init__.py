@@ -25,7 +25,7 @@ _EXPORTS = {
         "krippendorff_alpha",
         "pairwise_agreement",
     ),
-    "kilter.evaluation.text_metrics": (
+    "kilter.rewards.text_metrics": (
         "bleu",
         "distinct_n",
         "mean_length",

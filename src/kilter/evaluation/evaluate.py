@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 
 from kilter.config import BaseConfig
 from kilter.errors import ConfigError, DataError, KilterError
+from kilter.rewards.base import call_function, load_function, prompt_text
 
 Prompt = str | list[dict[str, str]]
 ScoreFn = Callable[[list, list[str]], Sequence[float]]
@@ -116,35 +117,25 @@ def response_logps(model, prompt_ids: Sequence[Sequence[int]], response_ids: Seq
                    batch_size: int = 32, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y | x) = sum_t log pi(y_t | x, y_<t) of each response under ``model``.
 
-    prompt_ids, response_ids: N token lists -> (N,) float64.  Rows are laid out as in
-    generation (prompt left-padded, response starting at a common column, positions counted
-    over real tokens).  An empty response has log-probability 0.
+    prompt_ids, response_ids: N token lists -> (N,) float64.  Scored by the same code as PPO's
+    rollouts (:func:`kilter.rollout.scoring.batched_logprobs`): rows laid out as in generation,
+    positions counted over real tokens, and pi is the distribution the samplers draw from
+    (PAD removed).  An empty response has log-probability 0.
     """
-    from kilter.trainers.reference import per_token_logps
+    from kilter.rollout.scoring import assemble, batched_logprobs
 
+    if any(len(p) == 0 for p in prompt_ids):
+        raise KilterError("cannot score a response to an empty prompt (no token to condition on)")
     n = len(prompt_ids)
     out = torch.zeros(n, dtype=torch.float64)
     device = next(model.parameters()).device
     for start in range(0, n, batch_size):
-        prompts = prompt_ids[start:start + batch_size]
-        responses = response_ids[start:start + batch_size]
-        p_width = max(len(p) for p in prompts)
-        r_width = max(len(r) for r in responses)
-        if r_width == 0:
+        responses = [list(r) for r in response_ids[start:start + batch_size]]
+        if not any(responses):
             continue
-        if min(len(p) for p in prompts) == 0:
-            raise KilterError("cannot score a response to an empty prompt (no token to condition on)")
-        ids = torch.full((len(prompts), p_width + r_width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            ids[i, p_width - len(p):p_width] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, p_width - len(p):p_width + len(r)] = 1
-            if r:
-                ids[i, p_width:p_width + len(r)] = torch.tensor(list(r), dtype=torch.long)
-        response_mask = mask.clone()
-        response_mask[:, :p_width] = 0
-        logps = per_token_logps(model, ids.to(device), mask.to(device), response_mask.to(device), temperature)
-        out[start:start + len(prompts)] = logps.double().sum(-1).cpu()
+        batch = assemble([list(p) for p in prompt_ids[start:start + batch_size]], responses, pad_id, device)
+        logp, _ = batched_logprobs(model, batch, temperature, batch_size)
+        out[start:start + len(responses)] = logp.double().sum(-1).cpu()
     return out
 
 
@@ -174,7 +165,7 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
 
 def text_scores(responses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Corpus BLEU (0-100) and mean ROUGE-1/2/L F1 (0-1) of ``responses`` against their references."""
-    from kilter.evaluation.text_metrics import bleu, rouge
+    from kilter.rewards.text_metrics import bleu, rouge
 
     scores = {"text/bleu": bleu(list(responses), [list(r) for r in references])}
     for name, value in rouge(list(responses), [list(r) for r in references]).items():
@@ -187,11 +178,6 @@ def prompt_key(prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt.strip()
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def prompt_text(prompt: Prompt) -> str:
-    """A one-line view of a prompt: the string, or the last message's content."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -240,8 +226,6 @@ def load_references(path: str, prompts: Sequence[Prompt]) -> list[list[str]]:
 def resolve_gold(cfg: EvalConfig) -> ScoreFn | None:
     """The gold judge: ``gold_fn`` when set, else the built-in task's gold for builtin: prompts, else None."""
     if cfg.gold_fn:
-        from kilter.rewards.base import load_function
-
         try:
             return load_function(cfg.gold_fn)
         except KilterError as exc:
@@ -251,19 +235,6 @@ def resolve_gold(cfg: EvalConfig) -> ScoreFn | None:
 
         return gold_scores
     return None
-
-
-def _as_scores(values: Any, n: int, what: str) -> list[float]:
-    """A scorer's output (list or tensor) as n floats, or a one-line error naming the scorer."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().cpu().reshape(-1).tolist()
-    values = list(values)
-    if len(values) != n:
-        raise KilterError(f"{what} returned {len(values)} scores for {n} responses")
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise KilterError(f"{what} returned a non-numeric score") from None
 
 
 @dataclass
@@ -354,9 +325,9 @@ def _rm_scores(reward, prompts: list, texts: list[str], batch_size: int,
     """
     if getattr(reward, "members", None) is not None and callable(getattr(reward, "score_with_std", None)):
         mean, std = reward.score_with_std(prompts, texts, batch_size=batch_size, finished=finished)
-        return _as_scores(mean, len(texts), "reward model"), _as_scores(std, len(texts), "reward model")
+        return mean.double().tolist(), std.double().tolist()
     scores = reward.score(prompts, texts, batch_size=batch_size, finished=finished)
-    return _as_scores(scores, len(texts), "reward model"), None
+    return scores.double().tolist(), None
 
 
 def _load_reward(spec: str, device: str, dtype: str):
@@ -432,7 +403,7 @@ def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampl
 
 def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[str, Any]:
     """Sample one model's responses and compute all its metrics (the reference must come first)."""
-    from kilter.evaluation.text_metrics import distinct_n, win_rate
+    from kilter.rewards.text_metrics import distinct_n, win_rate
     from kilter.rollout.generate import SamplingParams
 
     cfg, n = setup.cfg, setup.cfg.n_samples
@@ -445,8 +416,7 @@ def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[st
 
     if setup.gold is not None:
         # judges take prompts as text, as reward functions do (a message list becomes its last message)
-        gold_values = setup.gold([prompt_text(p) for p in prompts], texts)
-        per_sample["gold"] = _as_scores(gold_values, len(texts), "gold_fn")
+        per_sample["gold"] = call_function(setup.gold, prompts, texts, name="gold_fn")
         metrics["reward/gold"], metrics["reward/gold_stderr"] = mean_and_stderr(per_sample["gold"])
     if setup.reward is not None:
         per_sample["rm"], std = _rm_scores(setup.reward, prompts, texts, cfg.batch_size, sampled.finished)

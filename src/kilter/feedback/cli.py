@@ -28,7 +28,7 @@ def open_store(db: str):
     store = Store(db)
     try:
         store.migrate()
-    except Exception as exc:  # connection refused, bad credentials, unwritable file ...
+    except Exception as exc:  # noqa: BLE001 - connection refused, bad credentials, unwritable file ...
         store.close()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilterError(f"cannot open database {db!r}: {first}") from None

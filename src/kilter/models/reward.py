@@ -175,7 +175,7 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
 
 def save_reward_model(model, tokenizer, path: str | Path) -> None:
     """Save as a plain sequence-classification folder (LoRA merged), bias in config.json."""
-    from kilter.trainers.common import save_model
+    from kilter.models.saving import save_model
 
     save_model(model, tokenizer, Path(path), merge_lora=True)
 

@@ -9,13 +9,12 @@ real preset uses.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from kilter.errors import KilterError
+from kilter.runs import save_folder_atomically
 
 SPECIAL_TOKENS = ["<|pad|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -95,21 +94,7 @@ def build_model(tokenizer, size: str = "tiny", max_positions: int = 512, seed: i
 
 def save_atomically(target: Path, write) -> Path:
     """Call ``write(tmpdir)`` and rename the folder into place; concurrent builders are safe."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return save_folder_atomically(target, write, keep_existing=True)
 
 
 def builtin_model_dir(name: str = "tiny", seed: int = 0) -> Path:

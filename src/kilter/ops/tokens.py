@@ -1,10 +1,13 @@
-"""Cleaning up sampled token ids: cut each response at its first EOS."""
+"""Token-id conventions: the label that masks a position out of a loss, and cutting responses at EOS."""
 
 from __future__ import annotations
 
 import torch
 
 from kilter.errors import KilterError
+
+IGNORE_INDEX = -100
+"""Label of a position no loss reads (prompt tokens, padding): PyTorch's cross-entropy default."""
 
 
 def first_true_index(flags: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,11 @@ represented by its last message's content.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ __all__ = [
     "ModelReward",
     "FunctionReward",
     "build_reward",
+    "call_function",
     "load_function",
     "prompt_text",
 ]
@@ -112,19 +115,26 @@ def prompt_text(prompt: Any) -> str:
 
 
 def load_function(spec: str) -> RewardFn:
-    """Import a reward function from ``"pkg.module:name"``, ``"file.py:name"`` or ``builtin:gold``."""
+    """Import a reward function from ``"pkg.module:name"``, ``"path/to/file.py:name"`` or ``builtin:gold``.
+
+    The one loader of user reward functions (ppo, bon, DPO/KTO samples, eval): a target ending in
+    ``.py`` or holding a path separator is a file, imported under a stable module name (registered,
+    so its classes pickle); anything else is a module on the path.  Every failure -- a bad spec,
+    a missing file, an import error inside the user's file, no such callable -- is one ConfigError.
+    """
     if spec == "builtin:gold":
         from kilter.data.task import gold_scores
 
         return gold_scores
     target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ConfigError(f"reward function {spec!r}: expected 'module:function', 'file.py:function' or builtin:gold")
-    if target.endswith(".py"):
+    if not sep or not target or not name.isidentifier():
+        raise ConfigError(f"reward function {spec!r}: expected 'module:function', 'path/to/file.py:function' "
+                          "or builtin:gold")
+    if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise ConfigError(f"reward function {spec!r}: file {target} not found")
-        module_name = f"kilter_reward_{abs(hash(str(path.resolve())))}"
+            raise ConfigError(f"reward function {spec!r}: file not found: {target}")
+        module_name = "kilter_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
             raise ConfigError(f"reward function {spec!r}: cannot import {target}")
@@ -133,7 +143,8 @@ def load_function(spec: str) -> RewardFn:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's file failed to import; say so in one line
-            raise KilterError(f"reward function {spec!r}: importing {target} failed: "
+            sys.modules.pop(module_name, None)
+            raise ConfigError(f"reward function {spec!r}: importing {target} failed: "
                               f"{type(exc).__name__}: {exc}") from None
     else:
         try:
@@ -144,6 +155,28 @@ def load_function(spec: str) -> RewardFn:
     if fn is None or not callable(fn):
         raise ConfigError(f"reward function {spec!r}: {target} has no callable named {name!r}")
     return fn
+
+
+def call_function(fn: RewardFn, prompts: Sequence, responses: Sequence[str], name: str = "") -> list[float]:
+    """``fn(prompts as text, responses)`` checked: one finite number per response, else one KilterError.
+
+    Prompts reach every reward function the same way, as text (:func:`prompt_text`: a message list
+    becomes its last message's content), whichever command calls it.
+    """
+    label = name or getattr(fn, "__name__", "reward function")
+    out = fn([prompt_text(p) for p in prompts], list(responses))
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().flatten().tolist()
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise KilterError(f"reward function {label} must return a list of numbers, got {type(out).__name__}") from None
+    if len(values) != len(responses):
+        raise KilterError(f"reward function {label} returned {len(values)} rewards for {len(responses)} responses")
+    bad = next((v for v in values if not math.isfinite(v)), None)
+    if bad is not None:
+        raise KilterError(f"reward function {label} returned a non-finite reward ({bad})")
+    return values
 
 
 def _references(path: str) -> dict[str, list[str]]:
@@ -236,17 +269,7 @@ class FunctionReward:
         self.spec = spec or name
 
     def __call__(self, prompts: list, responses: list[str], finished: Sequence[bool] | None = None) -> torch.Tensor:
-        out = self.fn([prompt_text(p) for p in prompts], list(responses))
-        try:
-            values = torch.as_tensor([float(v) for v in out], dtype=torch.float32)
-        except (TypeError, ValueError):
-            raise KilterError(f"reward function {self.spec} must return a list of numbers") from None
-        if values.numel() != len(responses):
-            raise KilterError(f"reward function {self.spec} returned {values.numel()} rewards "
-                              f"for {len(responses)} responses")
-        if not torch.isfinite(values).all():
-            raise KilterError(f"reward function {self.spec} returned a non-finite reward")
-        return values
+        return torch.tensor(call_function(self.fn, prompts, responses, self.spec), dtype=torch.float32)
 
 
 @dataclass

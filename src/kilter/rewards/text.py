@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from kilter.errors import KilterError
-from kilter.evaluation.text_metrics import get_sentence_bleu_metric, get_rouge_scorer
+from kilter.rewards.text_metrics import get_rouge_scorer, get_sentence_bleu_metric
 
 ReferenceSource = Mapping[str, str | Sequence[str]] | Sequence[str | Sequence[str]]
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kilter import fastpaths
+
 SUPPORTED = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
@@ -309,19 +311,22 @@ def prepare(model: nn.Module, max_len: int) -> FastDecoder | None:
     """
     try:
         decoder = _build(model, max_len)
-    except Exception:  # noqa: BLE001 - Unsupported, or a structure we do not know (missing attributes)
+    except (Unsupported, *fastpaths.PROBE_ERRORS) as exc:  # a structure this sampler does not know
+        fastpaths.decide("own_sampler", False, f"{type(exc).__name__}: {exc}")
         return None
     key = (decoder.embed.dtype, str(decoder.embed.device))
     verdicts = _VERDICTS.setdefault(model, {})
     if key not in verdicts:
         was_training = model.training
         model.eval()  # the reference forward must not apply dropout
+        reason = "its logits differ from the model's own forward"
         try:
             verdicts[key] = _probe(model, decoder)
-        except Exception:  # noqa: BLE001 - anything odd in the model means "use generate"
-            verdicts[key] = False
+        except fastpaths.PROBE_ERRORS as exc:  # anything odd in the model means "use generate"
+            verdicts[key], reason = False, f"{type(exc).__name__}: {exc}"
         finally:
             model.train(was_training)
+        fastpaths.decide("own_sampler", verdicts[key], reason)
     return decoder if verdicts[key] else None
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kilter.models import packed
+from kilter.models.precision import autocast
 from kilter.ops.logprobs import entropy_from_logits, selective_log_softmax
-from kilter.trainers import common, packed
 
 
 @dataclass
@@ -99,7 +100,7 @@ def assemble(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id:
 # A rollout batch is mostly padding on CPU-sized runs (left-padded prompts, right-padded responses
 # of very different lengths: half the slots in the benchmark's batches), and the k samples of a
 # prompt repeat it k times.  The scoring forwards -- policy, reference, critic, with and without
-# grad -- instead pack each prompt once with its k responses (kilter.trainers.shared_prefix; plain
+# grad -- instead pack each prompt once with its k responses (kilter.models.shared_prefix; plain
 # packed rows for models that fail that check) and run the head only at the positions that
 # predict a response token, then scatter the results back onto the (n, R) response grid.  Whether
 # a model allows it is checked once per model object against its padded forward.
@@ -142,9 +143,9 @@ def _pack_rollout(batch: RolloutBatch, shared: bool, attention_weight: float = 0
     """The padding-free layout of a rollout batch, or None when a row has no prompt token.
 
     With ``shared``, rows with the same prompt (the k samples of a prompt) form one group
-    whose prompt is computed once (:mod:`kilter.trainers.shared_prefix`).
+    whose prompt is computed once (:mod:`kilter.models.shared_prefix`).
     """
-    from kilter.trainers import shared_prefix
+    from kilter.models import shared_prefix
 
     mask = batch.attention_mask.bool().cpu()
     p_width = batch.prompt_width
@@ -198,7 +199,7 @@ def response_logits(model, batch: RolloutBatch, precision: str = "fp32") -> torc
     r = batch.response_mask.shape[1]
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False)
-    with common.autocast(precision, device.type):
+    with autocast(precision, device.type):
         try:
             logits = model(**inputs, logits_to_keep=r + 1).logits
         except TypeError as err:
@@ -221,7 +222,7 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: st
     fast = _fast_policy(model)
     lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
     if lay is not None:
-        with common.autocast(precision, batch.input_ids.device.type):
+        with autocast(precision, batch.input_ids.device.type):
             logits = fast(lay.input_ids, lay.attention_mask, lay.position_ids, index=lay.index)
         shape = tuple(batch.response_mask.shape)
         logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature, exclude_token=pad).float(), lay, shape)
@@ -271,10 +272,10 @@ def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> t
     fast = _fast_critic(value_model)
     lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
     if lay is not None:
-        with common.autocast(precision, batch.input_ids.device.type):
+        with autocast(precision, batch.input_ids.device.type):
             values = fast(lay.input_ids, lay.position_ids, lay.index, attention_mask=lay.attention_mask)
         return _to_grid(values + get_reward_bias(value_model), lay, tuple(batch.response_mask.shape))
-    with common.autocast(precision, batch.input_ids.device.type):
+    with autocast(precision, batch.input_ids.device.type):
         values = all_token_values(value_model, batch.input_ids, batch.attention_mask)
     p, r = batch.prompt_width, batch.response_mask.shape[1]
     return values[:, p - 1:p + r - 1].float()

@@ -19,46 +19,37 @@ response against each worse one (``best_vs_rest``).  The comparisons' optional
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
-from kilter.data.collate import length_bucketed_batches, pad_batch, shard_indices
+from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_pair
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, DataError
 from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
-from kilter.models import load_causal_lm, load_tokenizer
-from kilter.rollout.generate import SamplingParams, generate_texts
-from kilter.runs import RunDir
-from kilter.trainers import common, packed
-from kilter.trainers.common import LoraSection, OptimConfig
-from kilter.trainers.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models import packed
+from kilter.models.lora import count_parameters
+from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models.saving import load_trainable_weights, save_model
+from kilter.rewards.base import load_function
+from kilter.training.args import StepArgs
+from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
+from kilter.training.checkpoint import save_checkpoint
+from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.policy import load_policy
+from kilter.training.samples import SampleSection, sample_prompts, sample_report
+from kilter.training.setup import open_run_dir, prepare
+from kilter.training.state import load_training_state, read_trainer_state
 
 # --------------------------------------------------------------------------- config
-
-
-class SampleSection(BaseConfig):
-    """Answers to held-out prompts before and after training, scored by a reward function."""
-
-    n: int = Field(4, ge=0)
-    """How many prompts to answer before and after training (0: none)."""
-    prompts: str | None = None
-    """Prompt source (a prompt file or builtin:prompts_eval); null: the prompts of the eval data, else of the training data."""
-    reward_fn: str | None = None
-    """Reward function 'module:function' or 'file.py:function', f(prompts, responses) -> list of floats, to score the samples (kilter.data.task:gold_scores on the built-in task)."""
-    max_new_tokens: int = Field(48, gt=0)
-    """Length limit of the samples."""
-    show: int = Field(4, ge=0)
-    """Rows of the printed before/after table."""
 
 
 class DPOData(BaseConfig):
@@ -88,8 +79,18 @@ class DPOData(BaseConfig):
     """Evaluate on at most this many held-out pairs."""
 
 
-class DPOConfig(BaseConfig):
+class DPOConfig(StepArgs):
     """Direct preference optimisation (sigmoid DPO, IPO, conservative DPO) on labeled pairs."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "batch_size": "Pairs per micro-batch on each process (each pair is two rows).",
+        "epochs": "Passes over the training pairs (ignored when max_steps is set).",
+        "eval_every": "Evaluate every N optimizer steps (and before and after training).",
+        "log_every": "Log training metrics (averaged since the last log) every N optimizer steps.",
+        "lora": "LoRA adapters (peft); the reference is then the base model with the adapter disabled.",
+        "seed": "Seed for data order, the eval split and sampling.",
+    }
+    """--help for the shared fields, in this trainer's terms."""
 
     model: str = "runs/sft/final"
     """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
@@ -109,42 +110,8 @@ class DPOConfig(BaseConfig):
     """Per-token mean instead of summed response log-probs; null: mean for ipo (the IPO paper's experiments, as TRL), sum for sigmoid."""
     reference: Literal["precompute", "online"] = "precompute"
     """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
-    batch_size: int = Field(16, gt=0)
-    """Pairs per micro-batch on each process (each pair is two rows)."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the training pairs (ignored when max_steps is set)."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and learning-rate schedule."""
-    lora: LoraSection = LoraSection()
-    """LoRA adapters (peft); the reference is then the base model with the adapter disabled."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 master weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda when available)."""
-    seed: int = 0
-    """Seed for data order, the eval split and sampling."""
-    log_every: int = Field(10, gt=0)
-    """Log training metrics (averaged since the last log) every N optimizer steps."""
-    eval_every: int = Field(100, gt=0)
-    """Evaluate every N optimizer steps (and before and after training)."""
-    save_every: int = Field(200, gt=0)
-    """Write a checkpoint every N optimizer steps (and at the end)."""
-    keep_checkpoints: int | None = Field(2, gt=0)
-    """Keep only the newest N checkpoints (null: keep all)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
     samples: SampleSection = SampleSection()
     """Samples before and after training."""
-    threads: int | None = Field(None, gt=0)
-    """torch CPU threads (null: torch's default)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
 
     @property
     def averages_logps(self) -> bool:
@@ -204,110 +171,6 @@ def flat_examples(encoded: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- shared trainer pieces
-
-
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
-    """The global batches of one epoch; a pure function of (seed, epoch), which makes resume exact."""
-    if by_length:
-        return length_bucketed_batches(lengths, global_batch, seed=seed * 1000 + epoch, drop_last=True)
-    order = list(range(len(lengths)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
-
-
-def micro_batches(indices: list[int], n: int) -> list[list[int]]:
-    size = max(1, math.ceil(len(indices) / n))
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def load_policy(cfg, info: DistInfo):
-    """(tokenizer, policy, reference) for DPO/KTO: the reference is built before any update."""
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, tokenizer)
-    ref_model = None
-    if cfg.ref_model is not None:
-        ref_model = load_causal_lm(cfg.ref_model, tokenizer)
-        if ref_model.get_input_embeddings().weight.shape[0] != model.get_input_embeddings().weight.shape[0]:
-            raise ConfigError(f"ref_model {cfg.ref_model} has a different vocabulary size than model {cfg.model}")
-    if cfg.lora.enabled:
-        model = common.apply_lora(model, cfg.lora)
-    if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
-    model.to(info.device)
-    model.train()
-    if ref_model is not None:
-        ref_model.to(info.device)
-    return tokenizer, model, Reference(model, ref_model)
-
-
-def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows with about ``fraction`` of the distinct prompts held out."""
-    from kilter.data.preferences import split_by_prompt
-
-    if fraction <= 0:
-        return rows, []
-    return split_by_prompt(rows, fraction, seed)
-
-
-def sample_prompts(spec: str | None, fallback_rows: list[dict], n: int) -> list:
-    """Up to ``n`` distinct prompts from ``spec`` (prompt records) or from ``fallback_rows``."""
-    from kilter.data.preferences import prompt_key
-
-    if n == 0:
-        return []
-    rows = load_records(spec, "prompt").rows if spec else fallback_rows
-    seen: dict[str, Any] = {}
-    for row in rows:
-        seen.setdefault(prompt_key(row["prompt"]), row["prompt"])
-        if len(seen) >= n:
-            break
-    return list(seen.values())
-
-
-def sample_report(model, tokenizer, prompts: list, section: SampleSection, seed: int, reward_fn=None
-                  ) -> tuple[str, dict[str, float]]:
-    """Greedy answers as a table, plus mean rewards of greedy and of sampled (T=1) answers."""
-    from kilter.data.preferences import prompt_key
-
-    metrics: dict[str, float] = {}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        greedy = generate_texts(model, tokenizer, prompts, SamplingParams(section.max_new_tokens, do_sample=False))
-        sampled = generate_texts(model, tokenizer, prompts, SamplingParams(section.max_new_tokens, do_sample=True))
-    shown = prompts[: section.show]
-    rows = [{"prompt": p if isinstance(p, str) else prompt_key(p), "response": t}
-            for p, t in zip(shown, greedy.texts)]
-    columns = ["prompt", "response"]
-    if reward_fn is not None:
-        from kilter.trainers.bon import call_reward_function
-
-        greedy_scores = call_reward_function(reward_fn, prompts, greedy.texts)
-        sampled_scores = call_reward_function(reward_fn, prompts, sampled.texts)
-        metrics["samples/reward_greedy"] = sum(greedy_scores) / len(greedy_scores)
-        metrics["samples/reward_sampled"] = sum(sampled_scores) / len(sampled_scores)
-        for row, score in zip(rows, greedy_scores):
-            row["reward"] = score
-        columns.append("reward")
-    metrics["samples/length_greedy"] = sum(len(r) for r in greedy.response_ids) / max(1, len(prompts))
-    return common.format_sample_table(rows, columns), metrics
-
-
-def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep: int | None,
-                    trainer: str) -> None:
-    def write(path: Path) -> None:
-        common.save_model(model, tokenizer, path, merge_lora=False)
-        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
-        common.write_trainer_state(path, {"step": step, "trainer": trainer})
-
-    run_dir.save_checkpoint(step, write, keep=keep)
-
-
-class NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------- statistics
@@ -398,11 +261,8 @@ def _log(info: DistInfo, message: str) -> None:
 def _train(cfg: DPOConfig, info: DistInfo) -> int:
     if cfg.loss_type == "ipo" and cfg.label_smoothing > 0:
         raise ConfigError("label_smoothing applies only to loss_type=sigmoid (conservative DPO), not ipo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
-    common.check_precision(cfg.precision, device)
-    common.set_seed(cfg.seed)
 
     # Data first: a bad file should fail before a large model is loaded.
     train_rows, skipped = load_pairs(cfg.data.train, cfg.data)
@@ -417,16 +277,10 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     eval_rows = eval_rows[: cfg.data.max_eval_pairs]
     reward_fn = None
     if cfg.samples.reward_fn:
-        from kilter.trainers.bon import load_reward_function
-
-        reward_fn = load_reward_function(cfg.samples.reward_fn)
+        reward_fn = load_function(cfg.samples.reward_fn)
     prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.n)
 
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
-    existing = run_dir.latest_checkpoint()
-    if existing is not None and not cfg.resume:
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
-                          "or choose another output_dir")
+    run_dir = open_run_dir(cfg, info)
 
     tokenizer, model, reference = load_policy(cfg, info)
     pad_id = tokenizer.pad_token_id
@@ -456,18 +310,18 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in train]
 
-    optimizer = common.make_optimizer(model, cfg.optim)
-    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if cfg.resume and existing is not None:
-        common.load_trainable_weights(model, existing)
-        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = common.read_trainer_state(existing)["step"]
+        load_trainable_weights(model, existing)
+        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = read_trainer_state(existing)["step"]
         run_dir.truncate_metrics(start_step)
         _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
 
-    trainable, total_params = common.count_parameters(model)
+    trainable, total_params = count_parameters(model)
     _log(info, f"{len(train)} pairs ({len(held_out)} held out), {total_steps} steps, global batch {global_batch} "
                f"pairs, {cfg.loss_type} loss, beta {cfg.beta}, reference {cfg.reference}"
                f"{' (adapter disabled)' if cfg.lora.enabled and cfg.ref_model is None else ''}, "
@@ -513,7 +367,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                 batch = pair_batch([train[i] for i in idx], pad_id)
                 tokens += float(batch["attention_mask"].sum())
             ref = _reference_values(reference, batch, ref_train, idx, cfg, device, pad_id)
-            ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else NullContext()
+            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
             with ctx:
                 if fast_model is not None:
                     policy = _pair_order(packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
@@ -527,7 +381,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (losses.sum() * info.world_size / global_batch).backward()
             step_sums += pair_stats(losses, cr, rr, policy[:n], policy[n:])
-        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -555,7 +409,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "dpo")
     progress.close()
 
-    run_dir.save_final(lambda p: common.save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
     barrier(info)
     if info.is_main:
         if prompts:

@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -33,26 +33,24 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_prompt_completion
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, DataError
 from kilter.losses import kto_loss
-from kilter.runs import RunDir
-from kilter.trainers import common
-from kilter.trainers.common import LoraSection, OptimConfig
-from kilter.trainers.dpo import (
-    NullContext,
-    SampleSection,
-    epoch_batches,
-    load_policy,
-    micro_batches,
-    sample_prompts,
-    sample_report,
-    save_checkpoint,
-    split_eval,
-)
-from kilter.trainers.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models.lora import count_parameters
+from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models.saving import load_trainable_weights, save_model
+from kilter.rewards.base import load_function
+from kilter.training.args import StepArgs
+from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
+from kilter.training.checkpoint import save_checkpoint
+from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.policy import load_policy
+from kilter.training.samples import SampleSection, sample_prompts, sample_report
+from kilter.training.setup import open_run_dir, prepare
+from kilter.training.state import load_training_state, read_trainer_state
 
 
 class KTOData(BaseConfig):
@@ -76,8 +74,16 @@ class KTOData(BaseConfig):
     """Evaluate on at most this many held-out ratings."""
 
 
-class KTOConfig(BaseConfig):
+class KTOConfig(StepArgs):
     """Kahneman-Tversky optimisation on unpaired thumbs-up / thumbs-down feedback."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "eval_every": "Evaluate every N optimizer steps (and before and after training).",
+        "log_every": "Log training metrics (averaged since the last log) every N optimizer steps.",
+        "lora": "LoRA adapters (peft); the reference is then the base model with the adapter disabled.",
+        "seed": "Seed for data order, mismatched partners, the eval split and sampling.",
+    }
+    """--help for the shared fields, in this trainer's terms."""
 
     model: str = "runs/sft/final"
     """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
@@ -97,42 +103,8 @@ class KTOConfig(BaseConfig):
     """z0: batch KL estimate on mismatched prompt/completion pairs (the paper), or 0."""
     reference: Literal["precompute", "online"] = "precompute"
     """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
-    batch_size: int = Field(16, gt=0)
-    """Examples per micro-batch on each process."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the training data (ignored when max_steps is set)."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and learning-rate schedule."""
-    lora: LoraSection = LoraSection()
-    """LoRA adapters (peft); the reference is then the base model with the adapter disabled."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 master weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda when available)."""
-    seed: int = 0
-    """Seed for data order, mismatched partners, the eval split and sampling."""
-    log_every: int = Field(10, gt=0)
-    """Log training metrics (averaged since the last log) every N optimizer steps."""
-    eval_every: int = Field(100, gt=0)
-    """Evaluate every N optimizer steps (and before and after training)."""
-    save_every: int = Field(200, gt=0)
-    """Write a checkpoint every N optimizer steps (and at the end)."""
-    keep_checkpoints: int | None = Field(2, gt=0)
-    """Keep only the newest N checkpoints (null: keep all)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
     samples: SampleSection = SampleSection()
     """Samples before and after training."""
-    threads: int | None = Field(None, gt=0)
-    """torch CPU threads (null: torch's default)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
 
 
 # --------------------------------------------------------------------------- data
@@ -324,11 +296,8 @@ def _load(spec: str, data: KTOData) -> list[dict]:
 
 
 def _train(cfg: KTOConfig, info: DistInfo) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
-    common.check_precision(cfg.precision, device)
-    common.set_seed(cfg.seed)
 
     train_rows = _load(cfg.data.train, cfg.data)
     if cfg.data.eval:
@@ -349,16 +318,10 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
         _log(info, f"warning: lambda_D n_D / (lambda_U n_U) = {ratio:.3g}, outside the paper's advised [1, 4/3]")
     reward_fn = None
     if cfg.samples.reward_fn:
-        from kilter.trainers.bon import load_reward_function
-
-        reward_fn = load_reward_function(cfg.samples.reward_fn)
+        reward_fn = load_function(cfg.samples.reward_fn)
     prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.n)
 
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
-    existing = run_dir.latest_checkpoint()
-    if existing is not None and not cfg.resume:
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
-                          "or choose another output_dir")
+    run_dir = open_run_dir(cfg, info)
 
     tokenizer, model, reference = load_policy(cfg, info)
     pad_id = tokenizer.pad_token_id
@@ -385,18 +348,18 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [len(e["matched"]["input_ids"]) for e in train]
 
-    optimizer = common.make_optimizer(model, cfg.optim)
-    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if cfg.resume and existing is not None:
-        common.load_trainable_weights(model, existing)
-        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = common.read_trainer_state(existing)["step"]
+        load_trainable_weights(model, existing)
+        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = read_trainer_state(existing)["step"]
         run_dir.truncate_metrics(start_step)
         _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
 
-    trainable, total_params = common.count_parameters(model)
+    trainable, total_params = count_parameters(model)
     _log(info, f"{len(train)} ratings ({n_up} up, {n_down} down; weights lambda_D={weights[0]:.3g}, "
                f"lambda_U={weights[1]:.3g}), {len(held_out)} held out, {total_steps} steps, global batch "
                f"{global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
@@ -442,14 +405,14 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                 ref = tables["train"][torch.tensor(idx)].to(device)
             else:
                 ref = reference.sequence_logps(batch, cfg.precision, device)
-            ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else NullContext()
+            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
             with ctx:
                 policy = sequence_logps(ddp_model, batch, cfg.precision, device)
                 losses, rewards = kto_loss(policy, ref, labels, z0, cfg.beta, *weights)
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (losses.sum() * info.world_size / global_batch).backward()
             step_sums += _stats(losses, rewards, policy, labels)
-        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -478,7 +441,7 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "kto")
     progress.close()
 
-    run_dir.save_final(lambda p: common.save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
     barrier(info)
     if info.is_main:
         if prompts:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -31,6 +30,8 @@ from kilter.config import BaseConfig
 from kilter.distributed import DistInfo, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
 from kilter.losses.ppo import Aggregation
+from kilter.models.lora import LoraSection, count_parameters
+from kilter.models.saving import load_trainable_weights, save_model
 from kilter.ops import AdaptiveKLController, FixedKLController, explained_variance, kl_estimate
 from kilter.ops.kl import kl_gradient_follows, kl_placement
 from kilter.ops.masked import masked_mean
@@ -39,8 +40,7 @@ from kilter.rollout.engine import make_engine
 from kilter.rollout.generate import SamplingParams
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
 from kilter.runs import RunDir
-from kilter.trainers import common, ppo_setup
-from kilter.trainers.common import LoraSection, OptimConfig
+from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_update import (
     CRITIC,
     MovingAverageBaseline,
@@ -50,6 +50,15 @@ from kilter.trainers.ppo_update import (
     fuses_first_pass,
     run_update,
     shaped_rewards,
+)
+from kilter.training.args import RunArgs
+from kilter.training.optim import OptimConfig, make_optimizer, make_scheduler
+from kilter.training.setup import open_run_dir, prepare
+from kilter.training.state import (
+    load_training_state,
+    read_trainer_state,
+    save_training_state,
+    write_trainer_state,
 )
 
 Algorithm = Literal["ppo", "a2c", "reinforce", "rloo", "grpo"]
@@ -176,7 +185,7 @@ class PtxSection(BaseConfig):
     """Token limit per demonstration."""
 
 
-class PPOConfig(BaseConfig):
+class PPOConfig(RunArgs):
     """RL fine-tuning of a policy against a reward with a KL penalty to the starting model."""
 
     model: str = "runs/sft/final"
@@ -211,12 +220,8 @@ class PPOConfig(BaseConfig):
     """LoRA adapters for the policy (and the critic); the reference is then the adapter-disabled policy."""
     freeze_layers: int = Field(0, ge=0)
     """Freeze the embeddings and the lowest N transformer blocks of the policy and critic."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 master weights."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (policy and critic) to save memory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda when available)."""
     seed: int = 0
     """Seed for prompt order, sampling and minibatch shuffling."""
     log_every: int = Field(1, gt=0)
@@ -229,16 +234,8 @@ class PPOConfig(BaseConfig):
     """Evaluate on held-out prompts every N iterations (and before and after training)."""
     save_every: int = Field(50, gt=0)
     """Write a checkpoint every N iterations (and at the end)."""
-    keep_checkpoints: int | None = Field(2, gt=0)
-    """Keep only the newest N checkpoints (null: keep all)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
     save_value_model: bool = True
     """Also write the critic to final/value/."""
-    threads: int | None = Field(None, gt=0)
-    """torch CPU threads (null: torch's default)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
 
     @property
     def kl_estimator(self) -> str:
@@ -306,18 +303,11 @@ def run(cfg: PPOConfig) -> int:
 
 
 def _train(cfg: PPOConfig, info: DistInfo) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
-    common.check_precision(cfg.precision, device)
-    common.set_seed(cfg.seed)
-    existing = RunDir(cfg.output_dir, writer=False).latest_checkpoint()
-    if existing is not None and not cfg.resume:
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
-                          "or choose another output_dir")
     reward = build_reward(cfg.reward, device=device)  # a bad reward source fails before anything is written
     m = ppo_setup.build_models(cfg, reward, device)  # and so does a bad model or ref_model
-    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
+    run_dir = open_run_dir(cfg, info)
     tok = m.tokenizer
     prompts = ppo_setup.PromptStream(cfg, tok)
     eval_prompts = ppo_setup.load_eval_prompts(cfg, tok)
@@ -329,35 +319,35 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
               else FixedKLController(cfg.kl.beta))
     ma_baseline = MovingAverageBaseline(cfg.baseline.decay)
 
-    policy_opt = common.make_optimizer(m.policy, cfg.optim)
-    policy_sched = common.make_scheduler(policy_opt, cfg.optim, cfg.iterations)
+    policy_opt = make_optimizer(m.policy, cfg.optim)
+    policy_sched = make_scheduler(policy_opt, cfg.optim, cfg.iterations)
     value_opt = value_sched = None
     if m.value is not None:
-        value_opt = common.make_optimizer(m.value, cfg.value.optim)
-        value_sched = common.make_scheduler(value_opt, cfg.value.optim, cfg.iterations)
+        value_opt = make_optimizer(m.value, cfg.value.optim)
+        value_sched = make_scheduler(value_opt, cfg.value.optim, cfg.iterations)
     optimizers = {"policy_optimizer": policy_opt, "policy_scheduler": policy_sched}
     if value_opt is not None:
         optimizers.update(value_optimizer=value_opt, value_scheduler=value_sched)
 
     start = 0
     if cfg.resume and existing is not None:
-        common.load_trainable_weights(m.policy, existing)
+        load_trainable_weights(m.policy, existing)
         if m.value is not None:
-            common.load_trainable_weights(m.value, existing / "value")
-        extra = common.load_training_state(existing, optimizers)
+            load_trainable_weights(m.value, existing / "value")
+        extra = load_training_state(existing, optimizers)
         kl_ctl.load_state_dict(extra["kl"])
         reward.load_state_dict(extra["reward"])
         ma_baseline.load_state_dict(extra["baseline"])
         if ptx is not None:
             ptx.position = extra["ptx_position"]
-        start = common.read_trainer_state(existing)["iteration"]
+        start = read_trainer_state(existing)["iteration"]
         run_dir.truncate_metrics(start)
         ppo_setup.truncate_samples(run_dir, start)
         engine.sync_weights(m.policy)
         print(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
     run_dir.write_config(cfg)
 
-    trainable, total = common.count_parameters(m.policy)
+    trainable, total = count_parameters(m.policy)
     print(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
           f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
           f"reference: {m.reference_label}, "
@@ -492,13 +482,13 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
 def _save_checkpoint(run_dir: RunDir, iteration: int, m, optimizers: dict, kl_ctl, reward, baseline, ptx,
                      cfg: PPOConfig) -> None:
     def write(path: Path) -> None:
-        common.save_model(m.policy, m.tokenizer, path, merge_lora=False)
+        save_model(m.policy, m.tokenizer, path, merge_lora=False)
         if m.value is not None:
-            common.save_model(m.value, None, path / "value", merge_lora=False)
+            save_model(m.value, None, path / "value", merge_lora=False)
         extra = {"kl": kl_ctl.state_dict(), "reward": reward.state_dict(), "baseline": baseline.state_dict(),
                  "ptx_position": ptx.position if ptx is not None else 0}
-        common.save_training_state(path, optimizers, extra)
-        common.write_trainer_state(path, {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm})
+        save_training_state(path, optimizers, extra)
+        write_trainer_state(path, {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm})
 
     run_dir.save_checkpoint(iteration, write, keep=cfg.keep_checkpoints)
 

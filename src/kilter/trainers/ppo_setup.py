@@ -4,7 +4,7 @@ The policy, the frozen reference pi_0 and the critic are built here:
 
 * the **policy** is the starting model (dropout off), optionally with LoRA adapters and the
   lowest N blocks frozen;
-* the **reference** is :class:`kilter.trainers.reference.Reference`: ``ref_model`` when given
+* the **reference** is :class:`kilter.models.reference.Reference`: ``ref_model`` when given
   (a separate frozen model: continuing an earlier RL run stays anchored to the SFT model);
   otherwise with LoRA the policy itself with the adapter disabled (no second copy), else a
   frozen deep copy taken before any update;
@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 from kilter.errors import ConfigError, DataError, KilterError
+from kilter.models.lora import apply_lora, enable_gradient_checkpointing, is_peft
+from kilter.models.reference import Reference
+from kilter.models.saving import save_model
 from kilter.rewards.base import RewardPipeline, prompt_text
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
-from kilter.trainers import common
-from kilter.trainers.reference import Reference
+from kilter.training.display import format_sample_table
 
 
 @dataclass
@@ -44,7 +46,7 @@ def freeze_lower_layers(model, n: int) -> int:
     to the output layer, which must keep learning).  Returns the number of frozen tensors."""
     if n == 0:
         return 0
-    base = model.get_base_model() if common.is_peft(model) else model
+    base = model.get_base_model() if is_peft(model) else model
     backbone = getattr(base, base.base_model_prefix, base)
     layers = getattr(backbone, "layers", None)
     if layers is None:
@@ -93,10 +95,10 @@ def build_value(cfg, reward: RewardPipeline, tokenizer, device: str) -> tuple[to
         model = build_value_model(source, tokenizer)
         label = f"reward model {source}"
     if cfg.lora.enabled:
-        model = common.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     freeze_lower_layers(model, cfg.freeze_layers)
     if getattr(cfg, "gradient_checkpointing", False):
-        common.enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     model.to(device)
     model.eval()  # dropout is off anyway; train() only during the update (for gradient checkpointing)
     return model, label
@@ -109,7 +111,7 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
     tokenizer = load_tokenizer(cfg.model)
     policy = load_causal_lm(cfg.model, tokenizer)
     if cfg.lora.enabled:
-        policy = common.apply_lora(policy, cfg.lora)
+        policy = apply_lora(policy, cfg.lora)
     policy.to(device)
     policy.eval()
     ref_path = getattr(cfg, "ref_model", None)
@@ -125,7 +127,7 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
         label = "adapter-disabled policy" if reference.shares_policy else "frozen copy of the starting policy"
     freeze_lower_layers(policy, cfg.freeze_layers)
     if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(policy)
     value, value_label = (None, None)
     if cfg.algorithm in ("ppo", "a2c"):
         value, value_label = build_value(cfg, reward, tokenizer, device)
@@ -300,7 +302,7 @@ def show_samples(run_dir, iteration: int, prompts: list, texts: list[str], rewar
             row["gold"] = float(golds[i])
         rows.append(row)
     columns = ["prompt", "response", "reward"] + (["gold"] if golds is not None else [])
-    write(f"samples at iteration {iteration}:\n" + common.format_sample_table(rows, columns))
+    write(f"samples at iteration {iteration}:\n" + format_sample_table(rows, columns))
     with open(Path(run_dir.path) / "samples.jsonl", "a", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps({"iteration": iteration, **row}, ensure_ascii=False) + "\n")
@@ -316,6 +318,6 @@ def truncate_samples(run_dir, iteration: int) -> None:
 
 
 def save_final(path: Path, m: Models, cfg) -> None:
-    common.save_model(m.policy, m.tokenizer, path, merge_lora=cfg.lora.merge_on_save)
+    save_model(m.policy, m.tokenizer, path, merge_lora=cfg.lora.merge_on_save)
     if m.value is not None and cfg.save_value_model:
-        common.save_model(m.value, None, path / "value", merge_lora=True)
+        save_model(m.value, None, path / "value", merge_lora=True)

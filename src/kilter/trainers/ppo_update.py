@@ -21,6 +21,7 @@ import torch
 
 from kilter.losses import causal_lm_loss, pg_loss, ppo_policy_loss, ppo_value_loss
 from kilter.losses.ppo import aggregate, aggregation_weight, kl_penalty_loss
+from kilter.models.precision import autocast
 from kilter.ops import (
     build_token_rewards,
     discounted_returns,
@@ -34,7 +35,7 @@ from kilter.ops import (
 )
 from kilter.ops.kl import kl_placement
 from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
-from kilter.trainers import common
+from kilter.training.optim import clip_and_norm
 
 CLIPPED = ("ppo", "rloo", "grpo")
 """Algorithms that optimise the clipped surrogate (and may take several epochs per batch)."""
@@ -376,7 +377,7 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
 def _ptx_step(policy, ptx: PtxStream, s: UpdateSettings, device: torch.device) -> float:
     """Add ``ptx_coef`` x the SFT loss of one demonstration batch to the gradients (InstructGPT eq. 2)."""
     demo = ptx.next_batch(device)
-    with common.autocast(s.precision, device.type):
+    with autocast(s.precision, device.type):
         logits = policy(input_ids=demo["input_ids"], attention_mask=demo["attention_mask"], use_cache=False).logits
     lm_loss, _ = causal_lm_loss(logits, demo["labels"])
     (s.ptx_coef * lm_loss).backward()
@@ -419,11 +420,11 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
                 if value_opt is not None:
                     value_opt.zero_grad(set_to_none=True)
                 return True, count, count, tokens_seen
-            mb_stats["optim/grad_norm"] = common.clip_and_norm(policy.parameters(), s.max_grad_norm)
+            mb_stats["optim/grad_norm"] = clip_and_norm(policy.parameters(), s.max_grad_norm)
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)
             if value_opt is not None and value_model is not None:
-                mb_stats["optim/value_grad_norm"] = common.clip_and_norm(value_model.parameters(),
+                mb_stats["optim/value_grad_norm"] = clip_and_norm(value_model.parameters(),
                                                                          s.value_max_grad_norm)
                 value_opt.step()
                 value_opt.zero_grad(set_to_none=True)

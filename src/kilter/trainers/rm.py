@@ -30,10 +30,9 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -48,8 +47,11 @@ from kilter.data.preferences import (
 )
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError
+from kilter.evaluation.calibration import calibration_report, calibration_sums
 from kilter.losses import pair_weights, pairwise_accuracy, weighted_pair_loss
-from kilter.models import load_tokenizer
+from kilter.models import load_tokenizer, packed
+from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
+from kilter.models.precision import autocast
 from kilter.models.reward import (
     RewardModel,
     is_ensemble_dir,
@@ -61,11 +63,16 @@ from kilter.models.reward import (
     set_reward_bias,
     write_ensemble_manifest,
 )
+from kilter.models.saving import load_trainable_weights
+from kilter.models.shared_prefix import pack_groups
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
-from kilter.trainers import common, packed
-from kilter.trainers.shared_prefix import pack_groups
-from kilter.trainers.common import LoraSection, OptimConfig
-from kilter.trainers.sft import _epoch_batches, _micro_batches, _null
+from kilter.training.args import StepArgs
+from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
+from kilter.training.checkpoint import save_checkpoint
+from kilter.training.display import format_sample_table
+from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.setup import prepare
+from kilter.training.state import load_training_state, read_trainer_state, set_seed
 
 Kind = Literal["auto", "comparison", "ranking", "rating"]
 
@@ -99,8 +106,17 @@ class RMData(BaseConfig):
     """Evaluate on at most this many held-out groups."""
 
 
-class RMConfig(BaseConfig):
+class RMConfig(StepArgs):
     """Train a reward model with the Bradley-Terry loss on comparisons, K-way rankings or thumbs."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "batch_size": "Groups (prompts with their responses) per micro-batch on each process.",
+        "epochs": "Passes over the training groups (ignored when max_steps is set); InstructGPT used 1 to avoid overfitting.",
+        "lora": "LoRA adapters (the score head stays fully trainable); final/ is always merged.",
+        "resume": "Continue from the newest checkpoint(s) in output_dir; finished ensemble members are kept.",
+        "seed": "Seed for head initialisation and data order; ensemble member i uses seed + i.",
+    }
+    """--help for the shared fields, in this trainer's terms."""
 
     model: str = "builtin:tiny"
     """Backbone to start from: an SFT run's final/, any HF causal-LM folder, a preset (smollm2-135m) or builtin:tiny."""
@@ -112,26 +128,6 @@ class RMConfig(BaseConfig):
     """Training and evaluation data."""
     strength_margin_scale: float = Field(1.0, ge=0)
     """margin = scale * strength for comparisons that carry a strength in [0, 1] (0: no margins)."""
-    batch_size: int = Field(16, gt=0)
-    """Groups (prompts with their responses) per micro-batch on each process."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the training groups (ignored when max_steps is set); InstructGPT used 1 to avoid overfitting."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and learning-rate schedule."""
-    lora: LoraSection = LoraSection()
-    """LoRA adapters (the score head stays fully trainable); final/ is always merged."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 master weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda when available)."""
-    seed: int = 0
-    """Seed for head initialisation and data order; ensemble member i uses seed + i."""
     ensemble_size: int = Field(1, ge=1)
     """Train this many reward models; scoring returns their mean and standard deviation."""
     bootstrap: bool = True
@@ -144,22 +140,8 @@ class RMConfig(BaseConfig):
     """Bins of predicted P(chosen wins) in the calibration table (calibration.json, eval/ece)."""
     eval_batch_size: int = Field(64, gt=0)
     """Responses per forward pass when evaluating and computing the bias."""
-    log_every: int = Field(10, gt=0)
-    """Log training metrics every N optimizer steps."""
-    eval_every: int = Field(100, gt=0)
-    """Evaluate every N optimizer steps (and at the end)."""
-    save_every: int = Field(200, gt=0)
-    """Write a checkpoint every N optimizer steps (and at the end)."""
-    keep_checkpoints: int | None = Field(2, gt=0)
-    """Keep only the newest N checkpoints (null: keep all)."""
-    resume: bool = False
-    """Continue from the newest checkpoint(s) in output_dir; finished ensemble members are kept."""
     n_samples: int = Field(4, ge=0)
     """Held-out pairs shown with their rewards at the end (0: none)."""
-    threads: int | None = Field(None, gt=0)
-    """torch CPU threads (null: torch's default)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
 
 
 # --------------------------------------------------------------------------- math
@@ -171,9 +153,9 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
     """Flatten encoded groups into one padded batch of responses plus pair indices.
 
     Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once)
-    (with ``pack_capacity``: packed rows, see :func:`kilter.trainers.packed.pack_micro_batch`;
+    (with ``pack_capacity``: packed rows, see :func:`kilter.models.packed.pack_micro_batch`;
     with ``shared_prefix`` too, a group's responses share one copy of the prompt and
-    ``attention_mask`` is 4-D, see :mod:`kilter.trainers.shared_prefix`),
+    ``attention_mask`` is 4-D, see :mod:`kilter.models.shared_prefix`),
     ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
     of each pair, ``pair_weight`` (P,) its weight in the loss
     (:func:`kilter.losses.pair_weights`), ``margin`` (P,) = margin_scale * strength (0 where no
@@ -206,50 +188,11 @@ def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
     return batch
 
 
-def calibration_sums(p_chosen: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Per-bin (count, sum of predictions, sum of outcomes) of predicted P(chosen wins).
-
-    p_chosen: (P,) the model's sigmoid(r_chosen - r_rejected) -> (3, n_bins) float64.
-    Each pair enters twice, as (p, won=1) and as (1 - p, won=0), so the table covers [0, 1]
-    symmetrically and does not depend on which response of a pair is named first.  Bins are
-    [i/n, (i+1)/n), the last one closed.  Sums (not means) so ranks can all-reduce them.
-    """
-    p = p_chosen.detach().double().flatten()
-    preds = torch.cat([p, 1.0 - p])
-    outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
-    index = (preds * n_bins).long().clamp(0, n_bins - 1)
-    out = torch.zeros(3, n_bins, dtype=torch.float64)
-    out[0].index_add_(0, index, torch.ones_like(preds))
-    out[1].index_add_(0, index, preds)
-    out[2].index_add_(0, index, outcome)
-    return out
-
-
-def calibration_report(sums: torch.Tensor) -> dict:
-    """Reliability table and expected calibration error from :func:`calibration_sums`.
-
-    ECE = sum over bins of (n_b / n) * |mean prediction_b - observed frequency_b|
-    (Naeini et al. 2015; Guo et al. 2017).  Empty bins are listed with nulls.
-    """
-    count, pred, obs = sums[0], sums[1], sums[2]
-    n_bins, total = count.shape[0], float(count.sum())
-    bins, ece = [], 0.0
-    for i in range(n_bins):
-        n = float(count[i])
-        mean_pred = float(pred[i]) / n if n else None
-        observed = float(obs[i]) / n if n else None
-        if n:
-            ece += n / total * abs(mean_pred - observed)
-        bins.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "count": int(n), "mean_predicted": mean_pred,
-                     "observed": observed})
-    return {"n_pairs": int(total // 2), "ece": ece, "bins": bins}
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
 def _forward(model, batch: dict, precision: str, device: str) -> torch.Tensor:
-    with common.autocast(precision, device):
+    with autocast(precision, device):
         if "last_index" in batch:  # packed rows through packed.LastTokenScores
             mask = batch.get("attention_mask")  # 4-D with shared prefixes, else none
             return model(batch["input_ids"].to(device), batch["position_ids"].to(device),
@@ -402,19 +345,12 @@ def _train_all(cfg: RMConfig, info: DistInfo) -> int:
     if cfg.lora.enabled and not cfg.lora.merge_on_save:
         raise ConfigError("lora.merge_on_save=false is not supported by kilter rm: final/ must load as a plain "
                           "AutoModelForSequenceClassification")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common.check_precision(cfg.precision, info.device)
-    starts = _start_points(cfg)
     root = Path(cfg.output_dir)
     n = cfg.ensemble_size
     member_dirs = [root] if n == 1 else [root / f"member-{i}" for i in range(n)]
     finals = [root / "final"] if n == 1 else [root / "final" / f"member-{i}" for i in range(n)]
-    if not cfg.resume:
-        for d in member_dirs:
-            if RunDir(d, writer=False).latest_checkpoint() is not None:
-                raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to "
-                                  "continue or choose another output_dir")
+    prepare(cfg, info, member_dirs)  # threads, precision, fast paths; refuses to overwrite checkpoints
+    starts = _start_points(cfg)
 
     tokenizer = load_tokenizer(starts[0])
     train_groups, eval_groups, train_enc, eval_enc, reference = _load_data(cfg, tokenizer, info)
@@ -452,16 +388,16 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     device = info.device
     seed = cfg.seed + member
     tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
-    common.set_seed(seed)
-    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard)
+    set_seed(seed)
+    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard)  # one folder per ensemble member
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
     model = load_reward_backbone(start, tokenizer)
     set_reward_bias(model, 0.0)  # training is shift-invariant; the bias is recomputed at the end
     if cfg.lora.enabled:
-        model = common.apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
     if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
 
@@ -476,19 +412,19 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         raise ConfigError(f"data.train has {len(order)} groups, fewer than one global batch of {global_batch} "
                           "(batch_size x grad_accum x processes); lower batch_size")
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = common.make_optimizer(model, cfg.optim)
-    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if existing is not None:
-        common.load_trainable_weights(model, existing)
-        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = common.read_trainer_state(existing)["step"]
+        load_trainable_weights(model, existing)
+        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = read_trainer_state(existing)["step"]
         run_dir.truncate_metrics(start_step)
         if info.is_main:
             print(f"kilter {tag}: resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
     if info.is_main:
-        trainable, total_params = common.count_parameters(model)
+        trainable, total_params = count_parameters(model)
         print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {global_batch} groups, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
@@ -509,17 +445,17 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         epoch, position = divmod(step, steps_per_epoch)
         if epoch not in batches_cache:
             batches_cache.clear()
-            batches_cache[epoch] = _epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
+            batches_cache[epoch] = epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
         micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
                                 shared, weight)
-                 for idx in _micro_batches(mine, cfg.grad_accum)]
+                 for idx in micro_batches(mine, cfg.grad_accum)]
         # the step's loss is sum(w * l) / sum(w) over all its micro-batches and ranks
         local_weight = sum(float(b["pair_weight"].sum()) for b in micro)
         global_weight = float(all_reduce_sum(torch.tensor(local_weight, dtype=torch.float64), info))
         step_loss = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(micro):
-            ctx = ddp_model.no_sync() if (info.enabled and k < len(micro) - 1) else _null()
+            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
             with ctx:
                 rewards = _forward(ddp_model, batch, cfg.precision, device)
                 loss_sum, _ = weighted_pair_loss(rewards, batch["better"].to(device), batch["worse"].to(device),
@@ -528,7 +464,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
                 (loss_sum * info.world_size / max(global_weight, 1e-12)).backward()
             step_loss += loss_sum.detach().double().cpu()
             window.add(rewards.detach().float().cpu(), batch)
-        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -546,7 +482,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             run_dir.log(done, metrics)
             last.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:
-            _save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg)
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "rm")
     progress.close()
 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
@@ -596,15 +532,6 @@ class _Window:
                 "perf/samples_per_s": n / elapsed, "perf/tokens_per_s": tokens / elapsed}
 
 
-def _save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, cfg: RMConfig) -> None:
-    def write(path: Path) -> None:
-        common.save_model(model, tokenizer, path, merge_lora=False)
-        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
-        common.write_trainer_state(path, {"step": step, "trainer": "rm"})
-
-    run_dir.save_checkpoint(step, write, keep=cfg.keep_checkpoints)
-
-
 def _pairs_of(groups: list[dict]) -> tuple[list, list[str], list[tuple[int, int]]]:
     """Flatten text groups into (prompts, responses) and (better, worse) row indices."""
     prompts, responses, pairs = [], [], []
@@ -624,7 +551,7 @@ def _sample_table(rm: RewardModel, groups: list[dict]) -> str:
     rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "preferred": b, "other": w,
              "r_pref": float(rewards[2 * i]), "r_other": float(rewards[2 * i + 1])}
             for i, (p, b, w) in enumerate(firsts)]
-    return common.format_sample_table(rows, ["prompt", "preferred", "other", "r_pref", "r_other"], width=40)
+    return format_sample_table(rows, ["prompt", "preferred", "other", "r_pref", "r_other"], width=40)
 
 
 def _ensemble_eval(folder: Path, groups: list[dict], cfg: RMConfig, device: str) -> dict[str, float]:
@@ -639,5 +566,4 @@ def _ensemble_eval(folder: Path, groups: list[dict], cfg: RMConfig, device: str)
             "ensemble/reward_std_mean": float(std.mean())}
 
 
-__all__ = ["RMConfig", "RMData", "run", "collate_groups", "calibration_sums",
-           "calibration_report", "evaluate"]
+__all__ = ["RMConfig", "RMData", "run", "collate_groups", "evaluate"]

@@ -12,7 +12,6 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,18 +19,25 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
-from kilter.data.collate import length_bucketed_batches, pack_examples, pad_batch, shard_indices
+from kilter.data.collate import pack_examples, pad_batch, shard_indices
 from kilter.data.sources import load_records
-from kilter.data.tokenize import encode_sft_records
+from kilter.data.tokenize import IGNORE_INDEX, encode_sft_records
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
-from kilter.data.tokenize import IGNORE_INDEX
 from kilter.losses import causal_lm_loss, sft_loss
 from kilter.models import load_causal_lm, load_tokenizer
+from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
+from kilter.models.packed import fast_causal_lm, pack_micro_batch
+from kilter.models.precision import autocast
+from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rollout.generate import SamplingParams, generate_texts
-from kilter.runs import RunDir
-from kilter.trainers import common
-from kilter.trainers.common import LoraSection, OptimConfig, pack_micro_batch
+from kilter.training.args import StepArgs
+from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
+from kilter.training.checkpoint import save_checkpoint
+from kilter.training.display import format_sample_table
+from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.setup import open_run_dir, prepare
+from kilter.training.state import load_training_state, read_trainer_state
 
 
 class SFTData(BaseConfig):
@@ -61,7 +67,7 @@ class SFTData(BaseConfig):
     """Seed of the built-in task's generated data (builtin: sources only)."""
 
 
-class SFTConfig(BaseConfig):
+class SFTConfig(StepArgs):
     """Supervised fine-tuning: learn to produce the demonstrated completion for each prompt."""
 
     model: str = "builtin:tiny"
@@ -72,54 +78,13 @@ class SFTConfig(BaseConfig):
     """Training and evaluation data."""
     batch_size: int = Field(32, gt=0)
     """Examples per micro-batch on each process."""
-    grad_accum: int = Field(1, gt=0)
-    """Micro-batches per optimizer step."""
-    epochs: float = Field(1.0, gt=0)
-    """Passes over the training data (ignored when max_steps is set)."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after this many optimizer steps."""
-    optim: OptimConfig = OptimConfig()
-    """Optimizer and learning-rate schedule."""
-    lora: LoraSection = LoraSection()
-    """LoRA adapters (peft)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 master weights."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train (auto: cuda when available)."""
-    seed: int = 0
-    """Seed for initialisation, data order and sampling."""
-    log_every: int = Field(10, gt=0)
-    """Log training metrics every N optimizer steps."""
-    eval_every: int = Field(100, gt=0)
-    """Evaluate every N optimizer steps (and at the end)."""
-    save_every: int = Field(200, gt=0)
-    """Write a checkpoint every N optimizer steps (and at the end)."""
-    keep_checkpoints: int | None = Field(2, gt=0)
-    """Keep only the newest N checkpoints (null: keep all)."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
     n_samples: int = Field(4, ge=0)
     """Held-out prompts to sample before and after training (0: none)."""
     sample_max_new_tokens: int = Field(48, gt=0)
     """Length limit of those samples."""
-    threads: int | None = Field(None, gt=0)
-    """torch CPU threads (null: torch's default)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files when tensorboard is installed."""
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
-    """The global batches of one epoch; a pure function of (seed, epoch), which makes resume exact."""
-    if by_length:
-        return length_bucketed_batches(lengths, global_batch, seed=seed * 1000 + epoch, drop_last=True)
-    order = list(range(len(lengths)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [order[i:i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
 
 
 def _encode(cfg: SFTConfig, tokenizer, spec: str, info: DistInfo) -> tuple[list[dict], int]:
@@ -132,17 +97,12 @@ def _encode(cfg: SFTConfig, tokenizer, spec: str, info: DistInfo) -> tuple[list[
     return examples, records.n_skipped
 
 
-def _micro_batches(indices: list[int], n: int) -> list[list[int]]:
-    size = math.ceil(len(indices) / n)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
 def _forward_sum(model, batch: dict[str, torch.Tensor], precision: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion-token loss and token count of one padded batch."""
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"].to(device)
-    with common.autocast(precision, device):
+    with autocast(precision, device):
         logits = model(**inputs, use_cache=False).logits
     mean, n_tokens = causal_lm_loss(logits, batch["labels"].to(device))
     return mean * n_tokens, n_tokens
@@ -150,14 +110,14 @@ def _forward_sum(model, batch: dict[str, torch.Tensor], precision: str, device: 
 
 def _forward_sum_fast(loss_model, batch: dict[str, torch.Tensor], precision: str, device: str
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_forward_sum` through :class:`common.CompletionLogits`: the LM head runs only at
+    """:func:`_forward_sum` through :class:`CompletionLogits`: the LM head runs only at
     positions that predict a labelled token; padded or packed (no attention mask) batches."""
     labels = batch["labels"].to(device)
     targets = labels[:, 1:]
     select = targets != IGNORE_INDEX
     mask = batch.get("attention_mask")
     position_ids = batch.get("position_ids")
-    with common.autocast(precision, device):
+    with autocast(precision, device):
         logits = loss_model(batch["input_ids"].to(device), None if mask is None else mask.to(device),
                             None if position_ids is None else position_ids.to(device), select)
     mean, n_tokens = sft_loss(logits, targets[select])
@@ -207,7 +167,7 @@ def sample_table(model, tokenizer, prompts: list, max_new_tokens: int, seed: int
         for row, score in zip(rows, score_fn([r["prompt"] for r in rows], gen.texts)):
             row["gold"] = float(score)
         columns.append("gold")
-    return common.format_sample_table(rows, columns)
+    return format_sample_table(rows, columns)
 
 
 def builtin_gold(spec: str):
@@ -230,27 +190,20 @@ def run(cfg: SFTConfig) -> int:
 
 
 def _train(cfg: SFTConfig, info: DistInfo) -> int:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
-    common.check_precision(cfg.precision, device)
-    common.set_seed(cfg.seed)
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
-    existing = run_dir.latest_checkpoint()
-    if existing is not None and not cfg.resume:
-        raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
-                          "or choose another output_dir")
+    run_dir = open_run_dir(cfg, info)
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer)
     if cfg.lora.enabled:
-        model = common.apply_lora(model, cfg.lora)
+        model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:
-        common.enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model)
     model.to(device)
     model.train()
     # Completion-only logits always when the model allows; padding-free rows unless the user packs.
-    loss_model, packed_ok = common.fast_causal_lm(model, device, packing=cfg.data.padding_free and not cfg.data.packing)
+    loss_model, packed_ok = fast_causal_lm(model, device, packing=cfg.data.padding_free and not cfg.data.packing)
     pack_capacity = cfg.data.max_length if packed_ok else None
     weight = loss_model.attention_weight if loss_model is not None else 0.0
 
@@ -276,19 +229,19 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                           "(batch_size x grad_accum x processes); lower batch_size")
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    optimizer = common.make_optimizer(model, cfg.optim)
-    scheduler = common.make_scheduler(optimizer, cfg.optim, total_steps)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if cfg.resume and existing is not None:
-        common.load_trainable_weights(model, existing)
-        common.load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = common.read_trainer_state(existing)["step"]
+        load_trainable_weights(model, existing)
+        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
+        start_step = read_trainer_state(existing)["step"]
         run_dir.truncate_metrics(start_step)
         if info.is_main:
             print(f"kilter sft: resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
 
-    trainable, total_params = common.count_parameters(model)
+    trainable, total_params = count_parameters(model)
     gold = builtin_gold(cfg.data.eval or "")
     if info.is_main:
         print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {global_batch}, "
@@ -312,9 +265,9 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         epoch, position = divmod(step, steps_per_epoch)
         if epoch not in batches_cache:
             batches_cache.clear()
-            batches_cache[epoch] = _epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
+            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
         mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        micro = _micro_batches(mine, cfg.grad_accum)
+        micro = micro_batches(mine, cfg.grad_accum)
         padded = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity,
                                    attention_weight=weight) if pack_capacity
                   else pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
@@ -323,7 +276,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         step_loss = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(padded):
             sync = k == len(padded) - 1
-            ctx = ddp_model.no_sync() if (info.enabled and not sync) else _null()
+            ctx = accumulation_context(ddp_model, info, last=sync)
             with ctx:
                 if loss_model is not None:
                     loss_sum, _ = _forward_sum_fast(ddp_model, batch, cfg.precision, device)
@@ -332,7 +285,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (loss_sum * info.world_size / max(global_tokens, 1.0)).backward()
             step_loss += loss_sum.detach().double().cpu()
-        grad_norm = common.clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
+        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -361,10 +314,10 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             run_dir.log(done, metrics)
             last_metrics.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:
-            _save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg)
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "sft")
     progress.close()
 
-    run_dir.save_final(lambda p: common.save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
     barrier(info)
     if info.is_main:
         if eval_prompts:
@@ -376,29 +329,4 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     return 0
 
 
-def _save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, cfg: SFTConfig) -> None:
-    def write(path: Path) -> None:
-        common.save_model(model, tokenizer, path, merge_lora=False)
-        common.save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
-        common.write_trainer_state(path, {"step": step, "trainer": "sft"})
-
-    run_dir.save_checkpoint(step, write, keep=cfg.keep_checkpoints)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def load_policy_for_inference(path: str | Path):
-    """Tokenizer and model from a run's final/ (or any HF folder), in eval mode."""
-    tok = load_tokenizer(str(path))
-    model = load_causal_lm(str(path), tok)
-    model.eval()
-    return tok, model
-
-
-__all__ = ["SFTConfig", "SFTData", "run", "evaluate", "sample_table", "load_policy_for_inference", "KilterError"]
+__all__ = ["SFTConfig", "SFTData", "run", "evaluate", "sample_table", "KilterError"]

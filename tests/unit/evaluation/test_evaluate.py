@@ -35,11 +35,12 @@ def tiny_lm():
     return model
 
 
-def _direct_logp(model, prompt, response):
-    """log p(response | prompt) from one unpadded forward pass and a full log_softmax."""
+def _direct_logp(model, prompt, response, pad_id=0):
+    """log p(response | prompt) from one unpadded forward pass and a log_softmax without PAD (never sampled)."""
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
+    logits[:, pad_id] = -torch.inf
     logps = torch.log_softmax(logits, -1)
     return sum(float(logps[len(prompt) - 1 + t, tok]) for t, tok in enumerate(response))
 

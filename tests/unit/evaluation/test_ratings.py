@@ -1,7 +1,7 @@
 import json
+import math
 import subprocess
 import sys
-import math
 
 import numpy as np
 import pytest

@@ -20,7 +20,6 @@ from kilter.rewards.base import (
     prompt_text,
 )
 
-
 PROMPTS = ["Review the lamp.", "Review the desk."]
 
 
@@ -178,3 +177,30 @@ def test_model_source_and_pessimistic_ensemble(reward_dirs):
     out = pipe(PROMPTS, responses)
     assert torch.allclose(out.components["rm_std"], std, atol=1e-5)
     assert math.isclose(float(out.total[0]), float(mean[0] - 2 * std[0]), abs_tol=1e-5)
+
+
+def test_call_function_is_the_one_checked_call_for_every_command(tmp_path):
+    """ppo, bon, DPO/KTO samples and eval all call user functions through call_function: prompts
+    arrive as text (a conversation as its last message), the output is checked in one place."""
+    from kilter.rewards.base import call_function
+
+    seen = []
+
+    def echo(prompts, responses):
+        seen.extend(prompts)
+        return torch.tensor([float(len(r)) for r in responses])  # a tensor is accepted too
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review the lamp."}]
+    assert call_function(echo, ["plain", chat], ["ab", ""]) == [2.0, 0.0]
+    assert seen == ["plain", "Review the lamp."]
+    with pytest.raises(KilterError, match="returned 1 rewards for 2 responses"):
+        call_function(lambda p, r: [1.0], ["a", "b"], ["x", "y"])
+    with pytest.raises(KilterError, match="non-finite"):
+        call_function(lambda p, r: [1.0, float("nan")], ["a", "b"], ["x", "y"])
+    with pytest.raises(KilterError, match="list of numbers"):
+        call_function(lambda p, r: ["good", "bad"], ["a", "b"], ["x", "y"])
+    # a file path with a directory and a module path load the same way
+    f = tmp_path / "sub" / "my_reward.py"
+    f.parent.mkdir()
+    f.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+    assert call_function(load_function(f"{f}:length"), ["p"], ["abc"]) == [3.0]

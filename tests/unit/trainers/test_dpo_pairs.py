@@ -10,9 +10,7 @@ import torch
 from kilter.errors import ConfigError
 from kilter.trainers.dpo import (
     DPOConfig,
-    epoch_batches,
     flat_examples,
-    micro_batches,
     pair_batch,
     pair_stats,
     ranking_to_pairs,
@@ -55,17 +53,6 @@ def test_pair_stats_and_metrics_by_hand():
     assert m["eval/rewards/margin"] == pytest.approx(0.1)
     assert m["eval/rewards/chosen"] == pytest.approx(0.05)
     assert m["eval/logps/chosen"] == pytest.approx(-4.0) and m["eval/logps/rejected"] == pytest.approx(-5.0)
-
-
-def test_epoch_batches_are_a_pure_function_of_seed_and_epoch():
-    lengths = [3, 9, 4, 7, 5, 5, 8, 2, 6, 1]
-    for by_length in (True, False):
-        a = epoch_batches(lengths, 4, seed=3, epoch=1, by_length=by_length)
-        assert a == epoch_batches(lengths, 4, seed=3, epoch=1, by_length=by_length)
-        assert a != epoch_batches(lengths, 4, seed=3, epoch=2, by_length=by_length)
-        assert len(a) == 2 and all(len(b) == 4 for b in a)  # the short last batch is dropped
-        assert len({i for b in a for i in b}) == 8
-    assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
 
 
 def test_config_ranges_and_literals():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from kilter.commands.bon import BonConfig
 from kilter.config import load_config
-from kilter.trainers.bon import BonConfig
 from kilter.trainers.dpo import DPOConfig
 from kilter.trainers.kto import KTOConfig
 

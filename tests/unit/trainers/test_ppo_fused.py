@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from kilter.cli import main
-from kilter.rollout.scoring import batched_logprobs, batched_values
+from kilter.models.lora import LoraSection, apply_lora, enable_gradient_checkpointing
+from kilter.models.reference import Reference
 from kilter.rollout import scoring
-from kilter.trainers import common, ppo_setup
+from kilter.rollout.scoring import batched_logprobs, batched_values
+from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_update import (
     PtxStream,
     UpdateSettings,
@@ -28,9 +30,6 @@ from kilter.trainers.ppo_update import (
     fuses_first_pass,
     run_update,
 )
-from kilter.trainers.reference import Reference
-
-
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +141,14 @@ def test_lora_with_checkpointing_and_the_shared_reference_in_between(models, ran
     runs = []
     for fused in (False, True):
         torch.manual_seed(0)
-        policy = common.apply_lora(copy.deepcopy(policy0), common.LoraSection(enabled=True, r=4))
+        policy = apply_lora(copy.deepcopy(policy0), LoraSection(enabled=True, r=4))
         with torch.no_grad():
             for name, param in policy.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
         reference = Reference(policy)
         ppo_setup.freeze_lower_layers(policy, 1)  # in the order of ppo_setup.build_models
-        common.enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(policy)
         policy.eval()
         trainable = [name for name, param in policy.named_parameters() if param.requires_grad]
         assert trainable and not any(".layers.0." in name for name in trainable)

@@ -5,12 +5,10 @@ import copy
 import pytest
 import torch
 
+from kilter.models.lora import LoraSection, apply_lora
+from kilter.models.reference import Reference
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
-from kilter.trainers import common
 from kilter.trainers.ppo_setup import freeze_lower_layers, reference_logprobs
-from kilter.trainers.reference import Reference
-
-
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def _batch(tok):
 def test_lora_reference_with_adapter_disabled_equals_a_frozen_copy(micro):
     _, tok, base = micro
     frozen = copy.deepcopy(base)
-    policy = common.apply_lora(copy.deepcopy(base), common.LoraSection(enabled=True, r=4))
+    policy = apply_lora(copy.deepcopy(base), LoraSection(enabled=True, r=4))
     with torch.no_grad():  # a trained adapter: B is no longer zero, so the policy has moved
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -87,7 +85,7 @@ def test_value_model_from_a_reward_model_predicts_the_reward_at_the_end(micro, t
     set_reward_bias(rm, 0.25)
     save_reward_model(rm, tok, tmp_path / "rm")
     pipeline = RewardPipeline([(ModelReward(str(tmp_path / "rm")), 1.0)])
-    cfg = SimpleNamespace(value=SimpleNamespace(model=None), model=path, lora=common.LoraSection(), freeze_layers=0)
+    cfg = SimpleNamespace(value=SimpleNamespace(model=None), model=path, lora=LoraSection(), freeze_layers=0)
     value, label = build_value(cfg, pipeline, tok, "cpu")
     assert label == f"reward model {tmp_path / 'rm'}"
     # V at the column that reads the full response (after its EOS) equals the RM's reward of it;

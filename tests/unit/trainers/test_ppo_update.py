@@ -16,9 +16,6 @@ from kilter.trainers.ppo_update import (
     run_update,
 )
 
-
-
-
 # --------------------------------------------------------------------------- advantages by hand
 
 REWARDS = torch.tensor([[0.1, -0.2, 1.0], [0.5, 0.0, 0.0]])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kilter.evaluation.calibration import calibration_report, calibration_sums
 from kilter.losses import (
     bradley_terry_loss,
     kway_bradley_terry_loss,
@@ -16,11 +17,7 @@ from kilter.losses import (
     ranking_pairs,
     weighted_pair_loss,
 )
-from kilter.trainers.rm import (
-    calibration_report,
-    calibration_sums,
-    collate_groups,
-)
+from kilter.trainers.rm import collate_groups
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 

@@ -10,8 +10,9 @@ import torch
 
 from kilter.data.collate import pad_batch
 from kilter.losses import causal_lm_loss
-from kilter.trainers.common import OptimConfig, lr_factor
-from kilter.trainers.sft import _epoch_batches, _forward_sum, _micro_batches
+from kilter.models.packed import fast_causal_lm, pack_micro_batch
+from kilter.trainers.sft import _forward_sum
+from kilter.training.optim import OptimConfig, lr_factor
 
 IGNORE = -100
 
@@ -116,7 +117,6 @@ def test_forward_sum_on_a_real_model_is_padding_invariant():
 def test_fast_paths_give_the_padded_loss():
     """Completion-only logits and padding-free packed rows change no number the loss sees."""
     from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.trainers.common import fast_causal_lm, pack_micro_batch
     from kilter.trainers.sft import _forward_sum_fast
 
     tok = load_tokenizer("builtin:micro")
@@ -138,40 +138,6 @@ def test_fast_paths_give_the_padded_loss():
     assert packed_batch["input_ids"].shape[0] < len(examples)  # several examples really share a row
     assert padded.item() == pytest.approx(ref.item(), rel=1e-5)
     assert packed.item() == pytest.approx(ref.item(), rel=1e-5)  # no attention across examples
-
-
-# --------------------------------------------------------------------------- batching
-
-
-@pytest.mark.parametrize("by_length", [False, True])
-def test_epoch_batches_are_a_pure_function_of_seed_and_epoch(by_length):
-    lengths = [(i * 37) % 50 + 1 for i in range(103)]
-    first = _epoch_batches(lengths, 8, seed=3, epoch=0, by_length=by_length)
-    assert first == _epoch_batches(lengths, 8, seed=3, epoch=0, by_length=by_length)
-    assert len(first) == 103 // 8 and all(len(b) == 8 for b in first)  # the short remainder is dropped
-    flat = [i for b in first for i in b]
-    assert len(set(flat)) == len(flat) and set(flat) <= set(range(103))
-    assert _epoch_batches(lengths, 8, seed=3, epoch=1, by_length=by_length) != first
-    assert _epoch_batches(lengths, 8, seed=4, epoch=0, by_length=by_length) != first
-
-
-def test_length_grouping_cuts_padding():
-    lengths = [(i * 37) % 50 + 1 for i in range(400)]
-
-    def padding(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    grouped = _epoch_batches(lengths, 8, seed=0, epoch=0, by_length=True)
-    shuffled = _epoch_batches(lengths, 8, seed=0, epoch=0, by_length=False)
-    assert padding(grouped) < padding(shuffled) / 4
-
-
-def test_micro_batches():
-    assert _micro_batches(list(range(8)), 1) == [list(range(8))]
-    assert _micro_batches(list(range(8)), 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert _micro_batches([9, 3, 5, 1, 7, 2], 3) == [[9, 3], [5, 1], [7, 2]]
-    # uneven: ceil-sized pieces, every index exactly once, order kept
-    assert _micro_batches(list(range(10)), 3) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 # --------------------------------------------------------------------------- schedule

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from kilter.data.collate import pad_batch
-from kilter.trainers import common, packed
-from kilter.trainers.reference import Reference, sequence_logps
+from kilter.models import packed
+from kilter.models.lora import LoraSection, apply_lora
+from kilter.models.reference import Reference, sequence_logps
 
 IGNORE = -100
 
@@ -131,7 +132,7 @@ def test_packed_reward_scores_equal_the_padded_ones(lora, shared):
     with torch.no_grad():
         model.score.weight.normal_(0, 1.0)
     if lora:
-        model = common.apply_lora(model, common.LoraSection(enabled=True), task_type="SEQ_CLS")
+        model = apply_lora(model, LoraSection(enabled=True), task_type="SEQ_CLS")
     model.train()
     fast = packed.fast_reward_model(model, "cpu")
     assert fast is not None

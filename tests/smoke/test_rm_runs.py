@@ -28,14 +28,6 @@ BASE = ["model=builtin:micro", "batch_size=2", "tensorboard=false", "n_samples=0
         "optim.lr=1e-3", "data.max_length=64", "eval_batch_size=16", "threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The runs pass threads=1 (tiny models, a busy CPU); keep that from leaking into other tests."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -88,7 +80,7 @@ def _raw_scores(folder: Path, prompts: list, responses: list[str]) -> torch.Tens
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch, padding_free):
-    from kilter.trainers import packed
+    from kilter.models import packed
 
     rows_seen: list[int] = []
     original = rm_module.raw_scores

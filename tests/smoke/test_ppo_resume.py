@@ -8,9 +8,6 @@ from safetensors.torch import load_file
 from kilter.cli import main
 from kilter.trainers import ppo
 
-
-
-
 # Every piece of state is exercised: adaptive KL, running reward normalisation, ptx position,
 # a critic with its own optimizer, evaluation and sample tables in between (which must not
 # consume the training RNG).
@@ -18,7 +15,7 @@ ARGS = ["model=builtin:micro", "iterations=4", "reward.function=builtin:gold", "
         "rollout.batch_size=4", "rollout.max_new_tokens=6", "update.num_minibatches=2", "update.epochs=2",
         "kl.adaptive=true", "kl.target=0.5", "kl.horizon=50", "ptx.data=builtin:sft", "ptx.coef=0.1",
         "ptx.batch_size=2", "optim.lr=1e-3", "value.optim.lr=1e-3", "save_every=2", "keep_checkpoints=null",
-        "data.n_eval=2", "eval_every=2", "n_samples=2", "sample_every=1", "tensorboard=false"]
+        "data.n_eval=2", "eval_every=2", "n_samples=2", "sample_every=1", "tensorboard=false", "threads=1"]
 
 
 def _metrics(run):

@@ -7,13 +7,10 @@ import math
 
 import pytest
 
-from kilter.errors import ConfigError, KilterError
-from kilter.trainers.bon import (
+from kilter.commands.bon import (
     _read_done,
     best_vs_worst,
-    call_reward_function,
     kl_bound,
-    load_reward_function,
     select_best,
     summarize,
 )
@@ -31,36 +28,6 @@ def test_kl_bound_by_hand():
 def test_select_best_takes_the_first_maximum():
     assert select_best([0.1, 0.7, -2.0, 0.7]) == 1
     assert select_best([-1.0]) == 0
-
-
-def test_load_reward_function_from_module_and_file(tmp_path):
-    gold = load_reward_function("kilter.data.task:gold_scores")
-    assert call_reward_function(gold, ["Review the lamp."], [""]) == [-2.0]  # an empty answer scores -2
-    f = tmp_path / "my_reward.py"
-    f.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
-    fn = load_reward_function(f"{f}:length")
-    assert call_reward_function(fn, ["p", "q"], ["abc", ""]) == [3.0, 0.0]
-
-
-@pytest.mark.parametrize("spec, match", [
-    ("no_colon", "module:function"),
-    ("kilter.data.task:", "module:function"),
-    ("kilter.no_such_module:f", "cannot import module"),
-    ("kilter.data.task:no_such_fn", "no function"),
-    ("/nonexistent/r.py:f", "file not found"),
-])
-def test_bad_reward_function_specs(spec, match):
-    with pytest.raises(ConfigError, match=match):
-        load_reward_function(spec)
-
-
-def test_reward_function_output_is_checked():
-    with pytest.raises(KilterError, match="returned 1 values for 2"):
-        call_reward_function(lambda p, r: [1.0], ["a", "b"], ["x", "y"])
-    with pytest.raises(KilterError, match="non-finite"):
-        call_reward_function(lambda p, r: [1.0, float("nan")], ["a", "b"], ["x", "y"])
-    with pytest.raises(KilterError, match="list of numbers"):
-        call_reward_function(lambda p, r: ["good", "bad"], ["a", "b"], ["x", "y"])
 
 
 def test_summarize_and_pairs_by_hand():

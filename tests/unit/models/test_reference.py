@@ -1,4 +1,4 @@
-"""The reference-log-prob helpers shared by DPO, KTO and PPO (kilter.trainers.reference)."""
+"""The reference-log-prob helpers shared by DPO, KTO and PPO (kilter.models.reference)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kilter.data.collate import pad_batch
-from kilter.trainers.common import LoraSection, apply_lora
-from kilter.trainers.reference import (
+from kilter.models.lora import LoraSection, apply_lora
+from kilter.models.reference import (
     CACHE_FILE,
     Reference,
     cached_sequence_logps,

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kilter.trainers.packed import best_packing
+from kilter import fastpaths
+from kilter.models.packed import best_packing
 
 
 @dataclass
@@ -71,7 +72,7 @@ def pack_groups(groups: list[list[list[int]]], pad_id: int, capacity: int,
 
     Sequence s is the s-th list in reading order (group by group).  Row tails are padding
     that attends only to itself, so no query row of the mask is empty.  ``attention_weight``
-    as in :func:`kilter.trainers.packed.best_packing`.
+    as in :func:`kilter.models.packed.best_packing`.
     """
     prefixes = [common_prefix(g) for g in groups]
     units = [p + sum(len(s) - p for s in g) for g, p in zip(groups, prefixes)]
@@ -137,7 +138,7 @@ def _probe_groups(vocab: int, pad: int) -> list[list[list[int]]]:
 
 
 def check_lm(model, wrapper, device: str) -> bool:
-    """True if ``wrapper`` (a :class:`~kilter.trainers.packed.CompletionLogits` of ``model``) gives,
+    """True if ``wrapper`` (a :class:`~kilter.models.packed.CompletionLogits` of ``model``) gives,
     on shared-prefix rows, the logits of separate forwards."""
     was_training = model.training
     model.eval()
@@ -151,15 +152,17 @@ def check_lm(model, wrapper, device: str) -> bool:
                               for s in seqs])
             index = torch.cat([batch.where[i, :len(s)] for i, s in enumerate(seqs)])
             got = wrapper(batch.input_ids, batch.attention_mask, batch.position_ids, index=index).float()
-        return bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
-    except Exception:  # noqa: BLE001 - such a model keeps the plain packed rows
-        return False
+        ok = bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
+        reason = "" if ok else "a 4-D shared-prefix mask gives other logits than separate forwards"
+    except fastpaths.PROBE_ERRORS as exc:  # such a model keeps the plain packed rows
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
+    return fastpaths.decide("shared_prefix", ok, reason)
 
 
 def check_scores(model, wrapper, device: str) -> bool:
-    """True if ``wrapper`` (a :class:`~kilter.trainers.packed.LastTokenScores`) gives, on shared-prefix
+    """True if ``wrapper`` (a :class:`~kilter.models.packed.LastTokenScores`) gives, on shared-prefix
     rows, the padded reward model's scores."""
     from kilter.models.reward import raw_scores
 
@@ -180,8 +183,10 @@ def check_scores(model, wrapper, device: str) -> bool:
         with torch.no_grad():
             want = raw_scores(model, ids.to(device), mask.to(device))
             got = wrapper(batch.input_ids, batch.position_ids, batch.last_index(), attention_mask=batch.attention_mask)
-        return bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
-    except Exception:  # noqa: BLE001
-        return False
+        ok = bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
+        reason = "" if ok else "a 4-D shared-prefix mask gives other scores than the padded reward model"
+    except fastpaths.PROBE_ERRORS as exc:  # such a model keeps the plain packed rows
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
+    return fastpaths.decide("shared_prefix_scores", ok, reason)

@@ -102,8 +102,8 @@ def run(cfg: DemoConfig) -> int:
 
 def _reward_model_stage(cfg: DemoConfig, out: Path, sft_final: Path) -> int:
     """Stage 2: simulated labels on K samples per prompt, then the reward model."""
-    from kilter.data.simulate import LabelConfig
-    from kilter.data.simulate import run as run_label
+    from kilter.commands.label import LabelConfig
+    from kilter.commands.label import run as run_label
     from kilter.runs import read_metrics
     from kilter.trainers.rm import RMConfig, RMData
     from kilter.trainers.rm import run as run_rm

@@ -18,9 +18,6 @@ chunk and gives the same files as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -38,9 +35,10 @@ from kilter.config import BaseConfig, dump_config
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import load_records
 from kilter.errors import ConfigError, DataError, KilterError
+from kilter.rewards.base import call_function, load_function
 from kilter.runs import atomic_write_text
 
-__all__ = ["BonConfig", "run", "kl_bound", "select_best", "load_reward_function", "call_reward_function"]
+__all__ = ["BonConfig", "run", "kl_bound", "select_best"]
 
 RewardFn = Callable[[list, list], Sequence[float]]
 
@@ -99,58 +97,6 @@ class BonConfig(BaseConfig):
 # --------------------------------------------------------------------------- reward functions
 
 
-def load_reward_function(spec: str) -> RewardFn:
-    """Import ``module:function`` or ``path/to/file.py:function``; errors are one-line ConfigErrors."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name.isidentifier():
-        raise ConfigError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"reward function {spec!r}: file not found: {target}")
-        module_name = "kilter_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ConfigError(f"reward function {spec!r}: cannot import {target}")
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file; report it in one line
-            raise ConfigError(f"reward function {spec!r}: importing {target} failed: "
-                              f"{type(exc).__name__}: {exc}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise ConfigError(f"reward function {spec!r}: cannot import module {target!r} ({exc})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward function {spec!r}: {target} has no function {name!r}")
-    try:
-        fn.__kilter_spec__ = spec  # named in later error messages
-    except (AttributeError, TypeError):
-        pass
-    return fn
-
-
-def call_reward_function(fn: RewardFn, prompts: Sequence, responses: Sequence[str]) -> list[float]:
-    """Call ``fn(prompts, responses)`` and check it returned one finite number per response."""
-    name = getattr(fn, "__kilter_spec__", getattr(fn, "__name__", "reward function"))
-    out = fn(list(prompts), list(responses))
-    if isinstance(out, torch.Tensor):
-        out = out.detach().cpu().flatten().tolist()
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise KilterError(f"reward function {name} must return a list of numbers, got {type(out).__name__}") from None
-    if len(values) != len(responses):
-        raise KilterError(f"reward function {name} returned {len(values)} values for {len(responses)} responses")
-    bad = next((v for v in values if not math.isfinite(v)), None)
-    if bad is not None:
-        raise KilterError(f"reward function {name} returned a non-finite value ({bad})")
-    return values
-
-
 # --------------------------------------------------------------------------- math
 
 
@@ -183,7 +129,7 @@ class _Scorer:
         self.penalty = cfg.uncertainty_penalty
         self.batch_size = cfg.score_batch_size
         if cfg.reward_fn:
-            self.fn = load_reward_function(cfg.reward_fn)
+            self.fn = load_function(cfg.reward_fn)
         else:
             from kilter.models.reward import load_reward
 
@@ -193,7 +139,7 @@ class _Scorer:
                  finished: list[bool] | None = None) -> tuple[list[float], list[float] | None]:
         """(scores used to choose, ensemble std or None); unfinished responses are scored without EOS."""
         if self.fn is not None:
-            return call_reward_function(self.fn, prompts, responses), None
+            return call_function(self.fn, prompts, responses), None
         mean, std = self.rm.score_with_std(prompts, responses, batch_size=self.batch_size, finished=finished)
         chosen_by = mean - self.penalty * std if self.penalty else mean
         has_spread = bool((std > 0).any())
@@ -247,7 +193,7 @@ def run(cfg: BonConfig) -> int:
     if candidates_path.exists() and not cfg.resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds candidates.jsonl; pass resume=true to continue "
                           "or choose another output_dir")
-    eval_fn = load_reward_function(cfg.eval_reward_fn) if cfg.eval_reward_fn else None
+    eval_fn = load_function(cfg.eval_reward_fn) if cfg.eval_reward_fn else None
     scorer = _Scorer(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     done = _read_done(candidates_path, cfg.batch_size, len(prompts)) if cfg.resume else []
@@ -281,11 +227,12 @@ def run(cfg: BonConfig) -> int:
                                  batch_size=max(cfg.n, 64))
         texts = gen.texts
         scores, std = scorer(repeated, texts, gen.finished)
-        eval_scores = call_reward_function(eval_fn, repeated, texts) if eval_fn else None
+        eval_scores = call_function(eval_fn, repeated, texts) if eval_fn else None
         rows = []
         for j, prompt in enumerate(chunk):
             group = slice(j * cfg.n, (j + 1) * cfg.n)
-            row = {"prompt": prompt, "responses": texts[group], "scores": scores[group]}
+            row = {"prompt": prompt, "responses": texts[group], "scores": scores[group],
+                   "finished": gen.finished[group]}
             row["best"] = select_best(row["scores"])
             if std is not None:
                 row["std"] = std[group]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from kilter import fastpaths
+from kilter.ops.tokens import IGNORE_INDEX
 
 
 def _is_peft(model) -> bool:
@@ -140,7 +141,7 @@ class CompletionLogits(torch.nn.Module):
         object.__setattr__(self, "_body", body)  # already registered through self.model
         object.__setattr__(self, "_head", head)
         self.shares_prefix = False
-        """True once :func:`kilter.trainers.shared_prefix.check_lm` passed for this model."""
+        """True once :func:`kilter.models.shared_prefix.check_lm` passed for this model."""
         self.attention_weight = attention_weight(model)
         """For :func:`best_packing`."""
 
@@ -193,12 +194,19 @@ def fast_causal_lm(model, device: str, packing: bool = True) -> tuple[Completion
                 wrapper = wrapper if close(one, full[:-1]) else None
             if wrapper is None and packing:
                 packed_ok = close(_probe_logits(model, ids, position_ids=pos)[0, :-1], expected)
-    except Exception:  # noqa: BLE001 - an unusual model simply keeps the ordinary path
+        reason = "" if packed_ok else "packed rows give other logits than separate sequences"
+        head_reason = "" if wrapper is not None else ("no separable decoder/LM head" if split is None
+                                                      else "its split forward gives other logits")
+    except fastpaths.PROBE_ERRORS as exc:  # an unusual model keeps the ordinary path
         wrapper, packed_ok = None, False
+        reason = head_reason = f"{type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
+    fastpaths.decide("completion_logits", wrapper is not None, head_reason)
+    if packing:
+        fastpaths.decide("padding_free", packed_ok, reason)
     if wrapper is not None and packed_ok:
-        from kilter.trainers import shared_prefix
+        from kilter.models import shared_prefix
 
         wrapper.shares_prefix = shared_prefix.check_lm(model, wrapper, device)
     return wrapper, packed_ok
@@ -208,21 +216,21 @@ def packed_sequence_logps(loss_model, examples: list[dict], pad_id: int, capacit
                           device, average: bool = False, group_size: int = 1) -> torch.Tensor:
     """Summed (or per-token mean) response log-probs of tokenized examples: (N,) fp32.
 
-    The padding-free twin of :func:`kilter.trainers.reference.sequence_logps`: ``examples``
+    The padding-free twin of :func:`kilter.models.reference.sequence_logps`: ``examples``
     (``input_ids``, ``labels`` with -100 on the prompt) are packed by :func:`pack_micro_batch`,
     ``loss_model`` is a :class:`CompletionLogits` (or a DDP wrapper of one), and the LM head
     runs only on response positions.  With ``group_size`` k > 1 every k consecutive examples
     share a prompt and, when the model passed the check, are laid out with one copy of their
-    common prefix (:mod:`kilter.trainers.shared_prefix`).  Differentiable unless the caller
+    common prefix (:mod:`kilter.models.shared_prefix`).  Differentiable unless the caller
     disables gradients.
     """
+    from kilter.models.precision import autocast
     from kilter.ops.logprobs import selective_log_softmax
-    from kilter.trainers.common import autocast
 
     inner = getattr(loss_model, "module", loss_model)  # DistributedDataParallel
     with autocast(precision, str(device)):
         if group_size > 1 and getattr(inner, "shares_prefix", False):
-            from kilter.trainers import shared_prefix
+            from kilter.models import shared_prefix
 
             groups = [[list(ex["input_ids"]) for ex in examples[i:i + group_size]]
                       for i in range(0, len(examples), group_size)]
@@ -271,7 +279,7 @@ class LastTokenScores(torch.nn.Module):
         object.__setattr__(self, "_body", body)
         object.__setattr__(self, "_head", head)
         self.shares_prefix = False
-        """True once :func:`kilter.trainers.shared_prefix.check_scores` passed for this model."""
+        """True once :func:`kilter.models.shared_prefix.check_scores` passed for this model."""
         self.attention_weight = attention_weight(model)
         """For :func:`best_packing`."""
 
@@ -318,13 +326,15 @@ def fast_reward_model(model, device: str) -> LastTokenScores | None:
             want = raw_scores(model, ids.to(device), mask.to(device))
             got = wrapper(batch["input_ids"].to(device), batch["position_ids"].to(device),
                           batch["last_index"].to(device))
-        ok = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-    except Exception:  # noqa: BLE001 - an unusual model simply keeps the padded path
-        ok = False
+        ok = bool(torch.allclose(got, want, atol=1e-4, rtol=1e-4))
+        reason = "" if ok else "packed rows give other scores than the padded reward model"
+    except fastpaths.PROBE_ERRORS as exc:  # an unusual model keeps the padded path
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
+    fastpaths.decide("padding_free_scores", ok, reason)
     if ok:
-        from kilter.trainers import shared_prefix
+        from kilter.models import shared_prefix
 
         wrapper.shares_prefix = shared_prefix.check_scores(model, wrapper, device)
     return wrapper if ok else None

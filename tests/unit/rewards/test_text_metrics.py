@@ -3,7 +3,7 @@ import math
 import pytest
 
 from kilter.errors import KilterError
-from kilter.evaluation.text_metrics import (
+from kilter.rewards.text_metrics import (
     bleu,
     distinct_n,
     mean_length,

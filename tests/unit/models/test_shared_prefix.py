@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kilter.trainers import packed
-from kilter.trainers import shared_prefix as sp
+from kilter.models import packed
+from kilter.models import shared_prefix as sp
 
 
 def test_common_prefix():

@@ -21,8 +21,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,8 +29,10 @@ import torch
 from kilter.data.collate import pad_batch
 from kilter.data.tokenize import IGNORE_INDEX
 from kilter.distributed import DistInfo, all_reduce_sum
+from kilter.models.lora import is_peft
+from kilter.models.precision import autocast
 from kilter.ops.logprobs import selective_log_softmax
-from kilter.trainers import common
+from kilter.runs import atomic_write_file
 
 __all__ = [
     "per_token_logps",
@@ -92,7 +92,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str, device
         response = batch["response_mask"].to(device).bool()
     else:
         response = batch["labels"].to(device) != IGNORE_INDEX
-    with common.autocast(precision, str(device)):
+    with autocast(precision, str(device)):
         per_token = per_token_logps(model, ids, mask, response)
     total = per_token.sum(-1)
     if average:
@@ -114,7 +114,7 @@ class Reference:
 
     def __init__(self, policy, model=None):
         self.policy = policy
-        if model is None and common.is_peft(policy):
+        if model is None and is_peft(policy):
             self.model = None  # the adapter-disabled policy
         else:
             self.model = model if model is not None else copy.deepcopy(policy)
@@ -125,8 +125,8 @@ class Reference:
 
     def enable_packing(self, device: str | torch.device) -> bool:
         """Use padding-free rows and completion-only logits in :meth:`packed_sequence_logps`
-        when the reference model passes :func:`kilter.trainers.packed.fast_causal_lm`'s check."""
-        from kilter.trainers.packed import fast_causal_lm
+        when the reference model passes :func:`kilter.models.packed.fast_causal_lm`'s check."""
+        from kilter.models.packed import fast_causal_lm
 
         wrapper, ok = fast_causal_lm(self.model if self.model is not None else self.policy, str(device))
         self._fast = wrapper if ok else None
@@ -162,7 +162,7 @@ class Reference:
     def packed_sequence_logps(self, examples: Sequence[dict], pad_id: int, capacity: int, precision: str,
                               device: str | torch.device, average: bool = False, group_size: int = 1) -> torch.Tensor:
         """(N,) reference log-probs of tokenized examples through packed rows (see :meth:`enable_packing`)."""
-        from kilter.trainers.packed import packed_sequence_logps
+        from kilter.models.packed import packed_sequence_logps
 
         if self._fast is None:
             raise RuntimeError("enable_packing() did not succeed for this reference")
@@ -256,15 +256,7 @@ def _load_cache(path: Path) -> dict:
 
 
 def _save_cache(path: Path, blob: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; run directories are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_file(path, lambda tmp: torch.save(blob, tmp))
 
 
 def cached_sequence_logps(run_dir: str | Path, name: str, reference: Reference, examples: Sequence[dict],

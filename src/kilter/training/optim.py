@@ -1,0 +1,76 @@
+"""AdamW with warmup and decay, gradient clipping: one optimizer set-up for every trainer."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from kilter.config import BaseConfig
+
+
+class OptimConfig(BaseConfig):
+    """AdamW with linear warmup and a cosine (or linear/constant) decay."""
+
+    lr: float = Field(5e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup length in optimizer steps (takes precedence over warmup_ratio when > 0)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Warmup length as a fraction of all optimizer steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr (cosine and linear)."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates each tensor in one pass; on CPU it is ~10x faster than foreach
+    # for small models, where the optimizer step is otherwise a large share of the step time.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based) out of ``total``."""
+    warm = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "constant" or total <= warm:
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if cfg.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
+
+
+def clip_and_norm(params, max_norm: float | None) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
