@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.formats import DataFormat
 from kilter.data.preferences import (
     encode_groups,
     load_preference_groups,
@@ -79,6 +80,8 @@ class RMData(BaseConfig):
     """Held-out preference data (null: hold out eval_fraction of the training prompts)."""
     kind: Kind = "auto"
     """Record kind of the files: comparison, ranking, rating (thumbs, paired within a prompt) or auto (from the first row)."""
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of training prompts held out for evaluation when data.eval is null (0: no evaluation)."""
     split: str | None = None
@@ -344,7 +347,7 @@ def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
     """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
     d = cfg.data
     kwargs = dict(skip_invalid=d.skip_invalid, split=d.split, group_by_prompt=d.group_by_prompt,
-                  max_group_size=d.max_group_size)
+                  max_group_size=d.max_group_size, format=d.format)
     train = load_preference_groups(d.train, d.kind, **kwargs)
     if info.is_main:
         _report_data("train", train)
