@@ -187,6 +187,8 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
     expected = f"expected {_type_name(info.annotation)}" if info is not None else first["msg"]
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f", got {got!r}"
+    if kind == "missing":
+        return f"config key {key!r}{where} is required ({expected}); set it in the YAML file or as {key}=..."
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error", "literal_error"}:
         return f"config key {key!r}{where}: {first['msg']}{got_text}"
     return f"config key {key!r}{where}: {expected}{got_text}"
@@ -228,7 +230,10 @@ def dump_config(cfg: BaseModel) -> str:
 
 
 def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Rows of (key, type, default, help) for every field, nested sections flattened."""
+    """Rows of (key, type, default, help) for every field, nested sections flattened.
+
+    The default of a field without one reads ``required``.
+    """
     rows = []
     for name, info in cls.model_fields.items():
         ann = info.annotation
@@ -238,6 +243,6 @@ def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, s
         if sub is not None:
             rows.extend(describe_fields(sub, prefix + name + "."))
             continue
-        default = info.get_default(call_default_factory=True)
-        rows.append((prefix + name, _type_name(ann), repr(default), (info.description or "").strip()))
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        rows.append((prefix + name, _type_name(ann), default, (info.description or "").strip()))
     return rows

@@ -175,3 +175,20 @@ def test_describe_fields_flattens_sections():
     assert rows["mode"] == ("'a' | 'b'", "'a'", "A choice.")
     assert rows["limit"] == ("int | null", "None", "Optional limit.")
     assert "inner" not in rows
+
+
+class NeedsInput(BaseConfig):
+    """A command with a key that has no default."""
+
+    input: str
+    """The file to read."""
+    n: int = 1
+    """How many."""
+
+
+def test_missing_required_key_says_required():
+    with pytest.raises(ConfigError) as info:
+        load_config(NeedsInput, overrides=["n=2"])
+    assert str(info.value) == "config key 'input' is required (expected str); set it in the YAML file or as input=..."
+    rows = {key: default for key, _typ, default, _doc in describe_fields(NeedsInput)}
+    assert rows == {"input": "required", "n": "1"}
