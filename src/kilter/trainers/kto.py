@@ -39,7 +39,7 @@ from kilter.data.tokenize import encode_prompt_completion
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, DataError
 from kilter.losses import kto_loss
-from kilter.runs import RunDir
+from kilter.runs import RunDir, Tracker
 from kilter.trainers import common
 from kilter.trainers.common import LoraSection, OptimConfig
 from kilter.trainers.dpo import (
@@ -136,6 +136,8 @@ class KTOConfig(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    report_to: list[Tracker] = []
+    """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
 
 
 # --------------------------------------------------------------------------- data
@@ -357,7 +359,7 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
         reward_fn = load_reward_function(cfg.samples.reward_fn)
     prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.n)
 
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
+    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
     existing = run_dir.latest_checkpoint()
     if existing is not None and not cfg.resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "

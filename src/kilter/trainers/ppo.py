@@ -36,7 +36,7 @@ from kilter.rewards.base import RewardConfig, build_reward, prompt_text
 from kilter.rollout.engine import make_engine
 from kilter.rollout.generate import SamplingParams
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
-from kilter.runs import RunDir
+from kilter.runs import RunDir, Tracker
 from kilter.trainers import common, ppo_setup
 from kilter.trainers.common import LoraSection, OptimConfig
 from kilter.trainers.ppo_update import (
@@ -230,6 +230,8 @@ class PPOConfig(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    report_to: list[Tracker] = []
+    """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
 
     @property
     def rollout_size(self) -> int:
@@ -289,7 +291,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
                           "or choose another output_dir")
     reward = build_reward(cfg.reward, device=device)  # a bad reward source fails before anything is written
-    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard)
+    run_dir = RunDir(cfg.output_dir, writer=True, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
     m = ppo_setup.build_models(cfg, reward, device)
     tok = m.tokenizer
     prompts = ppo_setup.PromptStream(cfg, tok)

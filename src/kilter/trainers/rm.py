@@ -62,7 +62,7 @@ from kilter.models.reward import (
     set_reward_bias,
     write_ensemble_manifest,
 )
-from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
+from kilter.runs import RunDir, Tracker, atomic_write_text, save_folder_atomically
 from kilter.trainers import common, packed
 from kilter.trainers.shared_prefix import pack_groups
 from kilter.trainers.common import LoraSection, OptimConfig
@@ -163,6 +163,8 @@ class RMConfig(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    report_to: list[Tracker] = []
+    """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
 
 
 # --------------------------------------------------------------------------- math
@@ -473,7 +475,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     seed = cfg.seed + member
     tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
     common.set_seed(seed)
-    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard)
+    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
     model = load_reward_backbone(start, tokenizer)

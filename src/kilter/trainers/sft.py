@@ -30,7 +30,7 @@ from kilter.data.tokenize import IGNORE_INDEX
 from kilter.losses import causal_lm_loss, sft_loss
 from kilter.models import load_causal_lm, load_tokenizer
 from kilter.rollout.generate import SamplingParams, generate_texts
-from kilter.runs import RunDir
+from kilter.runs import RunDir, Tracker
 from kilter.trainers import common
 from kilter.trainers.common import LoraSection, OptimConfig, pack_micro_batch
 
@@ -115,6 +115,8 @@ class SFTConfig(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    report_to: list[Tracker] = []
+    """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
 
 
 # --------------------------------------------------------------------------- data
@@ -246,7 +248,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     device = info.device
     common.check_precision(cfg.precision, device)
     common.set_seed(cfg.seed)
-    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
+    run_dir = RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
     existing = run_dir.latest_checkpoint()
     if existing is not None and not cfg.resume:
         raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to continue "
