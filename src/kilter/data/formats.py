@@ -279,10 +279,24 @@ def _source_kind(layout: str, row: dict, kind: str) -> str | None:
     return None
 
 
+# Kilter's own fields of each kind, for that same error.
+_NATIVE_FIELDS = {
+    "text": "{text}",
+    "demonstration": "{prompt, completion} or {messages}",
+    "comparison": "{prompt, chosen, rejected}",
+    "ranking": "{prompt, responses, ranks}",
+    "rating": "{prompt, completion, label} or comparisons",
+    "prompt": "{prompt} or {messages}",
+}
+
+
 def _no_layout_message(row: dict, kind: str) -> str:
     seen = ", ".join(sorted(map(str, row)))
     accepted = _LAYOUTS_FOR[kind]
-    options = ", or ".join(f"data.format={name} ({LAYOUTS[name].fields})" for name in accepted)
+    options = ", or ".join(
+        f"data.format={name} ({_NATIVE_FIELDS[kind] if name == 'kilter' else LAYOUTS[name].fields})"
+        for name in accepted
+    )
     others = sorted({f"{name} ({k} records)" for name, k in layout_kinds(row) if name != "kilter" or k != "prompt"})
     looks = f"; it looks like {', '.join(others)}, which are not read as {kind} records" if others else ""
     return f"fields [{seen}]: not {kind} records in any layout Kilter reads{looks}; use {options}"

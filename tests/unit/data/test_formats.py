@@ -137,7 +137,7 @@ def test_a_file_of_no_accepted_layout_lists_fields_and_layouts(tmp_path):
         load_records(str(path), "demonstration")
     message = str(info.value)
     assert message.startswith(f"{path}:1: fields [answer, question]: not demonstration records in any layout")
-    assert "use data.format=kilter" in message and "data.format=alpaca ({instruction, input, output})" in message
+    assert "use data.format=kilter ({prompt, completion} or {messages})" in message and "data.format=alpaca ({instruction, input, output})" in message
     assert "\n" not in message
     # Alpaca given where comparisons are needed: the error says what the file looks like
     with pytest.raises(DataError) as info:

@@ -329,3 +329,22 @@ def test_sharegpt_fixture_trains_both_assistant_turns_with_the_builtin_tokenizer
     example = encode_sft_records(tok, [record], 256, train_on="all_assistant")[0]
     trained = tok.decode([t for t in example["labels"] if t != IGNORE_INDEX])
     assert trained == "The film was warm and lovely, I would go again.\nThe film was bad.\n<|eos|>"
+
+
+def test_smollm2_chat_template_trains_each_assistant_turn_with_its_im_end(smollm2_dir):
+    from pathlib import Path
+
+    from kilter.data.sources import load_records
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "layouts" / "sharegpt.json"
+    record = load_records(str(fixture), "demonstration")[0]
+    example = encode_sft_records(tok, [record], 512, train_on="all_assistant")[0]
+    trained = tok.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+    # ChatML: each turn ends with <|im_end|> (SmolLM2's EOS), so no extra EOS is added
+    assert trained == ("The film was warm and lovely, I would go again.<|im_end|>\n"
+                       "The film was bad.<|im_end|>\n")
+    assert tok.eos_token == "<|im_end|>"
+    last = encode_sft_records(tok, [record], 512, train_on="last")[0]
+    assert tok.decode([t for t in last["labels"] if t != IGNORE_INDEX]) == "The film was bad.<|im_end|>"
