@@ -42,3 +42,35 @@ def test_layout_trains_for_two_steps(command, name, loss, tmp_path, caplog):
     assert f"as {layout} data" in caplog.text
     if command == "kto":
         assert "unpaired into 16 ratings (chosen = desirable, rejected = undesirable)" in caplog.text
+
+
+def test_sft_on_own_data_evaluates_and_samples_from_it_not_the_builtin_task(tmp_path, capsys):
+    code = main(["sft", "model=builtin:tiny", f"data.train={LAYOUTS / 'alpaca.json'}", f"output_dir={tmp_path / 'r'}",
+                 "max_steps=2", "batch_size=2", "tensorboard=false", "n_samples=2", "sample_max_new_tokens=4",
+                 "data.eval_fraction=0.25"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"kilter sft: eval and samples: 2 records of {LAYOUTS / 'alpaca.json'} held out (data.eval_fraction=0.25)" in out
+    assert "Write a short review." in out.split("samples before training:")[1]
+    assert "Write a review of the" not in out and "gold" not in out  # the built-in task's prompts and scores
+    assert [r for r in read_metrics(tmp_path / "r") if "eval/loss" in r]
+
+
+def test_sft_without_eval_says_so(tmp_path, capsys):
+    code = main(["sft", "model=builtin:tiny", f"data.train={LAYOUTS / 'alpaca.json'}", f"output_dir={tmp_path / 'r'}",
+                 "max_steps=1", "batch_size=2", "tensorboard=false", "data.eval_fraction=0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "kilter sft: eval and samples: none (data.eval_fraction=0)" in out and "samples before" not in out
+    assert not [r for r in read_metrics(tmp_path / "r") if "eval/loss" in r]
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto"])
+def test_data_is_checked_before_the_model_is_loaded(command, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    # a folder that does not exist: reaching the model loader would fail with another message
+    code = main([command, f"model={tmp_path / 'no-model'}", f"data.train={bad}", f"output_dir={tmp_path / 'r'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: " in err and "model folder not found" not in err

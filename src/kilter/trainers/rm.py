@@ -345,8 +345,8 @@ def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, devi
 # --------------------------------------------------------------------------- data
 
 
-def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
-    """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
+def _read_data(cfg: RMConfig, info: DistInfo):
+    """(train groups, eval groups, bias reference pairs): read before any model or tokenizer is loaded."""
     d = cfg.data
     kwargs = dict(skip_invalid=d.skip_invalid, split=d.split, group_by_prompt=d.group_by_prompt,
                   max_group_size=d.max_group_size, format=d.format)
@@ -376,8 +376,14 @@ def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
         pairs = reference_pairs_from_file(ref)
     if len(pairs) > cfg.max_bias_examples:
         pairs = random.Random(f"kilter-rm-bias-{cfg.seed}").sample(pairs, cfg.max_bias_examples)
+    return train_groups, eval_groups, pairs
+
+
+def _encode_data(cfg: RMConfig, tokenizer, train_groups, eval_groups, pairs):
+    """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
     from kilter.data.tokenize import encode_prompt_completion
 
+    d = cfg.data
     reference = [{"input_ids": encode_prompt_completion(tokenizer, p, r, d.max_length)["input_ids"]} for p, r in pairs]
     return (train_groups, eval_groups, encode_groups(tokenizer, train_groups, d.max_length),
             encode_groups(tokenizer, eval_groups, d.max_length), reference)
@@ -438,8 +444,9 @@ def _train_all(cfg: RMConfig, info: DistInfo) -> int:
                 raise ConfigError(f"output_dir {cfg.output_dir} already holds checkpoints; pass resume=true to "
                                   "continue or choose another output_dir")
 
+    read = _read_data(cfg, info)
     tokenizer = load_tokenizer(starts[0])
-    train_groups, eval_groups, train_enc, eval_enc, reference = _load_data(cfg, tokenizer, info)
+    train_groups, eval_groups, train_enc, eval_enc, reference = _encode_data(cfg, tokenizer, *read)
     if info.is_main:
         where = cfg.init_from or cfg.model
         print(f"kilter rm: {len(train_enc)} training groups, {len(eval_enc)} eval groups, {len(reference)} reference "
