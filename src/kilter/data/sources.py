@@ -20,7 +20,7 @@ from kilter.data.formats import read_layout
 from kilter.data.readers import Records
 from kilter.errors import KilterError
 
-__all__ = ["BUILTIN", "hold_out", "load_records", "parse_spec"]
+__all__ = ["BUILTIN", "hold_out", "load_records", "load_train_eval", "parse_spec", "resolve_eval_spec"]
 
 log = logging.getLogger("kilter.data")
 
@@ -75,6 +75,19 @@ def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], 
     n_held = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
     held = set(order[:n_held])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def resolve_eval_spec(train: str, eval: str | None, builtin_eval: dict[str, str]) -> tuple[str | None, str]:
+    """``(eval spec or None, why)`` for a command whose evaluation data cannot be held out of ``train``.
+
+    ``eval="auto"`` is the built-in eval set matching a built-in ``train``, and none for the
+    user's own data (never the built-in task's data next to someone else's).
+    """
+    if eval != "auto":
+        return eval, f"{eval}" if eval else "none (null)"
+    if train in builtin_eval:
+        return builtin_eval[train], builtin_eval[train]
+    return None, f"none (auto: {train} is not built-in; name held-out prompts to evaluate on)"
 
 
 def load_train_eval(train: str, eval: str | None, kind: str, *, eval_fraction: float, seed: int,

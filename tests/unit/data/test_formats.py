@@ -214,3 +214,14 @@ def test_hold_out_and_eval_plan(tmp_path):
     tr, ev, said = load_train_eval("builtin:sft", "auto", "demonstration", eval_fraction=0.25, seed=0,
                                    builtin_eval={"builtin:sft": "builtin:sft_eval"})
     assert ev.source == "builtin:sft_eval" and said.endswith("records of builtin:sft_eval")
+
+
+def test_auto_eval_prompts_never_pair_builtin_eval_with_own_data():
+    from kilter.data.sources import resolve_eval_spec
+
+    builtin = {"builtin:prompts": "builtin:prompts_eval"}
+    assert resolve_eval_spec("builtin:prompts", "auto", builtin) == ("builtin:prompts_eval", "builtin:prompts_eval")
+    spec, why = resolve_eval_spec("mine.jsonl", "auto", builtin)
+    assert spec is None and why.startswith("none (auto: mine.jsonl is not built-in")
+    assert resolve_eval_spec("mine.jsonl", "held.jsonl", builtin) == ("held.jsonl", "held.jsonl")
+    assert resolve_eval_spec("mine.jsonl", None, builtin) == (None, "none (null)")
