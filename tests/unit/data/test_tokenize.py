@@ -317,18 +317,6 @@ def test_template_that_rewrites_earlier_turns_is_a_one_line_error(words):
         encode_conversation(tok, CONVERSATION, 64)
 
 
-def test_sharegpt_fixture_trains_both_assistant_turns_with_the_builtin_tokenizer():
-    from pathlib import Path
-
-    from kilter.data.sources import load_records
-    from kilter.models import load_tokenizer
-
-    tok = load_tokenizer("builtin:tiny")
-    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "layouts" / "sharegpt.json"
-    record = load_records(str(fixture), "demonstration")[0]
-    example = encode_sft_records(tok, [record], 256, train_on="all_assistant")[0]
-    trained = tok.decode([t for t in example["labels"] if t != IGNORE_INDEX])
-    assert trained == "The film was warm and lovely, I would go again.\nThe film was bad.\n<|eos|>"
 
 
 def test_smollm2_chat_template_trains_each_assistant_turn_with_its_im_end(smollm2_dir):
@@ -348,3 +336,22 @@ def test_smollm2_chat_template_trains_each_assistant_turn_with_its_im_end(smollm
     assert tok.eos_token == "<|im_end|>"
     last = encode_sft_records(tok, [record], 512, train_on="last")[0]
     assert tok.decode([t for t in last["labels"] if t != IGNORE_INDEX]) == "The film was bad.<|im_end|>"
+
+
+@pytest.mark.parametrize("name,trained", [
+    ("alpaca.json", "The film was warm and lovely, I would go again.<|eos|>"),
+    ("ultrafeedback.jsonl", "The film was warm and lovely, I would go again.<|eos|>"),
+    ("sharegpt.json", "The film was warm and lovely, I would go again.\nThe film was bad.\n<|eos|>"),
+])
+def test_each_sft_layout_fixture_trains_only_the_assistant_text(name, trained):
+    from pathlib import Path
+
+    from kilter.data.sources import load_records
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "layouts" / name
+    example = encode_sft_records(tok, load_records(str(fixture), "demonstration").rows[:1], 256, "all_assistant")[0]
+    assert tok.decode([t for t in example["labels"] if t != IGNORE_INDEX]) == trained
+    # and nothing of the user's side is learned
+    assert "<|user|>" in tok.decode(example["input_ids"]) and "<|user|>" not in trained
