@@ -76,7 +76,8 @@ def _kilter_kinds(row: dict) -> tuple[str, ...]:
         kinds.append("comparison")
     if "label" in row and "completion" in row:
         kinds.append("rating")
-    if "completion" in row or ("messages" in row and "prompt" not in row):
+    # `response` is what `kilter score` reads besides `completion`
+    if "completion" in row or "response" in row or ("messages" in row and "prompt" not in row):
         kinds.append("demonstration")
     if "text" in row:
         kinds.append("text")

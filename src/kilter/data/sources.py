@@ -99,11 +99,12 @@ def load_train_eval(train: str, eval: str | None, kind: str, *, eval_fraction: f
     ``eval="auto"``: the built-in eval set that matches a built-in ``train`` (``builtin_eval``
     maps one to the other), else ``eval_fraction`` of the training records held out (none
     when the fraction is 0).  A path (or ``DIR:split``) is read as it is; None: no evaluation.
+    ``split`` applies to ``train`` only.
     """
-    def read(spec: str) -> Records:
+    def read(spec: str, split: str | None) -> Records:
         return load_records(spec, kind, skip_invalid=skip_invalid, split=split, task_seed=task_seed, format=format)
 
-    records = read(train)
+    records = read(train, split)  # `split` is data.train's; data.eval names its own (DIR:split)
     if eval == "auto":
         eval = (builtin_eval or {}).get(train)
         if eval is None:
@@ -118,5 +119,5 @@ def load_train_eval(train: str, eval: str | None, kind: str, *, eval_fraction: f
             return train_part, held_part, f"{len(held)} records of {train} held out (data.eval_fraction={eval_fraction:g})"
     if eval is None:
         return records, None, "none (data.eval=null)"
-    held_records = read(eval)
+    held_records = read(eval, None)
     return records, held_records, f"{len(held_records)} records of {eval}"

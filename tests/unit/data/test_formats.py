@@ -225,3 +225,15 @@ def test_auto_eval_prompts_never_pair_builtin_eval_with_own_data():
     assert spec is None and why.startswith("none (auto: mine.jsonl is not built-in")
     assert resolve_eval_spec("mine.jsonl", "held.jsonl", builtin) == ("held.jsonl", "held.jsonl")
     assert resolve_eval_spec("mine.jsonl", None, builtin) == (None, "none (null)")
+
+
+def test_data_split_applies_to_the_training_folder_only(tmp_path):
+    import datasets
+
+    rows = {"train": [{"prompt": "a", "completion": "x"}] * 3, "dev": [{"prompt": "b", "completion": "y"}] * 2,
+            "test": [{"prompt": "c", "completion": "z"}]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in rows.items()}).save_to_disk(str(tmp_path / "d"))
+    spec = str(tmp_path / "d")
+    train, held, said = load_train_eval(spec, f"{spec}:test", "demonstration", eval_fraction=0.1, seed=0, split="dev")
+    assert [r["prompt"] for r in train] == ["b", "b"] and [r["prompt"] for r in held] == ["c"]
+    assert said == f"1 records of {spec}:test"
