@@ -315,9 +315,12 @@ def detect_layout(row: Any, kind: str, where: str = "") -> tuple[str, str]:
     raise DataError(prefix + _no_layout_message(row, kind))
 
 
-def _first_row(spec: str | Path, split: str | None) -> tuple[str, Any]:
+def _first_row(spec: str | Path, split: str | None, skip_invalid: bool) -> tuple[str, Any]:
+    """The row the layout is judged from: the first one (the first readable one with skip_invalid)."""
     for where, row, problem in iter_raw_rows(spec, split):
         if problem is not None:
+            if skip_invalid:
+                continue
             raise DataError(f"{where}: {problem}")
         return where, row
     raise DataError(f"{spec}: no records")
@@ -328,7 +331,7 @@ def read_layout(source: str | Path, kind: str, format: str = "auto", *, skip_inv
     """Read ``source`` in one layout (judged from its first row, or named) as records of ``kind``."""
     if format not in LAYOUTS and format != "auto":
         raise KilterError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
-    where, first = _first_row(source, split)
+    where, first = _first_row(source, split, skip_invalid)
     if format == "auto":
         layout, source_kind = detect_layout(first, kind, where)
     else:

@@ -237,3 +237,12 @@ def test_data_split_applies_to_the_training_folder_only(tmp_path):
     train, held, said = load_train_eval(spec, f"{spec}:test", "demonstration", eval_fraction=0.1, seed=0, split="dev")
     assert [r["prompt"] for r in train] == ["b", "b"] and [r["prompt"] for r in held] == ["c"]
     assert said == f"1 records of {spec}:test"
+
+
+def test_skip_invalid_judges_the_layout_from_the_first_readable_row(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("{not json\n" + (LAYOUTS / "hh.jsonl").read_text())
+    with pytest.raises(DataError, match=r"a.jsonl:1: not valid JSON"):
+        load_records(str(path), "comparison")
+    records = load_records(str(path), "comparison", skip_invalid=True)
+    assert records.layout == "hh" and len(records) == 8 and records.n_skipped == 1
