@@ -315,7 +315,7 @@ def detect_layout(row: Any, kind: str, where: str = "") -> tuple[str, str]:
     raise DataError(prefix + _no_layout_message(row, kind))
 
 
-def _first_row(spec: str | Path, split: str | None, skip_invalid: bool) -> tuple[str, Any]:
+def _first_row(spec: str | Path, split: str | None, skip_invalid: bool) -> tuple[str, Any] | None:
     """The row the layout is judged from: the first one (the first readable one with skip_invalid)."""
     for where, row, problem in iter_raw_rows(spec, split):
         if problem is not None:
@@ -323,7 +323,7 @@ def _first_row(spec: str | Path, split: str | None, skip_invalid: bool) -> tuple
                 continue
             raise DataError(f"{where}: {problem}")
         return where, row
-    raise DataError(f"{spec}: no records")
+    return None
 
 
 def read_layout(source: str | Path, kind: str, format: str = "auto", *, skip_invalid: bool = False,
@@ -331,7 +331,10 @@ def read_layout(source: str | Path, kind: str, format: str = "auto", *, skip_inv
     """Read ``source`` in one layout (judged from its first row, or named) as records of ``kind``."""
     if format not in LAYOUTS and format != "auto":
         raise KilterError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
-    where, first = _first_row(source, split, skip_invalid)
+    found = _first_row(source, split, skip_invalid)
+    if found is None:  # nothing to judge a layout from: the readers' own "no valid records"
+        return read_records(source, kind, skip_invalid=skip_invalid, split=split, allow_empty=allow_empty)
+    where, first = found
     if format == "auto":
         layout, source_kind = detect_layout(first, kind, where)
     else:
