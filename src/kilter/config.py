@@ -187,6 +187,8 @@ def _format_error(cls: type[BaseModel], err: ValidationError, source: str) -> st
     expected = f"expected {_type_name(info.annotation)}" if info is not None else first["msg"]
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f", got {got!r}"
+    if kind == "missing":
+        return f"config key {key!r}{where} is required ({expected}); set it in the YAML file or as {key}=..."
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error", "literal_error"}:
         return f"config key {key!r}{where}: {first['msg']}{got_text}"
     return f"config key {key!r}{where}: {expected}{got_text}"
@@ -256,6 +258,7 @@ def describe_fields(cls: type[BaseModel], prefix: str = "", instance: BaseModel 
     A nested section shows the defaults of the section's default *instance* (PPO's optimizer
     starts at lr 1e-5, not at OptimConfig's class default).  A config may refine the help of
     fields it inherits with a ``help_overrides`` class attribute ({field: text}).
+    The default of a field without one reads ``required``.
     """
     rows = []
     overrides = getattr(cls, "help_overrides", {}) or {}
@@ -265,5 +268,6 @@ def describe_fields(cls: type[BaseModel], prefix: str = "", instance: BaseModel 
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, prefix + name + ".", default if isinstance(default, ann) else None))
             continue
-        rows.append((prefix + name, _type_name(ann), repr(default), (overrides.get(name) or info.description or "").strip()))
+        shown = "required" if info.is_required() else repr(default)
+        rows.append((prefix + name, _type_name(ann), shown, (overrides.get(name) or info.description or "").strip()))
     return rows

@@ -2,6 +2,21 @@
 
 Checkpoints are written into a temporary folder and renamed into place, so a kill in the
 middle of a save leaves the previous checkpoint intact and never a half-written one.
+
+**Experiment trackers.**  Every row written to metrics.jsonl also goes, with the same metric
+names and step, to the trackers named in ``report_to``, each through its own client:
+
+* ``tensorboard`` -- event files in ``<run>/tensorboard`` (``torch.utils.tensorboard``);
+* ``wandb`` -- ``wandb.init(dir=<run>, name=<run folder>, config=<config.yaml>)``; the project
+  is ``WANDB_PROJECT`` (default ``kilter``); ``WANDB_MODE=offline`` keeps it on disk;
+* ``mlflow`` -- ``MlflowClient``: the server or store of ``MLFLOW_TRACKING_URI`` (e.g.
+  ``file:./mlruns``), experiment ``MLFLOW_EXPERIMENT_NAME`` (default ``kilter``), the config as
+  params;
+* ``trackio`` -- ``trackio.init(project=TRACKIO_PROJECT or kilter, name=<run folder>)``, local
+  by default (``TRACKIO_DIR``).
+
+None is a dependency of Kilter: ``pip install 'kilter[trackers]'`` installs them all; naming
+one that is not installed is a one-line error before training starts.
 """
 
 from __future__ import annotations
@@ -13,11 +28,19 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Literal
+
+import yaml
 
 from kilter import fastpaths
 from kilter.config import dump_config
+from kilter.errors import ConfigError
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny", "trackio": "trackio"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -28,24 +51,146 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-class RunDir:
-    """One training run's folder.  Only the main process should create one with ``writer=True``."""
+def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 1e-4, ...}``: nested config sections as dotted keys (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
-    def __init__(self, path: str | Path, writer: bool = True, tensorboard: bool = True):
+
+class _TensorBoard:
+    def __init__(self, run: Path, required: bool):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            if required:
+                raise
+            self.writer = None
+            return
+        self.writer = SummaryWriter(str(run / "tensorboard"))
+
+    def start(self, config: dict) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _WandB:
+    def __init__(self, run: Path, required: bool):
+        import wandb
+
+        self.wandb, self.path, self.run = wandb, run, None
+
+    def start(self, config: dict) -> None:
+        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT") or "kilter", name=self.path.name,
+                                   dir=str(self.path), config=config, reinit="create_new")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run: Path, required: bool):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.path, self.run_id = MlflowClient(), run, None
+
+    def start(self, config: dict) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kilter"
+        try:
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(name)
+            self.run_id = self.client.create_run(experiment_id, run_name=self.path.name).info.run_id
+        except MlflowException as exc:  # a tracking URI it cannot use: say so in one line
+            raise ConfigError(f"report_to mlflow: {str(exc).splitlines()[0]}") from None
+        params = [Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in _flat(config).items()]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id)
+
+
+class _Trackio:
+    def __init__(self, run: Path, required: bool):
+        import trackio
+
+        self.trackio, self.path, self.run = trackio, run, None
+
+    def start(self, config: dict) -> None:
+        self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT") or "kilter", name=self.path.name,
+                                     config=config, embed=False, auto_log_cpu=False, auto_log_gpu=False)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+_CLIENTS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow, "trackio": _Trackio}
+
+
+class RunDir:
+    """One training run's folder.  Only the main process should create one with ``writer=True``.
+
+    ``report_to`` names the experiment trackers that receive every logged row (module
+    docstring); ``tensorboard=True`` adds TensorBoard when it is installed, silently otherwise.
+    """
+
+    def __init__(self, path: str | Path, writer: bool = True, tensorboard: bool = True,
+                 report_to: list[str] | tuple[str, ...] = ()):
         self.path = Path(path)
         self.writer = writer
-        self._tb = None
         self._fast_paths: dict[str, float] = {}
+        self._trackers: list = []
+        self._started = False
+        unknown = [t for t in report_to if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; expected some of {', '.join(TRACKERS)}")
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
-            if tensorboard:
+            names = list(dict.fromkeys(([] if not tensorboard or "tensorboard" in report_to else ["tensorboard"])
+                                       + list(report_to)))
+            for name in names:
                 try:
-                    from torch.utils.tensorboard import SummaryWriter
+                    self._trackers.append(_CLIENTS[name](self.path, required=name in report_to))
+                except ImportError:
+                    raise ConfigError(f"report_to names {name}, which is not installed: pip install {_PACKAGES[name]} "
+                                      "(or pip install 'kilter[trackers]')") from None
 
-                    self._tb = SummaryWriter(str(self.path / "tensorboard"))
-                except Exception:  # noqa: BLE001 - TensorBoard is optional
-                    self._tb = None
+    def _start_trackers(self, config: dict) -> None:
+        if not self._started:
+            self._started = True
+            for tracker in self._trackers:
+                tracker.start(config)
 
     # ------------------------------------------------------------------ files
     @property
@@ -58,7 +203,9 @@ class RunDir:
 
     def write_config(self, cfg) -> None:
         if self.writer:
-            atomic_write_text(self.path / "config.yaml", dump_config(cfg))
+            text = dump_config(cfg)
+            atomic_write_text(self.path / "config.yaml", text)
+            self._start_trackers(yaml.safe_load(text))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append one JSON line ``{"step": N, "time": t, <namespaced keys>}`` and flush it."""
@@ -72,10 +219,12 @@ class RunDir:
         self._fast_paths = decided
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "time") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+        if self._trackers:
+            self._start_trackers({})  # a command that logs without writing its config first
+            scalars = {k: v for k, v in row.items()
+                       if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for tracker in self._trackers:
+                tracker.log(int(step), scalars)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the file reads like one run."""
@@ -86,8 +235,9 @@ class RunDir:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int | None = None) -> Path | None:

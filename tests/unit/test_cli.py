@@ -47,7 +47,9 @@ def test_every_config_command_documents_every_field(name, capsys):
     out = capsys.readouterr().out
     for key, _typ, default, doc in describe_fields(_load(COMMANDS[name].config)):
         assert doc, f"kilter {name}: field {key} has no docstring"
-        assert f"  {key}  (" in out and f"default {default})" in out
+        shown = "required" if default == "required" else f"default {default}"
+        assert f"  {key}  (" in out and f"{shown})" in out
+        assert "PydanticUndefined" not in out
 
 
 @pytest.mark.parametrize(

@@ -186,3 +186,18 @@ def test_overriding_one_key_keeps_the_sections_documented_defaults():
     assert cfg.optim.lr == 3e-3 and cfg.optim.schedule == "constant" and cfg.optim.warmup_ratio == 0.0
     assert cfg.value.optim.lr == 1e-3 and cfg.value.optim.schedule == "constant"
     assert load_config(PPOConfig, overrides=["optim.schedule=cosine"]).optim.lr == 1e-5
+class NeedsInput(BaseConfig):
+    """A command with a key that has no default."""
+
+    input: str
+    """The file to read."""
+    n: int = 1
+    """How many."""
+
+
+def test_missing_required_key_says_required():
+    with pytest.raises(ConfigError) as info:
+        load_config(NeedsInput, overrides=["n=2"])
+    assert str(info.value) == "config key 'input' is required (expected str); set it in the YAML file or as input=..."
+    rows = {key: default for key, _typ, default, _doc in describe_fields(NeedsInput)}
+    assert rows == {"input": "required", "n": "1"}

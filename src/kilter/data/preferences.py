@@ -31,13 +31,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kilter.data.formats import layout_kinds
 from kilter.data.readers import iter_raw_rows
-from kilter.data.sources import load_records
+from kilter.data.sources import load_records, parse_spec
 from kilter.errors import DataError, KilterError
 from kilter.losses import ranking_pairs
 
-__all__ = ["PreferenceData", "detect_kind", "load_preference_groups", "groups_from_records", "split_by_prompt",
-           "reference_pairs", "encode_groups", "PREFERENCE_KINDS"]
+__all__ = [
+    "PREFERENCE_KINDS",
+    "PreferenceData",
+    "detect_kind",
+    "encode_groups",
+    "groups_from_records",
+    "load_preference_groups",
+    "reference_pairs",
+    "split_by_prompt",
+]
 
 PREFERENCE_KINDS = ("comparison", "ranking", "rating")
 
@@ -49,11 +58,12 @@ def prompt_key(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
-def detect_kind(spec: str, split: str | None = None, allowed: Sequence[str] = PREFERENCE_KINDS) -> str:
-    """The record kind of a data file, judged from its first row's fields.
+def detect_kind(spec: str, split: str | None = None, allowed: Sequence[str] = PREFERENCE_KINDS,
+                format: str = "auto") -> str:
+    """The record kind of a data file, judged from its first row in its layout (:mod:`kilter.data.formats`).
 
-    ``responses`` -> ranking; ``chosen``/``rejected`` -> comparison; ``label`` -> rating;
-    ``completion``/``messages``/``response`` -> demonstration; only ``prompt`` -> prompt.
+    Of the kinds the row can give, the first of ranking, comparison, rating, demonstration,
+    prompt that is in ``allowed`` wins; a file of other records is an error naming what it holds.
     """
     if spec.startswith("builtin:"):
         from kilter.data.sources import BUILTIN
@@ -62,29 +72,26 @@ def detect_kind(spec: str, split: str | None = None, allowed: Sequence[str] = PR
         if name not in BUILTIN:
             raise KilterError(f"unknown built-in data {spec!r}")
         kind = BUILTIN[name][0]
-    else:
-        first = next(iter(iter_raw_rows(spec, split)), None)
-        if first is None:
-            raise DataError(f"{spec}: no records")
-        where, row, problem = first
-        if problem is not None or not isinstance(row, dict):
-            raise DataError(f"{where}: {problem or 'expected an object with named fields'}")
-        if "responses" in row:
-            kind = "ranking"
-        elif "chosen" in row or "rejected" in row:
-            kind = "comparison"
-        elif "label" in row:
-            kind = "rating"
-        elif "completion" in row or "messages" in row or "response" in row:
-            kind = "demonstration"
-        elif "prompt" in row:
-            kind = "prompt"
-        else:
-            raise DataError(f"{where}: cannot tell the record kind from fields {sorted(row)}; "
-                            "expected chosen/rejected, responses/ranks or completion/label")
-    if kind not in allowed:
-        raise KilterError(f"{spec} holds {kind} records, but one of {', '.join(allowed)} is needed here")
-    return kind
+        if kind not in allowed:
+            raise KilterError(f"{spec} holds {kind} records, but one of {', '.join(allowed)} is needed here")
+        return kind
+    path, split = parse_spec(spec, split)
+    first = next(iter(iter_raw_rows(path, split)), None)
+    if first is None:
+        raise DataError(f"{spec}: no records")
+    where, row, problem = first
+    if problem is not None or not isinstance(row, dict):
+        raise DataError(f"{where}: {problem or 'expected an object with named fields'}")
+    found = [(layout, kind) for layout, kind in layout_kinds(row) if format in ("auto", layout)]
+    order = ("ranking", "comparison", "rating", "demonstration", "text", "prompt")
+    kinds = sorted({kind for _, kind in found}, key=order.index)
+    for kind in kinds:
+        if kind in allowed:
+            return kind
+    if not kinds or kinds == ["prompt"]:
+        raise DataError(f"{where}: cannot tell the record kind from fields {sorted(row)}; expected one of "
+                        f"{', '.join(allowed)} records in a layout of docs/data.md (or set data.format)")
+    raise KilterError(f"{spec} holds {kinds[0]} records, but one of {', '.join(allowed)} is needed here")
 
 
 @dataclass
@@ -170,18 +177,20 @@ def groups_from_records(rows: Sequence[dict], kind: str, group_by_prompt: bool =
 
 
 def load_preference_groups(spec: str, kind: str = "auto", *, skip_invalid: bool = False, split: str | None = None,
-                           group_by_prompt: bool = True, max_group_size: int = 16) -> PreferenceData:
-    """Read a comparison/ranking/rating file (or a saved dataset) into groups."""
+                           group_by_prompt: bool = True, max_group_size: int = 16,
+                           format: str = "auto") -> PreferenceData:
+    """Read a comparison/ranking/rating file (or a saved dataset) in any layout into groups."""
     if kind == "auto":
-        kind = detect_kind(spec, split)
+        kind = detect_kind(spec, split, format=format)
     if kind not in PREFERENCE_KINDS:
         raise KilterError(f"a reward model learns from {', '.join(PREFERENCE_KINDS)} records, not {kind}")
-    records = load_records(spec, kind, skip_invalid=skip_invalid, split=split)
+    records = load_records(spec, kind, skip_invalid=skip_invalid, split=split, format=format)
     groups, no_pairs = groups_from_records(records.rows, kind, group_by_prompt, max_group_size)
     if not groups:
         raise DataError(f"{spec}: none of its {len(records.rows)} {kind} records yields a preference pair "
                         "(every ranking is all ties, or every prompt's ratings agree)")
-    return PreferenceData(groups, kind, spec, len(records.rows), records.n_skipped, no_pairs, records.first_error)
+    return PreferenceData(groups, kind, spec, len(records.rows), records.n_skipped, no_pairs, records.first_error,
+                          notes=list(records.notes))
 
 
 def split_by_prompt(groups: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

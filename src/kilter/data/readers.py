@@ -19,27 +19,29 @@ warning line.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kilter.data.records import RECORD_KINDS, is_messages, validate_record
+from kilter.data.records import RECORD_KINDS, FieldError, is_messages, validate_record
 from kilter.errors import DataError, KilterError
 from kilter.runs import atomic_write_file
 
-__all__ = ["Records", "read_records", "iter_raw_rows", "write_jsonl", "SUPPORTED_EXTENSIONS"]
+__all__ = ["SUPPORTED_EXTENSIONS", "Records", "iter_raw_rows", "read_records", "write_jsonl"]
 
 log = logging.getLogger("kilter.data")
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 # Columns whose CSV cells hold JSON lists, and columns whose cells may hold a JSON message list.
-_CSV_LIST_FIELDS = frozenset({"responses", "ranks", "messages"})
+_CSV_LIST_FIELDS = frozenset({"responses", "ranks", "messages", "conversations"})
 _CSV_MAYBE_MESSAGES = frozenset({"prompt", "completion", "chosen", "rejected"})
+_CSV_LABELS = {"true": True, "false": False, "1": 1, "0": 0}
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Records:
     source: str
     n_skipped: int = 0
     first_error: str | None = None
+    layout: str = "kilter"
+    """The public layout the rows were read in (kilter.data.formats)."""
+    notes: list[str] = field(default_factory=list)
+    """Lines the command should print about how the data was read."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,6 +97,20 @@ def _json_rows(path: Path, name: str) -> Iterator[RawRow]:
         yield f"{name}:record {number}", row, None
 
 
+def _python_repr_list(text: str) -> bool:
+    """True when a cell is a Python list literal that is not JSON (what pandas' to_csv writes)."""
+    try:
+        return isinstance(ast.literal_eval(text.strip()), list)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+
+
+def _csv_list_error(field: str, exc: json.JSONDecodeError) -> FieldError:
+    return FieldError(field, f"the cell looks like a list but is not valid JSON ({exc.msg} at column {exc.colno}); "
+                             "pandas' to_csv writes Python repr: write JSON lists in the cell "
+                             "(json.dumps), or save the frame with to_json(orient='records', lines=True)")
+
+
 def _csv_cell(field: str, text: str | None) -> Any:
     """Turn one CSV cell into the value a JSON file would have held."""
     if text is None:  # the row had fewer cells than the header
@@ -98,13 +118,17 @@ def _csv_cell(field: str, text: str | None) -> Any:
     if field in _CSV_LIST_FIELDS:
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if text.lstrip().startswith(("[", "{")):
+                raise _csv_list_error(field, exc) from None
             return text  # validation reports it, showing the cell
     if field in _CSV_MAYBE_MESSAGES and text.lstrip().startswith("["):
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
-            return text
+        except json.JSONDecodeError as exc:
+            if _python_repr_list(text):
+                raise _csv_list_error(field, exc) from None
+            return text  # a prompt that merely starts with "[", e.g. "[INST] ..."
         return value if is_messages(value) else text
     if field == "strength":
         if not text.strip():
@@ -113,8 +137,8 @@ def _csv_cell(field: str, text: str | None) -> Any:
             return float(text)
         except ValueError:
             return text
-    if field == "label" and text.strip().lower() in ("true", "false"):
-        return text.strip().lower() == "true"
+    if field == "label" and text.strip().lower() in _CSV_LABELS:
+        return _CSV_LABELS[text.strip().lower()]
     return text
 
 
@@ -138,7 +162,11 @@ def _csv_rows(path: Path, name: str, delimiter: str) -> Iterator[RawRow]:
             if not cells or all(not c.strip() for c in cells):
                 continue
             padded = cells + [None] * (len(header) - len(cells))
-            row = {field: _csv_cell(field, text) for field, text in zip(header, padded)}
+            try:
+                row = {column: _csv_cell(column, text) for column, text in zip(header, padded)}
+            except FieldError as exc:
+                yield f"{name}:{first_line}", None, str(exc)
+                continue
             yield f"{name}:{first_line}", row, None
 
 
@@ -220,6 +248,7 @@ def read_records(
     skip_invalid: bool = False,
     split: str | None = None,
     allow_empty: bool = False,
+    to_records: Callable[[Any], list[dict]] | None = None,
 ) -> Records:
     """Read and validate every row of ``source`` as records of ``kind``.
 
@@ -231,6 +260,8 @@ def read_records(
             raising on the first.
         split: the split of a saved ``DatasetDict`` (default ``"train"``).
         allow_empty: return an empty result instead of raising when no valid row is found.
+        to_records: turns one raw row into validated records (default: ``validate_record(row, kind)``);
+            :mod:`kilter.data.formats` passes one that reads a public layout.
     """
     if kind not in RECORD_KINDS:
         raise KilterError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")
@@ -241,7 +272,7 @@ def read_records(
         try:
             if problem is not None:
                 raise DataError(problem)
-            rows.append(validate_record(row, kind))
+            rows.extend(to_records(row) if to_records is not None else [validate_record(row, kind)])
         except DataError as exc:
             message = f"{where}: {exc}"
             if not skip_invalid:

@@ -8,15 +8,18 @@ kind           fields (extra columns are ignored)
 =============  ==========================================================================
 text           ``text``
 demonstration  ``prompt`` + ``completion``, or ``messages`` (the last one, from the
-               assistant, is the completion; the earlier ones are the prompt)
+               assistant, is the completion; the earlier ones are the prompt; a conversation
+               with earlier assistant turns is also kept whole as ``messages``, so every
+               assistant turn can be trained)
 comparison     ``prompt`` + ``chosen`` + ``rejected`` (+ optional ``strength`` in [0, 1]);
                conversational: ``prompt`` is a message list and ``chosen``/``rejected``
                are lists holding the assistant turn.  With message lists and no
                ``prompt`` column, the shared leading messages of chosen and rejected are
                the prompt (the "implicit prompt" form of public preference sets).
 ranking        ``prompt`` + ``responses`` + ``ranks`` (rank 1 is best; equal ranks tie)
-rating         ``prompt`` + ``completion`` + ``label`` (a boolean: thumbs up or down)
-prompt         ``prompt``
+rating         ``prompt`` + ``completion`` + ``label`` (thumbs up or down: true/false, or 1/0)
+prompt         ``prompt``, or ``messages`` (a trailing assistant message is dropped: the
+               prompt is what comes before the reply)
 =============  ==========================================================================
 
 :func:`validate_record` returns one normalised shape per kind, so trainers handle a single
@@ -31,7 +34,7 @@ from typing import Any
 
 from kilter.errors import DataError
 
-__all__ = ["RECORD_KINDS", "FieldError", "validate_record", "is_messages"]
+__all__ = ["RECORD_KINDS", "FieldError", "is_messages", "validate_record"]
 
 RECORD_KINDS = ("text", "demonstration", "comparison", "ranking", "rating", "prompt")
 
@@ -131,7 +134,10 @@ def _split_conversation(messages: list[dict[str, str]], field: str) -> tuple[lis
 
 def _demonstration(row: dict) -> dict:
     if "prompt" not in row and "completion" not in row and "messages" in row:
-        prompt, completion = _split_conversation(_messages(_require(row, "messages"), "messages"), "messages")
+        messages = _messages(_require(row, "messages"), "messages")
+        prompt, completion = _split_conversation(messages, "messages")
+        if any(m["role"] == "assistant" for m in prompt):  # multi-turn: keep every turn for train_on=all_assistant
+            return {"prompt": prompt, "completion": completion, "messages": messages}
         return {"prompt": prompt, "completion": completion}
     return {"prompt": _prompt(row), "completion": _response(row, "completion")}
 
@@ -204,9 +210,20 @@ def _rating(row: dict) -> dict:
     prompt = _prompt(row)
     completion = _response(row, "completion")
     label = _require(row, "label")
-    if not isinstance(label, bool):
-        raise FieldError("label", f"expected true or false, got {_show(label)}")
-    return {"prompt": prompt, "completion": completion, "label": label}
+    if not isinstance(label, bool) and not (isinstance(label, int) and label in (0, 1)):
+        raise FieldError("label", f"expected true or false (or 1 / 0), got {_show(label)}")
+    return {"prompt": prompt, "completion": completion, "label": bool(label)}
+
+
+def _prompt_record(row: dict) -> dict:
+    if "prompt" not in row and "messages" in row:
+        messages = _messages(_require(row, "messages"), "messages")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise FieldError("messages", "expected at least one message before the assistant's reply")
+        return {"prompt": messages}
+    return {"prompt": _prompt(row)}
 
 
 def validate_record(row: dict, kind: str) -> dict:
@@ -227,5 +244,5 @@ def validate_record(row: dict, kind: str) -> dict:
     if kind == "rating":
         return _rating(row)
     if kind == "prompt":
-        return {"prompt": _prompt(row)}
+        return _prompt_record(row)
     raise DataError(f"unknown record kind {kind!r}; expected one of {', '.join(RECORD_KINDS)}")

@@ -17,6 +17,15 @@ gets that BOS in front; chat templates write their own.
 the loss covers the response and its EOS.  The tokenizer's PAD differs from EOS (the model
 loader guarantees it), so padding never hides the EOS from the loss.
 
+**Multi-turn demonstrations** (``train_on="all_assistant"``, the default of ``kilter sft``)
+learn every assistant turn of a conversation, not only the last: the whole conversation is
+rendered once with the chat template, and the labels cover each assistant turn -- the
+tokens the template marks with ``{% generation %}`` where it has those markers
+(``return_assistant_tokens_mask``), otherwise the text between the turn's generation prompt
+and the end of its rendering (its content and the template's end-of-turn text).  EOS
+follows the last turn when the template has not written it.  Such a sequence is cut from
+the right.  ``train_on="last"`` keeps the single prompt/completion convention above.
+
 **Truncation** to ``max_length`` cuts the prompt first (from the left by default, keeping
 the most recent context and a plain prompt's BOS) but never below ``min(len(prompt), max_length // 2)``
 tokens, so a long completion cannot leave it with no context at all; then the completion
@@ -26,6 +35,7 @@ where the text was merely clipped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,16 +43,20 @@ from kilter.errors import DataError, KilterError
 from kilter.ops.tokens import IGNORE_INDEX
 
 __all__ = [
-    "PROMPT_SEP",
     "IGNORE_INDEX",
-    "render_prompt",
+    "PROMPT_SEP",
+    "TRAIN_ON",
+    "encode_completions",
+    "encode_conversation",
+    "encode_pair",
     "encode_prompt",
     "encode_prompt_completion",
-    "encode_completions",
-    "encode_pair",
-    "encode_text",
     "encode_sft_records",
+    "encode_text",
+    "render_prompt",
 ]
+
+TRAIN_ON = ("last", "all_assistant")
 
 PROMPT_SEP = "\n"
 
@@ -213,13 +227,84 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> dict:
     return {"input_ids": ids, "labels": list(ids), "prompt_len": 0}
 
 
-def encode_sft_records(tokenizer: Any, records: Iterable[dict], max_length: int) -> list[dict]:
+def _has_generation_markers(template: Any) -> bool:
+    return isinstance(template, str) and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of ``full`` holding each assistant turn (content + end-of-turn text)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True)
+        through = _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(before) and full.startswith(through) and len(through) > len(before)):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise DataError(
+                f"the chat template of {name} does not render the conversation turn by turn (assistant turn "
+                f"{len(spans) + 1} renders differently inside the whole conversation); use data.train_on=last"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def encode_conversation(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict:
+    """``{"input_ids", "labels", "prompt_len"}`` of a whole conversation with every assistant turn labelled.
+
+    ``prompt_len`` is the number of tokens before the first labelled one.  See the module
+    docstring for which tokens count as an assistant turn.
+    """
+    if max_length < 2:
+        raise KilterError(f"max_length must be at least 2, got {max_length}")
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        render_prompt(tokenizer, messages)  # raises the one-line "needs a chat template" error
+    eos = _eos_id(tokenizer)
+    if _has_generation_markers(template):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
+    else:
+        full = _render(tokenizer, messages, False)
+        spans = _assistant_spans(tokenizer, messages, full)
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        # A token belongs to a turn when it starts inside the turn's span.
+        labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+                  for t, (start, _) in zip(ids, encoded["offset_mapping"])]
+    end = len(labels) - next((i for i, t in enumerate(reversed(labels)) if t != IGNORE_INDEX), len(labels))
+    if end == 0:
+        raise DataError("the conversation has no assistant turn to learn")
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if eos not in labels[start:end]:  # the template ends turns without EOS: learn to stop after the last one
+        ids, labels = ids + [eos], labels + [eos]
+    ids, labels = ids[:max_length], labels[:max_length]
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return {"input_ids": ids, "labels": labels, "prompt_len": first}
+
+
+def encode_sft_records(tokenizer: Any, records: Iterable[dict], max_length: int, train_on: str = "last") -> list[dict]:
     """Encode demonstration records (``prompt`` + ``completion``, normalised by the readers)
-    or ``text`` records; the result feeds :func:`kilter.data.collate.pad_batch` or packing."""
+    or ``text`` records; the result feeds :func:`kilter.data.collate.pad_batch` or packing.
+
+    ``train_on="all_assistant"`` learns every assistant turn of multi-turn conversations
+    (records that keep ``messages``); ``"last"`` learns only the final completion.
+    """
+    if train_on not in TRAIN_ON:
+        raise KilterError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     out = []
     for record in records:
         if "text" in record and "completion" not in record:
             out.append(encode_text(tokenizer, record["text"], max_length))
+        elif train_on == "all_assistant" and "messages" in record:
+            out.append(encode_conversation(tokenizer, record["messages"], max_length))
         else:
             out.append(encode_prompt_completion(tokenizer, record["prompt"], record["completion"], max_length))
     return out

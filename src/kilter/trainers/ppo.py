@@ -69,8 +69,8 @@ class PPOData(BaseConfig):
 
     prompts: str = "builtin:prompts"
     """Training prompts: a file of {prompt} records (or {messages}), a saved dataset, or builtin:prompts."""
-    eval_prompts: str | None = "builtin:prompts_eval"
-    """Held-out prompts for the periodic evaluation (null: none)."""
+    eval_prompts: str | None = "auto"
+    """Held-out prompts for the periodic evaluation: a file, null (none), or auto (builtin:prompts_eval with builtin:prompts, none with your own prompts)."""
     n_eval: int = Field(64, gt=0)
     """Evaluate on at most this many held-out prompts."""
     max_prompt_length: int = Field(128, gt=0)

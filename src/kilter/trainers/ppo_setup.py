@@ -169,13 +169,14 @@ class PromptStream:
 
 
 def load_eval_prompts(cfg, tokenizer) -> list[dict]:
-    if not cfg.data.eval_prompts:
-        return []
-    from kilter.data.sources import load_records
+    from kilter.data.sources import load_records, resolve_eval_spec
     from kilter.data.tokenize import encode_prompt
 
-    records = load_records(cfg.data.eval_prompts, "prompt", skip_invalid=cfg.data.skip_invalid,
-                           task_seed=cfg.data.task_seed)
+    spec, why = resolve_eval_spec(cfg.data.prompts, cfg.data.eval_prompts, {"builtin:prompts": "builtin:prompts_eval"})
+    print(f"kilter ppo: eval prompts: {why}")
+    if not spec:
+        return []
+    records = load_records(spec, "prompt", skip_invalid=cfg.data.skip_invalid, task_seed=cfg.data.task_seed)
     return [{"prompt": r["prompt"], "ids": encode_prompt(tokenizer, r["prompt"], cfg.data.max_prompt_length)}
             for r in records.rows[: cfg.data.n_eval]]
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.formats import DataFormat
 from kilter.data.preferences import (
     encode_groups,
     load_preference_groups,
@@ -86,6 +87,8 @@ class RMData(BaseConfig):
     """Held-out preference data (null: hold out eval_fraction of the training prompts)."""
     kind: Kind = "auto"
     """Record kind of the files: comparison, ranking, rating (thumbs, paired within a prompt) or auto (from the first row)."""
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of training prompts held out for evaluation when data.eval is null (0: no evaluation)."""
     split: str | None = None
@@ -266,11 +269,11 @@ def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, devi
 # --------------------------------------------------------------------------- data
 
 
-def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
-    """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
+def _read_data(cfg: RMConfig, info: DistInfo):
+    """(train groups, eval groups, bias reference pairs): read before any model or tokenizer is loaded."""
     d = cfg.data
     kwargs = dict(skip_invalid=d.skip_invalid, split=d.split, group_by_prompt=d.group_by_prompt,
-                  max_group_size=d.max_group_size)
+                  max_group_size=d.max_group_size, format=d.format)
     train = load_preference_groups(d.train, d.kind, **kwargs)
     if info.is_main:
         _report_data("train", train)
@@ -297,8 +300,14 @@ def _load_data(cfg: RMConfig, tokenizer, info: DistInfo):
         pairs = reference_pairs_from_file(ref)
     if len(pairs) > cfg.max_bias_examples:
         pairs = random.Random(f"kilter-rm-bias-{cfg.seed}").sample(pairs, cfg.max_bias_examples)
+    return train_groups, eval_groups, pairs
+
+
+def _encode_data(cfg: RMConfig, tokenizer, train_groups, eval_groups, pairs):
+    """(train groups, eval groups, encoded train, encoded eval, encoded reference examples)."""
     from kilter.data.tokenize import encode_prompt_completion
 
+    d = cfg.data
     reference = [{"input_ids": encode_prompt_completion(tokenizer, p, r, d.max_length)["input_ids"]} for p, r in pairs]
     return (train_groups, eval_groups, encode_groups(tokenizer, train_groups, d.max_length),
             encode_groups(tokenizer, eval_groups, d.max_length), reference)
@@ -352,8 +361,9 @@ def _train_all(cfg: RMConfig, info: DistInfo) -> int:
     prepare(cfg, info, member_dirs)  # threads, precision, fast paths; refuses to overwrite checkpoints
     starts = _start_points(cfg)
 
+    read = _read_data(cfg, info)
     tokenizer = load_tokenizer(starts[0])
-    train_groups, eval_groups, train_enc, eval_enc, reference = _load_data(cfg, tokenizer, info)
+    train_groups, eval_groups, train_enc, eval_enc, reference = _encode_data(cfg, tokenizer, *read)
     if info.is_main:
         where = cfg.init_from or cfg.model
         print(f"kilter rm: {len(train_enc)} training groups, {len(eval_enc)} eval groups, {len(reference)} reference "
@@ -389,7 +399,8 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     seed = cfg.seed + member
     tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
     set_seed(seed)
-    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard)  # one folder per ensemble member
+    # one folder per ensemble member
+    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
     model = load_reward_backbone(start, tokenizer)

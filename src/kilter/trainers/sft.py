@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pack_examples, pad_batch, shard_indices
-from kilter.data.sources import load_records
+from kilter.data.formats import DataFormat
+from kilter.data.sources import load_train_eval
 from kilter.data.tokenize import IGNORE_INDEX, encode_sft_records
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
@@ -45,12 +46,18 @@ class SFTData(BaseConfig):
 
     train: str = "builtin:sft"
     """Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or builtin:sft."""
-    eval: str | None = "builtin:sft_eval"
-    """Held-out data for eval loss and perplexity (null: no evaluation)."""
+    eval: str | None = "auto"
+    """Held-out data for eval loss, perplexity and the before/after samples: a file, DIR:split, null (none), or auto (builtin:sft_eval for builtin:sft, else eval_fraction of data.train held out)."""
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    """With data.eval=auto and your own data.train, hold out this fraction of it for evaluation (0: none)."""
     kind: Literal["demonstration", "text"] = "demonstration"
     """Record kind: demonstration ({prompt, completion} or {messages}) or text ({text}, all tokens learned)."""
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, alpaca, sharegpt (docs/data.md)."""
+    train_on: Literal["all_assistant", "last"] = "all_assistant"
+    """Multi-turn conversations: learn every assistant turn (all_assistant) or only the last one (last)."""
     split: str | None = None
-    """Split of a saved DatasetDict (default train)."""
+    """Split of a saved DatasetDict given as data.train (default train); data.eval=DIR:split picks its own."""
     skip_invalid: bool = False
     """Skip malformed rows (counted and reported) instead of stopping at the first."""
     max_length: int = Field(256, gt=1)
@@ -87,14 +94,18 @@ class SFTConfig(StepArgs):
 # --------------------------------------------------------------------------- data
 
 
-def _encode(cfg: SFTConfig, tokenizer, spec: str, info: DistInfo) -> tuple[list[dict], int]:
-    records = load_records(spec, cfg.data.kind, skip_invalid=cfg.data.skip_invalid, split=cfg.data.split,
-                           task_seed=cfg.data.task_seed)
-    if records.n_skipped and info.is_main:
-        print(f"kilter sft: skipped {records.n_skipped} invalid rows in {spec} (first: {records.first_error})",
-              file=sys.stderr)
-    examples = encode_sft_records(tokenizer, records.rows, cfg.data.max_length)
-    return examples, records.n_skipped
+def _load(cfg: SFTConfig, info: DistInfo):
+    """(train records, eval records or None, where eval comes from); read before any model is loaded."""
+    d = cfg.data
+    train, held, eval_from = load_train_eval(d.train, d.eval, d.kind, eval_fraction=d.eval_fraction, seed=cfg.seed,
+                                             builtin_eval={"builtin:sft": "builtin:sft_eval"},
+                                             skip_invalid=d.skip_invalid, split=d.split, task_seed=d.task_seed,
+                                             format=d.format)
+    for records in (train, held):
+        if records is not None and records.n_skipped and info.is_main:
+            print(f"kilter sft: skipped {records.n_skipped} invalid rows in {records.source} "
+                  f"(first: {records.first_error})", file=sys.stderr)
+    return train, held, eval_from
 
 
 def _forward_sum(model, batch: dict[str, torch.Tensor], precision: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +205,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     device = info.device
     run_dir = open_run_dir(cfg, info)
 
+    train_records, eval_records, eval_from = _load(cfg, info)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer)
     if cfg.lora.enabled:
@@ -207,19 +219,18 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     pack_capacity = cfg.data.max_length if packed_ok else None
     weight = loss_model.attention_weight if loss_model is not None else 0.0
 
-    examples, _ = _encode(cfg, tokenizer, cfg.data.train, info)
+    examples = encode_sft_records(tokenizer, train_records.rows, cfg.data.max_length, cfg.data.train_on)
     if cfg.data.packing:
         order = list(range(len(examples)))
         random.Random(cfg.seed).shuffle(order)
         examples = pack_examples([examples[i] for i in order], cfg.data.max_length)
     eval_examples: list[dict] = []
     eval_prompts: list = []
-    if cfg.data.eval:
-        eval_examples, _ = _encode(cfg, tokenizer, cfg.data.eval, info)
-        eval_examples = eval_examples[: cfg.data.max_eval_examples]
-        if cfg.data.kind == "demonstration" and cfg.n_samples:
-            recs = load_records(cfg.data.eval, "demonstration", skip_invalid=True, task_seed=cfg.data.task_seed)
-            eval_prompts = [r["prompt"] for r in recs.rows[: cfg.n_samples]]
+    if eval_records is not None:
+        eval_examples = encode_sft_records(tokenizer, eval_records.rows[: cfg.data.max_eval_examples],
+                                           cfg.data.max_length, cfg.data.train_on)
+        if cfg.data.kind == "demonstration":
+            eval_prompts = [r["prompt"] for r in eval_records.rows[: cfg.n_samples]]
 
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
     lengths = [len(e["input_ids"]) for e in examples]
@@ -242,12 +253,13 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     run_dir.write_config(cfg)
 
     trainable, total_params = count_parameters(model)
-    gold = builtin_gold(cfg.data.eval or "")
+    gold = builtin_gold(eval_records.source) if eval_records is not None else None
     if info.is_main:
         print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {global_batch}, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}, "
               f"padding-free rows {'on' if packed_ok else 'off'}, "
               f"completion-only logits {'on' if loss_model is not None else 'off'}")
+        print(f"kilter sft: eval and samples: {eval_from}")
         if eval_prompts and start_step == 0:
             print("samples before training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                               cfg.sample_max_new_tokens, cfg.seed, gold))

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from kilter.config import BaseConfig
 from kilter.models.lora import LoraSection
+from kilter.runs import Tracker
 from kilter.training.optim import OptimConfig
 
 
@@ -47,6 +48,8 @@ class RunArgs(BaseConfig):
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    report_to: list[Tracker] = []
+    """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
     strict_fast_paths: bool = False
     """Fail instead of falling back when a fast path (padding-free rows, shared prefixes, Kilter's sampler) does not fit the model."""
 

@@ -35,4 +35,4 @@ def prepare(cfg, info: DistInfo, dirs: list[Path] | None = None) -> Path | None:
 
 def open_run_dir(cfg, info: DistInfo) -> RunDir:
     """The run directory (written by the main process only)."""
-    return RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard)
+    return RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)

