@@ -1,0 +1,84 @@
+"""The annotator's pages: their projects, the next task, submitting and skipping it."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from kilter.errors import KilterError
+from kilter.feedback.routes.deps import (
+    FormDep,
+    StoreDep,
+    UserDep,
+    field,
+    get_settings,
+    project_for,
+    render,
+)
+from kilter.feedback.store import ProjectRow, Store, TaskView, UserRow
+from kilter.feedback.tasks import FormError, parse_submission, sentence
+
+router = APIRouter()
+
+
+@router.get("/")
+def home(request: Request, user: UserDep, store: StoreDep):
+    rows = []
+    for project in store.projects(user):
+        progress = store.progress(project)
+        rows.append({"project": project, "progress": progress, "mine": progress.per_user.get(user.username, 0)})
+    return render(request, "home.html", user=user, rows=rows)
+
+
+def task_page(request: Request, store: Store, user: UserRow, project: ProjectRow, view: TaskView, status: int = 200,
+              error: str | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
+    return render(request, f"task_{project.task}.html", status, user=user, project=project, view=view,
+                  done=store.done_count(project.id, user.id), saved=request.query_params.get("saved") == "1",
+                  error=error, values=values or {})
+
+
+@router.get("/p/{name}")
+def task(request: Request, name: str, user: UserDep, store: StoreDep):
+    project = project_for(store, user, name)
+    view = store.next_task(project, user, get_settings(request).assignment_timeout_s)
+    if view is None:
+        return render(request, "done.html", user=user, project=project, done=store.done_count(project.id, user.id))
+    return task_page(request, store, user, project, view)
+
+
+@router.post("/p/{name}/submit")
+def submit(request: Request, name: str, form: FormDep, user: UserDep,
+           store: StoreDep):
+    project = project_for(store, user, name)
+    try:
+        assignment_id = int(field(form, "assignment_id"))
+    except ValueError:
+        raise HTTPException(400, "The form has no task id.") from None
+
+    def get(key: str) -> list[str]:
+        return [v for v in form.getlist(key) if isinstance(v, str)]
+
+    try:
+        store.submit(project, user, assignment_id, lambda shown: parse_submission(project.task, get, shown))
+    except FormError as exc:
+        view = store.open_task(assignment_id, user)
+        if view is None:
+            raise HTTPException(409, "This task is not assigned to you.") from None
+        values = {"text": field(form, "text"), "comment": field(form, "comment")}
+        return task_page(request, store, user, project, view, 422, error=sentence(str(exc)), values=values)
+    except KilterError as exc:
+        raise HTTPException(409, sentence(str(exc))) from None
+    return RedirectResponse(f"/p/{quote(project.name)}?saved=1", status_code=303)
+
+
+@router.post("/p/{name}/skip")
+def skip(request: Request, name: str, form: FormDep, user: UserDep,
+         store: StoreDep):
+    project = project_for(store, user, name)
+    try:
+        store.skip(project, user, int(field(form, "assignment_id")))
+    except ValueError:
+        raise HTTPException(400, "The form has no task id.") from None
+    return RedirectResponse(f"/p/{quote(project.name)}", status_code=303)
