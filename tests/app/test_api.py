@@ -1,6 +1,7 @@
 """The web app through an in-process client, on a temp SQLite file and on PostgreSQL."""
 
 import json
+import re
 
 import pytest
 from feedback_testlib import Client, invited, seed_project
@@ -133,6 +134,27 @@ def test_incomplete_form_is_refused_and_keeps_the_text(app, ann):
     r = ann.post("/p/rk/submit", {"assignment_id": assignment, "rank_0": "1"})
     assert r.status_code == 422 and "Please choose the 1-7 score of response A" in r.text
     assert store.judgments(rk) == []
+
+
+def test_refused_form_keeps_the_choice_ranks_scores_and_flags(app, ann):
+    store = app.state.store
+    seed_project(store, "rk", "ranking", n_prompts=1, k=3)
+    _, assignment = ann.task("rk")
+    r = ann.post("/p/rk/submit", {"assignment_id": assignment, "rank_0": "2", "rank_1": "1", "score_0": "6",
+                                  "flags_2": ["harmful", "opinion"], "comment": "half done"})
+    assert r.status_code == 422
+    assert '<option value="2" selected>' in r.text and '<option value="1" selected>' in r.text
+    assert re.search(r'name="score_0" value="6"[^>]*checked', r.text)
+    assert re.search(r'name="flags_2" value="harmful"[^>]*checked', r.text)
+    assert re.search(r'name="flags_2" value="opinion"[^>]*checked', r.text)
+    assert len(re.findall(r"\schecked", r.text)) == 3 and "half done" in r.text
+    pw = seed_project(store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "A9", "flags_1": "sexual"})
+    assert r.status_code == 422 and re.search(r'name="flags_1" value="sexual"[^>]*checked', r.text)
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "B2", "flags_0": "nonsense"})
+    assert r.status_code == 422 and re.search(r'name="choice" value="B2"[^>]*checked', r.text)
+    assert store.judgments(pw) == []
 
 
 def test_double_submit_stores_one_judgment(app, ann):

@@ -39,6 +39,8 @@ def site(tmp_path_factory):
     store.create_project("xss", "pairwise")
     store.import_prompts("xss", [parse_row({"prompt": "Say something.", "responses": [EVIL, "A harmless answer."]}, "x")])
     store.add_member("xss", "ann")
+    seed_project(store, "keys", "pairwise", n_prompts=6, models=["sft", "ppo"], members=("ann",))
+    seed_project(store, "keyrank", "ranking", n_prompts=2, k=3, models=["sft", "ppo", "dpo"], members=("ann",))
     seed_arena(store)
     store.close()
     server = LiveServer(db, tmp).start()
@@ -229,3 +231,83 @@ def test_screenshots_of_every_page(browser, site):
     rows = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")
     assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["ppo-v2", "sft-v1", "base"]
     assert all(p.stat().st_size > 10_000 for p in pages)
+
+
+def focus_by_tab(browser, selector, limit=80):
+    """Press Tab until the element matching ``selector`` has the focus, as a person would."""
+    from selenium.webdriver.common.keys import Keys
+
+    for _ in range(limit):
+        if browser.execute_script("return document.activeElement.matches(arguments[0])", selector):
+            return
+        keys(browser, Keys.TAB)
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def judgments_and_skips(site, project):
+    store = Store(site["db"])
+    try:
+        records = store.judgments(store.project(project))
+        return [r.choice for r in records], store.progress(store.project(project)).skipped
+    finally:
+        store.close()
+
+
+def test_enter_on_a_focused_control_does_what_the_control_says(browser, site):
+    """Shortcuts leave alone the keys a focused control has a meaning for (issue 18, defect 1)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/keys")
+    first = browser.find_element(By.NAME, "assignment_id").get_attribute("value")
+    keys(browser, "3")  # A somewhat better, then Tab to Skip and press Enter: that skips
+    assert browser.find_element(By.CSS_SELECTOR, 'input[value="A2"]').is_selected()
+    focus_by_tab(browser, "[data-skip]")
+    keys(browser, Keys.ENTER)
+    wait_for(browser, lambda d: d.find_element(By.NAME, "assignment_id").get_attribute("value") != first)
+    assert judgments_and_skips(site, "keys") == ([], 1)
+
+    # Enter on a Flags summary opens it and submits nothing
+    keys(browser, "3")
+    browser.execute_script("document.querySelector('details.flags summary').focus()")
+    keys(browser, Keys.ENTER)
+    assert browser.find_element(By.CSS_SELECTOR, "details.flags").get_attribute("open") is not None
+    assert "/p/keys" in browser.current_url and judgments_and_skips(site, "keys") == ([], 1)
+
+    # arrow keys on a focused radio move the radio, not the response highlight
+    radio = browser.find_element(By.CSS_SELECTOR, 'input[value="A2"]')
+    browser.execute_script("arguments[0].focus()", radio)
+    keys(browser, Keys.ARROW_RIGHT)
+    assert browser.find_element(By.CSS_SELECTOR, 'input[value="A1"]').is_selected()
+    assert browser.find_element(By.CSS_SELECTOR, '.response[data-position="0"]').get_attribute("class").count("current") == 1
+
+    # Enter on the Projects link follows the link
+    focus_by_tab(browser, 'nav a[href="/"]')
+    keys(browser, Keys.ENTER)
+    wait_for(browser, lambda d: d.current_url.rstrip("/") == site["url"])
+    assert judgments_and_skips(site, "keys") == ([], 1)
+
+    # and with the focus on the page, Enter still submits the choice
+    browser.get(site["url"] + "/p/keys")
+    keys(browser, "6")
+    submit_and_wait(browser, Keys.ENTER)
+    assert judgments_and_skips(site, "keys") == (["B2"], 1)
+
+
+def test_a_failed_check_leaves_the_shortcuts_working(browser, site):
+    """Enter on an incomplete ranking says what is missing and keeps the focus off the <select> (defect 8)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/keyrank")
+    keys(browser, "b", "5", Keys.ENTER)
+    status = browser.find_element(By.ID, "key-status").text
+    assert "has no rank yet" in status
+    assert browser.execute_script("return document.activeElement.tagName") == "BODY"
+    assert browser.find_elements(By.CSS_SELECTOR, ".response.missing")
+    keys(browser, "a", "3", "c", "1")  # the shortcuts still work
+    selects = browser.find_elements(By.CSS_SELECTOR, "select[data-rank]")
+    assert [s.get_attribute("value") for s in selects] == ["2", "1", "3"]
+    submit_and_wait(browser, Keys.ENTER)

@@ -180,6 +180,7 @@ class Progress:
     judgments: int = 0
     complete_items: int = 0
     open_assignments: int = 0
+    skipped: int = 0
     per_user: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -608,6 +609,8 @@ class Store:
             p.complete_items = s.scalar(select(func.count()).select_from(counts).where(counts.c.n >= project.overlap)) or 0
             p.open_assignments = s.scalar(select(func.count()).select_from(Assignment).where(
                 Assignment.project_id == project.id, Assignment.status == "open")) or 0
+            p.skipped = s.scalar(select(func.count()).select_from(Assignment).where(
+                Assignment.project_id == project.id, Assignment.status == "skipped")) or 0
             rows = s.execute(select(User.username, func.count(Judgment.id)).join(Judgment, Judgment.user_id == User.id)
                              .where(Judgment.project_id == project.id).group_by(User.username).order_by(User.username))
             p.per_user = {name: n for name, n in rows}

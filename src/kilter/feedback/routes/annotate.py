@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.datastructures import FormData
 
 from kilter.errors import KilterError
 from kilter.feedback.routes.deps import (
@@ -23,6 +24,26 @@ from kilter.feedback.tasks import FormError, parse_submission, sentence
 router = APIRouter()
 
 
+class Kept:
+    """The fields of a refused form, so the page shown again keeps every choice, rank, flag and text."""
+
+    def __init__(self, form: FormData | None = None):
+        self._values: dict[str, list[str]] = {}
+        for key in (form.keys() if form is not None else ()):
+            if key != "csrf_token":
+                self._values[key] = [v for v in form.getlist(key) if isinstance(v, str)]
+
+    def has(self, name: str, value: str) -> bool:
+        return value in self._values.get(name, ())
+
+    def any(self, name: str) -> bool:
+        return bool(self._values.get(name))
+
+    def text(self, name: str, default: str = "") -> str:
+        values = self._values.get(name)
+        return values[0] if values else default
+
+
 @router.get("/")
 def home(request: Request, user: UserDep, store: StoreDep):
     rows = []
@@ -33,10 +54,10 @@ def home(request: Request, user: UserDep, store: StoreDep):
 
 
 def task_page(request: Request, store: Store, user: UserRow, project: ProjectRow, view: TaskView, status: int = 200,
-              error: str | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
+              error: str | None = None, kept: Kept | None = None) -> HTMLResponse:
     return render(request, f"task_{project.task}.html", status, user=user, project=project, view=view,
                   done=store.done_count(project.id, user.id), saved=request.query_params.get("saved") == "1",
-                  error=error, values=values or {})
+                  error=error, kept=kept or Kept())
 
 
 @router.get("/p/{name}")
@@ -66,8 +87,7 @@ def submit(request: Request, name: str, form: FormDep, user: UserDep,
         view = store.open_task(assignment_id, user)
         if view is None:
             raise HTTPException(409, "This task is not assigned to you.") from None
-        values = {"text": field(form, "text"), "comment": field(form, "comment")}
-        return task_page(request, store, user, project, view, 422, error=sentence(str(exc)), values=values)
+        return task_page(request, store, user, project, view, 422, error=sentence(str(exc)), kept=Kept(form))
     except KilterError as exc:
         raise HTTPException(409, sentence(str(exc))) from None
     return RedirectResponse(f"/p/{quote(project.name)}?saved=1", status_code=303)

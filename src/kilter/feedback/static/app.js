@@ -56,9 +56,24 @@
     return true;
   }
 
+  function clearMissing() {
+    form.querySelectorAll(".missing").forEach(function (el) { el.classList.remove("missing"); });
+  }
+
   function submitForm() {
     if (submitted) return;
-    if (!form.reportValidity()) { say("Something is missing: see the highlighted field."); return; }
+    clearMissing();
+    var bad = form.querySelector(":invalid:not(fieldset)");
+    if (bad) {
+      if (bad.tagName === "TEXTAREA") { bad.reportValidity(); return; } // typing there is the fix
+      // Say what is missing without moving focus: focus inside a <select> or on a radio would
+      // swallow the very shortcuts that fill the gap.
+      var box = bad.closest("[data-missing-box]") || bad.closest(".response") || bad.parentNode;
+      box.classList.add("missing");
+      say(bad.dataset.missing || "Something is missing: see the highlighted field.");
+      if (document.activeElement && document.activeElement !== document.body) document.activeElement.blur();
+      return;
+    }
     form.requestSubmit();
   }
 
@@ -122,8 +137,23 @@
   function typingIn(el) {
     if (!el) return false;
     var tag = el.tagName;
-    if (tag === "TEXTAREA" || tag === "SELECT") return true;
-    return tag === "INPUT" && ["radio", "checkbox", "hidden", "submit", "button"].indexOf(el.type) < 0;
+    if (tag === "TEXTAREA" || tag === "SELECT" || el.isContentEditable) return true;
+    return tag === "INPUT" && ["radio", "checkbox", "hidden", "submit", "button", "reset"].indexOf(el.type) < 0;
+  }
+
+  // True when the focused control gives this key a meaning of its own: Enter and Space press a
+  // button, follow a link or open a <summary>; Space and the arrow keys work a radio group or a
+  // checkbox. Shortcuts leave those keys alone (Enter on a focused Skip button skips).
+  function ownsKey(el, key) {
+    if (!el || el === document.body) return false;
+    var tag = el.tagName;
+    var press = key === "Enter" || key === " ";
+    if (tag === "BUTTON" || tag === "SUMMARY" || (tag === "A" && el.hasAttribute("href"))) return press;
+    if (tag === "INPUT" && ["submit", "button", "reset"].indexOf(el.type) >= 0) return press;
+    if (tag === "INPUT" && (el.type === "radio" || el.type === "checkbox")) {
+      return key === " " || key.indexOf("Arrow") === 0 || (key === "Enter" && el.type === "checkbox");
+    }
+    return false;
   }
 
   document.addEventListener("keydown", function (ev) {
@@ -135,7 +165,7 @@
       else if (key === "Escape") { target.blur(); }
       return;
     }
-    if (ev.ctrlKey) return;
+    if (ev.ctrlKey || ownsKey(target, key)) return;
     var handled = true;
     if (flagMode && /^[1-9]$/.test(key)) {
       var box = cards[current].querySelector('input[data-flag="' + key + '"]');
@@ -189,6 +219,8 @@
     card.addEventListener("mousedown", function () { setCurrent(i); });
   });
   form.addEventListener("change", function (ev) {
+    var box = ev.target.closest(".missing");
+    if (box) box.classList.remove("missing");
     if (ev.target.matches("select[data-rank]")) readRanks();
     if (ev.target.matches("details.flags input")) updateFlagCounts();
   });
