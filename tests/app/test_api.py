@@ -2,11 +2,14 @@
 
 import json
 import re
+import time
 
 import pytest
 from feedback_testlib import Client, invited, seed_project
 
 from kilter.data.records import validate_record
+from kilter.errors import KilterError
+from kilter.feedback.settings import ServeConfig
 
 
 def shown_order(html: str, texts: list[str]) -> list[str]:
@@ -50,6 +53,59 @@ def test_password_login_and_logout(app):
     r = client.post("/logout")
     assert (r.status_code, r.headers["location"]) == (303, "/login")
     assert client.get("/").status_code == 303
+
+
+def test_invite_link_works_once_and_never_replaces_a_password(app):
+    store = app.state.store
+    token = invited(store, "newbie")
+    client = Client(app)
+    client.get(f"/invite/{token}")
+    assert client.post(f"/invite/{token}", {"password": "first-pass", "password2": "first-pass"}).status_code == 303
+    thief = Client(app)  # someone else holding the same link, before or after the password was set
+    assert thief.get(f"/invite/{token}").status_code == 404
+    thief.get("/login")
+    assert thief.post(f"/invite/{token}", {"password": "stolen-pass", "password2": "stolen-pass"}).status_code == 404
+    assert store.check_password("newbie", "first-pass") is not None
+    assert store.check_password("newbie", "stolen-pass") is None
+    with pytest.raises(KilterError, match="already has a password"):
+        store.new_invite("newbie")
+    # an admin's link too: it logs in once, and a second use is refused
+    boss = invited(store, "boss", role="admin")
+    Client(app).login_invite(boss)
+    again = Client(app)
+    again.get("/login")
+    assert again.post(f"/invite/{boss}", {}).status_code == 404
+
+
+def test_invite_links_expire(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, invite_hours=0.0003)  # about one second
+    admin = Client(app)
+    admin.login_invite(invited(app.state.store, "boss", role="admin"))
+    assert admin.post("/admin/users", {"username": "late"}).status_code == 303
+    link = admin.get("/admin").text.split('id="invite-link">')[1].split("<")[0]
+    token = link.rsplit("/", 1)[1]
+    assert Client(app).get(f"/invite/{token}").status_code == 200
+    time.sleep(1.3)
+    assert Client(app).get(f"/invite/{token}").status_code == 404
+    assert ServeConfig().invite_hours == 72
+
+
+def test_logout_revokes_the_session_and_lifetime_is_absolute(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, session_max_age_s=2)
+    client = Client(app)
+    client.login_invite(invited(app.state.store, "pat"))
+    copied = Client(app)
+    copied.http.cookies.set("kilter_session", client.http.cookies.get("kilter_session"))
+    assert copied.get("/").status_code == 200
+    client.post("/logout")
+    assert copied.get("/").status_code == 303  # the copied cookie died with the logout
+    other = Client(app)
+    other.login_invite(invited(app.state.store, "sam"))
+    for _ in range(3):  # activity does not extend the lifetime
+        assert other.get("/").status_code == 200
+        time.sleep(0.5)
+    time.sleep(0.7)
+    assert other.get("/").status_code == 303
 
 
 def test_invite_link_logs_in_and_can_set_a_password(app):
@@ -221,8 +277,14 @@ def test_admin_can_add_people_and_members(app, admin):
     store = app.state.store
     seed_project(store, "pw", "pairwise", n_prompts=1, members=())
     r = admin.post("/admin/users", {"username": "carol", "role": "annotator", "projects": ["pw"]})
-    assert r.status_code == 200 and "/invite/" in r.text
-    link = r.text.split('id="invite-link">')[1].split("<")[0]
+    assert (r.status_code, r.headers["location"]) == (303, "/admin")  # a reload does not create carol twice
+    page = admin.get("/admin")
+    assert "/invite/" in page.text
+    link = page.text.split('id="invite-link">')[1].split("<")[0]
+    assert 'id="invite-link"' not in admin.get("/admin").text  # shown once
+    r = admin.post("/admin/users", {"username": "erin", "projects": ["pw", "nosuch"]})
+    assert r.status_code == 422 and "No project named" in r.text
+    assert "erin" not in [u.username for u in store.users()]  # nothing created
     carol = Client(app)
     carol.login_invite(link.rsplit("/", 1)[1])
     assert carol.task("pw")[1] is not None

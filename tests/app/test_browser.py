@@ -30,7 +30,7 @@ def site(tmp_path_factory):
     store = Store(db)
     store.migrate()
     store.create_user("ann", "annotator", "ann-password")
-    tokens = {name: store.create_user(name, role, invite_days=1)[1]
+    tokens = {name: store.create_user(name, role, invite_hours=24)[1]
               for name, role in (("boss", "admin"), ("bea", "annotator"), ("cy", "annotator"), ("troll", "annotator"))}
     seed_project(store, "compare", "pairwise", n_prompts=3, models=["sft", "ppo"], members=("ann",))
     seed_project(store, "rank", "ranking", n_prompts=2, k=3, models=["sft", "ppo", "dpo"], members=("ann",))

@@ -117,6 +117,27 @@ def test_import_errors_name_the_line_and_field(capsys, tmp_path, db):
     assert code == 2 and "bad.jsonl line 2: field 'responses': a ranking project needs 2 to 9 responses" in err
 
 
+def test_users_add_is_all_or_nothing(capsys, db):
+    code, _, err = run(capsys, "users", "add", "henry", "--project", "nosuch", "--db", db)
+    assert code == 2 and "no project named 'nosuch'" in err
+    code, out, _ = run(capsys, "users", "list", "--db", db)
+    assert "henry" not in out
+    code, _, err = run(capsys, "users", "add", "henry\n", "--db", db)
+    assert code == 2 and "username" in err
+
+
+def test_api_tokens_from_the_cli(capsys, db):
+    run(capsys, "users", "add", "bot", "--db", db)
+    code, out, _ = run(capsys, "users", "token", "bot", "--name", "online-loop", "--db", db)
+    token = out.strip()
+    assert code == 0 and token.startswith("klt_")
+    store = Store(db)
+    assert store.api_token_user(token).username == "bot"
+    store.close()
+    code, out, _ = run(capsys, "users", "revoke-tokens", "bot", "--db", db)
+    assert code == 0 and "revoked 1" in out
+
+
 def test_leaderboard_refuses_tasks_without_battles(capsys, db):
     run(capsys, "project", "create", "th", "--task", "rating", "--db", db)
     code, _, err = run(capsys, "leaderboard", "--project", "th", "--db", db)

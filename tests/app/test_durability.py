@@ -24,7 +24,7 @@ def seed(db: str, items: int, overlap: int, people: int) -> list[str]:
                                   for i in range(items)])
     tokens = []
     for i in range(people):
-        tokens.append(store.create_user(f"a{i:02d}", invite_days=1)[1])
+        tokens.append(store.create_user(f"a{i:02d}", invite_hours=24)[1])
         store.add_member("load", f"a{i:02d}")
     store.close()
     return tokens

@@ -1,13 +1,17 @@
 """Security: escaping of model outputs, CSRF on every POST, roles, rate limits, sessions, headers."""
 
 import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 from feedback_testlib import Client, invited, seed_project
 from itsdangerous import TimestampSigner
 
 from kilter.feedback.importer import parse_row
+from kilter.feedback.store import Store
 
 EVIL = "<script>document.title='pwned'</script><img src=x onerror=\"alert(1)\">"
 
@@ -121,6 +125,48 @@ def test_wrong_passwords_are_rate_limited_per_user_and_address(app_factory, sqli
     assert client.get("/").status_code == 303  # not logged in
     # the limit is per (username, address): another account from here is not locked out
     assert client.post("/login", {"username": "someone", "password": "guess"}).status_code == 401
+
+
+def test_login_attempts_are_limited_per_address_across_usernames(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, login_max_attempts_per_address=3, login_window_s=60)
+    app.state.store.create_user("vic", "annotator", "the real password")
+    client = Client(app)
+    client.get("/login")
+    for name in ("amy", "ben", "cal"):
+        assert client.post("/login", {"username": name, "password": "guess"}).status_code == 401
+    assert client.post("/login", {"username": "dan", "password": "guess"}).status_code == 429
+    assert client.post("/login", {"username": "vic", "password": "the real password"}).status_code == 429
+
+
+def test_a_login_flood_keeps_memory_flat(tmp_path, live_server):
+    """60 concurrent wrong logins from one address under different names: each Argon2 check takes
+    64 MiB, so unbounded they took the server from ~120 MB to 2.3 GB (issue 18, defect 6)."""
+    db = str(tmp_path / "flood.db")
+    store = Store(db)
+    store.migrate()
+    store.close()
+    server = live_server(db)
+    pid = server.proc.pid
+
+    def peak_mib() -> float:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+    def attempt(i: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            page = http.get("/login")
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+            return http.post("/login", data={"csrf_token": csrf, "username": f"user{i}", "password": "wrong-guess"}).status_code
+
+    attempt(-1)  # warm up: one Argon2 check, templates loaded
+    before = peak_mib()
+    with ThreadPoolExecutor(60) as pool:
+        codes = list(pool.map(attempt, range(60)))
+    growth = peak_mib() - before
+    assert set(codes) <= {401, 429, 503} and codes.count(429) >= 30, codes
+    assert growth < 200, f"peak memory grew by {growth:.0f} MiB"
 
 
 def test_rate_limit_window_expires(app_factory, sqlite_path):

@@ -38,12 +38,12 @@ def users(store, *names):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
 
 
 def test_sqlite_runs_in_wal_mode_and_fsyncs_judgments(sqlite_path):
@@ -177,12 +177,16 @@ def test_import_is_all_or_nothing(store):
 
 
 def test_accounts(store):
-    user, token = store.create_user("Alice", "annotator", "correct horse", invite_days=1)
+    user, token = store.create_user("Alice", "annotator", "correct horse", invite_hours=1)
+    assert token is None  # an account with a password gets no invite link
     assert store.check_password("alice", "correct horse").id == user.id  # usernames ignore case
     assert store.check_password("alice", "wrong horse") is None
     assert store.check_password("nobody", "correct horse") is None
-    assert store.user_by_invite(token).id == user.id
+    bob, token = store.create_user("bob", invite_hours=1)
+    assert store.user_by_invite(token).id == bob.id
     assert store.user_by_invite(token + "x") is None
+    assert store.redeem_invite(token).id == bob.id
+    assert store.redeem_invite(token) is None and store.user_by_invite(token) is None  # single use
     with pytest.raises(KilterError, match="already exists"):
         store.create_user("alice")
     with pytest.raises(KilterError, match="at least 8"):
@@ -191,9 +195,15 @@ def test_accounts(store):
     assert store.get_user(user.id).session_epoch == 1
     store.set_active("alice", False)
     assert store.check_password("alice", "new password") is None
-    assert store.user_by_invite(token) is None
     with pytest.raises(KilterError, match="username"):
         store.create_user("bad name!")
+    with pytest.raises(KilterError, match="username"):
+        store.create_user("henry\n")  # "$" would have let a trailing newline through
+    with pytest.raises(KilterError, match="project name"):
+        store.create_project("arena\n", "pairwise")
+    with pytest.raises(KilterError, match="no project named 'nosuch'"):
+        store.create_user("henry", projects=["nosuch"])
+    assert "henry" not in [u.username for u in store.users()]  # nothing half-created
 
 
 def test_annotators_see_only_their_projects(store):

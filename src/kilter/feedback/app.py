@@ -20,6 +20,7 @@ Security model (see docs/feedback.md):
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -118,6 +119,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     app.state.store = store
     app.state.settings = settings
     app.state.templates = templates()
+    app.state.password_check_slots = threading.BoundedSemaphore(settings.password_check_slots)
     app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="kilter_session",
                        max_age=settings.session_max_age_s, same_site="lax", https_only=settings.secure_cookies)
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies)

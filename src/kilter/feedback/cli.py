@@ -349,17 +349,27 @@ def users_main(argv: list[str]) -> int:
     p.add_argument("username")
     p.add_argument("--role", choices=["admin", "annotator"], default="annotator", help="default annotator")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    p.add_argument("--invite", action="store_true", help="print an invite link that logs the person in")
-    p.add_argument("--invite-days", type=float, default=14.0, help="days the invite link stays valid (default 14)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="address of the server, for the printed link")
+    p.add_argument("--invite", action="store_true",
+                   help="print a single-use invite link that logs the person in (the default without a password)")
+    p.add_argument("--invite-hours", type=float, default=72.0, help="hours the invite link stays valid (default 72)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="address people open the server at, for the printed link (default http://127.0.0.1:8000)")
     p.add_argument("--project", action="append", default=[], help="also add to this project (repeatable)")
     _db_option(p)
     p = sub.add_parser("list", help="list accounts")
     _db_option(p)
-    p = sub.add_parser("invite", help="make a new invite link (the old one stops working)")
+    p = sub.add_parser("invite", help="make a new single-use invite link for an account without a password")
     p.add_argument("username")
-    p.add_argument("--invite-days", type=float, default=14.0, help="days the link stays valid (default 14)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="address of the server, for the printed link")
+    p.add_argument("--invite-hours", type=float, default=72.0, help="hours the link stays valid (default 72)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="address people open the server at, for the printed link (default http://127.0.0.1:8000)")
+    _db_option(p)
+    p = sub.add_parser("token", help="print a new API token for scripts (Authorization: Bearer TOKEN)")
+    p.add_argument("username")
+    p.add_argument("--name", default="", help="what the token is for, e.g. online-loop")
+    _db_option(p)
+    p = sub.add_parser("revoke-tokens", help="revoke every API token of an account")
+    p.add_argument("username")
     _db_option(p)
     p = sub.add_parser("set-password", help="set a password (asked for, or read with --password-stdin)")
     p.add_argument("username")
@@ -394,11 +404,9 @@ def _read_password(from_stdin: bool) -> str:
 def _users_action(store, args) -> int:
     if args.action == "add":
         password = _read_password(True) if args.password_stdin else None
-        days = args.invite_days if args.invite or password is None else None
-        user, token = store.create_user(args.username, args.role, password, invite_days=days)
-        for project in args.project:
-            store.add_member(project, user.username)
-        print(f"created {user.role} {user.username}")
+        hours = args.invite_hours if args.invite or password is None else None
+        user, token = store.create_user(args.username, args.role, password, invite_hours=hours, projects=args.project)
+        print(f"created {user.role} {user.username}" + (f" in {', '.join(args.project)}" if args.project else ""))
         if token:
             print(f"invite link: {args.base_url.rstrip('/')}/invite/{token}")
     elif args.action == "list":
@@ -406,8 +414,12 @@ def _users_action(store, args) -> int:
                        u.invite_expires_at.strftime("%Y-%m-%d") if u.invite_expires_at else "-"] for u in store.users()],
                      ["user", "role", "active", "password", "invite until"])
     elif args.action == "invite":
-        token = store.new_invite(args.username, args.invite_days)
+        token = store.new_invite(args.username, args.invite_hours)
         print(f"invite link: {args.base_url.rstrip('/')}/invite/{token}")
+    elif args.action == "token":
+        print(store.create_api_token(args.username, args.name))
+    elif args.action == "revoke-tokens":
+        print(f"revoked {store.revoke_api_tokens(args.username)} API tokens of {args.username}")
     elif args.action == "set-password":
         store.set_password(args.username, _read_password(args.password_stdin))
         print(f"password of {args.username} set; their other sessions are logged out")

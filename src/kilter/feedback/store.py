@@ -40,6 +40,7 @@ from kilter.feedback.importer import PromptIn, check_for_task
 from kilter.feedback.models import (
     ROLES,
     TASKS,
+    ApiToken,
     AppSecret,
     Assignment,
     Candidate,
@@ -51,11 +52,13 @@ from kilter.feedback.models import (
     Project,
     Prompt,
     User,
+    WebSession,
     utcnow,
 )
 from kilter.feedback.tasks import Shown, gold_for_item, plan_items
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "henry\n" in
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
 
 
 def database_url(spec: str) -> str:
@@ -269,25 +272,36 @@ class Store:
     # ----------------------------------------------------------------------- users
 
     def create_user(self, username: str, role: str = "annotator", password: str | None = None,
-                    invite_days: float | None = None) -> tuple[UserRow, str | None]:
-        """Create an account; returns it and, when ``invite_days`` is set, its invite token."""
+                    invite_hours: float | None = None, projects: list[str] | tuple[str, ...] = ()
+                    ) -> tuple[UserRow, str | None]:
+        """Create an account (and its memberships) in one transaction: a bad project name creates nothing.
+
+        Returns the account and, when ``invite_hours`` is set and no password is given, an invite token.
+        """
         if not NAME_RE.match(username):
             raise KilterError(f"username {username!r}: use 1-64 letters, digits, '_', '.', '@' or '-'")
         if role not in ROLES:
             raise KilterError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if password is not None and (problem := security.password_problem(password)):
             raise KilterError(problem)
-        token = security.new_token() if invite_days else None
+        token = security.new_token() if invite_hours and password is None else None
+        digest = security.hash_password(password) if password else None
         try:
             with self._write() as s:
                 if s.scalar(select(User.id).where(func.lower(User.username) == username.lower())):
                     raise KilterError(f"user {username!r} already exists")
-                user = User(username=username, role=role,
-                            password_hash=security.hash_password(password) if password else None,
+                project_ids = []
+                for name in dict.fromkeys(projects):
+                    pid = s.scalar(select(Project.id).where(Project.name == name))
+                    if pid is None:
+                        raise KilterError(f"no project named {name!r}")
+                    project_ids.append(pid)
+                user = User(username=username, role=role, password_hash=digest,
                             invite_hash=security.token_digest(token) if token else None,
-                            invite_expires_at=utcnow() + timedelta(days=invite_days) if token else None)
+                            invite_expires_at=utcnow() + timedelta(hours=invite_hours) if token else None)
                 s.add(user)
                 s.flush()
+                s.add_all([Membership(project_id=pid, user_id=user.id) for pid in project_ids])
                 return _user_row(user), token
         except IntegrityError:
             raise KilterError(f"user {username!r} already exists") from None
@@ -298,13 +312,44 @@ class Store:
             raise KilterError(f"no user named {username!r}")
         return user
 
-    def new_invite(self, username: str, days: float = 14.0) -> str:
+    def new_invite(self, username: str, hours: float = 72.0) -> str:
+        """A new single-use invite link (the previous one stops working); only for accounts without a password."""
         token = security.new_token()
         with self._write() as s:
             user = self._user(s, username)
+            if user.password_hash is not None:
+                raise KilterError(f"{user.username} already has a password, and an invite link never replaces one; "
+                                  f"use `kilter users set-password {user.username}`")
             user.invite_hash = security.token_digest(token)
-            user.invite_expires_at = utcnow() + timedelta(days=days)
+            user.invite_expires_at = utcnow() + timedelta(hours=hours)
         return token
+
+    @staticmethod
+    def _invite_ok(user: User | None) -> bool:
+        return (user is not None and user.active and user.password_hash is None
+                and user.invite_expires_at is not None and user.invite_expires_at >= utcnow())
+
+    def user_by_invite(self, token: str) -> UserRow | None:
+        """The account an unused, unexpired invite token belongs to (None once it has a password)."""
+        with self._read() as s:
+            user = s.scalar(select(User).where(User.invite_hash == security.token_digest(token)))
+            return _user_row(user) if self._invite_ok(user) else None
+
+    def redeem_invite(self, token: str, password: str | None = None) -> UserRow | None:
+        """Use up an invite token (single use), setting ``password`` if given; None if the token is not valid."""
+        if password is not None and (problem := security.password_problem(password)):
+            raise KilterError(problem)
+        digest = security.hash_password(password) if password else None
+        with self._write() as s:
+            user = s.scalar(select(User).where(User.invite_hash == security.token_digest(token)))
+            if not self._invite_ok(user):
+                return None
+            user.invite_hash = None
+            user.invite_expires_at = None
+            if digest is not None:
+                user.password_hash = digest
+            s.flush()
+            return _user_row(user)
 
     def set_password(self, username: str, password: str) -> None:
         if problem := security.password_problem(password):
@@ -313,13 +358,17 @@ class Store:
         with self._write() as s:
             user = self._user(s, username)
             user.password_hash = digest
-            user.session_epoch += 1  # log out every other session of this user
+            user.invite_hash = None  # an old invite link must not outlive the password
+            user.invite_expires_at = None
+            user.session_epoch += 1
+            s.execute(delete(WebSession).where(WebSession.user_id == user.id))  # logged out everywhere
 
     def set_active(self, username: str, active: bool) -> None:
         with self._write() as s:
             user = self._user(s, username)
             user.active = active
             user.session_epoch += 1
+            s.execute(delete(WebSession).where(WebSession.user_id == user.id))
 
     def users(self) -> list[UserRow]:
         with self._read() as s:
@@ -345,28 +394,77 @@ class Store:
                 s.execute(update(User).where(User.id == user.id).values(password_hash=security.hash_password(password)))
         return _user_row(user)
 
-    def user_by_invite(self, token: str) -> UserRow | None:
-        with self._read() as s:
-            user = s.scalar(select(User).where(User.invite_hash == security.token_digest(token)))
-            if user is None or not user.active or user.invite_expires_at is None or user.invite_expires_at < utcnow():
-                return None
-            return _user_row(user)
+    def take_login_attempt(self, limits: dict[str, int], window_s: float) -> list[int] | None:
+        """Count a login attempt against every key in ``limits`` (key -> attempts allowed per window).
 
-    def login_failures(self, key: str, window_s: float) -> int:
+        Counting and recording happen in one write transaction, *before* the password is checked,
+        so concurrent attempts cannot all slip under a limit. Returns the ids of the recorded
+        attempts (pass them to :meth:`login_succeeded`), or None when a key is over its limit.
+        """
         since = utcnow() - timedelta(seconds=window_s)
+        with self._write(durable=False) as s:
+            s.execute(delete(LoginFailure).where(LoginFailure.created_at < since))
+            for key, limit in limits.items():
+                used = s.scalar(select(func.count()).select_from(LoginFailure)
+                                .where(LoginFailure.key == key, LoginFailure.created_at >= since)) or 0
+                if used >= limit:
+                    return None
+            rows = [LoginFailure(key=key) for key in limits]
+            s.add_all(rows)
+            s.flush()
+            return [r.id for r in rows]
+
+    def login_succeeded(self, attempt_ids: list[int], user_key: str) -> None:
+        """A right password: that attempt does not count, and nor do the user's earlier failures."""
+        with self._write(durable=False) as s:
+            s.execute(delete(LoginFailure).where(or_(LoginFailure.id.in_(attempt_ids), LoginFailure.key == user_key)))
+
+    # ----------------------------------------------------------------------- sessions and API tokens
+
+    def start_session(self, user_id: int, lifetime_s: float) -> str:
+        """A new login for ``user_id``; returns the token for the cookie (only its hash is stored)."""
+        token = security.new_token()
+        now = utcnow()
+        with self._write(durable=False) as s:
+            s.execute(delete(WebSession).where(WebSession.user_id == user_id, WebSession.expires_at < now))
+            s.add(WebSession(token_hash=security.token_digest(token), user_id=user_id, created_at=now,
+                             expires_at=now + timedelta(seconds=lifetime_s)))
+        return token
+
+    def session_user(self, token: str) -> UserRow | None:
+        """The active user of an unexpired, not revoked session; one query, it runs on every request."""
         with self._read() as s:
-            return s.scalar(select(func.count()).select_from(LoginFailure)
-                            .where(LoginFailure.key == key, LoginFailure.created_at >= since)) or 0
+            row = s.execute(select(User.id, User.username, User.role, User.active, User.session_epoch,
+                                   User.password_hash.is_not(None), User.invite_expires_at, User.created_at)
+                            .join(WebSession, WebSession.user_id == User.id)
+                            .where(WebSession.token_hash == security.token_digest(token),
+                                   WebSession.expires_at > utcnow(), User.active.is_(True))).first()
+            return UserRow(*row) if row else None
 
-    def add_login_failure(self, key: str, window_s: float) -> None:
-        with self._write() as s:
-            s.add(LoginFailure(key=key))
-            # keep the table small: anything older than the window no longer counts
-            s.execute(delete(LoginFailure).where(LoginFailure.created_at < utcnow() - timedelta(seconds=window_s)))
+    def end_session(self, token: str) -> None:
+        with self._write(durable=False) as s:
+            s.execute(delete(WebSession).where(WebSession.token_hash == security.token_digest(token)))
 
-    def clear_login_failures(self, key: str) -> None:
+    def create_api_token(self, username: str, name: str = "") -> str:
+        """A token for ``Authorization: Bearer ...``, acting as ``username``; shown once, stored hashed."""
+        token = "klt_" + security.new_token()
         with self._write() as s:
-            s.execute(delete(LoginFailure).where(LoginFailure.key == key))
+            user = self._user(s, username)
+            s.add(ApiToken(token_hash=security.token_digest(token), user_id=user.id, name=name[:64]))
+        return token
+
+    def api_token_user(self, token: str) -> UserRow | None:
+        with self._read() as s:
+            row = s.execute(select(User.id, User.username, User.role, User.active, User.session_epoch,
+                                   User.password_hash.is_not(None), User.invite_expires_at, User.created_at)
+                            .join(ApiToken, ApiToken.user_id == User.id)
+                            .where(ApiToken.token_hash == security.token_digest(token), User.active.is_(True))).first()
+            return UserRow(*row) if row else None
+
+    def revoke_api_tokens(self, username: str) -> int:
+        with self._write() as s:
+            user = self._user(s, username)
+            return s.execute(delete(ApiToken).where(ApiToken.user_id == user.id)).rowcount or 0
 
     # ----------------------------------------------------------------------- projects
 

@@ -35,7 +35,9 @@ def admin_page(request: Request, user: UserRow, status: int = 200, **extra):
     store = get_store(request)
     rows = [{"project": p, "progress": store.progress(p), "members": len(store.members(p.id))}
             for p in store.projects()]
-    extra.setdefault("notice", None)
+    flash = request.session.pop("flash", None) or {}  # the result of the POST that redirected here
+    extra.setdefault("notice", flash.get("notice"))
+    extra.setdefault("link", flash.get("link"))
     extra.setdefault("error", None)
     return render(request, "admin.html", status, user=user, rows=rows, users=store.users(), **extra)
 
@@ -44,36 +46,39 @@ def invite_url(request: Request, token: str) -> str:
     return str(request.base_url).rstrip("/") + f"/invite/{token}"
 
 
+def done(request: Request, notice: str, link: str | None = None) -> RedirectResponse:
+    """Post/redirect/get: a reload of the result page shows it again instead of repeating the POST."""
+    request.session["flash"] = {"notice": notice, "link": link}
+    return RedirectResponse("/admin", status_code=303)
+
+
 @router.get("")
 def admin(request: Request, user: AdminDep):
     return admin_page(request, user)
 
 
 @router.post("/users")
-def create_user(request: Request, form: FormDep, user: AdminDep,
-                store: StoreDep):
-    username, role, password = field(form, "username").strip(), field(form, "role"), field(form, "password")
+def create_user(request: Request, form: FormDep, user: AdminDep, store: StoreDep):
+    username, role, password = field(form, "username"), field(form, "role"), field(form, "password")
+    projects = [p for p in form.getlist("projects") if isinstance(p, str) and p]
     try:
         created, token = store.create_user(username, role or "annotator", password or None,
-                                           invite_days=get_settings(request).invite_days)
-        for project in form.getlist("projects"):
-            if isinstance(project, str) and project:
-                store.add_member(project, created.username)
+                                           invite_hours=get_settings(request).invite_hours, projects=projects)
     except KilterError as exc:
         return admin_page(request, user, 422, error=sentence(str(exc)))
-    return admin_page(request, user, notice=f"Created {created.username}. Send them this invite link:",
-                      link=invite_url(request, token))
+    if token is None:
+        return done(request, f"Created {created.username}; they log in with the password you set.")
+    return done(request, f"Created {created.username}. Send them this invite link (it works once):",
+                invite_url(request, token))
 
 
 @router.post("/users/{username}/invite")
-def reinvite(request: Request, username: str, form: FormDep,
-             user: AdminDep, store: StoreDep):
+def reinvite(request: Request, username: str, form: FormDep, user: AdminDep, store: StoreDep):
     try:
-        token = store.new_invite(username, get_settings(request).invite_days)
+        token = store.new_invite(username, get_settings(request).invite_hours)
     except KilterError as exc:
-        raise HTTPException(404, str(exc)) from None
-    return admin_page(request, user, notice=f"New invite link for {username} (the old one no longer works):",
-                      link=invite_url(request, token))
+        return admin_page(request, user, 409, error=sentence(str(exc)))
+    return done(request, f"New invite link for {username} (the old one no longer works):", invite_url(request, token))
 
 
 @router.post("/users/{username}/active")

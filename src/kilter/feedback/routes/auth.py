@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -11,6 +13,7 @@ from kilter.feedback.routes.deps import (
     StoreDep,
     field,
     get_settings,
+    get_store,
     render,
     session_user,
 )
@@ -28,8 +31,26 @@ def safe_next(path: str | None) -> str:
 
 
 def start_session(request: Request, user: UserRow) -> None:
-    request.session.clear()  # a fresh session: no fixation across the login boundary
-    request.session.update(uid=user.id, ep=user.session_epoch, csrf=security.new_token())
+    """A fresh server-side session (no fixation across the login boundary) with an absolute lifetime."""
+    sid = get_store(request).start_session(user.id, get_settings(request).session_max_age_s)
+    request.session.clear()
+    request.session.update(sid=sid, csrf=security.new_token())
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+@contextmanager
+def password_check_slot(request: Request):
+    """One of the few Argon2 checks allowed at once: each costs 64 MiB, so a login flood must queue."""
+    slots = request.app.state.password_check_slots
+    if not slots.acquire(timeout=get_settings(request).password_check_wait_s):
+        raise HTTPException(503, "The server is busy checking other logins. Try again in a moment.")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 @router.get("/healthz")
@@ -53,25 +74,33 @@ def login_page(request: Request, next: str = "/"):
 def login_submit(request: Request, form: FormDep, store: StoreDep):
     settings = get_settings(request)
     username, password, next_path = field(form, "username").strip(), field(form, "password"), safe_next(field(form, "next"))
-    client = request.client.host if request.client else "?"
-    key = f"{username.lower()}|{client}"
+    client = client_address(request)
+    user_key = f"{username.lower()}|{client}"
 
     def again(status: int, error: str) -> HTMLResponse:
         return render(request, "login.html", status, user=None, next=next_path, error=error, username=username)
 
-    if store.login_failures(key, settings.login_window_s) >= settings.login_max_failures:
-        return again(429, "Too many failed attempts. Wait a minute and try again.")
-    user = store.check_password(username, password) if username and password else None
-    if user is None:
-        store.add_login_failure(key, settings.login_window_s)
+    if not username or not password:
         return again(401, "Wrong username or password.")
-    store.clear_login_failures(key)
+    attempt = store.take_login_attempt({user_key: settings.login_max_failures,
+                                        f"address|{client}": settings.login_max_attempts_per_address},
+                                       settings.login_window_s)
+    if attempt is None:
+        return again(429, "Too many failed attempts. Wait a minute and try again.")
+    with password_check_slot(request):
+        user = store.check_password(username, password)
+    if user is None:
+        return again(401, "Wrong username or password.")
+    store.login_succeeded(attempt, user_key)
     start_session(request, user)
     return RedirectResponse(next_path, status_code=303)
 
 
 @router.post("/logout")
-def logout(request: Request, form: FormDep):
+def logout(request: Request, form: FormDep, store: StoreDep):
+    sid = request.session.get("sid")
+    if isinstance(sid, str):
+        store.end_session(sid)  # a copy of the cookie stops working too
     request.session.clear()
     return RedirectResponse("/login", status_code=303)
 
@@ -89,17 +118,18 @@ def invite_page(request: Request, token: str, store: StoreDep):
 
 @router.post("/invite/{token}")
 def invite_submit(request: Request, token: str, form: FormDep, store: StoreDep):
-    user = store.user_by_invite(token)
-    if user is None:
+    invited = store.user_by_invite(token)
+    if invited is None:
         raise HTTPException(404, INVALID_INVITE)
     password = field(form, "password")
-    if password:
-        problem = security.password_problem(password)
-        if problem is None and password != field(form, "password2"):
-            problem = "the two passwords differ"
-        if problem:
-            return render(request, "invite.html", 422, user=None, invited=user, token=token, error=sentence(problem))
-        store.set_password(user.username, password)
-        user = store.get_user(user.id)
+    problem = security.password_problem(password) if password else None
+    if problem is None and password != field(form, "password2"):
+        problem = "the two passwords differ"
+    if problem:
+        return render(request, "invite.html", 422, user=None, invited=invited, token=token, error=sentence(problem))
+    with password_check_slot(request):
+        user = store.redeem_invite(token, password or None)
+    if user is None:  # used up by a concurrent request
+        raise HTTPException(404, INVALID_INVITE)
     start_session(request, user)
     return RedirectResponse("/", status_code=303)

@@ -42,14 +42,13 @@ def csrf_token(request: Request) -> str:
 
 
 def session_user(request: Request) -> UserRow | None:
-    """The logged-in user, or None (and the session is cleared) when the session is void."""
-    uid = request.session.get("uid")
-    if uid is None:
+    """The logged-in user, or None (and the cookie is emptied) when the session ended, expired or was revoked."""
+    sid = request.session.get("sid")
+    if not isinstance(sid, str):
         return None
-    user = get_store(request).get_user(uid)
-    if user is None or not user.active or user.session_epoch != request.session.get("ep"):
+    user = get_store(request).session_user(sid)
+    if user is None:
         request.session.clear()
-        return None
     return user
 
 
