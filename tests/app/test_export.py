@@ -116,6 +116,29 @@ def test_edits_become_comparisons_and_demonstrations():
     validate_record(demos[0], "demonstration")
 
 
+def test_an_edit_that_changed_only_line_endings_is_no_edit():
+    """Browsers send CRLF and drop a textarea's leading newline: neither is an edit (issue 18, defect 4)."""
+    c = cands("\nFirst line.\nSecond line.\n")
+    unchanged = [rec("edit", "u1", 1, c, text="First line.\r\nSecond line.\r\n"),
+                 rec("edit", "u2", 1, c, text="First line.\nSecond line.")]
+    assert export.build(unchanged, "edit", "comparisons") == []
+    assert export.build(unchanged, "edit", "demonstrations") == []
+    changed = [rec("edit", "u3", 1, c, text="First line.\r\n\r\nSecond line, better.\r\n")]
+    (comp,) = export.build(changed, "edit", "comparisons")
+    assert comp["chosen"] == "First line.\r\n\r\nSecond line, better.\r\n"  # byte-exact otherwise
+    assert comp["rejected"] == "\nFirst line.\nSecond line.\n"
+
+
+def test_records_a_trainer_would_refuse_are_left_out_and_counted():
+    twins = cands("Same text.", "Same text.\r\n")  # stored before the import check existed
+    empty = cands("", "fine answer")
+    records = [pair("u1", 1, twins, "A3"), pair("u1", 2, empty, "B2"), pair("u1", 3, cands(X, Y), "A1")]
+    problems: list[str] = []
+    rows = export.build(records, "pairwise", "comparisons", problems=problems)
+    assert rows == [{"prompt": "prompt 3", "chosen": X, "rejected": Y, "strength": 0.25}]
+    assert len(problems) == 2 and "differ only in line endings" in problems[0] and "'rejected'" in problems[1]
+
+
 def test_raw_records_keep_everything():
     c = cands(X, Y, models=["m1", "m2"])
     (row,) = export.build([pair("u1", 1, c, "B2")], "pairwise", "raw", project="p")

@@ -179,10 +179,14 @@ def run_export(cfg: ExportConfig) -> int:
     if out.suffix == ".jsonl" and len(kinds) > 1:
         raise ConfigError(f"config key 'out': {cfg.out} is one file but kind={cfg.kind!r} writes {len(kinds)} files; give a folder")
     for kind in kinds:
-        rows = export.build(records, project.task, kind, cfg.aggregate, cfg.min_judgments, project=project.name)
+        problems: list[str] = []
+        rows = export.build(records, project.task, kind, cfg.aggregate, cfg.min_judgments, project=project.name,
+                            problems=problems)
         path = out if out.suffix == ".jsonl" else out / f"{kind}.jsonl"
         export.write(rows, path)
         print(f"wrote {len(rows)} {kind} records to {path}")
+        if problems:
+            print(f"left out {len(problems)} {kind} records a trainer would refuse (first: {problems[0]})")
     return 0
 
 

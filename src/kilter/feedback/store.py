@@ -714,6 +714,14 @@ class Store:
             p.per_user = {name: n for name, n in rows}
         return p
 
+    def item_candidates(self, project: ProjectRow) -> list[tuple[int, str, str]]:
+        """(item id, candidate text, model) of every item of the project, in item and slot order."""
+        with self._read() as s:
+            return [tuple(r) for r in s.execute(
+                select(Item.id, Candidate.text, Candidate.model).join(ItemCandidate, ItemCandidate.item_id == Item.id)
+                .join(Candidate, Candidate.id == ItemCandidate.candidate_id)
+                .where(Item.project_id == project.id).order_by(Item.id, ItemCandidate.slot))]
+
     def done_count(self, project_id: int, user_id: int) -> int:
         with self._read() as s:
             return s.scalar(select(func.count()).select_from(Judgment)
