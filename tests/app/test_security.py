@@ -238,3 +238,68 @@ def test_forged_session_cookie_is_ignored(app):
     client = Client(app)
     client.http.cookies.set("kilter_session", forged)
     assert client.get("/admin").status_code == 303
+
+
+def assert_app_page(r, status, text):
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("text/html") and text in r.text, r.text[:500]
+    assert "default-src 'none'" in r.headers["content-security-policy"] and r.headers["x-frame-options"] == "DENY"
+
+
+def test_errors_are_the_apps_html_pages_with_the_security_headers(app, ann):
+    """Issue 18, defect 9: unknown routes, 405, 422 and a huge assignment id."""
+    seed_project(app.state.store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    assert_app_page(ann.get("/no/such/page"), 404, "There is no page at this address")
+    assert_app_page(ann.get("/p/pw/submit"), 405, "does not take GET requests")
+    ann.get("/")
+    assert_app_page(ann.post("/p/pw/submit", {"assignment_id": "9" * 40, "choice": "A1"}), 400, "no valid assignment id")
+    assert_app_page(ann.post("/p/pw/skip", {"assignment_id": "-3"}), 400, "no valid assignment id")
+    admin = Client(app)
+    admin.login_invite(invited(app.state.store, "boss", "admin"))
+    assert_app_page(admin.get("/admin/p/pw/export?min_judgments=lots"), 422, "min_judgments")
+    assert ann.get("/p/pw").status_code == 200  # the task is still there
+
+
+def test_a_bug_gives_the_error_page_with_headers_not_a_traceback(app, ann, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    seed_project(app.state.store, "pw", "pairwise", n_prompts=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app.state.store, "next_task", broken)
+    http = TestClient(app, raise_server_exceptions=False)
+    http.cookies = ann.http.cookies
+    r = http.get("/p/pw")
+    assert_app_page(r, 500, "The server hit a problem")
+    assert "RuntimeError" not in r.text and "Traceback" not in r.text
+
+
+def test_health_probe_answers_head_and_login_never_redirects_to_a_post_route(app):
+    client = Client(app)
+    assert client.http.head("/healthz").status_code == 200
+    assert client.get("/p/x/submit").status_code == 405  # not logged in, and GET is not allowed there
+    r = client.post("/p/x/submit", {"assignment_id": "1"}, csrf=False)
+    assert r.status_code in (303, 403)
+    app.state.store.create_user("pat", "annotator", "password123")
+    client.get("/login")
+    r = client.post("/login", {"username": "pat", "password": "password123", "next": "/p/x/submit"})
+    assert (r.status_code, r.headers["location"]) == (303, "/")
+    assert client.get("/login?next=/p/x").status_code == 303 and client.get("/login?next=/p/x").headers["location"] == "/p/x"
+
+
+def test_a_login_needed_on_a_post_goes_back_to_the_page(app):
+    from kilter.feedback.routes.deps import LoginRequired, require_user
+
+    class Request:  # just what require_user reads
+        method = "POST"
+        session: dict = {}
+
+        class url:
+            path = "/p/arena/submit"
+
+    with pytest.raises(LoginRequired) as caught:
+        require_user(Request())
+    assert caught.value.next_path == "/p/arena"

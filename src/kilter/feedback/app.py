@@ -25,10 +25,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.staticfiles import StaticFiles
 
@@ -51,6 +53,18 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
+def add_security_headers(headers: MutableHeaders, *, static: bool = False, hsts: bool = False) -> None:
+    headers["Content-Security-Policy"] = CSP
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["X-Frame-Options"] = "DENY"
+    headers["Referrer-Policy"] = "no-referrer"  # invite tokens live in URLs
+    headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    if not static:
+        headers["Cache-Control"] = "no-store"
+    if hsts:
+        headers["Strict-Transport-Security"] = "max-age=31536000"
+
+
 class SecurityHeaders:
     """Pure ASGI middleware adding CSP and friends to every response."""
 
@@ -65,16 +79,7 @@ class SecurityHeaders:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["Content-Security-Policy"] = CSP
-                headers["X-Content-Type-Options"] = "nosniff"
-                headers["X-Frame-Options"] = "DENY"
-                headers["Referrer-Policy"] = "no-referrer"  # invite tokens live in URLs
-                headers["Cross-Origin-Opener-Policy"] = "same-origin"
-                if not static:
-                    headers["Cache-Control"] = "no-store"
-                if self.hsts:
-                    headers["Strict-Transport-Security"] = "max-age=31536000"
+                add_security_headers(MutableHeaders(scope=message), static=static, hsts=self.hsts)
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -92,13 +97,56 @@ def templates() -> Environment:
     return env
 
 
+TITLES = {400: "Bad request", 403: "Not allowed", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
+          422: "Bad request", 429: "Slow down", 500: "Something went wrong", 503: "Busy"}
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 async def _login_required(request: Request, exc: LoginRequired):
+    if _wants_json(request):
+        return JSONResponse({"error": "log in or send Authorization: Bearer TOKEN"}, status_code=401)
     return RedirectResponse(f"/login?next={quote(exc.next_path)}", status_code=303)
 
 
-async def _http_error(request: Request, exc: HTTPException):
-    titles = {403: "Not allowed", 404: "Not found", 405: "Method not allowed", 409: "Conflict", 429: "Slow down"}
-    return render(request, "error.html", exc.status_code, title=titles.get(exc.status_code, "Error"), message=exc.detail)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Every HTTP error, the router's own 404 and 405 included, as the app's page (JSON under /api/)."""
+    if _wants_json(request):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    message = exc.detail
+    if exc.status_code == 404 and message == "Not Found":
+        message = "There is no page at this address."
+    elif exc.status_code == 405:
+        message = f"This address does not take {request.method} requests."
+    return render(request, "error.html", exc.status_code, title=TITLES.get(exc.status_code, "Error"), message=message)
+
+
+async def _bad_parameters(request: Request, exc: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                         for e in exc.errors())
+    if _wants_json(request):
+        return JSONResponse({"error": problems}, status_code=422)
+    return render(request, "error.html", 422, title=TITLES[422], message=f"The request has a bad parameter ({problems}).")
+
+
+async def _server_error(request: Request, exc: Exception):
+    """Last resort for a bug: the app's page with the security headers, never a bare traceback.
+
+    Starlette runs this outside every middleware (the session and the headers included), so the
+    page is rendered without a session and the headers are added here.
+    """
+    settings = request.app.state.settings
+    if _wants_json(request):
+        response = JSONResponse({"error": "internal error"}, status_code=500)
+    else:
+        html = request.app.state.templates.get_template("error.html").render(
+            request=request, user=None, csrf="", title=TITLES[500],
+            message="The server hit a problem and did not finish your request. Try again; if it keeps happening, tell your admin.")
+        response = HTMLResponse(html, status_code=500)
+    add_security_headers(response.headers, hsts=settings.secure_cookies)
+    return response
 
 
 @asynccontextmanager
@@ -125,7 +173,9 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_exception_handler(LoginRequired, _login_required)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _bad_parameters)
+    app.add_exception_handler(500, _server_error)
     for module in (auth, annotate, admin):
         app.include_router(module.router)
 

@@ -13,7 +13,7 @@ from kilter.feedback.routes.deps import (
     FormDep,
     StoreDep,
     UserDep,
-    field,
+    form_id,
     get_settings,
     project_for,
     render,
@@ -73,10 +73,7 @@ def task(request: Request, name: str, user: UserDep, store: StoreDep):
 def submit(request: Request, name: str, form: FormDep, user: UserDep,
            store: StoreDep):
     project = project_for(store, user, name)
-    try:
-        assignment_id = int(field(form, "assignment_id"))
-    except ValueError:
-        raise HTTPException(400, "The form has no task id.") from None
+    assignment_id = form_id(form, "assignment_id")
 
     def get(key: str) -> list[str]:
         return [v for v in form.getlist(key) if isinstance(v, str)]
@@ -97,8 +94,5 @@ def submit(request: Request, name: str, form: FormDep, user: UserDep,
 def skip(request: Request, name: str, form: FormDep, user: UserDep,
          store: StoreDep):
     project = project_for(store, user, name)
-    try:
-        store.skip(project, user, int(field(form, "assignment_id")))
-    except ValueError:
-        raise HTTPException(400, "The form has no task id.") from None
+    store.skip(project, user, form_id(form, "assignment_id"))
     return RedirectResponse(f"/p/{quote(project.name)}", status_code=303)

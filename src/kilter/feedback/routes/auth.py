@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Match
 
 from kilter.feedback import security
 from kilter.feedback.routes.deps import (
@@ -23,10 +25,15 @@ from kilter.feedback.tasks import sentence
 router = APIRouter()
 
 
-def safe_next(path: str | None) -> str:
-    """Only same-site paths: ``//evil.example`` and ``/\\evil`` would leave the site."""
+def safe_next(path: str | None, request: Request | None = None) -> str:
+    """Only same-site paths (``//evil.example`` and ``/\\evil`` would leave the site) of pages a GET
+    can open: ``next=/p/x/submit`` would land on a 405 after logging in."""
     if not path or not path.startswith("/") or path.startswith("//") or "\\" in path:
         return "/"
+    if request is not None:
+        scope = {"type": "http", "method": "GET", "path": urlsplit(path).path, "root_path": ""}
+        if not any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            return "/"
     return path
 
 
@@ -53,7 +60,7 @@ def password_check_slot(request: Request):
         slots.release()
 
 
-@router.get("/healthz")
+@router.api_route("/healthz", methods=["GET", "HEAD"])
 def healthz():
     return JSONResponse({"ok": True})
 
@@ -66,14 +73,14 @@ def favicon():
 @router.get("/login")
 def login_page(request: Request, next: str = "/"):
     if session_user(request) is not None:
-        return RedirectResponse(safe_next(next), status_code=303)
-    return render(request, "login.html", user=None, next=safe_next(next), error=None, username="")
+        return RedirectResponse(safe_next(next, request), status_code=303)
+    return render(request, "login.html", user=None, next=safe_next(next, request), error=None, username="")
 
 
 @router.post("/login")
 def login_submit(request: Request, form: FormDep, store: StoreDep):
     settings = get_settings(request)
-    username, password, next_path = field(form, "username").strip(), field(form, "password"), safe_next(field(form, "next"))
+    username, password, next_path = field(form, "username").strip(), field(form, "password"), safe_next(field(form, "next"), request)
     client = client_address(request)
     user_key = f"{username.lower()}|{client}"
 

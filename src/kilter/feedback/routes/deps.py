@@ -62,8 +62,21 @@ def render(request: Request, template: str, status: int = 200, **context: Any) -
 def require_user(request: Request) -> UserRow:
     user = session_user(request)
     if user is None:
-        raise LoginRequired(request.url.path)
+        # after logging in, a POST cannot be repeated: go back to the page the form was on
+        path = request.url.path
+        raise LoginRequired(path if request.method in ("GET", "HEAD") else path.rsplit("/", 1)[0] or "/")
     return user
+
+
+MAX_ID = 2**63 - 1  # the largest id a database integer column holds
+
+
+def form_id(form: FormData, name: str) -> int:
+    """A positive integer id from a form field; 400 (never a database overflow) when it is not one."""
+    value = field(form, name)
+    if not value.isdigit() or not 0 < int(value) <= MAX_ID:
+        raise HTTPException(400, f"The form has no valid {name.replace('_', ' ')}. Reload the page and try again.")
+    return int(value)
 
 
 def require_admin(user: Annotated[UserRow, Depends(require_user)]) -> UserRow:
