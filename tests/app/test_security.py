@@ -3,6 +3,7 @@
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -249,7 +250,7 @@ def assert_app_page(r, status, text):
 def test_errors_are_the_apps_html_pages_with_the_security_headers(app, ann):
     """Issue 18, defect 9: unknown routes, 405, 422 and a huge assignment id."""
     seed_project(app.state.store, "pw", "pairwise", n_prompts=1)
-    _, assignment = ann.task("pw")
+    ann.task("pw")
     assert_app_page(ann.get("/no/such/page"), 404, "There is no page at this address")
     assert_app_page(ann.get("/p/pw/submit"), 405, "does not take GET requests")
     ann.get("/")
@@ -293,13 +294,7 @@ def test_health_probe_answers_head_and_login_never_redirects_to_a_post_route(app
 def test_a_login_needed_on_a_post_goes_back_to_the_page(app):
     from kilter.feedback.routes.deps import LoginRequired, require_user
 
-    class Request:  # just what require_user reads
-        method = "POST"
-        session: dict = {}
-
-        class url:
-            path = "/p/arena/submit"
-
+    request = SimpleNamespace(method="POST", session={}, url=SimpleNamespace(path="/p/arena/submit"))
     with pytest.raises(LoginRequired) as caught:
-        require_user(Request())
+        require_user(request)
     assert caught.value.next_path == "/p/arena"
