@@ -273,6 +273,26 @@ def test_admin_project_page_shows_progress_agreement_and_leaderboard(app, admin)
     assert "/admin/p/arena" in overview.text and "ann" in overview.text
 
 
+def test_admin_leaderboard_says_when_flagged_annotators_took_every_battle(app, admin, monkeypatch):
+    store = app.state.store
+    invited(store, "ann")
+    battle_project(store, annotators=("ann",))
+    from kilter.feedback import analysis
+
+    real = analysis.quality
+
+    def everyone_flagged(records, task, **kw):
+        report = real(records, task, **kw)
+        for a in report.annotators:
+            a.reasons = ["test: flagged"]
+        return report
+
+    monkeypatch.setattr(analysis, "quality", everyone_flagged)
+    board = admin.get("/admin/p/arena").text.split('id="leaderboard"')[1]
+    assert "No battles yet" not in board
+    assert "12 battles judged by flagged annotators (ann) are left out" in board and "No battles are left" in board
+
+
 def test_admin_can_add_people_and_members(app, admin):
     store = app.state.store
     seed_project(store, "pw", "pairwise", n_prompts=1, members=())

@@ -72,8 +72,9 @@ def test_project_users_import_export_leaderboard(capsys, tmp_path, db, monkeypat
 
     code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--bootstrap", "50", "--db", db)
     assert code == 0
-    models = [line.split()[1] for line in out.splitlines()[1:]]
+    models = [line.split()[1] for line in out.splitlines()[1:] if not line.startswith("note:")]
     assert models == ["strong", "medium", "weak"]
+    assert "note: fewer than 30 battles (wide intervals): medium, strong, weak" in out
     code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--format", "json", "--bootstrap", "0", "--db", db)
     rows = json.loads(out)
     assert [r["model"] for r in rows] == ["strong", "medium", "weak"]

@@ -7,7 +7,7 @@ import pytest
 from kilter.data.records import validate_record
 from kilter.errors import KilterError
 from kilter.feedback import export
-from kilter.feedback.analysis import battles, quality
+from kilter.feedback.analysis import battles, leaderboard_report, quality
 from kilter.feedback.store import CandidateRow, JudgmentRecord
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -203,3 +203,27 @@ def test_battles_from_pairwise_and_rankings():
     assert [(x.model_a, x.model_b, x.outcome) for x in out] == [("p", "q", "b"), ("q", "p", "a")]
     gold_item = rec("pairwise", "u", 9, c, gold={"preferred": 0}, choice="A1", preferred_candidate_id=c[0].id, strength=0.25)
     assert battles([gold_item]) == []
+
+
+def _battle_records(models_per_item, user="u1", start=1):
+    out = []
+    for n, (a, b) in enumerate(models_per_item, start=start):
+        out.append(pair(user, n, cands(f"{a} says {n}", f"{b} says {n}", models=[a, b]), "A2"))
+    return out
+
+
+def test_leaderboard_says_what_flagged_annotators_took_away():
+    """Issue 18, defect 7: with every annotator flagged the board said "No battles yet" while 17 existed."""
+    records = _battle_records([("m1", "m2")] * 17, user="troll")
+    board = leaderboard_report(records, exclude=["troll", "nobody"])
+    assert board.rows == [] and board.excluded_battles == 17 and board.excluded_annotators == ["nobody", "troll"]
+
+
+def test_leaderboard_rates_disconnected_groups_separately():
+    records = _battle_records([("a1", "a2")] * 4 + [("b1", "b2")] * 3, start=1)
+    board = leaderboard_report(records, n_bootstrap=0)
+    assert board.disconnected and board.groups == [["a1", "a2"], ["b1", "b2"]]
+    assert {r["model"]: r["group"] for r in board.rows} == {"a1": 1, "a2": 1, "b1": 2, "b2": 2}
+    assert board.few_battles == ["a1", "a2", "b1", "b2"]
+    joined = leaderboard_report(records + _battle_records([("a2", "b1")], start=50), n_bootstrap=0)
+    assert not joined.disconnected and {r["group"] for r in joined.rows} == {1}

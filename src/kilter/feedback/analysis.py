@@ -199,7 +199,68 @@ def battles(records: Iterable[JudgmentRecord]) -> list[Battle]:
 
 def model_leaderboard(records: Iterable[JudgmentRecord], n_bootstrap: int = 200, seed: int = 0) -> list[dict]:
     """Leaderboard rows (Elo, Bradley-Terry with bootstrap interval, record) of the project's models."""
-    return rating_leaderboard(battles(records), n_bootstrap=n_bootstrap, seed=seed)
+    return leaderboard_report(records, n_bootstrap=n_bootstrap, seed=seed).rows
+
+
+def comparison_groups(fights: Iterable[Battle]) -> list[list[str]]:
+    """The connected components of the graph whose edges are battles, largest first.
+
+    Ratings fitted on two components that never met share no anchor: how group 1's best compares
+    with group 2's is not in the data, so each group is rated on its own.
+    """
+    parent: dict[str, str] = {}
+
+    def root(m: str) -> str:
+        while parent.setdefault(m, m) != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for b in fights:
+        parent[root(b.model_a)] = root(b.model_b)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for m in list(parent):
+        groups[root(m)].append(m)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g))
+
+
+FEW_BATTLES = 30  # below this a model's interval is too wide to rank it with any confidence
+
+
+@dataclass
+class LeaderboardReport:
+    """Leaderboard rows plus what the reader must know to trust them."""
+
+    rows: list[dict]
+    battles: int  # battles in the rows
+    excluded_battles: int = 0  # battles judged by left-out annotators
+    excluded_annotators: list[str] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)  # more than one: disconnected comparisons
+    few_battles: list[str] = field(default_factory=list)  # models with fewer than FEW_BATTLES battles
+
+    @property
+    def disconnected(self) -> bool:
+        return len(self.groups) > 1
+
+
+def leaderboard_report(records: Iterable[JudgmentRecord], exclude: Iterable[str] = (), n_bootstrap: int = 200,
+                       seed: int = 0) -> LeaderboardReport:
+    """The leaderboard without the annotators in ``exclude``, saying how many battles that left out,
+    rating each disconnected group of models separately (rows carry ``group``, 1 = largest) and
+    naming models whose few battles make their rating unreliable."""
+    records = list(records)
+    dropped = sorted(set(exclude))
+    kept = battles(without_users(records, dropped))
+    excluded = len(battles(records)) - len(kept)
+    groups = comparison_groups(kept)
+    rows: list[dict] = []
+    for number, group in enumerate(groups, start=1):
+        members = set(group)
+        part = [b for b in kept if b.model_a in members]
+        for row in rating_leaderboard(part, n_bootstrap=n_bootstrap, seed=seed):
+            rows.append({**row, "group": number})
+    few = sorted(r["model"] for r in rows if r["battles"] < FEW_BATTLES)
+    return LeaderboardReport(rows, len(kept), excluded, [u for u in dropped if excluded], groups, few)
 
 
 def without_users(records: Iterable[JudgmentRecord], users: Iterable[str]) -> list[JudgmentRecord]:

@@ -222,22 +222,40 @@ def run_leaderboard(cfg: LeaderboardConfig) -> int:
         store.close()
     if project.task not in ("pairwise", "ranking"):
         raise KilterError(f"project {project.name!r} is a {project.task} project; leaderboards need pairwise or ranking judgments")
-    if cfg.exclude_flagged:
-        records = analysis.without_users(records, analysis.quality(records, project.task).flagged)
-    rows = analysis.model_leaderboard(records, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    flagged = analysis.quality(records, project.task).flagged if cfg.exclude_flagged else {}
+    board = analysis.leaderboard_report(records, exclude=flagged, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    rows = board.rows
+    notes = []
+    if board.excluded_battles:
+        notes.append(f"left out {board.excluded_battles} battles judged by flagged annotators "
+                     f"({', '.join(board.excluded_annotators)})")
+    if board.disconnected:
+        notes.append("the models form groups that were never compared with each other, so each group is rated on "
+                     "its own scale: " + "; ".join(f"group {i} ({', '.join(g)})" for i, g in enumerate(board.groups, 1)))
+    if board.few_battles:
+        notes.append(f"fewer than {analysis.FEW_BATTLES} battles (wide intervals): {', '.join(board.few_battles)}")
     if cfg.format == "json":
         print(json.dumps(rows, indent=2))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     if not rows:
-        print(f"no battles yet in {project.name}: judgments on items whose responses come from different models are needed")
+        if not board.excluded_battles:
+            print(f"no battles yet in {project.name}: judgments on items whose responses come from different models are needed")
+        for note in notes:
+            print(f"note: {note}")
         return 0
 
     def ci(row):
         return "-" if row["bt_lower"] is None else f"{row['bt_lower']:.0f}..{row['bt_upper']:.0f}"
 
-    _print_table([[r["rank"], r["model"], f"{r['bt']:.0f}", ci(r), f"{r['elo']:.0f}", r["battles"],
-                   f"{r['wins']}/{r['losses']}/{r['ties']}", f"{100 * r['win_rate']:.1f}%"] for r in rows],
-                 ["#", "model", "bradley-terry", "95% interval", "elo", "battles", "w/l/t", "win rate"])
+    group = [[r["group"]] for r in rows] if board.disconnected else [[] for _ in rows]
+    _print_table([[r["rank"], *g, r["model"], f"{r['bt']:.0f}", ci(r), f"{r['elo']:.0f}", r["battles"],
+                   f"{r['wins']}/{r['losses']}/{r['ties']}", f"{100 * r['win_rate']:.1f}%"] for r, g in zip(rows, group)],
+                 ["#", *(["group"] if board.disconnected else []), "model", "bradley-terry", "95% interval", "elo",
+                  "battles", "w/l/t", "win rate"])
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -99,9 +99,9 @@ def project_page(request: Request, name: str, user: AdminDep, store: StoreDep):
     project = project_or_404(store, name)
     records = store.judgments(project)
     report = analysis.quality(records, project.task)
-    board = analysis.model_leaderboard(analysis.without_users(records, report.flagged),
-                                       n_bootstrap=get_settings(request).leaderboard_bootstrap) \
-        if project.task in ("pairwise", "ranking") else []
+    board = analysis.leaderboard_report(records, exclude=report.flagged,
+                                        n_bootstrap=get_settings(request).leaderboard_bootstrap) \
+        if project.task in ("pairwise", "ranking") else None
     members = store.members(project.id)
     others = [u.username for u in store.users() if u.username not in members and u.active]
     return render(request, "admin_project.html", user=user, project=project, progress=store.progress(project),
