@@ -142,7 +142,7 @@ def test_pairwise_judgment_round_trip(app, ann):
     assert rec.responses[1]["flags"] == ["hallucination"]
     after, next_assignment = ann.task("pw")
     assert "Saved" in ann.get("/p/pw?saved=1").text
-    assert next_assignment != assignment and "you have done 1" in after.text
+    assert next_assignment != assignment and "<strong>1</strong> done, 1 to go" in after.text
 
 
 def test_ranking_judgment_round_trip(app, ann):

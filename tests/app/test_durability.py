@@ -134,4 +134,4 @@ def test_acknowledged_judgments_survive_kill_9(db_url, live_server):
     a.http = httpx.Client(base_url=restarted.url, follow_redirects=False, timeout=60.0, cookies=a.http.cookies)
     assert a.judge_one()  # the old session cookie still works after the restart
     page = a.http.get("/")
-    assert re.search(r"you did \d+", page.text)
+    assert re.search(r"you: \d+ done", page.text)

@@ -238,3 +238,20 @@ def test_concurrent_annotators_never_exceed_overlap(store):
     assert errors == []
     per_item = Counter(r.item_id for r in store.judgments(project))
     assert sorted(per_item.values()) == [2] * 6
+
+
+def test_progress_per_person_and_all_done_stays_done(store):
+    """Gold items used to come back after the real work was done: reloading undid "all done"."""
+    project = seed_project(store, "p", "pairwise", n_prompts=2, overlap=2, members=(), gold_fraction=0.5,
+                           golds=[0, 0])  # prompts 0 and 1 are gold; add two regular prompts
+    store.import_prompts("p", [parse_row({"prompt": f"real {i}", "responses": [f"x{i}", f"y{i}"]}, "r") for i in range(2)])
+    a, b = users(store, "a", "b")
+    assert store.user_progress(project, a) == {"done": 0, "skipped": 0, "remaining": 2}
+    rng = random.Random(3)
+    while judge(store, project, a, rng=rng):
+        pass
+    mine = store.user_progress(project, a)
+    assert mine["remaining"] == 0 and mine["done"] >= 2  # both real items, and any gold met on the way
+    for seed in range(30):  # whatever the dice say, nothing more for a
+        assert store.next_task(project, a, rng=random.Random(seed)) is None
+    assert store.user_progress(project, b)["remaining"] == 2  # overlap 2: b still has both real items

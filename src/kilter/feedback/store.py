@@ -617,22 +617,15 @@ class Store:
             if mine is not None:
                 return self._task_view(s, mine.id, mine.item_id, list(mine.display_order), mine.created_at)
             seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.project_id == project.id)
+            regular = s.scalar(self._open_items(project, seen, timeout_s).order_by(Item.id).limit(1))
             item_id = None
-            if project.gold_fraction > 0 and rng.random() < project.gold_fraction:
+            # Gold items are mixed in only while there is real work: handing out gold once the rest is
+            # done would turn "all done" back into a task on the next reload.
+            if regular is not None and project.gold_fraction > 0 and rng.random() < project.gold_fraction:
                 golds = list(s.scalars(select(Item.id).where(Item.project_id == project.id, Item.is_gold,
                                                              Item.id.not_in(seen))))
                 item_id = rng.choice(golds) if golds else None
-            if item_id is None:
-                cutoff = utcnow() - timedelta(seconds=timeout_s)
-                # correlated count over the (item_id) index: cheap, and SQL stops at the first fit
-                holders = (select(func.count()).select_from(Assignment)
-                           .where(Assignment.item_id == Item.id,
-                                  or_(Assignment.status == "done",
-                                      (Assignment.status == "open") & (Assignment.created_at >= cutoff)))
-                           .scalar_subquery())
-                item_id = s.scalar(select(Item.id).where(Item.project_id == project.id, Item.is_gold.is_(False),
-                                                         Item.id.not_in(seen), holders < project.overlap)
-                                   .order_by(Item.id).limit(1))
+            item_id = item_id or regular
             if item_id is None:
                 return None
             prompt, candidates = self._slots(s, item_id)
@@ -643,6 +636,34 @@ class Store:
             s.add(a)
             s.flush()
             return TaskView(a.id, item_id, prompt, [candidates[i] for i in order], a.created_at)
+
+    @staticmethod
+    def _open_items(project: ProjectRow, seen, timeout_s: float):
+        """Non-gold items of the project not in ``seen`` that fewer than ``overlap`` people hold
+        (judged, or reserved less than ``timeout_s`` ago)."""
+        cutoff = utcnow() - timedelta(seconds=timeout_s)
+        # correlated count over the (item_id) index: cheap, and SQL stops at the first fit
+        holders = (select(func.count()).select_from(Assignment)
+                   .where(Assignment.item_id == Item.id,
+                          or_(Assignment.status == "done",
+                              (Assignment.status == "open") & (Assignment.created_at >= cutoff)))
+                   .scalar_subquery())
+        return select(Item.id).where(Item.project_id == project.id, Item.is_gold.is_(False),
+                                     Item.id.not_in(seen), holders < project.overlap)
+
+    def user_progress(self, project: ProjectRow, user: UserRow, timeout_s: float = 1800.0) -> dict[str, int]:
+        """What one person has done in a project and what is still there for them.
+
+        ``done``: their judgments; ``skipped``: items they skipped; ``remaining``: items they can
+        still get (their open task included), so ``done + remaining`` is their share of the work.
+        """
+        with self._read() as s:
+            seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.project_id == project.id)
+            available = s.scalar(select(func.count()).select_from(self._open_items(project, seen, timeout_s).subquery())) or 0
+            counts = dict(s.execute(select(Assignment.status, func.count()).where(
+                Assignment.project_id == project.id, Assignment.user_id == user.id).group_by(Assignment.status)).all())
+        return {"done": counts.get("done", 0), "skipped": counts.get("skipped", 0),
+                "remaining": available + counts.get("open", 0)}
 
     def open_task(self, assignment_id: int, user: UserRow) -> TaskView | None:
         with self._read() as s:
@@ -721,11 +742,6 @@ class Store:
                 select(Item.id, Candidate.text, Candidate.model).join(ItemCandidate, ItemCandidate.item_id == Item.id)
                 .join(Candidate, Candidate.id == ItemCandidate.candidate_id)
                 .where(Item.project_id == project.id).order_by(Item.id, ItemCandidate.slot))]
-
-    def done_count(self, project_id: int, user_id: int) -> int:
-        with self._read() as s:
-            return s.scalar(select(func.count()).select_from(Judgment)
-                            .where(Judgment.project_id == project_id, Judgment.user_id == user_id)) or 0
 
     def judgments(self, project: ProjectRow) -> list[JudgmentRecord]:
         """Every judgment of the project, oldest first, with its item, prompt and candidates."""

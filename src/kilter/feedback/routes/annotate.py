@@ -46,18 +46,18 @@ class Kept:
 
 @router.get("/")
 def home(request: Request, user: UserDep, store: StoreDep):
-    rows = []
-    for project in store.projects(user):
-        progress = store.progress(project)
-        rows.append({"project": project, "progress": progress, "mine": progress.per_user.get(user.username, 0)})
+    timeout = get_settings(request).assignment_timeout_s
+    rows = [{"project": p, "progress": store.progress(p), "mine": store.user_progress(p, user, timeout)}
+            for p in store.projects(user)]
     return render(request, "home.html", user=user, rows=rows)
 
 
 def task_page(request: Request, store: Store, user: UserRow, project: ProjectRow, view: TaskView, status: int = 200,
               error: str | None = None, kept: Kept | None = None) -> HTMLResponse:
+    mine = store.user_progress(project, user, get_settings(request).assignment_timeout_s)
     return render(request, f"task_{project.task}.html", status, user=user, project=project, view=view,
-                  done=store.done_count(project.id, user.id), saved=request.query_params.get("saved") == "1",
-                  error=error, kept=kept or Kept())
+                  done=mine["done"], mine=mine, progress=store.progress(project),
+                  saved=request.query_params.get("saved") == "1", error=error, kept=kept or Kept())
 
 
 @router.get("/p/{name}")
@@ -65,7 +65,8 @@ def task(request: Request, name: str, user: UserDep, store: StoreDep):
     project = project_for(store, user, name)
     view = store.next_task(project, user, get_settings(request).assignment_timeout_s)
     if view is None:
-        return render(request, "done.html", user=user, project=project, done=store.done_count(project.id, user.id))
+        return render(request, "done.html", user=user, project=project, progress=store.progress(project),
+                      mine=store.user_progress(project, user, get_settings(request).assignment_timeout_s))
     return task_page(request, store, user, project, view)
 
 
