@@ -76,7 +76,9 @@ def test_every_post_without_the_csrf_token_is_rejected(app, ann):
              "/invite/{token}": {}, "/p/{name}/submit": {"assignment_id": assignment, "choice": "A1"},
              "/p/{name}/skip": {"assignment_id": assignment}, "/admin/users": {"username": "mallory"},
              "/admin/users/{username}/invite": {}, "/admin/users/{username}/active": {"active": "0"},
-             "/admin/p/{name}/members": {"username": "ann"}}
+             "/admin/p/{name}/members": {"username": "ann"},
+             "/api/v1/projects": {"name": "made", "task": "rating"}, "/api/v1/projects/{name}/items": {},
+             "/api/v1/projects/{name}/export": {}}
     routes = post_routes(app)
     assert sorted(r.path for r in routes) == sorted(paths)  # a new POST route must be added here
     for route in routes:

@@ -35,7 +35,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.staticfiles import StaticFiles
 
 from kilter.feedback import security
-from kilter.feedback.routes import admin, annotate, auth
+from kilter.feedback.routes import admin, annotate, api, auth
 from kilter.feedback.routes.deps import LoginRequired, render
 from kilter.feedback.settings import ServeConfig
 from kilter.feedback.store import Store
@@ -176,7 +176,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_parameters)
     app.add_exception_handler(500, _server_error)
-    for module in (auth, annotate, admin):
+    for module in (auth, annotate, admin, api):
         app.include_router(module.router)
 
     return app

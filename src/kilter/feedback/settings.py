@@ -41,6 +41,8 @@ class ServeConfig(BaseConfig):
     """Seconds an unfinished task stays reserved for its annotator before it may go to someone else."""
     leaderboard_bootstrap: int = Field(200, ge=0)
     """Bootstrap rounds for the Bradley-Terry intervals on the admin page (0 = no intervals)."""
+    datasets_dir: str | None = None
+    """Folder where POST /api/v1/projects/NAME/export writes training files (DIR/NAME/KIND.jsonl); unset: that call is refused."""
     migrate: bool = True
     """Create or upgrade the database schema on start."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
