@@ -170,7 +170,7 @@ def test_other_tasks_round_trip(app, ann, task, fields, column, expected):
     page, assignment = ann.task(task)
     assert page.status_code == 200 and f"{task} prompt 0" in page.text
     if task == "edit":
-        assert page.text.count(f"{task} p0 response 0") == 2  # shown, and pre-filled in the editor
+        assert page.text.count(f"{task} p0 response 0") == 3  # rendered, as plain text, and pre-filled in the editor
     r = ann.post(f"/p/{task}/submit", {"assignment_id": assignment, **fields})
     assert r.status_code == 303
     (rec,) = store.judgments(project)

@@ -39,6 +39,59 @@ def test_script_in_model_output_is_escaped_text(app, ann):
     assert re.findall(r"<script[^>]*>", page.text) == ['<script src="/static/app.js" defer>']
 
 
+MARKDOWN_ATTACKS = [
+    "[click](javascript:alert(1))", "[x](JaVaScRiPt:alert(1))", "[d](data:text/html;base64,PHNjcmlwdD4=)",
+    "![img](x onerror=alert(1))", "<img src=x onerror=alert(1)>", "<a href='javascript:alert(1)'>a</a>",
+    "<svg onload=alert(1)>", "<iframe src=//evil.example>", "`<script>`", "```html\n<script>alert(1)</script>\n```",
+    "<style>body{display:none}</style>", "[ok](https://example.org/safe)",
+]
+
+
+def test_markdown_is_rendered_but_sanitised(app, ann):
+    store = app.state.store
+    store.create_project("md", "ranking")
+    text = "\n\n".join(MARKDOWN_ATTACKS) + "\n\n**bold** and a list:\n\n- one\n- two\n"
+    store.import_prompts("md", [parse_row({"prompt": "Render this", "responses": [text, "# Title\n\n```python\nprint(1)\n```"]},
+                                          "x line 1")])
+    store.add_member("md", "ann")
+    page, _ = ann.task("md")
+    html = page.text
+    assert "<strong>bold</strong>" in html and "<li>one</li>" in html
+    assert '<pre><code class="language-python">print(1)' in html  # code blocks are monospace blocks
+    assert '<a href="https://example.org/safe" rel="noopener noreferrer nofollow">ok</a>' in html
+    tags = start_tags(html[html.index("<main"):])
+    assert not {name for name, _ in tags} & {"script", "img", "svg", "iframe", "style"}
+    for name, attrs in tags:
+        assert not [a for a, _ in attrs if a.startswith("on")], (name, attrs)
+        assert not [v for a, v in attrs if a == "href" and not (v or "").startswith(("https:", "/", "#"))], attrs
+    assert re.findall(r"<script[^>]*>", html) == ['<script src="/static/app.js" defer>']
+
+
+def start_tags(html: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """Every start tag a browser would build from ``html``, with its attributes."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.append((tag, attrs))
+
+    Collect().feed(html)
+    return found
+
+
+def test_invisible_characters_are_made_visible():
+    from kilter.feedback.render import markdown, plain
+
+    sneaky = "pay\u200b now \u202eevil\u202c \ufeffend\u00ad"
+    for html in (str(markdown(sneaky)), str(plain(sneaky))):
+        for code in ("200B", "202E", "202C", "FEFF", "00AD"):
+            assert f'class="invisible" title="U+{code}' in html
+        assert not any(ch in html for ch in "\u200b\u202e\u202c\ufeff\u00ad")
+    assert "\ue000" not in str(markdown("private \ue000 use \ue001 chars"))
+
+
 def test_comment_and_names_are_escaped_on_admin_pages(app, ann):
     store = app.state.store
     seed_project(store, "pw", "pairwise", n_prompts=1)

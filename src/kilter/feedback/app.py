@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.staticfiles import StaticFiles
 
+from kilter.feedback import render as render_text
 from kilter.feedback import security
 from kilter.feedback.routes import admin, annotate, api, auth
 from kilter.feedback.routes.deps import LoginRequired, render
@@ -94,6 +95,7 @@ def templates() -> Environment:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(letter=letter, pct=_pct, flags=FLAGS, choices=PAIRWISE_CHOICES, score_range=SCORE_RANGE,
                        task_titles=TASK_TITLES)
+    env.filters.update(markdown=render_text.markdown, plain=render_text.plain)
     return env
 
 

@@ -132,6 +132,27 @@
     }
   }
 
+  // ------------------------------------------------------------------ plain text and long responses
+
+  var rawButton = document.querySelector("[data-toggle-raw]");
+
+  function toggleRaw() {
+    var raw = !document.body.classList.contains("raw");
+    document.body.classList.toggle("raw", raw);
+    document.querySelectorAll(".response-raw").forEach(function (el) { el.hidden = !raw; });
+    document.querySelectorAll(".md").forEach(function (el) { el.hidden = raw; });
+    if (rawButton) rawButton.setAttribute("aria-pressed", String(raw));
+    markScrolling();
+    say(raw ? "Plain text: exactly as written. r for rendered." : "Rendered as Markdown. r for plain text.");
+  }
+
+  // A response taller than its box says so, so nobody judges the first screenful only.
+  function markScrolling() {
+    document.querySelectorAll("[data-scroll], .response-raw").forEach(function (el) {
+      el.classList.toggle("scrolls", el.scrollHeight > el.clientHeight + 2);
+    });
+  }
+
   // ------------------------------------------------------------------ keys
 
   function typingIn(el) {
@@ -183,6 +204,8 @@
       setCurrent(current - 1);
     } else if (key === "Enter") {
       if (task === "edit" || task === "demonstration") { handled = false; } else submitForm();
+    } else if (key === "r") {
+      toggleRaw();
     } else if (key === "s") {
       var skip = document.querySelector("[data-skip]");
       if (skip && !submitted) skip.click();
@@ -235,6 +258,14 @@
     b.addEventListener("click", function () { if (help) help.hidden = !help.hidden; });
   });
 
+  if (rawButton) rawButton.addEventListener("click", toggleRaw);
+  document.querySelectorAll("[data-scroll], .response-raw").forEach(function (el) {
+    el.addEventListener("scroll", function () {
+      el.classList.toggle("scrolled-to-end", el.scrollTop + el.clientHeight >= el.scrollHeight - 2);
+    });
+  });
+  window.addEventListener("resize", markScrolling);
+  markScrolling();
   setCurrent(0);
   updateFlagCounts();
   if (task === "ranking") readRanks();
