@@ -20,6 +20,9 @@ from kilter.feedback.tasks import parse_submission
 pytestmark = pytest.mark.browser
 
 EVIL = "<script>document.title='pwned'</script>Plain words after the tag."
+LONG_MARKDOWN = ("A **list comprehension** builds a list in one expression:\n\n```python\nsquares = [x * x for x in range(10)]\n```\n\n"
+                 + "\n".join(f"{i}. Point number {i}, with `inline code` and some words to make the line long enough to wrap."
+                              for i in range(1, 40)))
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,11 @@ def site(tmp_path_factory):
     store.import_prompts("xss", [parse_row({"prompt": "Say something.", "responses": [EVIL, "A harmless answer."]}, "x")])
     store.add_member("xss", "ann")
     seed_project(store, "keys", "pairwise", n_prompts=6, models=["sft", "ppo"], members=("ann",))
+    store.create_project("longmd", "pairwise", instructions="Prefer the **correct** answer; see `code` too.")
+    store.import_prompts("longmd", [parse_row({"prompt": "Explain *list comprehensions* in Python.", "responses": [
+        LONG_MARKDOWN, "Use a loop:\n\n```python\nout = []\nfor x in xs:\n    out.append(x * 2)\n```\n\nSame\u200bresult."]},
+        "long line 1")])
+    store.add_member("longmd", "ann")
     seed_project(store, "keyrank", "ranking", n_prompts=2, k=3, models=["sft", "ppo", "dpo"], members=("ann",))
     seed_arena(store)
     store.close()
@@ -178,7 +186,19 @@ def test_script_in_a_model_output_stays_inert(browser, site):
     assert browser.execute_script("return document.querySelectorAll('.response-text script').length") == 0
 
 
+SIZES = {"1366": (1366, 768), "400": (400, 860)}  # a laptop, a phone
+
+
+def viewport(browser, label):
+    """The page's viewport exactly this size (a window size would include the browser's own frame)."""
+    width, height = SIZES[label]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": label == "400"})
+    browser.execute_script("window.dispatchEvent(new Event('resize'))")
+
+
 def test_screenshots_of_every_page(browser, site):
+    """Every page at 1366x768 and at 400 px wide, saved for review ($KILTER_SHOTS_DIR)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -186,14 +206,18 @@ def test_screenshots_of_every_page(browser, site):
     pages = []
 
     def shot(name, full=False):
-        path = folder / f"{name}.png"
-        if full:  # the whole page, not just the laptop-sized viewport
-            png = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
-            path.write_bytes(base64.b64decode(png["data"]))
-        else:
-            browser.save_screenshot(str(path))
-        pages.append(path)
+        for label in SIZES:
+            viewport(browser, label)
+            path = folder / f"{name}-{label}.png"
+            if full or label == "400":  # the whole page, not just the viewport
+                png = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+                path.write_bytes(base64.b64decode(png["data"]))
+            else:
+                browser.save_screenshot(str(path))
+            pages.append(path)
+        viewport(browser, "1366")
 
+    viewport(browser, "1366")
     browser.delete_all_cookies()
     browser.get(site["url"] + "/login")
     shot("01-login")
@@ -208,8 +232,17 @@ def test_screenshots_of_every_page(browser, site):
     browser.get(site["url"] + "/p/rank")
     keys(browser, "b", "6", "/")
     shot("09-task-rank-keyboard")
+    browser.get(site["url"] + "/p/longmd")
+    shot("09b-task-long-markdown")
+    keys(browser, "r")
+    shot("09c-task-plain-text")
+    browser.get(site["url"] + "/p/rank")
+    keys(browser, Keys.ENTER)
+    shot("09d-task-missing")
     browser.get(site["url"] + "/admin")
     shot("10-forbidden")
+    browser.get(site["url"] + "/no/such/page")
+    shot("10b-not-found")
     browser.get(site["url"] + "/p/compare")
     for _ in range(5):  # finish the project to reach the "all done" page
         if not browser.find_elements(By.ID, "task-form"):
@@ -229,8 +262,28 @@ def test_screenshots_of_every_page(browser, site):
     assert "flagged" in text and "troll" in text and "Model leaderboard" in text
     shot("13-admin-project", full=True)
     rows = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")
-    assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in rows] == ["ppo-v2", "sft-v1", "base"]
+    assert [r.find_elements(By.TAG_NAME, "td")[1].text.split()[0] for r in rows] == ["ppo-v2", "sft-v1", "base"]
     assert all(p.stat().st_size > 10_000 for p in pages)
+
+
+def test_long_markdown_responses_at_1366x768(browser, site):
+    """Rendered Markdown, a visible zero-width space, a long response that says it scrolls, and the
+    choice bar on screen without scrolling the page (issue 18, item 12)."""
+    from selenium.webdriver.common.by import By
+
+    viewport(browser, "1366")
+    login(browser, site)
+    browser.get(site["url"] + "/p/longmd")
+    assert browser.find_elements(By.CSS_SELECTOR, ".response-text pre code.language-python")
+    assert browser.find_elements(By.CSS_SELECTOR, '.response-text .invisible[title^="U+200B"]')
+    assert browser.find_elements(By.CSS_SELECTOR, ".response-text.scrolls")
+    bar = browser.execute_script("var r = document.querySelector('.scale').getBoundingClientRect();"
+                                 "return [r.top, r.bottom, window.innerHeight]")
+    assert 0 < bar[0] and bar[1] <= bar[2] + 1, bar
+    assert browser.execute_script("return getComputedStyle(document.querySelector('.md pre')).fontFamily").count("mono")
+    keys(browser, "r")
+    raw = [e for e in browser.find_elements(By.CSS_SELECTOR, ".response .response-raw") if e.is_displayed()]
+    assert len(raw) == 2 and "**list comprehension**" in raw[0].text + raw[1].text
 
 
 def focus_by_tab(browser, selector, limit=80):
