@@ -98,9 +98,11 @@ def login(browser, site, username="ann", password="ann-password"):
 
 
 def wait_for(browser, condition, timeout=15):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, timeout).until(condition)
+    # a condition that reads an element may race the next page replacing it: just look again
+    return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def keys(browser, *sequence):
