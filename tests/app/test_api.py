@@ -226,7 +226,10 @@ def test_skip_then_done_page(app, ann):
     store = app.state.store
     project = seed_project(store, "pw", "pairwise", n_prompts=1)
     _, assignment = ann.task("pw")
-    assert ann.post("/p/pw/skip", {"assignment_id": assignment}).status_code == 303
+    asked = ann.post("/p/pw/skip", {"assignment_id": assignment})  # no reason yet: the app asks for one
+    assert asked.status_code == 200 and "Why skip this item?" in asked.text and 'value="expertise"' in asked.text
+    assert ann.task("pw")[1] == assignment  # not skipped yet
+    assert ann.post("/p/pw/skip", {"assignment_id": assignment, "reason": "expertise"}).status_code == 303
     page, none = ann.task("pw")
     assert none is None and "All done here" in page.text
     assert store.judgments(project) == []
@@ -330,3 +333,102 @@ def test_admin_export_download_is_training_ready(app, admin):
     raw = [json.loads(line) for line in admin.get("/admin/p/arena/export?kind=raw").text.splitlines()]
     assert {row["annotator"] for row in raw} == {"ann"} and len(raw) == 12
     assert admin.get("/admin/p/arena/export?kind=ratings").status_code == 404
+
+
+def test_skipped_items_keep_their_reason_and_can_be_done_later(app, ann):
+    store = app.state.store
+    project = seed_project(store, "pw", "pairwise", n_prompts=2)
+    _, first = ann.task("pw")
+    assert ann.post("/p/pw/skip", {"assignment_id": first, "reason": "unclear"}).status_code == 303
+    _, second = ann.task("pw")
+    assert second != first
+    page = ann.get("/p/pw/history")
+    assert "The prompt or the responses are unclear" in page.text
+    assert ann.post(f"/p/pw/skipped/{first}/reopen").status_code == 303
+    assert ann.task("pw")[1] == first  # the skipped item is back, before anything else
+    assert ann.post("/p/pw/submit", {"assignment_id": first, "choice": "B2"}).status_code == 303
+    assert [r.choice for r in store.judgments(project)] == ["B2"]
+    assert ann.post(f"/p/pw/skipped/{first}/reopen").status_code == 409  # done now, not skipped
+    assert ann.post(f"/p/pw/skipped/{10**30}/reopen").status_code == 409
+
+
+def test_an_answer_can_be_changed_and_every_version_is_kept(app, ann):
+    store = app.state.store
+    project = seed_project(store, "rk", "ranking", n_prompts=1, k=2)
+    _, assignment = ann.task("rk")
+    first = {"assignment_id": assignment, "rank_0": "1", "rank_1": "2", "score_0": "6", "score_1": "2",
+             "flags_1": "harmful", "comment": "first try"}
+    assert ann.post("/p/rk/submit", first).status_code == 303
+    (rec,) = store.judgments(project)
+    history = ann.get("/p/rk/history")
+    assert f'/p/rk/j/{rec.id}' in history.text and "A &gt; B" in history.text
+    form = ann.get(f"/p/rk/j/{rec.id}")  # the earlier answer, filled in
+    assert form.status_code == 200 and "Changing your earlier answer" in form.text
+    assert re.search(r'name="flags_1" value="harmful"[^>]*checked', form.text) and "first try" in form.text
+    assert f'action="/p/rk/j/{rec.id}"' in form.text and "data-skip" not in form.text
+    bad = ann.post(f"/p/rk/j/{rec.id}", {"rank_0": "2"})
+    assert bad.status_code == 422
+    r = ann.post(f"/p/rk/j/{rec.id}", {"rank_0": "2", "rank_1": "1", "score_0": "3", "score_1": "5", "comment": "on reflection"})
+    assert (r.status_code, r.headers["location"]) == (303, "/p/rk/history?changed=1")
+    (now,) = store.judgments(project)
+    assert now.id == rec.id and now.version == 2 and now.comment == "on reflection"
+    assert [(e["rank"], e["score"], e["flags"]) for e in now.responses] == [(2, 3, []), (1, 5, [])]
+    (old,) = store.versions(rec.id)
+    assert old["version"] == 1 and old["comment"] == "first try" and old["responses"][1]["flags"] == ["harmful"]
+    other = Client(app)
+    other.login_invite(invited(store, "eve"))
+    store.add_member("rk", "eve")
+    assert other.get(f"/p/rk/j/{rec.id}").status_code == 404  # only your own
+    assert other.post(f"/p/rk/j/{rec.id}", {"rank_0": "1", "rank_1": "2", "score_0": "1", "score_1": "1"}).status_code == 404
+    (raw,) = export_raw(store, project)
+    assert raw["version"] == 2
+
+
+def export_raw(store, project):
+    from kilter.feedback import export
+
+    return export.build(store.judgments(project), project.task, "raw", project=project.name)
+
+
+def test_tournament_votes_reveal_the_models_afterwards(app, ann):
+    store = app.state.store
+    seed_project(store, "arena", "pairwise", n_prompts=2, models=["sft", "ppo"])
+    page, assignment = ann.task("arena")
+    assert "sft" not in page.text.split('id="task-form"')[1] and "data-revealed" not in page.text
+    shown = shown_order(page.text, [t for t in ("arena p0 response 0", "arena p0 response 1") if t in page.text])
+    ann.post("/p/arena/submit", {"assignment_id": assignment, "choice": "A1"})
+    after, _ = ann.task("arena")
+    models = {"arena p0 response 0": "sft", "arena p0 response 1": "ppo"}
+    assert f"<strong>A</strong> was <strong>{models[shown[0]]}</strong>, <strong>B</strong> was <strong>{models[shown[1]]}</strong>" in after.text
+    assert "data-revealed" not in ann.task("arena")[0].text  # said once
+
+
+def test_reviewers_accept_or_reject_with_a_reason_and_rejected_judgments_leave_the_export(app, ann):
+    from kilter.feedback import export
+
+    store = app.state.store
+    project = seed_project(store, "ed", "edit", n_prompts=2, k=1, members=("ann",))
+    for text in ("A much better answer.", "Another fix."):
+        _, assignment = ann.task("ed")
+        ann.post("/p/ed/submit", {"assignment_id": assignment, "text": text})
+    reviewer = Client(app)
+    reviewer.login_invite(invited(store, "rita", role="reviewer"))
+    store.add_member("ed", "rita")
+    page = reviewer.get("/review/p/ed")
+    assert page.status_code == 200 and page.text.count('class="card review-item"') == 2
+    assert "<ins>" in page.text and "<del>" in page.text  # the edit as a diff
+    first, second = store.judgments(project)
+    assert reviewer.post(f"/review/p/ed/j/{first.id}", {"verdict": "reject"}).status_code == 422  # needs a reason
+    r = reviewer.post(f"/review/p/ed/j/{first.id}", {"verdict": "reject", "reason": "made things up", "back": "/review/p/ed"})
+    assert r.status_code == 303
+    assert reviewer.post(f"/review/p/ed/j/{second.id}", {"verdict": "accept"}).status_code == 303
+    records = store.judgments(project)
+    assert [(r.review, r.review_reason, r.reviewer) for r in records] == [
+        ("reject", "made things up", "rita"), ("accept", "", "rita")]
+    assert [row["chosen"] for row in export.build(records, "edit", "comparisons")] == ["Another fix."]
+    assert len(export.build(records, "edit", "comparisons", include_rejected=True)) == 2
+    assert "made things up" in reviewer.get("/review/p/ed?show=reject").text
+    assert ann.get("/review/p/ed").status_code == 403  # annotators do not review
+    author = next(u for u in store.users() if u.username == "ann")
+    with pytest.raises(KilterError, match="your own"):
+        store.review(project, author, first.id, "accept")

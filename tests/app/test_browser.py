@@ -320,7 +320,11 @@ def test_enter_on_a_focused_control_does_what_the_control_says(browser, site):
     assert browser.find_element(By.CSS_SELECTOR, 'input[value="A2"]').is_selected()
     focus_by_tab(browser, "[data-skip]")
     keys(browser, Keys.ENTER)
-    wait_for(browser, lambda d: d.find_element(By.NAME, "assignment_id").get_attribute("value") != first)
+    wait_for(browser, lambda d: "Why skip this item?" in body(d).text)  # the skip asks for a reason
+    assert judgments_and_skips(site, "keys") == ([], 0)
+    keys(browser, Keys.TAB, Keys.ENTER)  # the second reason, by keyboard
+    wait_for(browser, lambda d: d.find_elements(By.ID, "task-form")
+             and d.find_element(By.NAME, "assignment_id").get_attribute("value") != first)
     assert judgments_and_skips(site, "keys") == ([], 1)
 
     # Enter on a Flags summary opens it and submits nothing

@@ -38,12 +38,12 @@ def users(store, *names):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current_revision(store.engine) == "0002"
+    assert current_revision(store.engine) == "0003"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.engine) == "0002"
+    assert current_revision(store.engine) == "0003"
 
 
 def test_sqlite_runs_in_wal_mode_and_fsyncs_judgments(sqlite_path):

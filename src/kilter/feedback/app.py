@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 
 from kilter.feedback import render as render_text
 from kilter.feedback import security
-from kilter.feedback.routes import admin, annotate, api, auth
+from kilter.feedback.routes import admin, annotate, api, auth, review
 from kilter.feedback.routes.deps import LoginRequired, render
 from kilter.feedback.settings import ServeConfig
 from kilter.feedback.store import Store
@@ -45,6 +45,7 @@ from kilter.feedback.tasks import (
     PAIRWISE_CHOICES,
     SCORE_RANGE,
     TASK_TITLES,
+    answer_summary,
     letter,
 )
 
@@ -94,8 +95,9 @@ def templates() -> Environment:
     env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=True, auto_reload=False,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(letter=letter, pct=_pct, flags=FLAGS, choices=PAIRWISE_CHOICES, score_range=SCORE_RANGE,
-                       task_titles=TASK_TITLES)
+                       task_titles=TASK_TITLES, answer_summary=answer_summary)
     env.filters.update(markdown=render_text.markdown, plain=render_text.plain)
+    env.globals.update(diff_html=render_text.diff_html)
     return env
 
 
@@ -178,7 +180,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_parameters)
     app.add_exception_handler(500, _server_error)
-    for module in (auth, annotate, admin, api):
+    for module in (auth, annotate, admin, api, review):
         app.include_router(module.router)
 
     return app

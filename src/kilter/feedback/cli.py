@@ -151,6 +151,8 @@ class ExportConfig(BaseConfig):
     """Leave out annotators flagged by the quality checks (low gold accuracy or peer agreement)."""
     include_gold: bool = True
     """Export judgments on gold items too (they are real prompts with real responses)."""
+    include_rejected: bool = False
+    """Export judgments a reviewer rejected too (raw always has them, with the review)."""
     db: str = Field(default_factory=default_db)
     """SQLite file or database URL (default: $KILTER_DB or kilter.db)."""
 
@@ -181,7 +183,7 @@ def run_export(cfg: ExportConfig) -> int:
     for kind in kinds:
         problems: list[str] = []
         rows = export.build(records, project.task, kind, cfg.aggregate, cfg.min_judgments, project=project.name,
-                            problems=problems)
+                            problems=problems, include_rejected=cfg.include_rejected)
         path = out if out.suffix == ".jsonl" else out / f"{kind}.jsonl"
         export.write(rows, path)
         print(f"wrote {len(rows)} {kind} records to {path}")
@@ -369,7 +371,8 @@ def users_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     p = sub.add_parser("add", help="create an account")
     p.add_argument("username")
-    p.add_argument("--role", choices=["admin", "annotator"], default="annotator", help="default annotator")
+    p.add_argument("--role", choices=["admin", "reviewer", "annotator"], default="annotator",
+                   help="default annotator; a reviewer also accepts or rejects other people's judgments")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.add_argument("--invite", action="store_true",
                    help="print a single-use invite link that logs the person in (the default without a password)")

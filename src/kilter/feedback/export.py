@@ -173,6 +173,11 @@ def raw_record(rec: JudgmentRecord, project: str) -> dict[str, Any]:
         "responses": rec.responses,
         "text": rec.text,
         "comment": rec.comment,
+        "category": rec.category,
+        "version": rec.version,
+        "review": rec.review,
+        "review_reason": rec.review_reason,
+        "reviewer": rec.reviewer,
     }
 
 
@@ -195,9 +200,13 @@ def trainer_ready(rows: list[dict[str, Any]], kind: str, problems: list[str] | N
 
 
 def build(records: Iterable[JudgmentRecord], task: str, kind: str, aggregate: str = "each",
-          min_judgments: int = 1, project: str = "", problems: list[str] | None = None) -> list[dict[str, Any]]:
+          min_judgments: int = 1, project: str = "", problems: list[str] | None = None,
+          include_rejected: bool = False) -> list[dict[str, Any]]:
     """The records of one ``kind`` for a project whose task is ``task`` (see module doc), each one a
-    trainer accepts; what was left out is described in ``problems`` when a list is given."""
+    trainer accepts; what was left out is described in ``problems`` when a list is given.
+    Judgments a reviewer rejected are left out unless ``include_rejected`` (``raw`` keeps them all)."""
+    if kind != "raw" and not include_rejected:
+        records = [r for r in records if r.review != "reject"]
     return trainer_ready(_build(records, task, kind, aggregate, min_judgments, project), kind, problems)
 
 

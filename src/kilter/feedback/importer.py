@@ -30,7 +30,7 @@ from typing import Any
 from kilter.errors import DataError
 from kilter.feedback.tasks import check_response_count, gold_for_item, plan_items
 
-_KNOWN = {"prompt", "id", "responses", "completion", "gold"}
+_KNOWN = {"prompt", "id", "responses", "completion", "gold", "category"}
 
 
 @dataclass
@@ -47,6 +47,7 @@ class PromptIn:
     responses: list[CandidateIn] = field(default_factory=list)
     gold: Any = None
     where: str = ""  # "file.jsonl line 3", for error messages
+    category: str | None = None  # e.g. "coding": per-category leaderboards and filters
 
 
 def normalized(text: str) -> str:
@@ -100,7 +101,11 @@ def parse_row(row: Any, where: str) -> PromptIn:
     if not isinstance(raw, list):
         raise DataError(f"{where}: field 'responses': expected a list")
     responses = [_candidate(v, where, i) for i, v in enumerate(raw)]
-    return PromptIn(prompt, None if external is None else str(external), responses, row.get("gold"), where)
+    category = row.get("category")
+    if category is not None and (not isinstance(category, str) or not category.strip() or len(category) > 64):
+        raise DataError(f"{where}: field 'category': expected a non-empty string of at most 64 characters")
+    return PromptIn(prompt, None if external is None else str(external), responses, row.get("gold"), where,
+                    category.strip() if category else None)
 
 
 def same_text(responses: list[CandidateIn]) -> tuple[int, int] | None:
@@ -201,7 +206,7 @@ def distinct_responses(rows: list[PromptIn], task: str | None) -> tuple[list[Pro
         if short:
             dropped["prompts"] += 1
             continue
-        kept.append(PromptIn(row.prompt, row.external_id, responses, row.gold, row.where))
+        kept.append(PromptIn(row.prompt, row.external_id, responses, row.gold, row.where, row.category))
     return kept, dropped
 
 
@@ -212,5 +217,7 @@ def write_jsonl(rows: list[PromptIn], path: str | Path) -> None:
             obj: dict[str, Any] = {"prompt": row.prompt}
             if row.external_id is not None:
                 obj["id"] = row.external_id
+            if row.category is not None:
+                obj["category"] = row.category
             obj["responses"] = [{"text": c.text, "model": c.model, "sampling": c.sampling} for c in row.responses]
             handle.write(json.dumps(obj, ensure_ascii=False) + "\n")

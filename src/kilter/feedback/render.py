@@ -65,3 +65,30 @@ def plain(text: str) -> Markup:
     """``text`` escaped for a ``<pre>``, invisible characters made visible."""
     marked = INVISIBLE.sub(_mark, text.replace(_OPEN, "").replace(_CLOSE, ""))
     return Markup(_PLACEHOLDER.sub(_show, str(escape(marked))))
+
+
+_TOKENS = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def diff_html(original: str, edited: str) -> Markup:
+    """A word-level diff of an edit (difflib): removed words struck through, added ones marked.
+
+    Compared after the same line-ending normalisation as the export, so a CRLF-only "edit" shows
+    as unchanged.
+    """
+    from difflib import SequenceMatcher
+
+    from kilter.feedback.importer import normalized
+
+    a, b = _TOKENS.findall(normalized(original)), _TOKENS.findall(normalized(edited))
+    if a == b:
+        return Markup('<p class="diff muted small">The edit left the response unchanged.</p>')
+    out = []
+    for op, i1, i2, j1, j2 in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op in ("delete", "replace"):
+            out.append(f"<del>{plain(''.join(a[i1:i2]))}</del>")
+        if op in ("insert", "replace"):
+            out.append(f"<ins>{plain(''.join(b[j1:j2]))}</ins>")
+        if op == "equal":
+            out.append(str(plain("".join(a[i1:i2]))))
+    return Markup('<div class="diff" data-diff>' + "".join(out) + "</div>")

@@ -43,14 +43,17 @@ from kilter.feedback.models import (
     ApiToken,
     AppSecret,
     Assignment,
+    AuditEntry,
     Candidate,
     Item,
     ItemCandidate,
     Judgment,
+    JudgmentVersion,
     LoginFailure,
     Membership,
     Project,
     Prompt,
+    Review,
     User,
     WebSession,
     utcnow,
@@ -174,6 +177,41 @@ class JudgmentRecord:
     responses: list[dict[str, Any]]
     text: str | None
     comment: str
+    category: str | None = None
+    version: int = 1  # above 1: the annotator changed their answer (older ones in judgment_versions)
+    review: str | None = None  # the newest review's verdict: "accept", "reject" or None
+    review_reason: str = ""
+    reviewer: str | None = None
+
+
+ANSWER_COLUMNS = ("choice", "preferred_candidate_id", "strength", "tie", "both_bad", "label", "responses", "text",
+                  "comment", "display_order")
+SKIP_REASONS = {
+    "unclear": "The prompt or the responses are unclear",
+    "expertise": "I can't judge this (needs expertise I don't have)",
+    "offensive": "The content is offensive or disturbing",
+    "broken": "Broken: garbled, truncated or empty",
+    "other": "Another reason (see comment)",
+}
+REVIEW_VERDICTS = ("accept", "reject")
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    created_at: datetime
+    username: str
+    action: str
+    target: str
+    detail: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    assignment_id: int
+    item_id: int
+    prompt: str
+    reason: str | None
+    created_at: datetime
 
 
 @dataclass
@@ -490,6 +528,26 @@ class Store:
         except IntegrityError:
             raise KilterError(f"project {name!r} already exists") from None
 
+    def update_project(self, name: str, *, title: str | None = None, instructions: str | None = None,
+                       overlap: int | None = None, gold_fraction: float | None = None) -> ProjectRow:
+        """Change a project's settings; returns the project as it now is."""
+        if overlap is not None and overlap < 1:
+            raise KilterError(f"overlap must be at least 1, got {overlap}")
+        if gold_fraction is not None and not 0.0 <= gold_fraction <= 1.0:
+            raise KilterError(f"gold fraction must be between 0 and 1, got {gold_fraction}")
+        with self._write() as s:
+            project = s.scalar(select(Project).where(Project.name == name))
+            if project is None:
+                raise KilterError(f"no project named {name!r}")
+            for key, value in (("title", title), ("instructions", instructions), ("overlap", overlap),
+                               ("gold_fraction", gold_fraction)):
+                if value is not None:
+                    setattr(project, key, value)
+            if not project.title:
+                project.title = project.name
+            s.flush()
+            return _project_row(project)
+
     def project(self, name: str) -> ProjectRow:
         with self._read() as s:
             project = s.scalar(select(Project).where(Project.name == name))
@@ -560,7 +618,7 @@ class Store:
                     first = next(r for r in rows if r.external_id in taken)
                     raise KilterError(f"{first.where}: prompt id {first.external_id!r} is already in project {project!r}")
             for row in rows:
-                prompt = Prompt(project_id=proj.id, external_id=row.external_id, text=row.prompt)
+                prompt = Prompt(project_id=proj.id, external_id=row.external_id, text=row.prompt, category=row.category)
                 s.add(prompt)
                 s.flush()
                 cands = [Candidate(prompt_id=prompt.id, model=c.model, text=c.text, sampling=c.sampling)
@@ -708,11 +766,101 @@ class Store:
                 raise
             return jid, False
 
-    def skip(self, project: ProjectRow, user: UserRow, assignment_id: int) -> None:
+    def skip(self, project: ProjectRow, user: UserRow, assignment_id: int, reason: str | None = None) -> None:
+        if reason is not None and reason not in SKIP_REASONS:
+            raise KilterError(f"unknown skip reason {reason!r}; one of {', '.join(SKIP_REASONS)}")
         with self._write(durable=False) as s:
             s.execute(update(Assignment).where(Assignment.id == assignment_id, Assignment.user_id == user.id,
                                                Assignment.project_id == project.id, Assignment.status == "open")
-                      .values(status="skipped"))
+                      .values(status="skipped", skip_reason=reason))
+
+    def skipped(self, project: ProjectRow, user: UserRow) -> list[SkippedRow]:
+        """The items ``user`` skipped in ``project``, newest first, with the reason they gave."""
+        with self._read() as s:
+            rows = s.execute(select(Assignment.id, Assignment.item_id, Prompt.text, Assignment.skip_reason,
+                                    Assignment.created_at)
+                             .join(Item, Item.id == Assignment.item_id).join(Prompt, Prompt.id == Item.prompt_id)
+                             .where(Assignment.project_id == project.id, Assignment.user_id == user.id,
+                                    Assignment.status == "skipped").order_by(Assignment.id.desc())).all()
+        return [SkippedRow(*r) for r in rows]
+
+    def reopen_skipped(self, project: ProjectRow, user: UserRow, assignment_id: int) -> bool:
+        """Put a skipped item back as the person's open task (shown next); False if it was not theirs or not skipped.
+
+        Any other open task of theirs goes back to the pool, so the reopened one is what they see.
+        """
+        with self._write(durable=False) as s:
+            a = s.get(Assignment, assignment_id)
+            if a is None or a.user_id != user.id or a.project_id != project.id or a.status != "skipped":
+                return False
+            s.execute(delete(Assignment).where(Assignment.project_id == project.id, Assignment.user_id == user.id,
+                                               Assignment.status == "open"))
+            a.status, a.skip_reason, a.created_at = "open", None, utcnow()
+            return True
+
+    # ----------------------------------------------------------------------- changing and reviewing answers
+
+    def my_judgments(self, project: ProjectRow, user: UserRow, limit: int = 20) -> list[JudgmentRecord]:
+        """The person's newest judgments in the project (for going back and changing them)."""
+        return [r for r in self.judgments(project, user_id=user.id)][::-1][:limit]
+
+    def revise(self, project: ProjectRow, user: UserRow, judgment_id: int,
+               parse: Callable[[Shown], dict[str, Any]]) -> int:
+        """Replace the answer of one of ``user``'s judgments; the old answer is kept as a version.
+
+        ``parse`` reads the form given the responses in the order first shown (it may raise
+        FormError). Returns the new version number.
+        """
+        with self._write(durable=True) as s:
+            j = s.get(Judgment, judgment_id)
+            if j is None or j.user_id != user.id or j.project_id != project.id:
+                raise KilterError("this judgment is not yours")
+            a = s.get(Assignment, j.assignment_id)
+            view = self._task_view(s, a.id, a.item_id, list(a.display_order), a.created_at)
+            original = view.responses[0].text if view.responses else ""
+            values = parse(Shown([c.id for c in view.responses], original))
+            s.add(JudgmentVersion(judgment_id=j.id, version=j.version, submitted_at=j.updated_at or j.created_at,
+                                  values={c: getattr(j, c) for c in ANSWER_COLUMNS}))
+            blank = {"tie": False, "both_bad": False, "comment": ""}  # what a fresh judgment holds
+            for column in ANSWER_COLUMNS:
+                setattr(j, column, values.get(column, blank.get(column)))
+            j.version += 1
+            j.updated_at = utcnow()
+            return j.version
+
+    def versions(self, judgment_id: int) -> list[dict[str, Any]]:
+        """Earlier answers of a judgment, oldest first: ``{"version", "submitted_at", "replaced_at", **values}``."""
+        with self._read() as s:
+            return [{"version": v.version, "submitted_at": v.submitted_at, "replaced_at": v.replaced_at, **v.values}
+                    for v in s.scalars(select(JudgmentVersion).where(JudgmentVersion.judgment_id == judgment_id)
+                                       .order_by(JudgmentVersion.version))]
+
+    def review(self, project: ProjectRow, reviewer: UserRow, judgment_id: int, verdict: str, reason: str = "") -> None:
+        """Accept or reject a judgment (a rejection needs a reason); the newest review counts."""
+        if verdict not in REVIEW_VERDICTS:
+            raise KilterError(f"verdict must be accept or reject, got {verdict!r}")
+        reason = reason.strip()
+        if verdict == "reject" and not reason:
+            raise KilterError("say why the judgment is rejected")
+        with self._write() as s:
+            j = s.get(Judgment, judgment_id)
+            if j is None or j.project_id != project.id:
+                raise KilterError(f"no judgment {judgment_id} in project {project.name!r}")
+            if j.user_id == reviewer.id:
+                raise KilterError("you cannot review your own judgment")
+            s.add(Review(judgment_id=j.id, reviewer_id=reviewer.id, verdict=verdict, reason=reason[:2000]))
+
+    # ----------------------------------------------------------------------- audit log
+
+    def audit(self, user: UserRow | None, action: str, target: str = "", detail: dict[str, Any] | None = None) -> None:
+        with self._write(durable=False) as s:
+            s.add(AuditEntry(user_id=user.id if user else None, username=user.username if user else "",
+                             action=action, target=target[:255], detail=detail))
+
+    def audit_log(self, limit: int = 200) -> list[AuditRow]:
+        with self._read() as s:
+            return [AuditRow(e.created_at, e.username, e.action, e.target, e.detail)
+                    for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))]
 
     # ----------------------------------------------------------------------- reading results
 
@@ -743,11 +891,22 @@ class Store:
                 .join(Candidate, Candidate.id == ItemCandidate.candidate_id)
                 .where(Item.project_id == project.id).order_by(Item.id, ItemCandidate.slot))]
 
-    def judgments(self, project: ProjectRow) -> list[JudgmentRecord]:
-        """Every judgment of the project, oldest first, with its item, prompt and candidates."""
+    def judgments(self, project: ProjectRow, user_id: int | None = None) -> list[JudgmentRecord]:
+        """Every judgment of the project (or of one annotator), oldest first, with its item, prompt,
+        candidates and newest review."""
         with self._read() as s:
-            rows = s.execute(select(Judgment, User.username).join(User, User.id == Judgment.user_id)
-                             .where(Judgment.project_id == project.id).order_by(Judgment.created_at, Judgment.id)).all()
+            query = (select(Judgment, User.username).join(User, User.id == Judgment.user_id)
+                     .where(Judgment.project_id == project.id).order_by(Judgment.created_at, Judgment.id))
+            if user_id is not None:
+                query = query.where(Judgment.user_id == user_id)
+            rows = s.execute(query).all()
+            reviews: dict[int, tuple[str, str, str]] = {}
+            if rows:
+                for jid, verdict, reason, who in s.execute(
+                        select(Review.judgment_id, Review.verdict, Review.reason, User.username)
+                        .join(User, User.id == Review.reviewer_id).join(Judgment, Judgment.id == Review.judgment_id)
+                        .where(Judgment.project_id == project.id).order_by(Review.id)):
+                    reviews[jid] = (verdict, reason, who)  # later rows win: the newest review counts
             item_ids = {j.item_id for j, _ in rows}
             items = {i.id: i for i in s.scalars(select(Item).where(Item.id.in_(item_ids)).options(
                 selectinload(Item.slots).selectinload(ItemCandidate.candidate)))} if item_ids else {}
@@ -756,9 +915,10 @@ class Store:
             for j, username in rows:
                 item = items[j.item_id]
                 prompt = prompts[item.prompt_id]
+                verdict, reason, reviewer = reviews.get(j.id, (None, "", None))
                 out.append(JudgmentRecord(
                     j.id, j.task, username, item.id, item.is_gold, item.gold, prompt.text, prompt.external_id,
                     _candidates(item), j.created_at, j.shown_at, list(j.display_order), j.choice,
                     j.preferred_candidate_id, j.strength, j.tie, j.both_bad, j.label, list(j.responses or []),
-                    j.text, j.comment))
+                    j.text, j.comment, prompt.category, j.version, verdict, reason, reviewer))
             return out

@@ -204,6 +204,9 @@
       setCurrent(current - 1);
     } else if (key === "Enter") {
       if (task === "edit" || task === "demonstration") { handled = false; } else submitForm();
+    } else if (key === "h") {
+      var history = document.querySelector("[data-history]");
+      if (history) history.click();
     } else if (key === "r") {
       toggleRaw();
     } else if (key === "s") {
