@@ -432,3 +432,51 @@ def test_reviewers_accept_or_reject_with_a_reason_and_rejected_judgments_leave_t
     author = next(u for u in store.users() if u.username == "ann")
     with pytest.raises(KilterError, match="your own"):
         store.review(project, author, first.id, "accept")
+
+
+def test_admin_runs_a_project_from_the_browser_and_every_action_is_audited(app, admin):
+    store = app.state.store
+    invited(store, "ann")
+    r = admin.post("/admin/projects", {"name": "web1", "task": "pairwise", "overlap": "2", "title": "From the web",
+                                       "instructions": "Be **kind**."})
+    assert (r.status_code, r.headers["location"]) == (303, "/admin/p/web1")
+    assert admin.post("/admin/projects", {"name": "web1", "task": "pairwise"}).status_code == 422
+    assert admin.post("/admin/projects", {"name": "web2", "task": "pairwise", "overlap": "two"}).status_code == 422
+    lines = [json.dumps({"prompt": f"q{i}", "category": "coding" if i % 2 else "chat",
+                         "responses": [f"answer {i} a", f"answer {i} b"]}) for i in range(4)]
+    upload = {"file": ("items.jsonl", ("\n".join(lines) + "\n").encode(), "application/x-ndjson")}
+    r = admin.http.post("/admin/p/web1/import", data={"csrf_token": admin.csrf}, files=upload)
+    assert r.status_code == 303
+    assert "Imported 4 prompts, 8 responses -&gt; 4 items" in admin.get("/admin/p/web1").text
+    bad = {"file": ("bad.jsonl", b'{"prompt": "x", "responses": ["same", "same"]}\n', "application/x-ndjson")}
+    r = admin.http.post("/admin/p/web1/import", data={"csrf_token": admin.csrf}, files=bad)
+    assert r.status_code == 422 and "bad.jsonl line 1" in r.text.lower()
+    r = admin.post("/admin/p/web1/settings", {"title": "Renamed", "overlap": "1", "gold_fraction": "0",
+                                               "instructions": "New rules."})
+    assert r.status_code == 303 and store.project("web1").overlap == 1 and store.project("web1").title == "Renamed"
+    assert admin.post("/admin/p/web1/settings", {"overlap": "0"}).status_code == 422
+    assert admin.post("/admin/p/web1/members", {"username": "ann"}).status_code == 303
+    assert admin.post("/admin/p/web1/members/remove", {"username": "ann"}).status_code == 303
+    assert store.members(store.project("web1").id) == []
+    assert admin.get("/admin/p/web1/export").status_code == 200
+    log = admin.get("/admin/audit").text
+    for action in ("project.create", "project.import", "project.settings", "project.member.add",
+                   "project.member.remove", "project.export"):
+        assert action in log, action
+    assert "overlap: [2, 1]" in log
+
+
+def test_admin_browses_and_searches_judgments(app, admin):
+    store = app.state.store
+    invited(store, "ann")
+    invited(store, "bob")
+    project = battle_project(store, annotators=("ann", "bob"))
+    page = admin.get("/admin/p/arena/judgments")
+    assert page.status_code == 200 and "24 found" in page.text
+    assert "12 found" in admin.get("/admin/p/arena/judgments?annotator=bob").text
+    some = store.judgments(project)[0]
+    needle = some.candidates[0].text
+    hits = admin.get("/admin/p/arena/judgments", params={"q": needle}).text
+    assert f"{sum(needle in [c.text for c in r.candidates] for r in store.judgments(project))} found" in hits
+    assert "0 found" in admin.get("/admin/p/arena/judgments?review=reject").text
+    assert admin.get("/admin/p/arena/judgments?review=maybe").status_code == 400

@@ -23,6 +23,7 @@ export as ``chosen == rejected``). ``kilter sample`` drops such responses instea
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,27 +155,32 @@ def read_jsonl(path: str | Path) -> list[PromptIn]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    rows = []
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path} line {number}"
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # the UTF-8 byte-order mark some editors write
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line, parse_constant=_no_constant)  # NaN and Infinity are not JSON
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            except ValueError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc})") from None
-            rows.append(parse_row(value, where))
+        return parse_jsonl(handle, str(path))
+
+
+def parse_jsonl(lines: Iterable[bytes], source: str) -> list[PromptIn]:
+    """Rows of JSONL given as byte lines (a file, an upload); ``source`` names it in errors."""
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        where = f"{source} line {number}"
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # the UTF-8 byte-order mark some editors write
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line, parse_constant=_no_constant)  # NaN and Infinity are not JSON
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+        except ValueError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc})") from None
+        rows.append(parse_row(value, where))
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{source}: no rows")
     return rows
 
 
