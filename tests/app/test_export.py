@@ -7,7 +7,7 @@ import pytest
 from kilter.data.records import validate_record
 from kilter.errors import KilterError
 from kilter.feedback import export
-from kilter.feedback.analysis import battles, leaderboard_report, quality
+from kilter.feedback.analysis import battles, leaderboard_report, quality, style_controlled, style_features
 from kilter.feedback.store import CandidateRow, JudgmentRecord
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -227,3 +227,45 @@ def test_leaderboard_rates_disconnected_groups_separately():
     assert board.few_battles == ["a1", "a2", "b1", "b2"]
     joined = leaderboard_report(records + _battle_records([("a2", "b1")], start=50), n_bootstrap=0)
     assert not joined.disconnected and {r["group"] for r in joined.rows} == {1}
+
+
+def _styled(a_model, b_model, a_text, b_text, a_wins, item):
+    c = cands(a_text, b_text, models=[a_model, b_model])
+    return pair("u1", item, c, "A2" if a_wins else "B2")
+
+
+def test_style_control_takes_out_what_length_explains():
+    """Model "verbose" wins 65% of its battles, but only because its answer is the longer one in 75%
+    of them and the longer answer wins 80% of the time whoever wrote it: with length as a
+    covariate the two models tie (worked: 0.75 * 0.8 + 0.25 * 0.2 = 0.65)."""
+    short, long = "short answer", "a much longer answer " * 20
+    records = []
+    for n in range(80):
+        verbose_long = n % 4 != 0  # 60 of 80 battles
+        longer_wins = n % 5 != 0  # 64 of 80, spread evenly over both cases
+        a_text, b_text = (long, short) if verbose_long else (short, long)
+        records.append(_styled("verbose", "terse", a_text, b_text, a_wins=verbose_long == longer_wins, item=n))
+    plain = {r["model"]: r["bt"] for r in leaderboard_report(records, n_bootstrap=0).rows}
+    style = style_controlled(records)
+    assert plain["verbose"] - plain["terse"] > 90  # 65% wins: about 107 Elo points
+    assert abs(style.ratings["verbose"] - style.ratings["terse"]) < 5
+    # log-odds of 80% = 1.39 per sign of the (standardised, here +-1) length difference
+    assert style.coefficients["length"] == pytest.approx(1.386, abs=0.2) and style.battles == 80
+
+
+def test_style_control_keeps_a_real_difference_and_needs_enough_battles():
+    records = [_styled("good", "bad", "x" * (10 + n % 3), "y" * (10 + (n + 1) % 3), a_wins=n % 4 != 0, item=n)
+               for n in range(40)]
+    style = style_controlled(records)
+    assert style.ratings["good"] - style.ratings["bad"] > 150
+    assert style_controlled(records[:3]) is None
+    assert style_features("# Title\n\n- one\n- two\n\n**bold** and `code`") == (41.0, 5.0)
+
+
+def test_per_category_leaderboard():
+    records = _battle_records([("m1", "m2")] * 3)
+    from dataclasses import replace
+
+    tagged = [replace(r, category="coding" if i < 2 else "chat") for i, r in enumerate(records)]
+    assert leaderboard_report(tagged, category="coding", n_bootstrap=0).battles == 2
+    assert leaderboard_report(tagged, category="chat", n_bootstrap=0).battles == 1

@@ -208,6 +208,8 @@ class LeaderboardConfig(BaseConfig):
     """Print a table, or one JSON list of rows."""
     exclude_flagged: bool = False
     """Leave out annotators flagged by the quality checks."""
+    category: str = ""
+    """Only prompts of this category (the import's "category" field); default: all."""
     db: str = Field(default_factory=default_db)
     """SQLite file or database URL (default: $KILTER_DB or kilter.db)."""
 
@@ -225,7 +227,8 @@ def run_leaderboard(cfg: LeaderboardConfig) -> int:
     if project.task not in ("pairwise", "ranking"):
         raise KilterError(f"project {project.name!r} is a {project.task} project; leaderboards need pairwise or ranking judgments")
     flagged = analysis.quality(records, project.task).flagged if cfg.exclude_flagged else {}
-    board = analysis.leaderboard_report(records, exclude=flagged, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    board = analysis.leaderboard_report(records, exclude=flagged, n_bootstrap=cfg.bootstrap, seed=cfg.seed,
+                                        category=cfg.category or None)
     rows = board.rows
     notes = []
     if board.excluded_battles:
@@ -236,6 +239,8 @@ def run_leaderboard(cfg: LeaderboardConfig) -> int:
                      "its own scale: " + "; ".join(f"group {i} ({', '.join(g)})" for i, g in enumerate(board.groups, 1)))
     if board.few_battles:
         notes.append(f"fewer than {analysis.FEW_BATTLES} battles (wide intervals): {', '.join(board.few_battles)}")
+    if board.style_coefficients:
+        notes.append("style control (log-odds per sd): " + ", ".join(f"{k} {v:+.2f}" for k, v in board.style_coefficients.items()))
     if cfg.format == "json":
         print(json.dumps(rows, indent=2))
         for note in notes:
@@ -252,10 +257,13 @@ def run_leaderboard(cfg: LeaderboardConfig) -> int:
         return "-" if row["bt_lower"] is None else f"{row['bt_lower']:.0f}..{row['bt_upper']:.0f}"
 
     group = [[r["group"]] for r in rows] if board.disconnected else [[] for _ in rows]
-    _print_table([[r["rank"], *g, r["model"], f"{r['bt']:.0f}", ci(r), f"{r['elo']:.0f}", r["battles"],
+    def styled(row):
+        return "-" if row["style_bt"] is None else f"{row['style_bt']:.0f}"
+
+    _print_table([[r["rank"], *g, r["model"], f"{r['bt']:.0f}", ci(r), styled(r), f"{r['elo']:.0f}", r["battles"],
                    f"{r['wins']}/{r['losses']}/{r['ties']}", f"{100 * r['win_rate']:.1f}%"] for r, g in zip(rows, group)],
-                 ["#", *(["group"] if board.disconnected else []), "model", "bradley-terry", "95% interval", "elo",
-                  "battles", "w/l/t", "win rate"])
+                 ["#", *(["group"] if board.disconnected else []), "model", "bradley-terry", "95% interval",
+                  "style-controlled", "elo", "battles", "w/l/t", "win rate"])
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -103,15 +103,16 @@ def set_active(request: Request, username: str, form: FormDep,
 
 
 @router.get("/p/{name}")
-def project_page(request: Request, name: str, user: AdminDep, store: StoreDep):
-    return project_view(request, user, store, project_or_404(store, name))
+def project_page(request: Request, name: str, user: AdminDep, store: StoreDep, category: str = ""):
+    return project_view(request, user, store, project_or_404(store, name), category=category)
 
 
 def project_view(request: Request, user: UserRow, store: Store, project: ProjectRow, status: int = 200,
-                 error: str | None = None):
+                 error: str | None = None, category: str = ""):
     records = store.judgments(project)
+    categories = sorted({r.category for r in records if r.category})
     report = analysis.quality(records, project.task)
-    board = analysis.leaderboard_report(records, exclude=report.flagged,
+    board = analysis.leaderboard_report(records, exclude=report.flagged, category=category or None,
                                         n_bootstrap=get_settings(request).leaderboard_bootstrap) \
         if project.task in ("pairwise", "ranking") else None
     members = store.members(project.id)
@@ -120,7 +121,7 @@ def project_view(request: Request, user: UserRow, store: Store, project: Project
     return render(request, "admin_project.html", status, user=user, project=project, progress=store.progress(project),
                   report=report, board=board, members=members, others=others,
                   kinds=export.KINDS_FOR_TASK[project.task], aggregations=export.AGGREGATIONS, error=error,
-                  notice=flash.get("notice"), tasks=TASKS)
+                  notice=flash.get("notice"), tasks=TASKS, categories=categories, category=category)
 
 
 @router.post("/p/{name}/members")
