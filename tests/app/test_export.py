@@ -7,7 +7,13 @@ import pytest
 from kilter.data.records import validate_record
 from kilter.errors import KilterError
 from kilter.feedback import export
-from kilter.feedback.analysis import battles, leaderboard_report, quality, style_controlled, style_features
+from kilter.feedback.analysis import (
+    battles,
+    leaderboard_report,
+    quality,
+    style_controlled,
+    style_features,
+)
 from kilter.feedback.store import CandidateRow, JudgmentRecord
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
