@@ -241,6 +241,15 @@ def test_screenshots_of_every_page(browser, site):
     browser.get(site["url"] + "/p/rank")
     keys(browser, Keys.ENTER)
     shot("09d-task-missing")
+    browser.get(site["url"] + "/p/keyrank")
+    keys(browser, "/")
+    shot("09e-task-flag-mode")
+    browser.get(site["url"] + "/p/compare/history")
+    shot("09f-history")
+    browser.get(site["url"] + "/p/rating")
+    keys(browser, "s")
+    wait_for(browser, lambda d: "Why skip" in body(d).text)
+    shot("09g-skip-reason")
     browser.get(site["url"] + "/admin")
     shot("10-forbidden")
     browser.get(site["url"] + "/no/such/page")
@@ -263,6 +272,13 @@ def test_screenshots_of_every_page(browser, site):
     text = body(browser).text
     assert "flagged" in text and "troll" in text and "Model leaderboard" in text
     shot("13-admin-project", full=True)
+    browser.get(site["url"] + "/admin/p/arena/judgments")
+    shot("14-admin-judgments", full=True)
+    browser.get(site["url"] + "/review/p/arena")
+    shot("15-review", full=True)
+    browser.get(site["url"] + "/admin/audit")
+    shot("16-audit")
+    browser.get(site["url"] + "/admin/p/arena")
     rows = browser.find_elements(By.CSS_SELECTOR, "#leaderboard tbody tr")
     assert [r.find_elements(By.TAG_NAME, "td")[1].text.split()[0] for r in rows] == ["ppo-v2", "sft-v1", "base"]
     assert all(p.stat().st_size > 10_000 for p in pages)
@@ -370,3 +386,34 @@ def test_a_failed_check_leaves_the_shortcuts_working(browser, site):
     selects = browser.find_elements(By.CSS_SELECTOR, "select[data-rank]")
     assert [s.get_attribute("value") for s in selects] == ["2", "1", "3"]
     submit_and_wait(browser, Keys.ENTER)
+
+
+def drag(browser, source, target):
+    """HTML5 drag and drop as the browser dispatches it (WebDriver's own drag does not fire these events)."""
+    browser.execute_script("""
+        const [source, target] = arguments, data = new DataTransfer();
+        for (const [el, type] of [[source, 'dragstart'], [target, 'dragover'], [target, 'drop'], [source, 'dragend']])
+            el.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: data}));
+    """, source, target)
+
+
+def test_ranking_by_drag_and_drop_shows_the_order_and_flag_mode_is_distinct(browser, site):
+    """Issue 18, item 13."""
+    from selenium.webdriver.common.by import By
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/keyrank")
+    order = browser.find_element(By.CSS_SELECTOR, "[data-rank-order]")
+    keys(browser, "b", "a")
+    assert order.text.startswith("B > A") and "not ranked: C" in order.text
+    cards = browser.find_elements(By.CSS_SELECTOR, ".response[data-position]")
+    drag(browser, cards[2], cards[1])  # C onto B, who is first: C takes first place
+    selects = browser.find_elements(By.CSS_SELECTOR, "select[data-rank]")
+    assert [s.get_attribute("value") for s in selects] == ["3", "2", "1"] and order.text == "C > B > A"
+    keys(browser, "/")
+    banner = browser.find_element(By.ID, "flag-banner")
+    assert banner.is_displayed() and "response C" in banner.text
+    assert browser.execute_script("return getComputedStyle(document.querySelector('.response.current')).borderTopColor") \
+        != browser.execute_script("return getComputedStyle(document.querySelector('.response:not(.current)')).borderTopColor")
+    keys(browser, "/")
+    assert not banner.is_displayed()

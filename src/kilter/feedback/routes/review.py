@@ -27,6 +27,7 @@ from kilter.feedback.tasks import sentence
 router = APIRouter(prefix="/review")
 
 SHOWN = ("unreviewed", "accept", "reject", "all")
+PER_PAGE = 20  # newest first; reviewing them takes the next ones up
 
 
 def require_reviewer(user: UserRow) -> None:
@@ -49,7 +50,8 @@ def review_page(request: Request, name: str, user: UserDep, store: StoreDep, sho
         records = [r for r in records if r.review is None]
     elif show != "all":
         records = [r for r in records if r.review == show]
-    return render(request, "review.html", user=user, project=project, records=records[-100:][::-1], show=show,
+    return render(request, "review.html", user=user, project=project, records=records[-PER_PAGE:][::-1],
+                  total=len(records), show=show,
                   shown=SHOWN, annotator=annotator, annotators=annotators,
                   back=f"/review/p/{quote(project.name)}?" + urlencode({"show": show, "annotator": annotator}))
 

@@ -22,7 +22,7 @@
     if (!cards.length) return;
     current = (pos + cards.length) % cards.length;
     cards.forEach(function (card, i) { card.classList.toggle("current", i === current); });
-    if (flagMode) openFlags();
+    if (flagMode) { openFlags(); showFlagTarget(); }
   }
 
   function openFlags() {
@@ -30,15 +30,24 @@
     if (box) box.open = true;
   }
 
+  var flagBanner = document.getElementById("flag-banner");
+
   function setFlagMode(on) {
     flagMode = on && cards.length > 0;
     document.body.classList.toggle("flag-mode", flagMode);
+    if (flagBanner) flagBanner.hidden = !flagMode;
     if (flagMode) {
       openFlags();
+      showFlagTarget();
       say("Flag mode for response " + letter(current) + ": 1-9 toggle flags, / or Esc to leave.");
     } else {
       say("");
     }
+  }
+
+  function showFlagTarget() {
+    var target = flagBanner && flagBanner.querySelector("[data-flag-target]");
+    if (target) target.textContent = letter(current);
   }
 
   function updateFlagCounts() {
@@ -94,6 +103,61 @@
 
   function markRanked() {
     rankSelects().forEach(function (s, i) { cards[i].classList.toggle("ranked", s.value !== ""); });
+    showOrder();
+  }
+
+  // The order the ranks make, in words: "B > A = C" (unranked responses listed after).
+  function showOrder() {
+    var out = document.querySelector("[data-rank-order]");
+    if (!out) return;
+    var ranked = [];
+    var unranked = [];
+    rankSelects().forEach(function (s, pos) {
+      if (s.value) ranked.push({ pos: pos, rank: Number(s.value) }); else unranked.push(letter(pos));
+    });
+    ranked.sort(function (a, b) { return a.rank - b.rank || a.pos - b.pos; });
+    var text = ranked.map(function (r, i) {
+      return (i === 0 ? "" : r.rank === ranked[i - 1].rank ? " = " : " > ") + letter(r.pos);
+    }).join("");
+    out.textContent = (text || "nothing ranked yet") + (unranked.length && text ? "   (not ranked: " + unranked.join(", ") + ")" : "");
+  }
+
+  // Drag a response onto another to put it in that one's place; the ranks follow the new order.
+  function orderForDrag() {
+    var selects = rankSelects();
+    var ranked = rankOrder.map(function (e) { return e.pos; });
+    selects.forEach(function (s, pos) { if (ranked.indexOf(pos) < 0) ranked.push(pos); });
+    return ranked;
+  }
+
+  function dropOn(from, onto) {
+    if (from === onto) return;
+    var order = orderForDrag().filter(function (pos) { return pos !== from; });
+    order.splice(order.indexOf(onto), 0, from);
+    rankOrder = order.map(function (pos) { return { pos: pos, tied: false }; });
+    writeRanks();
+    setCurrent(from);
+    say("Response " + letter(from) + " moved to rank " + (order.indexOf(from) + 1) + ".");
+  }
+
+  function enableDrag() {
+    cards.forEach(function (card, pos) {
+      card.setAttribute("draggable", "true");
+      card.addEventListener("dragstart", function (ev) {
+        ev.dataTransfer.setData("text/plain", String(pos));
+        ev.dataTransfer.effectAllowed = "move";
+        card.classList.add("dragging");
+      });
+      card.addEventListener("dragend", function () { card.classList.remove("dragging"); });
+      card.addEventListener("dragover", function (ev) { ev.preventDefault(); card.classList.add("drop-target"); });
+      card.addEventListener("dragleave", function () { card.classList.remove("drop-target"); });
+      card.addEventListener("drop", function (ev) {
+        ev.preventDefault();
+        card.classList.remove("drop-target");
+        var from = Number(ev.dataTransfer.getData("text/plain"));
+        if (!isNaN(from)) dropOn(from, pos);
+      });
+    });
   }
 
   function readRanks() {
@@ -271,5 +335,5 @@
   markScrolling();
   setCurrent(0);
   updateFlagCounts();
-  if (task === "ranking") readRanks();
+  if (task === "ranking") { readRanks(); enableDrag(); }
 })();
