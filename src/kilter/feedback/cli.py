@@ -23,12 +23,15 @@ def default_db() -> str:
 
 
 def open_store(db: str):
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from kilter.feedback.store import Store
 
     store = Store(db)
     try:
         store.migrate()
-    except Exception as exc:  # connection refused, bad credentials, unwritable file ...
+    except (SQLAlchemyError, OSError, CommandError) as exc:  # connection refused, bad credentials, unwritable file ...
         store.close()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilterError(f"cannot open database {db!r}: {first}") from None
