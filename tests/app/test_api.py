@@ -480,3 +480,19 @@ def test_admin_browses_and_searches_judgments(app, admin):
     assert f"{sum(needle in [c.text for c in r.candidates] for r in store.judgments(project))} found" in hits
     assert "0 found" in admin.get("/admin/p/arena/judgments?review=reject").text
     assert admin.get("/admin/p/arena/judgments?review=maybe").status_code == 400
+
+
+def test_edit_diff_preview(app, ann):
+    store = app.state.store
+    seed_project(store, "ed", "edit", n_prompts=1, k=1)
+    _, assignment = ann.task("ed")
+    r = ann.post("/p/ed/diff", {"assignment_id": assignment, "text": "ed p0 response 0, <b>improved</b>"})
+    assert r.status_code == 200 and "<ins>" in r.text and "&lt;b&gt;improved" in r.text and "<b>" not in r.text
+    same = ann.post("/p/ed/diff", {"assignment_id": assignment, "text": "ed p0 response 0\r\n"})
+    assert "unchanged" in same.text
+    seed_project(store, "pw", "pairwise", n_prompts=1)
+    assert ann.post("/p/pw/diff", {"assignment_id": assignment, "text": "x"}).status_code == 400
+    other = Client(app)
+    other.login_invite(invited(store, "eve"))
+    store.add_member("ed", "eve")
+    assert other.post("/p/ed/diff", {"assignment_id": assignment, "text": "x"}).status_code == 409

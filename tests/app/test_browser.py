@@ -417,3 +417,14 @@ def test_ranking_by_drag_and_drop_shows_the_order_and_flag_mode_is_distinct(brow
         != browser.execute_script("return getComputedStyle(document.querySelector('.response:not(.current)')).borderTopColor")
     keys(browser, "/")
     assert not banner.is_displayed()
+
+
+def test_edit_shows_a_diff_while_typing(browser, site):
+    from selenium.webdriver.common.by import By
+
+    login(browser, site)
+    browser.get(site["url"] + "/p/edit")
+    browser.find_element(By.CSS_SELECTOR, "[data-diff-box] summary").click()
+    keys(browser, "e", " and more")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-diff-out] ins"))
+    assert "and more" in browser.find_element(By.CSS_SELECTOR, "[data-diff-out] ins").text

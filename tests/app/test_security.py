@@ -134,7 +134,8 @@ def test_every_post_without_the_csrf_token_is_rejected(app, ann):
              "/api/v1/projects/{name}/export": {}, "/p/{name}/j/{judgment_id}": {"choice": "A1"},
              "/p/{name}/skipped/{assignment_id}/reopen": {}, "/review/p/{name}/j/{judgment_id}": {"verdict": "accept"},
              "/admin/p/{name}/import": {}, "/admin/p/{name}/members/remove": {"username": "ann"},
-             "/admin/projects": {"name": "made", "task": "rating"}, "/admin/p/{name}/settings": {"overlap": "3"}}
+             "/admin/projects": {"name": "made", "task": "rating"}, "/admin/p/{name}/settings": {"overlap": "3"},
+             "/p/{name}/diff": {"assignment_id": assignment, "text": "x"}}
     routes = post_routes(app)
     assert sorted(r.path for r in routes) == sorted(paths)  # a new POST route must be added here
     for route in routes:

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.datastructures import FormData
 
 from kilter.errors import KilterError
+from kilter.feedback import render as render_text
 from kilter.feedback.routes.deps import (
     MAX_ID,
     FormDep,
@@ -200,3 +201,15 @@ def reopen(name: str, assignment_id: int, form: FormDep, user: UserDep, store: S
     if not 0 < assignment_id <= MAX_ID or not store.reopen_skipped(project, user, assignment_id):
         raise HTTPException(409, "This item is not one you skipped.")
     return RedirectResponse(f"/p/{quote(project.name)}", status_code=303)
+
+
+@router.post("/p/{name}/diff")
+def diff_preview(name: str, form: FormDep, user: UserDep, store: StoreDep):
+    """The word diff of the edit being typed against the original response (edit task), as HTML."""
+    project = project_for(store, user, name)
+    if project.task != "edit":
+        raise HTTPException(400, "Only edit tasks have a diff.")
+    view = store.open_task(form_id(form, "assignment_id"), user)
+    if view is None or not view.responses:
+        raise HTTPException(409, "This task is not assigned to you.")
+    return HTMLResponse(str(render_text.diff_html(view.responses[0].text, field(form, "text"))))

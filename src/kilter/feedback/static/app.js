@@ -325,6 +325,28 @@
     b.addEventListener("click", function () { if (help) help.hidden = !help.hidden; });
   });
 
+  // Edit task: the server's word diff of the edit so far (difflib), refreshed as the person types.
+  var diffBox = document.querySelector("[data-diff-box]");
+  var mainText = document.querySelector("[data-main-text]");
+  var diffTimer = null;
+  function refreshDiff() {
+    var body = new FormData();
+    body.append("csrf_token", form.querySelector('input[name="csrf_token"]').value);
+    body.append("assignment_id", form.querySelector('input[name="assignment_id"]').value);
+    body.append("text", mainText.value);
+    fetch(form.action.replace(/\/submit$/, "/diff"), { method: "POST", body: body, credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.text() : null; })
+      .then(function (html) {
+        if (html !== null) diffBox.querySelector("[data-diff-out]").innerHTML = html;  // server-escaped
+      });
+  }
+  if (diffBox && mainText && !diffBox.hidden) {
+    mainText.addEventListener("input", function () {
+      clearTimeout(diffTimer);
+      diffTimer = setTimeout(refreshDiff, 400);
+    });
+  }
+
   if (rawButton) rawButton.addEventListener("click", toggleRaw);
   document.querySelectorAll("[data-scroll], .response-raw").forEach(function (el) {
     el.addEventListener("scroll", function () {
