@@ -48,7 +48,7 @@ def seed_project(store: Store, name: str, task: str, *, n_prompts: int = 3, k: i
 
 def invited(store: Store, username: str, role: str = "annotator") -> str:
     """Create an account and return its invite token."""
-    return store.create_user(username, role, invite_days=1)[1]
+    return store.create_user(username, role, invite_hours=24)[1]
 
 
 # --------------------------------------------------------------------------- in-process client

@@ -1,11 +1,15 @@
 """The web app through an in-process client, on a temp SQLite file and on PostgreSQL."""
 
 import json
+import re
+import time
 
 import pytest
 from feedback_testlib import Client, invited, seed_project
 
 from kilter.data.records import validate_record
+from kilter.errors import KilterError
+from kilter.feedback.settings import ServeConfig
 
 
 def shown_order(html: str, texts: list[str]) -> list[str]:
@@ -51,6 +55,59 @@ def test_password_login_and_logout(app):
     assert client.get("/").status_code == 303
 
 
+def test_invite_link_works_once_and_never_replaces_a_password(app):
+    store = app.state.store
+    token = invited(store, "newbie")
+    client = Client(app)
+    client.get(f"/invite/{token}")
+    assert client.post(f"/invite/{token}", {"password": "first-pass", "password2": "first-pass"}).status_code == 303
+    thief = Client(app)  # someone else holding the same link, before or after the password was set
+    assert thief.get(f"/invite/{token}").status_code == 404
+    thief.get("/login")
+    assert thief.post(f"/invite/{token}", {"password": "stolen-pass", "password2": "stolen-pass"}).status_code == 404
+    assert store.check_password("newbie", "first-pass") is not None
+    assert store.check_password("newbie", "stolen-pass") is None
+    with pytest.raises(KilterError, match="already has a password"):
+        store.new_invite("newbie")
+    # an admin's link too: it logs in once, and a second use is refused
+    boss = invited(store, "boss", role="admin")
+    Client(app).login_invite(boss)
+    again = Client(app)
+    again.get("/login")
+    assert again.post(f"/invite/{boss}", {}).status_code == 404
+
+
+def test_invite_links_expire(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, invite_hours=0.0003)  # about one second
+    admin = Client(app)
+    admin.login_invite(invited(app.state.store, "boss", role="admin"))
+    assert admin.post("/admin/users", {"username": "late"}).status_code == 303
+    link = admin.get("/admin").text.split('id="invite-link">')[1].split("<")[0]
+    token = link.rsplit("/", 1)[1]
+    assert Client(app).get(f"/invite/{token}").status_code == 200
+    time.sleep(1.3)
+    assert Client(app).get(f"/invite/{token}").status_code == 404
+    assert ServeConfig().invite_hours == 72
+
+
+def test_logout_revokes_the_session_and_lifetime_is_absolute(app_factory, sqlite_path):
+    app = app_factory(sqlite_path, session_max_age_s=2)
+    client = Client(app)
+    client.login_invite(invited(app.state.store, "pat"))
+    copied = Client(app)
+    copied.http.cookies.set("kilter_session", client.http.cookies.get("kilter_session"))
+    assert copied.get("/").status_code == 200
+    client.post("/logout")
+    assert copied.get("/").status_code == 303  # the copied cookie died with the logout
+    other = Client(app)
+    other.login_invite(invited(app.state.store, "sam"))
+    for _ in range(3):  # activity does not extend the lifetime
+        assert other.get("/").status_code == 200
+        time.sleep(0.5)
+    time.sleep(0.7)
+    assert other.get("/").status_code == 303
+
+
 def test_invite_link_logs_in_and_can_set_a_password(app):
     store = app.state.store
     token = invited(store, "newbie")
@@ -85,7 +142,7 @@ def test_pairwise_judgment_round_trip(app, ann):
     assert rec.responses[1]["flags"] == ["hallucination"]
     after, next_assignment = ann.task("pw")
     assert "Saved" in ann.get("/p/pw?saved=1").text
-    assert next_assignment != assignment and "you have done 1" in after.text
+    assert next_assignment != assignment and "<strong>1</strong> done, 1 to go" in after.text
 
 
 def test_ranking_judgment_round_trip(app, ann):
@@ -113,7 +170,7 @@ def test_other_tasks_round_trip(app, ann, task, fields, column, expected):
     page, assignment = ann.task(task)
     assert page.status_code == 200 and f"{task} prompt 0" in page.text
     if task == "edit":
-        assert page.text.count(f"{task} p0 response 0") == 2  # shown, and pre-filled in the editor
+        assert page.text.count(f"{task} p0 response 0") == 3  # rendered, as plain text, and pre-filled in the editor
     r = ann.post(f"/p/{task}/submit", {"assignment_id": assignment, **fields})
     assert r.status_code == 303
     (rec,) = store.judgments(project)
@@ -135,6 +192,27 @@ def test_incomplete_form_is_refused_and_keeps_the_text(app, ann):
     assert store.judgments(rk) == []
 
 
+def test_refused_form_keeps_the_choice_ranks_scores_and_flags(app, ann):
+    store = app.state.store
+    seed_project(store, "rk", "ranking", n_prompts=1, k=3)
+    _, assignment = ann.task("rk")
+    r = ann.post("/p/rk/submit", {"assignment_id": assignment, "rank_0": "2", "rank_1": "1", "score_0": "6",
+                                  "flags_2": ["harmful", "opinion"], "comment": "half done"})
+    assert r.status_code == 422
+    assert '<option value="2" selected>' in r.text and '<option value="1" selected>' in r.text
+    assert re.search(r'name="score_0" value="6"[^>]*checked', r.text)
+    assert re.search(r'name="flags_2" value="harmful"[^>]*checked', r.text)
+    assert re.search(r'name="flags_2" value="opinion"[^>]*checked', r.text)
+    assert len(re.findall(r"\schecked", r.text)) == 3 and "half done" in r.text
+    pw = seed_project(store, "pw", "pairwise", n_prompts=1)
+    _, assignment = ann.task("pw")
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "A9", "flags_1": "sexual"})
+    assert r.status_code == 422 and re.search(r'name="flags_1" value="sexual"[^>]*checked', r.text)
+    r = ann.post("/p/pw/submit", {"assignment_id": assignment, "choice": "B2", "flags_0": "nonsense"})
+    assert r.status_code == 422 and re.search(r'name="choice" value="B2"[^>]*checked', r.text)
+    assert store.judgments(pw) == []
+
+
 def test_double_submit_stores_one_judgment(app, ann):
     store = app.state.store
     project = seed_project(store, "pw", "pairwise", n_prompts=2)
@@ -148,7 +226,10 @@ def test_skip_then_done_page(app, ann):
     store = app.state.store
     project = seed_project(store, "pw", "pairwise", n_prompts=1)
     _, assignment = ann.task("pw")
-    assert ann.post("/p/pw/skip", {"assignment_id": assignment}).status_code == 303
+    asked = ann.post("/p/pw/skip", {"assignment_id": assignment})  # no reason yet: the app asks for one
+    assert asked.status_code == 200 and "Why skip this item?" in asked.text and 'value="expertise"' in asked.text
+    assert ann.task("pw")[1] == assignment  # not skipped yet
+    assert ann.post("/p/pw/skip", {"assignment_id": assignment, "reason": "expertise"}).status_code == 303
     page, none = ann.task("pw")
     assert none is None and "All done here" in page.text
     assert store.judgments(project) == []
@@ -195,12 +276,38 @@ def test_admin_project_page_shows_progress_agreement_and_leaderboard(app, admin)
     assert "/admin/p/arena" in overview.text and "ann" in overview.text
 
 
+def test_admin_leaderboard_says_when_flagged_annotators_took_every_battle(app, admin, monkeypatch):
+    store = app.state.store
+    invited(store, "ann")
+    battle_project(store, annotators=("ann",))
+    from kilter.feedback import analysis
+
+    real = analysis.quality
+
+    def everyone_flagged(records, task, **kw):
+        report = real(records, task, **kw)
+        for a in report.annotators:
+            a.reasons = ["test: flagged"]
+        return report
+
+    monkeypatch.setattr(analysis, "quality", everyone_flagged)
+    board = admin.get("/admin/p/arena").text.split('id="leaderboard"')[1]
+    assert "No battles yet" not in board
+    assert "12 battles judged by flagged annotators (ann) are left out" in board and "No battles are left" in board
+
+
 def test_admin_can_add_people_and_members(app, admin):
     store = app.state.store
     seed_project(store, "pw", "pairwise", n_prompts=1, members=())
     r = admin.post("/admin/users", {"username": "carol", "role": "annotator", "projects": ["pw"]})
-    assert r.status_code == 200 and "/invite/" in r.text
-    link = r.text.split('id="invite-link">')[1].split("<")[0]
+    assert (r.status_code, r.headers["location"]) == (303, "/admin")  # a reload does not create carol twice
+    page = admin.get("/admin")
+    assert "/invite/" in page.text
+    link = page.text.split('id="invite-link">')[1].split("<")[0]
+    assert 'id="invite-link"' not in admin.get("/admin").text  # shown once
+    r = admin.post("/admin/users", {"username": "erin", "projects": ["pw", "nosuch"]})
+    assert r.status_code == 422 and "No project named" in r.text
+    assert "erin" not in [u.username for u in store.users()]  # nothing created
     carol = Client(app)
     carol.login_invite(link.rsplit("/", 1)[1])
     assert carol.task("pw")[1] is not None
@@ -226,3 +333,166 @@ def test_admin_export_download_is_training_ready(app, admin):
     raw = [json.loads(line) for line in admin.get("/admin/p/arena/export?kind=raw").text.splitlines()]
     assert {row["annotator"] for row in raw} == {"ann"} and len(raw) == 12
     assert admin.get("/admin/p/arena/export?kind=ratings").status_code == 404
+
+
+def test_skipped_items_keep_their_reason_and_can_be_done_later(app, ann):
+    store = app.state.store
+    project = seed_project(store, "pw", "pairwise", n_prompts=2)
+    _, first = ann.task("pw")
+    assert ann.post("/p/pw/skip", {"assignment_id": first, "reason": "unclear"}).status_code == 303
+    _, second = ann.task("pw")
+    assert second != first
+    page = ann.get("/p/pw/history")
+    assert "The prompt or the responses are unclear" in page.text
+    assert ann.post(f"/p/pw/skipped/{first}/reopen").status_code == 303
+    assert ann.task("pw")[1] == first  # the skipped item is back, before anything else
+    assert ann.post("/p/pw/submit", {"assignment_id": first, "choice": "B2"}).status_code == 303
+    assert [r.choice for r in store.judgments(project)] == ["B2"]
+    assert ann.post(f"/p/pw/skipped/{first}/reopen").status_code == 409  # done now, not skipped
+    assert ann.post(f"/p/pw/skipped/{10**30}/reopen").status_code == 409
+
+
+def test_an_answer_can_be_changed_and_every_version_is_kept(app, ann):
+    store = app.state.store
+    project = seed_project(store, "rk", "ranking", n_prompts=1, k=2)
+    _, assignment = ann.task("rk")
+    first = {"assignment_id": assignment, "rank_0": "1", "rank_1": "2", "score_0": "6", "score_1": "2",
+             "flags_1": "harmful", "comment": "first try"}
+    assert ann.post("/p/rk/submit", first).status_code == 303
+    (rec,) = store.judgments(project)
+    history = ann.get("/p/rk/history")
+    assert f'/p/rk/j/{rec.id}' in history.text and "A &gt; B" in history.text
+    form = ann.get(f"/p/rk/j/{rec.id}")  # the earlier answer, filled in
+    assert form.status_code == 200 and "Changing your earlier answer" in form.text
+    assert re.search(r'name="flags_1" value="harmful"[^>]*checked', form.text) and "first try" in form.text
+    assert f'action="/p/rk/j/{rec.id}"' in form.text and "data-skip" not in form.text
+    bad = ann.post(f"/p/rk/j/{rec.id}", {"rank_0": "2"})
+    assert bad.status_code == 422
+    r = ann.post(f"/p/rk/j/{rec.id}", {"rank_0": "2", "rank_1": "1", "score_0": "3", "score_1": "5", "comment": "on reflection"})
+    assert (r.status_code, r.headers["location"]) == (303, "/p/rk/history?changed=1")
+    (now,) = store.judgments(project)
+    assert now.id == rec.id and now.version == 2 and now.comment == "on reflection"
+    assert [(e["rank"], e["score"], e["flags"]) for e in now.responses] == [(2, 3, []), (1, 5, [])]
+    (old,) = store.versions(rec.id)
+    assert old["version"] == 1 and old["comment"] == "first try" and old["responses"][1]["flags"] == ["harmful"]
+    other = Client(app)
+    other.login_invite(invited(store, "eve"))
+    store.add_member("rk", "eve")
+    assert other.get(f"/p/rk/j/{rec.id}").status_code == 404  # only your own
+    assert other.post(f"/p/rk/j/{rec.id}", {"rank_0": "1", "rank_1": "2", "score_0": "1", "score_1": "1"}).status_code == 404
+    (raw,) = export_raw(store, project)
+    assert raw["version"] == 2
+
+
+def export_raw(store, project):
+    from kilter.feedback import export
+
+    return export.build(store.judgments(project), project.task, "raw", project=project.name)
+
+
+def test_tournament_votes_reveal_the_models_afterwards(app, ann):
+    store = app.state.store
+    seed_project(store, "arena", "pairwise", n_prompts=2, models=["sft", "ppo"])
+    page, assignment = ann.task("arena")
+    assert "sft" not in page.text.split('id="task-form"')[1] and "data-revealed" not in page.text
+    shown = shown_order(page.text, [t for t in ("arena p0 response 0", "arena p0 response 1") if t in page.text])
+    ann.post("/p/arena/submit", {"assignment_id": assignment, "choice": "A1"})
+    after, _ = ann.task("arena")
+    models = {"arena p0 response 0": "sft", "arena p0 response 1": "ppo"}
+    assert f"<strong>A</strong> was <strong>{models[shown[0]]}</strong>, <strong>B</strong> was <strong>{models[shown[1]]}</strong>" in after.text
+    assert "data-revealed" not in ann.task("arena")[0].text  # said once
+
+
+def test_reviewers_accept_or_reject_with_a_reason_and_rejected_judgments_leave_the_export(app, ann):
+    from kilter.feedback import export
+
+    store = app.state.store
+    project = seed_project(store, "ed", "edit", n_prompts=2, k=1, members=("ann",))
+    for text in ("A much better answer.", "Another fix."):
+        _, assignment = ann.task("ed")
+        ann.post("/p/ed/submit", {"assignment_id": assignment, "text": text})
+    reviewer = Client(app)
+    reviewer.login_invite(invited(store, "rita", role="reviewer"))
+    store.add_member("ed", "rita")
+    page = reviewer.get("/review/p/ed")
+    assert page.status_code == 200 and page.text.count('class="card review-item"') == 2
+    assert "<ins>" in page.text and "<del>" in page.text  # the edit as a diff
+    first, second = store.judgments(project)
+    assert reviewer.post(f"/review/p/ed/j/{first.id}", {"verdict": "reject"}).status_code == 422  # needs a reason
+    r = reviewer.post(f"/review/p/ed/j/{first.id}", {"verdict": "reject", "reason": "made things up", "back": "/review/p/ed"})
+    assert r.status_code == 303
+    assert reviewer.post(f"/review/p/ed/j/{second.id}", {"verdict": "accept"}).status_code == 303
+    records = store.judgments(project)
+    assert [(r.review, r.review_reason, r.reviewer) for r in records] == [
+        ("reject", "made things up", "rita"), ("accept", "", "rita")]
+    assert [row["chosen"] for row in export.build(records, "edit", "comparisons")] == ["Another fix."]
+    assert len(export.build(records, "edit", "comparisons", include_rejected=True)) == 2
+    assert "made things up" in reviewer.get("/review/p/ed?show=reject").text
+    assert ann.get("/review/p/ed").status_code == 403  # annotators do not review
+    author = next(u for u in store.users() if u.username == "ann")
+    with pytest.raises(KilterError, match="your own"):
+        store.review(project, author, first.id, "accept")
+
+
+def test_admin_runs_a_project_from_the_browser_and_every_action_is_audited(app, admin):
+    store = app.state.store
+    invited(store, "ann")
+    r = admin.post("/admin/projects", {"name": "web1", "task": "pairwise", "overlap": "2", "title": "From the web",
+                                       "instructions": "Be **kind**."})
+    assert (r.status_code, r.headers["location"]) == (303, "/admin/p/web1")
+    assert admin.post("/admin/projects", {"name": "web1", "task": "pairwise"}).status_code == 422
+    assert admin.post("/admin/projects", {"name": "web2", "task": "pairwise", "overlap": "two"}).status_code == 422
+    lines = [json.dumps({"prompt": f"q{i}", "category": "coding" if i % 2 else "chat",
+                         "responses": [f"answer {i} a", f"answer {i} b"]}) for i in range(4)]
+    upload = {"file": ("items.jsonl", ("\n".join(lines) + "\n").encode(), "application/x-ndjson")}
+    r = admin.http.post("/admin/p/web1/import", data={"csrf_token": admin.csrf}, files=upload)
+    assert r.status_code == 303
+    assert "Imported 4 prompts, 8 responses -&gt; 4 items" in admin.get("/admin/p/web1").text
+    bad = {"file": ("bad.jsonl", b'{"prompt": "x", "responses": ["same", "same"]}\n', "application/x-ndjson")}
+    r = admin.http.post("/admin/p/web1/import", data={"csrf_token": admin.csrf}, files=bad)
+    assert r.status_code == 422 and "bad.jsonl line 1" in r.text.lower()
+    r = admin.post("/admin/p/web1/settings", {"title": "Renamed", "overlap": "1", "gold_fraction": "0",
+                                               "instructions": "New rules."})
+    assert r.status_code == 303 and store.project("web1").overlap == 1 and store.project("web1").title == "Renamed"
+    assert admin.post("/admin/p/web1/settings", {"overlap": "0"}).status_code == 422
+    assert admin.post("/admin/p/web1/members", {"username": "ann"}).status_code == 303
+    assert admin.post("/admin/p/web1/members/remove", {"username": "ann"}).status_code == 303
+    assert store.members(store.project("web1").id) == []
+    assert admin.get("/admin/p/web1/export").status_code == 200
+    log = admin.get("/admin/audit").text
+    for action in ("project.create", "project.import", "project.settings", "project.member.add",
+                   "project.member.remove", "project.export"):
+        assert action in log, action
+    assert "overlap: [2, 1]" in log
+
+
+def test_admin_browses_and_searches_judgments(app, admin):
+    store = app.state.store
+    invited(store, "ann")
+    invited(store, "bob")
+    project = battle_project(store, annotators=("ann", "bob"))
+    page = admin.get("/admin/p/arena/judgments")
+    assert page.status_code == 200 and "24 found" in page.text
+    assert "12 found" in admin.get("/admin/p/arena/judgments?annotator=bob").text
+    some = store.judgments(project)[0]
+    needle = some.candidates[0].text
+    hits = admin.get("/admin/p/arena/judgments", params={"q": needle}).text
+    assert f"{sum(needle in [c.text for c in r.candidates] for r in store.judgments(project))} found" in hits
+    assert "0 found" in admin.get("/admin/p/arena/judgments?review=reject").text
+    assert admin.get("/admin/p/arena/judgments?review=maybe").status_code == 400
+
+
+def test_edit_diff_preview(app, ann):
+    store = app.state.store
+    seed_project(store, "ed", "edit", n_prompts=1, k=1)
+    _, assignment = ann.task("ed")
+    r = ann.post("/p/ed/diff", {"assignment_id": assignment, "text": "ed p0 response 0, <b>improved</b>"})
+    assert r.status_code == 200 and "<ins>" in r.text and "&lt;b&gt;improved" in r.text and "<b>" not in r.text
+    same = ann.post("/p/ed/diff", {"assignment_id": assignment, "text": "ed p0 response 0\r\n"})
+    assert "unchanged" in same.text
+    seed_project(store, "pw", "pairwise", n_prompts=1)
+    assert ann.post("/p/pw/diff", {"assignment_id": assignment, "text": "x"}).status_code == 400
+    other = Client(app)
+    other.login_invite(invited(store, "eve"))
+    store.add_member("ed", "eve")
+    assert other.post("/p/ed/diff", {"assignment_id": assignment, "text": "x"}).status_code == 409

@@ -7,6 +7,7 @@ import pytest
 
 from kilter.cli import main
 from kilter.data.records import validate_record
+from kilter.feedback.importer import parse_row
 from kilter.feedback.store import Store
 from kilter.feedback.tasks import parse_submission
 
@@ -71,8 +72,9 @@ def test_project_users_import_export_leaderboard(capsys, tmp_path, db, monkeypat
 
     code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--bootstrap", "50", "--db", db)
     assert code == 0
-    models = [line.split()[1] for line in out.splitlines()[1:]]
+    models = [line.split()[1] for line in out.splitlines()[1:] if not line.startswith("note:")]
     assert models == ["strong", "medium", "weak"]
+    assert "note: fewer than 30 battles (wide intervals): medium, strong, weak" in out
     code, out, _ = run(capsys, "leaderboard", "--project", "arena", "--format", "json", "--bootstrap", "0", "--db", db)
     rows = json.loads(out)
     assert [r["model"] for r in rows] == ["strong", "medium", "weak"]
@@ -117,6 +119,35 @@ def test_import_errors_name_the_line_and_field(capsys, tmp_path, db):
     assert code == 2 and "bad.jsonl line 2: field 'responses': a ranking project needs 2 to 9 responses" in err
 
 
+def test_import_of_a_latin1_file_is_one_line_and_exit_code_2(capsys, tmp_path, db):
+    run(capsys, "project", "create", "pw", "--task", "pairwise", "--db", db)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "café", "responses": ["a", "b"]}\n'.encode("latin-1"))
+    code, _, err = run(capsys, "import", "--project", "pw", "--file", str(path), "--db", db)
+    assert code == 2 and "latin1.jsonl line 1: not UTF-8 text" in err and len(err.strip().splitlines()) == 1
+
+
+def test_users_add_is_all_or_nothing(capsys, db):
+    code, _, err = run(capsys, "users", "add", "henry", "--project", "nosuch", "--db", db)
+    assert code == 2 and "no project named 'nosuch'" in err
+    code, out, _ = run(capsys, "users", "list", "--db", db)
+    assert "henry" not in out
+    code, _, err = run(capsys, "users", "add", "henry\n", "--db", db)
+    assert code == 2 and "username" in err
+
+
+def test_api_tokens_from_the_cli(capsys, db):
+    run(capsys, "users", "add", "bot", "--db", db)
+    code, out, _ = run(capsys, "users", "token", "bot", "--name", "online-loop", "--db", db)
+    token = out.strip()
+    assert code == 0 and token.startswith("klt_")
+    store = Store(db)
+    assert store.api_token_user(token).username == "bot"
+    store.close()
+    code, out, _ = run(capsys, "users", "revoke-tokens", "bot", "--db", db)
+    assert code == 0 and "revoked 1" in out
+
+
 def test_leaderboard_refuses_tasks_without_battles(capsys, db):
     run(capsys, "project", "create", "th", "--task", "rating", "--db", db)
     code, _, err = run(capsys, "leaderboard", "--project", "th", "--db", db)
@@ -141,3 +172,42 @@ def test_db_from_environment(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("KILTER_DB", str(tmp_path / "env.db"))
     assert run(capsys, "project", "create", "e", "--task", "demonstration")[0] == 0
     assert (tmp_path / "env.db").exists()
+
+
+def test_every_exported_file_reads_with_the_trainers_readers(capsys, tmp_path, db):
+    """kilter export writes only rows that kilter sft | rm | dpo | kto accept (issue 18, defect 3)."""
+    from kilter.data.readers import read_records
+    from kilter.feedback.export import RECORD_KIND
+
+    store = Store(db)
+    store.migrate()
+    user = store.create_user("ann")[0]
+    answers = {
+        "pairwise": [{"choice": ["A3"]}, {"choice": ["tie"]}, {"choice": ["B1"]}],
+        "ranking": [{"rank_0": ["1"], "rank_1": ["2"], "rank_2": ["2"], "score_0": ["5"], "score_1": ["3"], "score_2": ["3"]}],
+        "rating": [{"label": ["up"]}, {"label": ["down"]}],
+        "edit": [{"text": ["Edited.\r\nBetter now."]}, {"text": ["rating answer 1\r\n"]}],  # the second: unchanged
+        "demonstration": [{"text": ["Written by hand."]}],
+    }
+    for task, forms in answers.items():
+        store.create_project(task, task)
+        k = {"pairwise": 2, "ranking": 3, "rating": 1, "edit": 1, "demonstration": 0}[task]
+        rows = [parse_row({"prompt": f"{task} question {i}",
+                           **({"responses": [f"rating answer {i}" if task == "edit" else f"{task} answer {i}.{j}"
+                                             for j in range(k)]} if k else {})}, f"line {i}")
+                for i in range(len(forms))]
+        store.import_prompts(task, rows)
+        project = store.project(task)
+        for form in forms:
+            view = store.next_task(project, user)
+            store.submit(project, user, view.assignment_id,
+                         lambda shown, f=form, t=task: parse_submission(t, lambda n: f.get(n, []), shown))
+    store.close()
+    for task in answers:
+        out = tmp_path / task
+        assert main(["export", "--project", task, "--out", str(out), "--db", db]) == 0
+        for path in sorted(out.glob("*.jsonl")):
+            if path.stem in RECORD_KIND and path.read_text():
+                records = read_records(path, RECORD_KIND[path.stem])
+                assert len(records) == len(path.read_text().splitlines()) and records.n_skipped == 0
+    assert len((tmp_path / "edit" / "comparisons.jsonl").read_text().splitlines()) == 1  # the unchanged edit is no pair

@@ -24,7 +24,7 @@ def seed(db: str, items: int, overlap: int, people: int) -> list[str]:
                                   for i in range(items)])
     tokens = []
     for i in range(people):
-        tokens.append(store.create_user(f"a{i:02d}", invite_days=1)[1])
+        tokens.append(store.create_user(f"a{i:02d}", invite_hours=24)[1])
         store.add_member("load", f"a{i:02d}")
     store.close()
     return tokens
@@ -134,4 +134,4 @@ def test_acknowledged_judgments_survive_kill_9(db_url, live_server):
     a.http = httpx.Client(base_url=restarted.url, follow_redirects=False, timeout=60.0, cookies=a.http.cookies)
     assert a.judge_one()  # the old session cookie still works after the restart
     page = a.http.get("/")
-    assert re.search(r"you did \d+", page.text)
+    assert re.search(r"you: \d+ done", page.text)

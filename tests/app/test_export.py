@@ -7,7 +7,13 @@ import pytest
 from kilter.data.records import validate_record
 from kilter.errors import KilterError
 from kilter.feedback import export
-from kilter.feedback.analysis import battles, quality
+from kilter.feedback.analysis import (
+    battles,
+    leaderboard_report,
+    quality,
+    style_controlled,
+    style_features,
+)
 from kilter.feedback.store import CandidateRow, JudgmentRecord
 
 T0 = datetime(2025, 1, 1, 12, 0, 0)
@@ -116,6 +122,29 @@ def test_edits_become_comparisons_and_demonstrations():
     validate_record(demos[0], "demonstration")
 
 
+def test_an_edit_that_changed_only_line_endings_is_no_edit():
+    """Browsers send CRLF and drop a textarea's leading newline: neither is an edit (issue 18, defect 4)."""
+    c = cands("\nFirst line.\nSecond line.\n")
+    unchanged = [rec("edit", "u1", 1, c, text="First line.\r\nSecond line.\r\n"),
+                 rec("edit", "u2", 1, c, text="First line.\nSecond line.")]
+    assert export.build(unchanged, "edit", "comparisons") == []
+    assert export.build(unchanged, "edit", "demonstrations") == []
+    changed = [rec("edit", "u3", 1, c, text="First line.\r\n\r\nSecond line, better.\r\n")]
+    (comp,) = export.build(changed, "edit", "comparisons")
+    assert comp["chosen"] == "First line.\r\n\r\nSecond line, better.\r\n"  # byte-exact otherwise
+    assert comp["rejected"] == "\nFirst line.\nSecond line.\n"
+
+
+def test_records_a_trainer_would_refuse_are_left_out_and_counted():
+    twins = cands("Same text.", "Same text.\r\n")  # stored before the import check existed
+    empty = cands("", "fine answer")
+    records = [pair("u1", 1, twins, "A3"), pair("u1", 2, empty, "B2"), pair("u1", 3, cands(X, Y), "A1")]
+    problems: list[str] = []
+    rows = export.build(records, "pairwise", "comparisons", problems=problems)
+    assert rows == [{"prompt": "prompt 3", "chosen": X, "rejected": Y, "strength": 0.25}]
+    assert len(problems) == 2 and "differ only in line endings" in problems[0] and "'rejected'" in problems[1]
+
+
 def test_raw_records_keep_everything():
     c = cands(X, Y, models=["m1", "m2"])
     (row,) = export.build([pair("u1", 1, c, "B2")], "pairwise", "raw", project="p")
@@ -180,3 +209,69 @@ def test_battles_from_pairwise_and_rankings():
     assert [(x.model_a, x.model_b, x.outcome) for x in out] == [("p", "q", "b"), ("q", "p", "a")]
     gold_item = rec("pairwise", "u", 9, c, gold={"preferred": 0}, choice="A1", preferred_candidate_id=c[0].id, strength=0.25)
     assert battles([gold_item]) == []
+
+
+def _battle_records(models_per_item, user="u1", start=1):
+    out = []
+    for n, (a, b) in enumerate(models_per_item, start=start):
+        out.append(pair(user, n, cands(f"{a} says {n}", f"{b} says {n}", models=[a, b]), "A2"))
+    return out
+
+
+def test_leaderboard_says_what_flagged_annotators_took_away():
+    """Issue 18, defect 7: with every annotator flagged the board said "No battles yet" while 17 existed."""
+    records = _battle_records([("m1", "m2")] * 17, user="troll")
+    board = leaderboard_report(records, exclude=["troll", "nobody"])
+    assert board.rows == [] and board.excluded_battles == 17 and board.excluded_annotators == ["nobody", "troll"]
+
+
+def test_leaderboard_rates_disconnected_groups_separately():
+    records = _battle_records([("a1", "a2")] * 4 + [("b1", "b2")] * 3, start=1)
+    board = leaderboard_report(records, n_bootstrap=0)
+    assert board.disconnected and board.groups == [["a1", "a2"], ["b1", "b2"]]
+    assert {r["model"]: r["group"] for r in board.rows} == {"a1": 1, "a2": 1, "b1": 2, "b2": 2}
+    assert board.few_battles == ["a1", "a2", "b1", "b2"]
+    joined = leaderboard_report(records + _battle_records([("a2", "b1")], start=50), n_bootstrap=0)
+    assert not joined.disconnected and {r["group"] for r in joined.rows} == {1}
+
+
+def _styled(a_model, b_model, a_text, b_text, a_wins, item):
+    c = cands(a_text, b_text, models=[a_model, b_model])
+    return pair("u1", item, c, "A2" if a_wins else "B2")
+
+
+def test_style_control_takes_out_what_length_explains():
+    """Model "verbose" wins 65% of its battles, but only because its answer is the longer one in 75%
+    of them and the longer answer wins 80% of the time whoever wrote it: with length as a
+    covariate the two models tie (worked: 0.75 * 0.8 + 0.25 * 0.2 = 0.65)."""
+    short, long = "short answer", "a much longer answer " * 20
+    records = []
+    for n in range(80):
+        verbose_long = n % 4 != 0  # 60 of 80 battles
+        longer_wins = n % 5 != 0  # 64 of 80, spread evenly over both cases
+        a_text, b_text = (long, short) if verbose_long else (short, long)
+        records.append(_styled("verbose", "terse", a_text, b_text, a_wins=verbose_long == longer_wins, item=n))
+    plain = {r["model"]: r["bt"] for r in leaderboard_report(records, n_bootstrap=0).rows}
+    style = style_controlled(records)
+    assert plain["verbose"] - plain["terse"] > 90  # 65% wins: about 107 Elo points
+    assert abs(style.ratings["verbose"] - style.ratings["terse"]) < 5
+    # log-odds of 80% = 1.39 per sign of the (standardised, here +-1) length difference
+    assert style.coefficients["length"] == pytest.approx(1.386, abs=0.2) and style.battles == 80
+
+
+def test_style_control_keeps_a_real_difference_and_needs_enough_battles():
+    records = [_styled("good", "bad", "x" * (10 + n % 3), "y" * (10 + (n + 1) % 3), a_wins=n % 4 != 0, item=n)
+               for n in range(40)]
+    style = style_controlled(records)
+    assert style.ratings["good"] - style.ratings["bad"] > 150
+    assert style_controlled(records[:3]) is None
+    assert style_features("# Title\n\n- one\n- two\n\n**bold** and `code`") == (41.0, 5.0)
+
+
+def test_per_category_leaderboard():
+    records = _battle_records([("m1", "m2")] * 3)
+    from dataclasses import replace
+
+    tagged = [replace(r, category="coding" if i < 2 else "chat") for i, r in enumerate(records)]
+    assert leaderboard_report(tagged, category="coding", n_bootstrap=0).battles == 2
+    assert leaderboard_report(tagged, category="chat", n_bootstrap=0).battles == 1

@@ -38,12 +38,12 @@ def users(store, *names):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0003"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0003"
 
 
 def test_sqlite_runs_in_wal_mode_and_fsyncs_judgments(sqlite_path):
@@ -177,12 +177,16 @@ def test_import_is_all_or_nothing(store):
 
 
 def test_accounts(store):
-    user, token = store.create_user("Alice", "annotator", "correct horse", invite_days=1)
+    user, token = store.create_user("Alice", "annotator", "correct horse", invite_hours=1)
+    assert token is None  # an account with a password gets no invite link
     assert store.check_password("alice", "correct horse").id == user.id  # usernames ignore case
     assert store.check_password("alice", "wrong horse") is None
     assert store.check_password("nobody", "correct horse") is None
-    assert store.user_by_invite(token).id == user.id
+    bob, token = store.create_user("bob", invite_hours=1)
+    assert store.user_by_invite(token).id == bob.id
     assert store.user_by_invite(token + "x") is None
+    assert store.redeem_invite(token).id == bob.id
+    assert store.redeem_invite(token) is None and store.user_by_invite(token) is None  # single use
     with pytest.raises(KilterError, match="already exists"):
         store.create_user("alice")
     with pytest.raises(KilterError, match="at least 8"):
@@ -191,9 +195,15 @@ def test_accounts(store):
     assert store.get_user(user.id).session_epoch == 1
     store.set_active("alice", False)
     assert store.check_password("alice", "new password") is None
-    assert store.user_by_invite(token) is None
     with pytest.raises(KilterError, match="username"):
         store.create_user("bad name!")
+    with pytest.raises(KilterError, match="username"):
+        store.create_user("henry\n")  # "$" would have let a trailing newline through
+    with pytest.raises(KilterError, match="project name"):
+        store.create_project("arena\n", "pairwise")
+    with pytest.raises(KilterError, match="no project named 'nosuch'"):
+        store.create_user("henry", projects=["nosuch"])
+    assert "henry" not in [u.username for u in store.users()]  # nothing half-created
 
 
 def test_annotators_see_only_their_projects(store):
@@ -228,3 +238,20 @@ def test_concurrent_annotators_never_exceed_overlap(store):
     assert errors == []
     per_item = Counter(r.item_id for r in store.judgments(project))
     assert sorted(per_item.values()) == [2] * 6
+
+
+def test_progress_per_person_and_all_done_stays_done(store):
+    """Gold items used to come back after the real work was done: reloading undid "all done"."""
+    project = seed_project(store, "p", "pairwise", n_prompts=2, overlap=2, members=(), gold_fraction=0.5,
+                           golds=[0, 0])  # prompts 0 and 1 are gold; add two regular prompts
+    store.import_prompts("p", [parse_row({"prompt": f"real {i}", "responses": [f"x{i}", f"y{i}"]}, "r") for i in range(2)])
+    a, b = users(store, "a", "b")
+    assert store.user_progress(project, a) == {"done": 0, "skipped": 0, "remaining": 2}
+    rng = random.Random(3)
+    while judge(store, project, a, rng=rng):
+        pass
+    mine = store.user_progress(project, a)
+    assert mine["remaining"] == 0 and mine["done"] >= 2  # both real items, and any gold met on the way
+    for seed in range(30):  # whatever the dice say, nothing more for a
+        assert store.next_task(project, a, rng=random.Random(seed)) is None
+    assert store.user_progress(project, b)["remaining"] == 2  # overlap 2: b still has both real items

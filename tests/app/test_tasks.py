@@ -3,7 +3,13 @@
 import pytest
 
 from kilter.errors import DataError
-from kilter.feedback.importer import check_for_task, parse_row, read_jsonl
+from kilter.feedback.importer import (
+    CandidateIn,
+    check_for_task,
+    distinct_responses,
+    parse_row,
+    read_jsonl,
+)
 from kilter.feedback.tasks import (
     FormError,
     Shown,
@@ -146,3 +152,42 @@ def test_check_for_task_counts_gold_and_duplicate_ids():
         check_for_task(bad_gold, "pairwise")
     with pytest.raises(DataError, match="prompts only"):
         check_for_task(one, "demonstration")
+
+
+def test_import_refuses_what_a_trainer_would_refuse():
+    """Empty responses, and the same text twice in a pairwise or ranking item (issue 18, defect 3)."""
+    for empty in ("", "  \n", {"text": "\t"}):
+        with pytest.raises(DataError, match=r"f line 1: field 'responses\[1\](.text)?': empty response"):
+            parse_row({"prompt": "p", "responses": ["fine", empty]}, "f line 1")
+    same = [parse_row({"prompt": "p", "responses": ["Same answer.", "other", "Same answer.\r\n"]}, "f line 1")]
+    for task in ("pairwise", "ranking"):
+        with pytest.raises(DataError, match=r"responses\[0\] and responses\[2\] have the same text"):
+            check_for_task(same, task)
+    check_for_task(same, "rating")  # thumbs on each response: repeats are harmless there
+
+
+def test_import_reads_utf8_with_a_bom_and_refuses_other_encodings_nan_and_boolean_ids(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xc3\xa9", "responses": ["a", "b"]}\n')
+    assert read_jsonl(path)[0].prompt == "café"
+    path.write_bytes(b'{"prompt": "ok", "responses": ["a", "b"]}\n{"prompt": "caf\xe9", "responses": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"items.jsonl line 2: not UTF-8 text"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "ok", "id": true, "responses": ["a", "b"]}\n')
+    with pytest.raises(DataError, match=r"line 1: field 'id': expected a string or an integer, got true"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "ok", "responses": [{"text": "a", "sampling": {"temperature": NaN}}, "b"]}\n')
+    with pytest.raises(DataError, match=r"line 1: not valid JSON \(NaN is not a JSON number\)"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "ok", "id": 7, "responses": ["a", "b"]}\n')
+    assert read_jsonl(path)[0].external_id == "7"
+
+
+def test_sampled_rows_lose_empty_and_repeated_responses():
+    rows = [parse_row({"prompt": "p1", "responses": [{"text": "same", "model": "a"}, {"text": "same\n", "model": "b"},
+                                                      {"text": "other", "model": "b"}]}, "s 1"),
+            parse_row({"prompt": "p2", "responses": [{"text": "only", "model": "a"}, {"text": "only", "model": "b"}]}, "s 2")]
+    rows[0].responses.append(CandidateIn("   ", "a"))
+    kept, dropped = distinct_responses(rows, "pairwise")
+    assert [r.prompt for r in kept] == ["p1"] and [c.text for c in kept[0].responses] == ["same", "other"]
+    assert dropped == {"empty": 1, "repeated": 2, "prompts": 1}

@@ -261,7 +261,7 @@ def test_config_errors(tmp_path, capsys):
     assert main(["rm", "data.train=x.jsonl", "ensemble_size=0"]) == 2
 
 
-@pytest.mark.parametrize("preset", sorted(Path(__file__).resolve().parents[3].joinpath("configs", "rm").glob("*.yaml")),
+@pytest.mark.parametrize("preset", sorted(Path(__file__).resolve().parents[2].joinpath("configs", "rm").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_presets_load(preset):
     cfg = load_config(RMConfig, preset)

@@ -26,6 +26,7 @@ often written by hand to test annotators, not produced by the models being rated
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -199,9 +200,168 @@ def battles(records: Iterable[JudgmentRecord]) -> list[Battle]:
 
 def model_leaderboard(records: Iterable[JudgmentRecord], n_bootstrap: int = 200, seed: int = 0) -> list[dict]:
     """Leaderboard rows (Elo, Bradley-Terry with bootstrap interval, record) of the project's models."""
-    return rating_leaderboard(battles(records), n_bootstrap=n_bootstrap, seed=seed)
+    return leaderboard_report(records, n_bootstrap=n_bootstrap, seed=seed).rows
+
+
+def comparison_groups(fights: Iterable[Battle]) -> list[list[str]]:
+    """The connected components of the graph whose edges are battles, largest first.
+
+    Ratings fitted on two components that never met share no anchor: how group 1's best compares
+    with group 2's is not in the data, so each group is rated on its own.
+    """
+    parent: dict[str, str] = {}
+
+    def root(m: str) -> str:
+        while parent.setdefault(m, m) != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for b in fights:
+        parent[root(b.model_a)] = root(b.model_b)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for m in list(parent):
+        groups[root(m)].append(m)
+    return sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g))
+
+
+FEW_BATTLES = 30  # below this a model's interval is too wide to rank it with any confidence
+
+
+@dataclass
+class LeaderboardReport:
+    """Leaderboard rows plus what the reader must know to trust them."""
+
+    rows: list[dict]
+    battles: int  # battles in the rows
+    excluded_battles: int = 0  # battles judged by left-out annotators
+    excluded_annotators: list[str] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)  # more than one: disconnected comparisons
+    few_battles: list[str] = field(default_factory=list)  # models with fewer than FEW_BATTLES battles
+    style_coefficients: dict[str, float] | None = None  # log-odds per sd of length / Markdown differences
+
+    @property
+    def disconnected(self) -> bool:
+        return len(self.groups) > 1
+
+
+def leaderboard_report(records: Iterable[JudgmentRecord], exclude: Iterable[str] = (), n_bootstrap: int = 200,
+                       seed: int = 0, category: str | None = None) -> LeaderboardReport:
+    """The leaderboard without the annotators in ``exclude``, saying how many battles that left out,
+    rating each disconnected group of models separately (rows carry ``group``, 1 = largest) and
+    naming models whose few battles make their rating unreliable. With ``category``, only prompts
+    of that category count; rows also carry ``style_bt``, the style-controlled rating (None when
+    there are too few battles for that fit)."""
+    records = [r for r in records if category is None or r.category == category]
+    dropped = sorted(set(exclude))
+    kept = battles(without_users(records, dropped))
+    excluded = len(battles(records)) - len(kept)
+    groups = comparison_groups(kept)
+    rows: list[dict] = []
+    for number, group in enumerate(groups, start=1):
+        members = set(group)
+        part = [b for b in kept if b.model_a in members]
+        for row in rating_leaderboard(part, n_bootstrap=n_bootstrap, seed=seed):
+            rows.append({**row, "group": number})
+    few = sorted(r["model"] for r in rows if r["battles"] < FEW_BATTLES)
+    style = style_controlled(without_users(records, dropped)) if len(groups) == 1 else None
+    for row in rows:
+        row["style_bt"] = style.ratings.get(row["model"]) if style else None
+    return LeaderboardReport(rows, len(kept), excluded, [u for u in dropped if excluded], groups, few,
+                             style.coefficients if style else None)
 
 
 def without_users(records: Iterable[JudgmentRecord], users: Iterable[str]) -> list[JudgmentRecord]:
     drop = set(users)
     return [r for r in records if r.user not in drop]
+
+
+# --------------------------------------------------------------------------- style control
+
+STYLE_FEATURES = ("length", "markdown")
+_MARKDOWN_LINE = re.compile(r"^\s*(#{1,6}\s|[-*+]\s|\d+[.)]\s|>\s?|```|\|)", re.MULTILINE)
+_MARKDOWN_INLINE = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__|`[^`\n]+`")
+
+
+def style_features(text: str) -> tuple[float, float]:
+    """(characters, Markdown elements: headers, list items, quotes, fences, table rows, bold, code spans)."""
+    return float(len(text)), float(len(_MARKDOWN_LINE.findall(text)) + len(_MARKDOWN_INLINE.findall(text)))
+
+
+@dataclass
+class StyleControl:
+    """Bradley-Terry ratings with the style of the responses as covariates (Chiang et al. 2024,
+    "Does style matter?", LMSYS): what is left of a model's rating once longer or more
+    Markdown-heavy answers winning more often is accounted for."""
+
+    ratings: dict[str, float]  # Elo scale, mean ``base``
+    coefficients: dict[str, float]  # log-odds per standard deviation of each style difference
+    battles: int
+
+
+def _style_rows(records: Iterable[JudgmentRecord]) -> list[tuple[str, str, float, list[float]]]:
+    """(model a, model b, score of a: 1, 0.5 or 0, style difference features) per battle."""
+    rows = []
+
+    def add(a, b, score: float) -> None:
+        fa, fb = style_features(a.text), style_features(b.text)
+        diff = [(x - y) / (x + y) if x + y else 0.0 for x, y in zip(fa, fb)]  # normalised, as LMSYS
+        rows.append((a.model, b.model, score, diff))
+
+    for rec in records:
+        if rec.is_gold:
+            continue
+        if rec.task == "pairwise" and len(rec.candidates) == 2:
+            a, b = rec.candidates
+            if a.model and b.model and a.model != b.model:
+                level = signed_level(rec)
+                add(a, b, 1.0 if level > 0 else 0.0 if level < 0 else 0.5)
+        elif rec.task == "ranking":
+            ranks = slot_ranks(rec)
+            for i, j in combinations(range(len(rec.candidates)), 2):
+                a, b = rec.candidates[i], rec.candidates[j]
+                if a.model and b.model and a.model != b.model and ranks[i] is not None and ranks[j] is not None:
+                    add(a, b, 1.0 if ranks[i] < ranks[j] else 0.0 if ranks[i] > ranks[j] else 0.5)
+    return rows
+
+
+def style_controlled(records: Iterable[JudgmentRecord], base: float = 1000.0, scale: float = 400.0,
+                     l2: float = 1e-4) -> StyleControl | None:
+    """Fit P(a beats b) = sigmoid(theta_a - theta_b + gamma . (f_a - f_b)) by maximum likelihood.
+
+    theta (one per model) and gamma (one per style feature, on standardised differences) are
+    fitted together with L-BFGS; a tie is half a win for each side; a small ridge ``l2`` keeps
+    the fit finite when a model always wins. None when there are too few battles to fit
+    (fewer than the number of parameters).
+    """
+    import numpy as np
+    from scipy.optimize import minimize
+
+    rows = _style_rows(records)
+    models = sorted({m for a, b, _, _ in rows for m in (a, b)})
+    if len(models) < 2 or len(rows) < len(models) + len(STYLE_FEATURES):
+        return None
+    index = {m: i for i, m in enumerate(models)}
+    ia = np.array([index[a] for a, _, _, _ in rows])
+    ib = np.array([index[b] for _, b, _, _ in rows])
+    y = np.array([s for _, _, s, _ in rows])
+    x = np.array([f for _, _, _, f in rows])
+    spread = x.std(axis=0)
+    x = x / np.where(spread > 0, spread, 1.0)
+    n_models = len(models)
+
+    def loss(params):
+        theta, gamma = params[:n_models], params[n_models:]
+        z = theta[ia] - theta[ib] + x @ gamma
+        p = 1.0 / (1.0 + np.exp(-z))
+        value = np.sum(np.logaddexp(0.0, z) - y * z) + l2 * (params @ params)
+        residual = p - y
+        grad_theta = np.bincount(ia, residual, n_models) - np.bincount(ib, residual, n_models)
+        grad = np.concatenate([grad_theta, x.T @ residual]) + 2 * l2 * params
+        return value, grad
+
+    fit = minimize(loss, np.zeros(n_models + x.shape[1]), jac=True, method="L-BFGS-B")
+    theta, gamma = fit.x[:n_models], fit.x[n_models:]
+    elo = base + (theta - theta.mean()) * scale / math.log(10.0)
+    return StyleControl({m: float(r) for m, r in zip(models, elo)},
+                        {name: float(g) for name, g in zip(STYLE_FEATURES, gamma)}, len(rows))

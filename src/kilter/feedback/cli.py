@@ -23,12 +23,15 @@ def default_db() -> str:
 
 
 def open_store(db: str):
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from kilter.feedback.store import Store
 
     store = Store(db)
     try:
         store.migrate()
-    except Exception as exc:  # noqa: BLE001 - connection refused, bad credentials, unwritable file ...
+    except (SQLAlchemyError, OSError, CommandError) as exc:  # connection refused, bad credentials, unwritable file ...
         store.close()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise KilterError(f"cannot open database {db!r}: {first}") from None
@@ -151,6 +154,8 @@ class ExportConfig(BaseConfig):
     """Leave out annotators flagged by the quality checks (low gold accuracy or peer agreement)."""
     include_gold: bool = True
     """Export judgments on gold items too (they are real prompts with real responses)."""
+    include_rejected: bool = False
+    """Export judgments a reviewer rejected too (raw always has them, with the review)."""
     db: str = Field(default_factory=default_db)
     """SQLite file or database URL (default: $KILTER_DB or kilter.db)."""
 
@@ -179,10 +184,14 @@ def run_export(cfg: ExportConfig) -> int:
     if out.suffix == ".jsonl" and len(kinds) > 1:
         raise ConfigError(f"config key 'out': {cfg.out} is one file but kind={cfg.kind!r} writes {len(kinds)} files; give a folder")
     for kind in kinds:
-        rows = export.build(records, project.task, kind, cfg.aggregate, cfg.min_judgments, project=project.name)
+        problems: list[str] = []
+        rows = export.build(records, project.task, kind, cfg.aggregate, cfg.min_judgments, project=project.name,
+                            problems=problems, include_rejected=cfg.include_rejected)
         path = out if out.suffix == ".jsonl" else out / f"{kind}.jsonl"
         export.write(rows, path)
         print(f"wrote {len(rows)} {kind} records to {path}")
+        if problems:
+            print(f"left out {len(problems)} {kind} records a trainer would refuse (first: {problems[0]})")
     return 0
 
 
@@ -202,6 +211,8 @@ class LeaderboardConfig(BaseConfig):
     """Print a table, or one JSON list of rows."""
     exclude_flagged: bool = False
     """Leave out annotators flagged by the quality checks."""
+    category: str = ""
+    """Only prompts of this category (the import's "category" field); default: all."""
     db: str = Field(default_factory=default_db)
     """SQLite file or database URL (default: $KILTER_DB or kilter.db)."""
 
@@ -218,22 +229,46 @@ def run_leaderboard(cfg: LeaderboardConfig) -> int:
         store.close()
     if project.task not in ("pairwise", "ranking"):
         raise KilterError(f"project {project.name!r} is a {project.task} project; leaderboards need pairwise or ranking judgments")
-    if cfg.exclude_flagged:
-        records = analysis.without_users(records, analysis.quality(records, project.task).flagged)
-    rows = analysis.model_leaderboard(records, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    flagged = analysis.quality(records, project.task).flagged if cfg.exclude_flagged else {}
+    board = analysis.leaderboard_report(records, exclude=flagged, n_bootstrap=cfg.bootstrap, seed=cfg.seed,
+                                        category=cfg.category or None)
+    rows = board.rows
+    notes = []
+    if board.excluded_battles:
+        notes.append(f"left out {board.excluded_battles} battles judged by flagged annotators "
+                     f"({', '.join(board.excluded_annotators)})")
+    if board.disconnected:
+        notes.append("the models form groups that were never compared with each other, so each group is rated on "
+                     "its own scale: " + "; ".join(f"group {i} ({', '.join(g)})" for i, g in enumerate(board.groups, 1)))
+    if board.few_battles:
+        notes.append(f"fewer than {analysis.FEW_BATTLES} battles (wide intervals): {', '.join(board.few_battles)}")
+    if board.style_coefficients:
+        notes.append("style control (log-odds per sd): " + ", ".join(f"{k} {v:+.2f}" for k, v in board.style_coefficients.items()))
     if cfg.format == "json":
         print(json.dumps(rows, indent=2))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     if not rows:
-        print(f"no battles yet in {project.name}: judgments on items whose responses come from different models are needed")
+        if not board.excluded_battles:
+            print(f"no battles yet in {project.name}: judgments on items whose responses come from different models are needed")
+        for note in notes:
+            print(f"note: {note}")
         return 0
 
     def ci(row):
         return "-" if row["bt_lower"] is None else f"{row['bt_lower']:.0f}..{row['bt_upper']:.0f}"
 
-    _print_table([[r["rank"], r["model"], f"{r['bt']:.0f}", ci(r), f"{r['elo']:.0f}", r["battles"],
-                   f"{r['wins']}/{r['losses']}/{r['ties']}", f"{100 * r['win_rate']:.1f}%"] for r in rows],
-                 ["#", "model", "bradley-terry", "95% interval", "elo", "battles", "w/l/t", "win rate"])
+    group = [[r["group"]] for r in rows] if board.disconnected else [[] for _ in rows]
+    def styled(row):
+        return "-" if row["style_bt"] is None else f"{row['style_bt']:.0f}"
+
+    _print_table([[r["rank"], *g, r["model"], f"{r['bt']:.0f}", ci(r), styled(r), f"{r['elo']:.0f}", r["battles"],
+                   f"{r['wins']}/{r['losses']}/{r['ties']}", f"{100 * r['win_rate']:.1f}%"] for r, g in zip(rows, group)],
+                 ["#", *(["group"] if board.disconnected else []), "model", "bradley-terry", "95% interval",
+                  "style-controlled", "elo", "battles", "w/l/t", "win rate"])
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -347,19 +382,30 @@ def users_main(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     p = sub.add_parser("add", help="create an account")
     p.add_argument("username")
-    p.add_argument("--role", choices=["admin", "annotator"], default="annotator", help="default annotator")
+    p.add_argument("--role", choices=["admin", "reviewer", "annotator"], default="annotator",
+                   help="default annotator; a reviewer also accepts or rejects other people's judgments")
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    p.add_argument("--invite", action="store_true", help="print an invite link that logs the person in")
-    p.add_argument("--invite-days", type=float, default=14.0, help="days the invite link stays valid (default 14)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="address of the server, for the printed link")
+    p.add_argument("--invite", action="store_true",
+                   help="print a single-use invite link that logs the person in (the default without a password)")
+    p.add_argument("--invite-hours", type=float, default=72.0, help="hours the invite link stays valid (default 72)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="address people open the server at, for the printed link (default http://127.0.0.1:8000)")
     p.add_argument("--project", action="append", default=[], help="also add to this project (repeatable)")
     _db_option(p)
     p = sub.add_parser("list", help="list accounts")
     _db_option(p)
-    p = sub.add_parser("invite", help="make a new invite link (the old one stops working)")
+    p = sub.add_parser("invite", help="make a new single-use invite link for an account without a password")
     p.add_argument("username")
-    p.add_argument("--invite-days", type=float, default=14.0, help="days the link stays valid (default 14)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="address of the server, for the printed link")
+    p.add_argument("--invite-hours", type=float, default=72.0, help="hours the link stays valid (default 72)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="address people open the server at, for the printed link (default http://127.0.0.1:8000)")
+    _db_option(p)
+    p = sub.add_parser("token", help="print a new API token for scripts (Authorization: Bearer TOKEN)")
+    p.add_argument("username")
+    p.add_argument("--name", default="", help="what the token is for, e.g. online-loop")
+    _db_option(p)
+    p = sub.add_parser("revoke-tokens", help="revoke every API token of an account")
+    p.add_argument("username")
     _db_option(p)
     p = sub.add_parser("set-password", help="set a password (asked for, or read with --password-stdin)")
     p.add_argument("username")
@@ -394,11 +440,9 @@ def _read_password(from_stdin: bool) -> str:
 def _users_action(store, args) -> int:
     if args.action == "add":
         password = _read_password(True) if args.password_stdin else None
-        days = args.invite_days if args.invite or password is None else None
-        user, token = store.create_user(args.username, args.role, password, invite_days=days)
-        for project in args.project:
-            store.add_member(project, user.username)
-        print(f"created {user.role} {user.username}")
+        hours = args.invite_hours if args.invite or password is None else None
+        user, token = store.create_user(args.username, args.role, password, invite_hours=hours, projects=args.project)
+        print(f"created {user.role} {user.username}" + (f" in {', '.join(args.project)}" if args.project else ""))
         if token:
             print(f"invite link: {args.base_url.rstrip('/')}/invite/{token}")
     elif args.action == "list":
@@ -406,8 +450,12 @@ def _users_action(store, args) -> int:
                        u.invite_expires_at.strftime("%Y-%m-%d") if u.invite_expires_at else "-"] for u in store.users()],
                      ["user", "role", "active", "password", "invite until"])
     elif args.action == "invite":
-        token = store.new_invite(args.username, args.invite_days)
+        token = store.new_invite(args.username, args.invite_hours)
         print(f"invite link: {args.base_url.rstrip('/')}/invite/{token}")
+    elif args.action == "token":
+        print(store.create_api_token(args.username, args.name))
+    elif args.action == "revoke-tokens":
+        print(f"revoked {store.revoke_api_tokens(args.username)} API tokens of {args.username}")
     elif args.action == "set-password":
         store.set_password(args.username, _read_password(args.password_stdin))
         print(f"password of {args.username} set; their other sessions are logged out")

@@ -28,7 +28,14 @@ Overlapping judgments (the same item judged by several people) are combined by `
 
 Ties and "both bad" never become comparisons on their own (a preference pair needs a winner).
 Edits and demonstrations are never merged: each text someone wrote is its own record; an edit
-that left the response unchanged (ignoring surrounding whitespace) gives no comparison.
+that left the response unchanged gives no comparison and no demonstration. "Unchanged" is
+judged on :func:`~kilter.feedback.importer.normalized` text (browsers send CRLF line endings
+and drop a textarea's leading newline); the text exported is the stored text, byte for byte.
+
+Every record is checked with the trainers' own validation
+(:func:`kilter.data.records.validate_record`) before it is written: one a trainer would refuse
+(an empty text, ``chosen == rejected``, two identical responses in a ranking) is left out and
+counted in ``problems``, so an export never makes ``kilter rm | dpo | kto | sft`` fail.
 """
 
 from __future__ import annotations
@@ -41,14 +48,18 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from kilter.errors import KilterError
+from kilter.data.records import validate_record
+from kilter.errors import DataError, KilterError
 from kilter.feedback.analysis import signed_level, slot_ranks
+from kilter.feedback.importer import normalized
 from kilter.feedback.store import JudgmentRecord
 
 KINDS = ("comparisons", "rankings", "ratings", "demonstrations", "raw")
 AGGREGATIONS = ("each", "mean", "majority")
 DEFAULT_KIND = {"pairwise": "comparisons", "ranking": "rankings", "rating": "ratings", "edit": "comparisons",
                 "demonstration": "demonstrations"}
+RECORD_KIND = {"comparisons": "comparison", "rankings": "ranking", "ratings": "rating",
+               "demonstrations": "demonstration"}  # the kinds of kilter.data.records
 KINDS_FOR_TASK = {
     "pairwise": ("comparisons", "raw"),
     "ranking": ("rankings", "comparisons", "raw"),
@@ -120,7 +131,7 @@ def _ranking_comparisons(groups: list[list[JudgmentRecord]], aggregate: str) -> 
 
 
 def _edited(rec: JudgmentRecord) -> bool:
-    return rec.text is not None and rec.text.strip() != rec.candidates[0].text.strip()
+    return rec.text is not None and normalized(rec.text) != normalized(rec.candidates[0].text)
 
 
 def _ratings(groups: list[list[JudgmentRecord]], aggregate: str) -> list[dict]:
@@ -162,12 +173,45 @@ def raw_record(rec: JudgmentRecord, project: str) -> dict[str, Any]:
         "responses": rec.responses,
         "text": rec.text,
         "comment": rec.comment,
+        "category": rec.category,
+        "version": rec.version,
+        "review": rec.review,
+        "review_reason": rec.review_reason,
+        "reviewer": rec.reviewer,
     }
 
 
+def trainer_ready(rows: list[dict[str, Any]], kind: str, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The rows a trainer reading ``kind`` accepts; each refused one adds a line to ``problems``."""
+    if kind not in RECORD_KIND:
+        return rows
+    kept = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            validate_record(row, RECORD_KIND[kind])
+            if kind == "comparisons" and normalized(row["chosen"]) == normalized(row["rejected"]):
+                raise DataError("'chosen' and 'rejected' differ only in line endings or surrounding whitespace")
+        except DataError as exc:
+            if problems is not None:
+                problems.append(f"{kind} record {number}: {exc}")
+            continue
+        kept.append(row)
+    return kept
+
+
 def build(records: Iterable[JudgmentRecord], task: str, kind: str, aggregate: str = "each",
-          min_judgments: int = 1, project: str = "") -> list[dict[str, Any]]:
-    """The records of one ``kind`` for a project whose task is ``task`` (see module doc)."""
+          min_judgments: int = 1, project: str = "", problems: list[str] | None = None,
+          include_rejected: bool = False) -> list[dict[str, Any]]:
+    """The records of one ``kind`` for a project whose task is ``task`` (see module doc), each one a
+    trainer accepts; what was left out is described in ``problems`` when a list is given.
+    Judgments a reviewer rejected are left out unless ``include_rejected`` (``raw`` keeps them all)."""
+    if kind != "raw" and not include_rejected:
+        records = [r for r in records if r.review != "reject"]
+    return trainer_ready(_build(records, task, kind, aggregate, min_judgments, project), kind, problems)
+
+
+def _build(records: Iterable[JudgmentRecord], task: str, kind: str, aggregate: str,
+           min_judgments: int, project: str) -> list[dict[str, Any]]:
     if kind not in KINDS_FOR_TASK[task]:
         raise KilterError(f"a {task} project exports {', '.join(KINDS_FOR_TASK[task])}, not {kind!r}")
     if aggregate not in AGGREGATIONS:

@@ -15,7 +15,7 @@ Layout::
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ROLES = ("admin", "annotator")
+ROLES = ("admin", "reviewer", "annotator")  # a reviewer labels and also accepts or rejects judgments
 TASKS = ("pairwise", "ranking", "rating", "edit", "demonstration")
 ASSIGNMENT_STATES = ("open", "done", "skipped")
 
@@ -49,7 +49,7 @@ NAMING = {
 
 def utcnow() -> datetime:
     """Naive UTC timestamp: SQLite has no time zones, so every stored time is UTC by convention."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -104,6 +104,8 @@ class Prompt(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     external_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     text: Mapped[str] = mapped_column(Text)
+    # optional grouping for per-category leaderboards and filters ("coding", "safety", ...)
+    category: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     candidates: Mapped[list[Candidate]] = relationship(back_populates="prompt", order_by="Candidate.id")
 
@@ -163,6 +165,7 @@ class Assignment(Base):
     display_order: Mapped[list[int]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(8), default="open")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Judgment(Base):
@@ -196,6 +199,9 @@ class Judgment(Base):
     # edit: the edited response; demonstration: the written response
     text: Mapped[str | None] = mapped_column(Text, nullable=True)
     comment: Mapped[str] = mapped_column(Text, default="")
+    # 1 for the first answer; each change by the annotator keeps the old one in judgment_versions
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class LoginFailure(Base):
@@ -205,4 +211,67 @@ class LoginFailure(Base):
     __table_args__ = (Index("ix_login_failures_key_at", "key", "created_at"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebSession(Base):
+    """A login. The cookie carries a random id whose SHA-256 is the row's key, so logging out (deleting
+    the row) ends the session even for a copied cookie, and ``expires_at`` is fixed when the row is made:
+    an absolute lifetime that activity does not extend."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ApiToken(Base):
+    """A token for scripts using the JSON API (``Authorization: Bearer ...``); only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class JudgmentVersion(Base):
+    """An earlier answer of a judgment the annotator later changed: raw history is never lost."""
+
+    __tablename__ = "judgment_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    judgment_id: Mapped[int] = mapped_column(ForeignKey("judgments.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)  # the answer columns as they were
+    submitted_at: Mapped[datetime] = mapped_column(DateTime)  # when that version was given
+    replaced_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Review(Base):
+    """A reviewer's verdict on a judgment (the newest one counts); rejected judgments are left out of exports."""
+
+    __tablename__ = "reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    judgment_id: Mapped[int] = mapped_column(ForeignKey("judgments.id", ondelete="CASCADE"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    verdict: Mapped[str] = mapped_column(String(8))  # "accept" or "reject"
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AuditEntry(Base):
+    """One admin action (project created, import, settings changed, members, accounts, export)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_created", "created_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    username: Mapped[str] = mapped_column(String(64), default="")  # kept if the account goes
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -17,7 +17,12 @@ from pydantic import field_validator
 from kilter.config import BaseConfig, Field
 from kilter.errors import ConfigError, DataError
 from kilter.feedback.cli import default_db, open_store, require
-from kilter.feedback.importer import CandidateIn, read_jsonl, write_jsonl
+from kilter.feedback.importer import (
+    CandidateIn,
+    distinct_responses,
+    read_jsonl,
+    write_jsonl,
+)
 
 
 class SampleConfig(BaseConfig):
@@ -40,7 +45,7 @@ class SampleConfig(BaseConfig):
     batch_size: int = Field(8, ge=1)
     """Sequences generated together."""
     seed: int = 0
-    """Random seed (the same seed gives the same responses on the same machine)."""
+    """Random seed (the same seed gives the same responses on the same machine); model i samples with seed + i, so two copies of one model still differ."""
     chat_template: Literal["auto", "always", "never"] = "auto"
     """Wrap each prompt in the tokenizer's chat template as a user turn: when it has one (auto), always, or never."""
     device: str = "cpu"
@@ -123,18 +128,25 @@ def run(cfg: SampleConfig) -> int:
             raise DataError(f"{row.where}: field 'responses': prompt files for sampling hold prompts only")
     store = open_store(cfg.db) if cfg.project else None
     try:
-        if store is not None:
-            store.project(cfg.project)  # fail before spending minutes generating
+        task = store.project(cfg.project).task if store is not None else None  # fail before generating
         texts = [r.prompt for r in rows]
-        for model_path, name in zip(cfg.models, names):
+        for index, (model_path, name) in enumerate(zip(cfg.models, names)):
+            seed = cfg.seed + index
             settings = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                        "do_sample": True, "seed": cfg.seed, "model_path": model_path}
+                        "do_sample": True, "seed": seed, "model_path": model_path}
             samples = generate(model_path, texts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed,
                                chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.dtype)
             for row, responses in zip(rows, samples):
                 row.responses += [CandidateIn(text, name, dict(settings)) for text in responses]
             print(f"sampled {cfg.k} x {len(rows)} responses from {name}", flush=True)
+        rows, dropped = distinct_responses(rows, task)
+        if any(dropped.values()):
+            print(f"left out {dropped['empty']} empty and {dropped['repeated']} repeated responses (no comparison "
+                  f"can be made of them); {dropped['prompts']} prompts kept too few different responses and were left out",
+                  flush=True)
+        if not rows:
+            raise DataError("no prompt kept enough different, non-empty responses; sample longer or at a higher temperature")
         if store is not None:
             counts = store.import_prompts(cfg.project, rows)
             print(f"added {counts['prompts']} prompts, {counts['candidates']} responses -> {counts['items']} items to {cfg.project}")

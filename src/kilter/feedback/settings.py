@@ -24,17 +24,25 @@ class ServeConfig(BaseConfig):
     secure_cookies: bool = False
     """Send the session cookie only over HTTPS and add a Strict-Transport-Security header (set behind TLS)."""
     session_max_age_s: int = Field(14 * 24 * 3600, gt=0)
-    """Seconds a login stays valid."""
-    invite_days: float = Field(14.0, gt=0)
-    """Days an invite link made from the admin page stays valid."""
+    """Seconds a login stays valid, counted from the login (activity does not extend it); logging out ends it at once."""
+    invite_hours: float = Field(72.0, gt=0)
+    """Hours an invite link made from the admin page stays valid (links are single-use and never replace a password)."""
     login_max_failures: int = Field(5, ge=1)
     """Wrong passwords allowed per username and client address within login_window_s; more get HTTP 429."""
+    login_max_attempts_per_address: int = Field(20, ge=1)
+    """Login attempts allowed per client address within login_window_s, whatever the usernames; more get HTTP 429."""
+    password_check_slots: int = Field(2, ge=1, le=64)
+    """Argon2 password checks run at once per server process (each takes 64 MiB); further logins wait their turn."""
+    password_check_wait_s: float = Field(10.0, gt=0)
+    """Seconds a login waits for a free password-check slot before it gets HTTP 503."""
     login_window_s: float = Field(60.0, gt=0)
     """Length in seconds of the window for login_max_failures."""
     assignment_timeout_s: float = Field(1800.0, gt=0)
     """Seconds an unfinished task stays reserved for its annotator before it may go to someone else."""
     leaderboard_bootstrap: int = Field(200, ge=0)
     """Bootstrap rounds for the Bradley-Terry intervals on the admin page (0 = no intervals)."""
+    datasets_dir: str | None = None
+    """Folder where POST /api/v1/projects/NAME/export writes training files (DIR/NAME/KIND.jsonl); unset: that call is refused."""
     migrate: bool = True
     """Create or upgrade the database schema on start."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

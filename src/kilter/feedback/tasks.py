@@ -239,3 +239,19 @@ def gold_for_item(task: str, gold: Any, members: Sequence[int], k: int) -> dict[
             return {"label": gold[members[0]]}
         raise ValueError("rating gold must be true/false or a list of booleans aligned with the responses")
     raise ValueError(f"{task} projects have no gold answers")
+
+
+def answer_summary(rec: Any) -> str:
+    """A judgment's answer in a few words, in the order it was shown ("A better", "B > A = C", ...)."""
+    if rec.task == "pairwise":
+        return next((label for code, label, _ in PAIRWISE_CHOICES if code == rec.choice), rec.choice or "")
+    if rec.task == "ranking":
+        ranked = sorted((e["rank"], e["position"]) for e in rec.responses if e.get("rank") is not None)
+        out = ""
+        for i, (rank, pos) in enumerate(ranked):
+            out += ("" if i == 0 else " = " if rank == ranked[i - 1][0] else " > ") + letter(pos)
+        return out
+    if rec.task == "rating":
+        return "thumbs up" if rec.label else "thumbs down"
+    text = " ".join((rec.text or "").split())
+    return text if len(text) <= 80 else text[:77] + "..."
