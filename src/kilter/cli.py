@@ -121,6 +121,11 @@ COMMANDS: dict[str, Command] = {
         config="kilter.feedback.cli:ExportConfig",
         run="kilter.feedback.cli:run_export",
     ),
+    "control": Command(
+        "RL from preferences on control tasks (gymnasium + stable-baselines3; synthetic or human clip labels), Christiano et al. 2017.",
+        config="kilter.control.train:ControlConfig",
+        run="kilter.control.train:run",
+    ),
     "leaderboard": Command(
         "Rate a project's models from pairwise battles: Bradley-Terry with bootstrap intervals, and Elo.",
         config="kilter.feedback.cli:LeaderboardConfig",
