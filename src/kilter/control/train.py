@@ -12,7 +12,7 @@ One loop, read top to bottom::
           the learned reward; the wrapper logs the true reward, which the agent never sees
         evaluate on the real task (true return), log, checkpoint
 
-``reward_source=true`` runs the same loop on the true reward (no labels): the baseline with
+``reward_source=env`` runs the same loop on the true reward (no labels): the baseline with
 the same algorithm and step budget.  Every round starts from environments reset with seeds
 derived from (seed, round), so a resumed run repeats the uninterrupted one.
 """
@@ -36,7 +36,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from kilter.config import BaseConfig
-from kilter.control.envs import EnvConfig, is_image_obs, make_env, render_fps
+from kilter.control.envs import EnvConfig, is_image_obs, make_env, render_fps, resolve_id
 from kilter.control.human import ClipConfig, HumanLabeler
 from kilter.control.labelers import MU, LabelerConfig, SyntheticLabeler
 from kilter.control.queries import (
@@ -88,8 +88,8 @@ class ControlConfig(BaseConfig):
     """Run folder: config.yaml, metrics.jsonl, checkpoints/, final/, queries/ (clips for people)."""
     seed: int = 0
     """Seeds the environments, the agent, the reward models and the query choice."""
-    reward_source: Literal["learned", "true"] = "learned"
-    """learned: the agent is trained on the preference reward model; true: on the environment's reward (the baseline)."""
+    reward_source: Literal["learned", "env"] = "learned"
+    """learned: the agent is trained on the preference reward model; env: on the environment's true reward (the baseline)."""
     total_timesteps: int = Field(50_000, gt=0)
     """Agent environment steps over the whole run (the initial random-policy segments are extra)."""
     rounds: int = Field(10, gt=0)
@@ -112,6 +112,8 @@ class ControlConfig(BaseConfig):
     """Stop (checkpointed) after this many rounds, e.g. to hand out a batch of clips; resume=true continues."""
     tensorboard: bool = False
     """Also write TensorBoard event files."""
+    torch_threads: int = Field(1, gt=0)
+    """CPU threads for torch: the agent's and reward model's small networks run fastest on one."""
     env: EnvConfig = EnvConfig()
     agent: AgentConfig = AgentConfig()
     reward: RewardModelConfig = RewardModelConfig()
@@ -166,6 +168,7 @@ def _rollout_multiple(cfg: ControlConfig) -> int:
 
 
 def _check(cfg: ControlConfig) -> None:
+    resolve_id(cfg.env.id)
     unit = _rollout_multiple(cfg)
     if cfg.steps_per_round % unit:
         raise ConfigError(
@@ -272,6 +275,7 @@ def train(cfg: ControlConfig) -> dict[str, float]:
     run = RunDir(cfg.output_dir, tensorboard=cfg.tensorboard)
     learned = cfg.reward_source == "learned"
     record_frames = learned and (cfg.labeler.kind == "human" or cfg.clips.keep_frames)
+    torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)

@@ -4,7 +4,7 @@ The wrapper keeps the observation each action was taken in, so the reward of a s
 r̂(s_t, a_t); it standardises r̂ with running statistics (reset whenever the reward model
 changes, since old statistics describe a different function) and feeds every step to the
 :class:`~kilter.control.segments.SegmentCollector`.  The true reward goes to ``stats`` only
-(metrics ``reward/true``): the agent never sees it.  ``reward_source="true"`` passes the true
+(metrics ``reward/true``): the agent never sees it.  ``reward_fn=None`` (reward_source=env) passes the true
 reward through instead — the true-reward baseline with the same algorithm and step budget.
 """
 
