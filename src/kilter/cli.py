@@ -126,6 +126,11 @@ COMMANDS: dict[str, Command] = {
         config="kilter.control.train:ControlConfig",
         run="kilter.control.train:run",
     ),
+    "clips-sync": Command(
+        "Feed a waiting `kilter control labeler.kind=human` run: import its query clips into a clips project, write answers back.",
+        config="kilter.feedback.clips:ClipSyncConfig",
+        run="kilter.feedback.clips:run",
+    ),
     "leaderboard": Command(
         "Rate a project's models from pairwise battles: Bradley-Terry with bootstrap intervals, and Elo.",
         config="kilter.feedback.cli:LeaderboardConfig",

@@ -48,13 +48,14 @@ from kilter.feedback.store import JudgmentRecord
 KINDS = ("comparisons", "rankings", "ratings", "demonstrations", "raw")
 AGGREGATIONS = ("each", "mean", "majority")
 DEFAULT_KIND = {"pairwise": "comparisons", "ranking": "rankings", "rating": "ratings", "edit": "comparisons",
-                "demonstration": "demonstrations"}
+                "demonstration": "demonstrations", "clips": "raw"}
 KINDS_FOR_TASK = {
     "pairwise": ("comparisons", "raw"),
     "ranking": ("rankings", "comparisons", "raw"),
     "rating": ("ratings", "raw"),
     "edit": ("comparisons", "demonstrations", "raw"),
     "demonstration": ("demonstrations", "raw"),
+    "clips": ("raw",),  # control-task clips go back to their run through `kilter clips-sync`
 }
 
 
