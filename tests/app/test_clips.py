@@ -139,3 +139,49 @@ def test_clip_task_in_headless_chromium_by_keyboard(browser, tmp_path, live_serv
     right = next(c for c in rec.candidates if c.id == rec.display_order[1])  # the clip that was on the right
     (line,) = lab.answers_path.read_text().splitlines()
     assert json.loads(line)["answer"] == right.sampling["side"]
+
+
+def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):
+    """`kilter control labeler.kind=human` blocks on its queries; a person answers them through the clips project."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kilter.config import load_config
+    from kilter.control.train import ControlConfig, train
+    from kilter.runs import read_metrics
+
+    out = tmp_path / "run"
+    cfg = load_config(ControlConfig, Path(__file__).resolve().parents[2] / "configs" / "control" / "cartpole.yaml", [
+        f"output_dir={out}", "labeler.kind=human", "labeler.poll_s=0.05", "labeler.wait_timeout_s=60",
+        "env.n_envs=2", "agent.n_steps=64", "agent.batch_size=64", "agent.n_epochs=1", "total_timesteps=256",
+        "rounds=2", "queries.total_labels=4", "queries.segment_length=10", "queries.pool_size=12", "eval_episodes=1",
+        "clips.downscale=8"])
+    pool = ThreadPoolExecutor(1)
+    worker = pool.submit(train, cfg)  # result() re-raises whatever the run raised
+    db = str(tmp_path / "app.db")
+    store = Store(db)
+    store.migrate()
+    store.create_user("ann", "annotator", "ann-password")
+    store.create_project("cp", "clips")
+    store.add_member("cp", "ann")
+    ann = next(u for u in store.users() if u.username == "ann")
+    project = store.project("cp")
+    judged = 0
+    deadline = time.monotonic() + 90
+    while not worker.done() and time.monotonic() < deadline:
+        if (out / "queries").is_dir():
+            sync(store, "cp", out / "queries")
+        while (view := store.next_task(project, ann)) is not None:
+            store.submit(project, ann, view.assignment_id,
+                         lambda shown: parse_submission("clips", lambda n: {"choice": ["A"]}.get(n, []), shown))
+            judged += 1
+        if (out / "queries").is_dir():
+            sync(store, "cp", out / "queries")
+        time.sleep(0.1)
+    store.close()
+    worker.result(timeout=1)
+    pool.shutdown()
+    rows = read_metrics(out)
+    assert judged == 4 and rows[-1]["labels/total"] == 4
+    assert rows[-1]["labels/left"] + rows[-1]["labels/right"] == 4  # "A" (the left as shown) is left or right
+    assert (out / "final" / "reward_model.pt").is_file()
