@@ -15,7 +15,7 @@ plain sum of the environment's rewards per underlying episode (``info["episode_t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -39,6 +39,7 @@ PRESETS: dict[str, tuple[str, Family]] = {
     "pong": ("ALE/Pong-v5", "atari"),
     "breakout": ("ALE/Breakout-v5", "atari"),
     "enduro": ("ALE/Enduro-v5", "atari"),
+    "corridor": ("kilter/Corridor-v0", "classic"),
 }
 _EXTRAS = {
     "classic": "pip install 'gymnasium[classic-control]' (pygame, for rendering)",
@@ -62,6 +63,51 @@ class EnvConfig(BaseConfig):
     """Override the environment's time limit (null: the registered one)."""
     atari_frame_skip: int = Field(4, gt=0)
     """Atari only: emulator frames per agent step (AtariPreprocessing: 84x84 grey, 4 stacked frames)."""
+
+
+class Corridor(gym.Env):
+    """A trivial task for TAMER tests and demos: walk right along ``size`` cells to the goal.
+
+    Observation: one-hot position; actions 0 = left, 1 = right; reward -1 per step until the
+    goal (the last cell) is reached.  ``optimal_value`` is the exact V*(s) = -(steps to the goal).
+    """
+
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, size: int = 8, render_mode: str | None = None):
+        self.size = size
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(size,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.pos = 0
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.size, dtype=np.float32)
+        obs[self.pos] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.pos = 0
+        return self._obs(), {}
+
+    def step(self, action):
+        self.pos = int(np.clip(self.pos + (1 if int(action) == 1 else -1), 0, self.size - 1))
+        return self._obs(), -1.0, self.pos == self.size - 1, False, {}
+
+    def optimal_value(self, obs: np.ndarray) -> float:
+        return -float(self.size - 1 - int(np.argmax(obs)))
+
+    def render(self) -> np.ndarray:
+        cell = 24
+        img = np.full((cell, cell * self.size, 3), 235, dtype=np.uint8)
+        img[:, (self.size - 1) * cell:] = (120, 200, 120)  # the goal
+        img[4:-4, self.pos * cell + 4:(self.pos + 1) * cell - 4] = (60, 90, 200)  # the agent
+        return img
+
+
+if "kilter/Corridor-v0" not in gym.registry:
+    gym.register("kilter/Corridor-v0", entry_point=Corridor, max_episode_steps=50)
 
 
 def resolve_id(name: str) -> tuple[str, Family]:
