@@ -107,7 +107,7 @@ class HumanLabeler:
     def label(self, pairs: list[tuple[Segment, Segment]], rng: np.random.Generator) -> list[Answer]:
         ids = self.post(pairs)
         print(f"kilter control: waiting for {len(ids)} answers in {self.answers_path} "
-              f"(people label them in the web app: kilter clips-sync queries={self.root} ...)", file=sys.stderr)
+              f"(for the web app: kilter clips-sync queries={self.root} watch=true, with kilter serve)", file=sys.stderr)
         last_count, last_change = -1, time.monotonic()
         while True:
             answers = read_answers(self.answers_path)
