@@ -99,3 +99,28 @@ def test_presets_load(name):
 
     cfg = load_config(ControlConfig, CONFIG.parent / f"{name}.yaml")
     assert cfg.total_timesteps % cfg.rounds == 0
+
+
+def test_mujoco_and_atari_presets_run_end_to_end_for_a_few_steps(tmp_path):
+    """Not learning (that takes hours): the MLP/SAC path on Hopper and the CNN/PPO path on Pong run and resume."""
+    pytest.importorskip("mujoco", reason="needs `pip install mujoco`")
+    pytest.importorskip("ale_py", reason="needs `pip install ale-py`")
+    pytest.importorskip("cv2", reason="needs opencv-python-headless")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    hopper = ["total_timesteps=200", "rounds=2", "queries.total_labels=6", "queries.segment_length=10",
+              "queries.pool_size=12", "eval_episodes=1", "eval_every=1", "save_every=1", "agent.extra.learning_starts=50",
+              "agent.batch_size=32"]
+    out = tmp_path / "hopper"
+    assert main(["control", "--config", str(CONFIG.parent / "hopper.yaml"), f"output_dir={out}", *hopper]) == 0
+    rows = read_metrics(out)
+    assert rows[-1]["labels/total"] == 6 and "eval/true_return" in rows[-1] and "reward/learned" in rows[-1]
+    pong = ["total_timesteps=128", "rounds=2", "env.n_envs=1", "agent.n_steps=64", "agent.batch_size=32",
+            "queries.total_labels=4", "queries.segment_length=8", "queries.pool_size=8", "eval_episodes=0",
+            "eval_every=1", "save_every=1", "env.max_episode_steps=200", "clips.keep_frames=true"]
+    out = tmp_path / "pong"
+    assert main(["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong,
+                 "stop_after_round=1"]) == 0
+    assert main(["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong, "resume=true"]) == 0
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1] and rows[-1]["labels/total"] == 4
+    assert (out / "final" / "reward_model.pt").is_file()
