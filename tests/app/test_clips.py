@@ -95,6 +95,11 @@ def test_sync_imports_queries_and_returns_judgments_as_answers(tmp_path):
     (raw,) = [r for r in store.judgments(project) if r.choice == "B"]
     assert raw.task == "clips" and raw.display_order
     store.close()
+    from kilter.cli import main
+
+    assert main(["export", "--project", "clips", "--out", str(tmp_path / "export"), "--db", db]) == 0
+    exported = [json.loads(line) for line in (tmp_path / "export" / "raw.jsonl").read_text().splitlines()]
+    assert sorted(r["choice"] for r in exported) == ["B", "equal"] and {r["task"] for r in exported} == {"clips"}
 
 
 @pytest.mark.browser
