@@ -36,16 +36,40 @@ CONFIGS = ROOT / "configs" / "control"
 
 # per task: the preset, its step budget here, label budget, and the random policy's return for reference
 TASKS = {
-    "cartpole": {"config": "cartpole.yaml", "overrides": ["total_timesteps=40960", "rounds=10", "queries.total_labels=300"],
-                 "random_return": 22.0},
-    "pendulum": {"config": "pendulum.yaml", "overrides": ["total_timesteps=10000", "rounds=5", "queries.total_labels=200"],
-                 "random_return": -1230.0},
-    "hopper": {"config": "hopper.yaml", "overrides": ["total_timesteps=20000", "rounds=10", "queries.total_labels=200",
-                                                      "eval_every=10", "save_every=10", "agent.extra.learning_starts=2000"],
-               "random_return": 18.0},
-    "pong": {"config": "pong.yaml", "overrides": ["total_timesteps=40960", "rounds=4", "queries.total_labels=100",
-                                                  "eval_every=4", "save_every=4", "eval_episodes=1"],
-             "random_return": -20.7},
+    "cartpole": {
+        "config": "cartpole.yaml",
+        "overrides": ["total_timesteps=40960", "rounds=10", "queries.total_labels=300"],
+        "random_return": 22.0,
+    },
+    "pendulum": {
+        "config": "pendulum.yaml",
+        "overrides": ["total_timesteps=10000", "rounds=5", "queries.total_labels=200"],
+        "random_return": -1230.0,
+    },
+    "hopper": {
+        "config": "hopper.yaml",
+        "overrides": [
+            "total_timesteps=20000",
+            "rounds=10",
+            "queries.total_labels=200",
+            "eval_every=10",
+            "save_every=10",
+            "agent.extra.learning_starts=2000",
+        ],
+        "random_return": 18.0,
+    },
+    "pong": {
+        "config": "pong.yaml",
+        "overrides": [
+            "total_timesteps=40960",
+            "rounds=4",
+            "queries.total_labels=100",
+            "eval_every=4",
+            "save_every=4",
+            "eval_episodes=1",
+        ],
+        "random_return": -20.7,
+    },
 }
 QUICK = ["total_timesteps=8192", "rounds=2", "queries.total_labels=40", "eval_episodes=3"]
 
@@ -53,14 +77,25 @@ QUICK = ["total_timesteps=8192", "rounds=2", "queries.total_labels=40", "eval_ep
 def run_one(task: str, variant: str, seed: int, out: Path, extra: list[str]) -> dict:
     spec = TASKS[task]
     run_dir = out / f"{task}-{variant}-seed{seed}"
-    args = [sys.executable, "-m", "kilter", "control", "--config", str(CONFIGS / spec["config"]),
-            f"output_dir={run_dir}", f"seed={seed}", *spec["overrides"], *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "kilter",
+        "control",
+        "--config",
+        str(CONFIGS / spec["config"]),
+        f"output_dir={run_dir}",
+        f"seed={seed}",
+        *spec["overrides"],
+        *extra,
+    ]
     if variant == "true":
         args.append("reward_source=env")
     elif variant in ("active", "random"):
         args.append(f"queries.method={variant}")
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"),
-               SDL_VIDEODRIVER="dummy")
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "src"), MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), SDL_VIDEODRIVER="dummy"
+    )
     t0 = time.time()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     seconds = time.time() - t0
@@ -68,9 +103,16 @@ def run_one(task: str, variant: str, seed: int, out: Path, extra: list[str]) -> 
         raise SystemExit(f"{task} {variant} seed {seed} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = rows[-1]
-    result = {"task": task, "variant": variant, "seed": seed, "final_true_return": final.get("eval/true_return"),
-              "labels": final.get("labels/total", 0), "steps": final["step"], "seconds": round(seconds, 1),
-              "curve": [r.get("eval/true_return") for r in rows]}
+    result = {
+        "task": task,
+        "variant": variant,
+        "seed": seed,
+        "final_true_return": final.get("eval/true_return"),
+        "labels": final.get("labels/total", 0),
+        "steps": final["step"],
+        "seconds": round(seconds, 1),
+        "curve": [r.get("eval/true_return") for r in rows],
+    }
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
     return result
 
@@ -88,7 +130,9 @@ def main() -> int:
     p.add_argument("--tasks", default="cartpole,pendulum", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--variants", default="true,active,random")
-    p.add_argument("--label-sweep", action="store_true", help="also find the labels needed to reach 90%% of the true agent")
+    p.add_argument(
+        "--label-sweep", action="store_true", help="also find the labels needed to reach 90%% of the true agent"
+    )
     p.add_argument("--budgets", default="25,50,100,200")
     p.add_argument("--sweep-task", default="cartpole")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
@@ -107,7 +151,13 @@ def main() -> int:
         for budget in [int(b) for b in args.budgets.split(",")]:
             for seed in range(args.seeds):
                 for method in ("active", "random"):
-                    r = run_one(args.sweep_task, method, seed, out / f"labels-{budget}", extra + [f"queries.total_labels={budget}"])
+                    r = run_one(
+                        args.sweep_task,
+                        method,
+                        seed,
+                        out / f"labels-{budget}",
+                        extra + [f"queries.total_labels={budget}"],
+                    )
                     r["budget"] = budget
                     sweep.append(r)
     (out / "results.json").write_text(json.dumps({"runs": results, "sweep": sweep}, indent=1))
@@ -116,8 +166,10 @@ def main() -> int:
 
 
 def report(results: list[dict], sweep: list[dict], sweep_task: str) -> str:
-    lines = ["| task | agent | final true return (mean ± sd) | per seed | labels | steps | pref / true | normalised |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | agent | final true return (mean ± sd) | per seed | labels | steps | pref / true | normalised |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     true_mean: dict[str, float] = {}
     for task in dict.fromkeys(r["task"] for r in results):
         rows = [r for r in results if r["task"] == task]
@@ -129,14 +181,23 @@ def report(results: list[dict], sweep: list[dict], sweep_task: str) -> str:
             m = _mean(vals)
             # pref / true only reads well for positive returns; normalised = (x - random) / (true - random) always does
             ratio = f"{m / true_mean[task]:.2f}" if variant != "true" and true_mean[task] > 0 else ""
-            norm = f"{(m - rand) / (true_mean[task] - rand):.2f}" if variant != "true" and true_mean[task] != rand else ""
+            norm = (
+                f"{(m - rand) / (true_mean[task] - rand):.2f}" if variant != "true" and true_mean[task] != rand else ""
+            )
             per_seed = ", ".join(f"{v:.0f}" for v in vals)
-            lines.append(f"| {task} | {variant} | {m:.1f} ± {_sd(vals):.1f} | {per_seed} | {max(labels)} | "
-                         f"{rows[0]['steps']} | {ratio} | {norm} |")
+            lines.append(
+                f"| {task} | {variant} | {m:.1f} ± {_sd(vals):.1f} | {per_seed} | {max(labels)} | "
+                f"{rows[0]['steps']} | {ratio} | {norm} |"
+            )
     if sweep:
         target = 0.9 * true_mean.get(sweep_task, float("nan"))
-        lines += ["", f"Labels to reach 90 % of the true-reward agent on {sweep_task} (target {target:.1f}):", "",
-                  "| budget | active (mean) | random (mean) |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Labels to reach 90 % of the true-reward agent on {sweep_task} (target {target:.1f}):",
+            "",
+            "| budget | active (mean) | random (mean) |",
+            "|---|---|---|",
+        ]
         reached = {"active": None, "random": None}
         for budget in sorted({r["budget"] for r in sweep}):
             cells = []
@@ -147,7 +208,10 @@ def report(results: list[dict], sweep: list[dict], sweep_task: str) -> str:
                 cells.append(f"{m:.1f}")
             lines.append(f"| {budget} | {cells[0]} | {cells[1]} |")
         lines.append("")
-        lines.append(f"First budget reaching 90 %: active {reached['active'] or 'none tried'}, random {reached['random'] or 'none tried'}.")
+        lines.append(
+            f"First budget reaching 90 %: active {reached['active'] or 'none tried'}, "
+            f"random {reached['random'] or 'none tried'}."
+        )
     return "\n".join(lines)
 
 

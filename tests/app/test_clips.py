@@ -36,8 +36,9 @@ def _cartpole_segment(uid: int, push: int) -> Segment:
 
 
 def _post_queries(tmp_path: Path, n: int = 2) -> tuple[HumanLabeler, list[tuple[Segment, Segment]]]:
-    lab = HumanLabeler(tmp_path / "run" / "queries", LabelerConfig(kind="human", poll_s=0.01, wait_timeout_s=1),
-                       ClipConfig(), fps=25)
+    lab = HumanLabeler(
+        tmp_path / "run" / "queries", LabelerConfig(kind="human", poll_s=0.01, wait_timeout_s=1), ClipConfig(), fps=25
+    )
     pairs = [(_cartpole_segment(2 * i, 0), _cartpole_segment(2 * i + 1, 1)) for i in range(n)]
     lab.post(pairs)
     return lab, pairs
@@ -45,8 +46,10 @@ def _post_queries(tmp_path: Path, n: int = 2) -> tuple[HumanLabeler, list[tuple[
 
 def test_clip_form_reads_left_right_equal_cant_tell():
     shown = Shown(candidate_ids=[11, 10])  # slot 1 (candidate 11) shown on the left
+
     def form(choice):
         return lambda name: {"choice": [choice]}.get(name, [])
+
     out = parse_submission("clips", form("A"), shown)
     assert out["choice"] == "A" and out["preferred_candidate_id"] == 11 and not out["tie"]
     assert parse_submission("clips", form("B"), shown)["preferred_candidate_id"] == 10
@@ -77,8 +80,12 @@ def test_sync_imports_queries_and_returns_judgments_as_answers(tmp_path):
     for press in ("B", "equal"):
         view = store.next_task(project, ann)
         assert view is not None and all(r.text.startswith("data:image/gif;base64,") for r in view.responses)
-        store.submit(project, ann, view.assignment_id,
-                     lambda shown, c=press: parse_submission("clips", lambda n: {"choice": [c]}.get(n, []), shown))
+        store.submit(
+            project,
+            ann,
+            view.assignment_id,
+            lambda shown, c=press: parse_submission("clips", lambda n: {"choice": [c]}.get(n, []), shown),
+        )
         if press == "B":
             first_query = view.responses[1].sampling["query"]
             first_side = view.responses[1].sampling["side"]
@@ -125,7 +132,9 @@ def test_clip_task_in_headless_chromium_by_keyboard(browser, tmp_path, live_serv
     clips = browser.find_elements(By.CSS_SELECTOR, "img.clip")
     assert len(clips) == 2
     # both animations decoded (a CSP or encoding problem would leave naturalWidth at 0)
-    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", c) > 0 for c in clips)
+    assert all(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", c) > 0 for c in clips
+    )
     shots = Path(os.environ.get("KILTER_SHOTS_DIR") or tmp_path)
     browser.save_screenshot(str(shots / "clips-task.png"))
     from selenium.webdriver.common.action_chains import ActionChains
@@ -156,11 +165,27 @@ def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):
     from kilter.runs import read_metrics
 
     out = tmp_path / "run"
-    cfg = load_config(ControlConfig, Path(__file__).resolve().parents[2] / "configs" / "control" / "cartpole.yaml", [
-        f"output_dir={out}", "labeler.kind=human", "labeler.poll_s=0.05", "labeler.wait_timeout_s=60",
-        "env.n_envs=2", "agent.n_steps=64", "agent.batch_size=64", "agent.n_epochs=1", "total_timesteps=256",
-        "rounds=2", "queries.total_labels=4", "queries.segment_length=10", "queries.pool_size=12", "eval_episodes=1",
-        "clips.downscale=8"])
+    cfg = load_config(
+        ControlConfig,
+        Path(__file__).resolve().parents[2] / "configs" / "control" / "cartpole.yaml",
+        [
+            f"output_dir={out}",
+            "labeler.kind=human",
+            "labeler.poll_s=0.05",
+            "labeler.wait_timeout_s=60",
+            "env.n_envs=2",
+            "agent.n_steps=64",
+            "agent.batch_size=64",
+            "agent.n_epochs=1",
+            "total_timesteps=256",
+            "rounds=2",
+            "queries.total_labels=4",
+            "queries.segment_length=10",
+            "queries.pool_size=12",
+            "eval_episodes=1",
+            "clips.downscale=8",
+        ],
+    )
     pool = ThreadPoolExecutor(1)
     worker = pool.submit(train, cfg)  # result() re-raises whatever the run raised
     db = str(tmp_path / "app.db")
@@ -177,8 +202,12 @@ def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):
         if (out / "queries").is_dir():
             sync(store, "cp", out / "queries")
         while (view := store.next_task(project, ann)) is not None:
-            store.submit(project, ann, view.assignment_id,
-                         lambda shown: parse_submission("clips", lambda n: {"choice": ["A"]}.get(n, []), shown))
+            store.submit(
+                project,
+                ann,
+                view.assignment_id,
+                lambda shown: parse_submission("clips", lambda n: {"choice": ["A"]}.get(n, []), shown),
+            )
             judged += 1
         if (out / "queries").is_dir():
             sync(store, "cp", out / "queries")

@@ -39,8 +39,18 @@ def _random_policy_return(episodes: int = 20) -> float:
 
 def test_cartpole_from_synthetic_preferences_beats_random_by_far(tmp_path):
     out = tmp_path / "run"
-    code = main(["control", "--config", str(CONFIG), f"output_dir={out}", "total_timesteps=20480", "rounds=5",
-                 "queries.total_labels=200", "eval_episodes=5"])
+    code = main(
+        [
+            "control",
+            "--config",
+            str(CONFIG),
+            f"output_dir={out}",
+            "total_timesteps=20480",
+            "rounds=5",
+            "queries.total_labels=200",
+            "eval_episodes=5",
+        ]
+    )
     assert code == 0
     rows = read_metrics(out)
     assert len(rows) == 5
@@ -55,8 +65,18 @@ def test_cartpole_from_synthetic_preferences_beats_random_by_far(tmp_path):
     assert (out / "final" / "agent.zip").is_file() and (out / "final" / "reward_model.pt").is_file()
 
 
-TINY = ["env.n_envs=2", "agent.n_steps=128", "agent.batch_size=64", "agent.n_epochs=2", "total_timesteps=2048",
-        "rounds=2", "queries.total_labels=20", "queries.pool_size=40", "reward.epochs=1", "eval_episodes=2"]
+TINY = [
+    "env.n_envs=2",
+    "agent.n_steps=128",
+    "agent.batch_size=64",
+    "agent.n_epochs=2",
+    "total_timesteps=2048",
+    "rounds=2",
+    "queries.total_labels=20",
+    "queries.pool_size=40",
+    "reward.epochs=1",
+    "eval_episodes=2",
+]
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -87,8 +107,20 @@ def test_bad_config_is_one_line_error(tmp_path, capsys):
     assert "must be a multiple of agent.n_steps * env.n_envs" in err and "\n" not in err
     assert main(["control", f"output_dir={tmp_path}", "env.id=Nope-v9"]) == 2
     assert "unknown environment 'Nope-v9'" in capsys.readouterr().err
-    assert main(["control", f"output_dir={tmp_path}", "agent.algo=sac", "env.id=cartpole", "total_timesteps=400",
-                 "rounds=1", "env.n_envs=4"]) == 2
+    assert (
+        main(
+            [
+                "control",
+                f"output_dir={tmp_path}",
+                "agent.algo=sac",
+                "env.id=cartpole",
+                "total_timesteps=400",
+                "rounds=1",
+                "env.n_envs=4",
+            ]
+        )
+        == 2
+    )
     assert "sac needs continuous actions" in capsys.readouterr().err
 
 
@@ -107,20 +139,47 @@ def test_mujoco_and_atari_presets_run_end_to_end_for_a_few_steps(tmp_path):
     pytest.importorskip("ale_py", reason="needs `pip install ale-py`")
     pytest.importorskip("cv2", reason="needs opencv-python-headless")
     os.environ.setdefault("MUJOCO_GL", "egl")
-    hopper = ["total_timesteps=200", "rounds=2", "queries.total_labels=6", "queries.segment_length=10",
-              "queries.pool_size=12", "eval_episodes=1", "eval_every=1", "save_every=1", "agent.extra.learning_starts=50",
-              "agent.batch_size=32"]
+    hopper = [
+        "total_timesteps=200",
+        "rounds=2",
+        "queries.total_labels=6",
+        "queries.segment_length=10",
+        "queries.pool_size=12",
+        "eval_episodes=1",
+        "eval_every=1",
+        "save_every=1",
+        "agent.extra.learning_starts=50",
+        "agent.batch_size=32",
+    ]
     out = tmp_path / "hopper"
     assert main(["control", "--config", str(CONFIG.parent / "hopper.yaml"), f"output_dir={out}", *hopper]) == 0
     rows = read_metrics(out)
     assert rows[-1]["labels/total"] == 6 and "eval/true_return" in rows[-1] and "reward/learned" in rows[-1]
-    pong = ["total_timesteps=128", "rounds=2", "env.n_envs=1", "agent.n_steps=64", "agent.batch_size=32",
-            "queries.total_labels=4", "queries.segment_length=8", "queries.pool_size=8", "eval_episodes=0",
-            "eval_every=1", "save_every=1", "env.max_episode_steps=200", "clips.keep_frames=true"]
+    pong = [
+        "total_timesteps=128",
+        "rounds=2",
+        "env.n_envs=1",
+        "agent.n_steps=64",
+        "agent.batch_size=32",
+        "queries.total_labels=4",
+        "queries.segment_length=8",
+        "queries.pool_size=8",
+        "eval_episodes=0",
+        "eval_every=1",
+        "save_every=1",
+        "env.max_episode_steps=200",
+        "clips.keep_frames=true",
+    ]
     out = tmp_path / "pong"
-    assert main(["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong,
-                 "stop_after_round=1"]) == 0
-    assert main(["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong, "resume=true"]) == 0
+    assert (
+        main(
+            ["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong, "stop_after_round=1"]
+        )
+        == 0
+    )
+    assert (
+        main(["control", "--config", str(CONFIG.parent / "pong.yaml"), f"output_dir={out}", *pong, "resume=true"]) == 0
+    )
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1] and rows[-1]["labels/total"] == 4
     assert (out / "final" / "reward_model.pt").is_file()

@@ -49,7 +49,9 @@ def encode_clip(frames: np.ndarray, fps: float, fmt: ClipFormat = "gif") -> byte
         iio.imwrite(buf, frames, extension=".mp4", plugin="pyav", fps=fps, codec="libx264")
         return buf.getvalue()
     except (ImportError, ModuleNotFoundError):
-        raise ConfigError("clips.format=mp4 needs the PyAV package (pip install av); gif and webp need nothing extra") from None
+        raise ConfigError(
+            "clips.format=mp4 needs the PyAV package (pip install av); gif and webp need nothing extra"
+        ) from None
 
 
 def write_clip(path: str | Path, seg: Segment, fps: float, fmt: ClipFormat = "gif") -> Path:

@@ -52,13 +52,13 @@ class EnvConfig(BaseConfig):
     """Which environment, how many copies, and how episodes end."""
 
     id: str = "cartpole"
-    """A preset name (cartpole, pendulum, mountaincar, acrobot, hopper, halfcheetah, swimmer, pong, breakout, enduro) or any registered gymnasium id."""
+    """A preset (cartpole pendulum mountaincar acrobot hopper halfcheetah swimmer pong ...) or a gymnasium id."""
     n_envs: int = Field(4, gt=0)
     """Parallel copies of the environment the agent collects from (a DummyVecEnv in one process)."""
     fixed_horizon: int | None = Field(None, gt=0)
-    """Steps per training episode with early termination removed (restarts inside the episode); null keeps the environment's own episode ends."""
+    """Steps per training episode, early termination removed (restart inside the episode); null: the env's own ends."""
     termination_penalty: float = 0.0
-    """Added to the true reward of a step where the underlying episode ended (only with fixed_horizon): how the synthetic labeler sees a failure."""
+    """Added to the true reward where the underlying episode ended (fixed_horizon only), for the labeler."""
     max_episode_steps: int | None = Field(None, gt=0)
     """Override the environment's time limit (null: the registered one)."""
     atari_frame_skip: int = Field(4, gt=0)
@@ -101,8 +101,8 @@ class Corridor(gym.Env):
     def render(self) -> np.ndarray:
         cell = 24
         img = np.full((cell, cell * self.size, 3), 235, dtype=np.uint8)
-        img[:, (self.size - 1) * cell:] = (120, 200, 120)  # the goal
-        img[4:-4, self.pos * cell + 4:(self.pos + 1) * cell - 4] = (60, 90, 200)  # the agent
+        img[:, (self.size - 1) * cell :] = (120, 200, 120)  # the goal
+        img[4:-4, self.pos * cell + 4 : (self.pos + 1) * cell - 4] = (60, 90, 200)  # the agent
         return img
 
 
@@ -124,7 +124,9 @@ def resolve_id(name: str) -> tuple[str, Family]:
         spec = gym.registry[name]
         entry = str(spec.entry_point)
         return name, "mujoco" if "mujoco" in entry else "atari" if "ale_py" in entry else "classic"
-    raise ConfigError(f"unknown environment {name!r}: expected a preset ({', '.join(PRESETS)}) or a registered gymnasium id")
+    raise ConfigError(
+        f"unknown environment {name!r}: expected a preset ({', '.join(PRESETS)}) or a registered gymnasium id"
+    )
 
 
 def _register_atari() -> bool:
@@ -212,9 +214,13 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None, training: bool = Tr
         raise ConfigError(f"environment {cfg.id!r} could not be made: {exc}") from None
     if family == "atari":
         try:
-            env = gym.wrappers.AtariPreprocessing(env, frame_skip=cfg.atari_frame_skip, screen_size=84, grayscale_obs=True)
+            env = gym.wrappers.AtariPreprocessing(
+                env, frame_skip=cfg.atari_frame_skip, screen_size=84, grayscale_obs=True
+            )
         except gym.error.DependencyNotInstalled:
-            raise ConfigError(f"environment {cfg.id!r} needs OpenCV for frame preprocessing: pip install opencv-python-headless") from None
+            raise ConfigError(
+                f"environment {cfg.id!r} needs OpenCV for frame preprocessing: pip install opencv-python-headless"
+            ) from None
         env = gym.wrappers.FrameStackObservation(env, 4)
     if training and cfg.fixed_horizon is not None:
         return FixedHorizon(env, cfg.fixed_horizon, cfg.termination_penalty)

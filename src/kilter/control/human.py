@@ -63,7 +63,9 @@ def read_answers(path: Path) -> dict[str, Answer]:
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
             raise DataError(f"{path} line {n}: field 'id' must be a string")
         if row.get("answer") not in ANSWERS:
-            raise DataError(f"{path} line {n}: field 'answer' must be one of {', '.join(ANSWERS)}, got {row.get('answer')!r}")
+            raise DataError(
+                f"{path} line {n}: field 'answer' must be one of {', '.join(ANSWERS)}, got {row.get('answer')!r}"
+            )
         answers[row["id"]] = row["answer"]
     return answers
 
@@ -96,8 +98,18 @@ class HumanLabeler:
                 continue
             write_clip(self.root / "clips" / f"{qid}-left.{ext}", left, self.fps, ext)
             write_clip(self.root / "clips" / f"{qid}-right.{ext}", right, self.fps, ext)
-            lines.append(json.dumps({"id": qid, "left": f"clips/{qid}-left.{ext}", "right": f"clips/{qid}-right.{ext}",
-                                     "fps": self.fps, "format": ext, "length": left.length}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": qid,
+                        "left": f"clips/{qid}-left.{ext}",
+                        "right": f"clips/{qid}-right.{ext}",
+                        "fps": self.fps,
+                        "format": ext,
+                        "length": left.length,
+                    }
+                )
+            )
             posted.add(qid)
         if lines:
             old = self.pending_path.read_text() if self.pending_path.exists() else ""
@@ -106,8 +118,11 @@ class HumanLabeler:
 
     def label(self, pairs: list[tuple[Segment, Segment]], rng: np.random.Generator) -> list[Answer]:
         ids = self.post(pairs)
-        print(f"kilter control: waiting for {len(ids)} answers in {self.answers_path} "
-              f"(for the web app: kilter clips-sync queries={self.root} watch=true, with kilter serve)", file=sys.stderr)
+        print(
+            f"kilter control: waiting for {len(ids)} answers in {self.answers_path} "
+            f"(for the web app: kilter clips-sync queries={self.root} watch=true, with kilter serve)",
+            file=sys.stderr,
+        )
         last_count, last_change = -1, time.monotonic()
         while True:
             answers = read_answers(self.answers_path)
@@ -117,6 +132,8 @@ class HumanLabeler:
             if have != last_count:
                 last_count, last_change = have, time.monotonic()
             elif time.monotonic() - last_change > self.cfg.wait_timeout_s:
-                raise LabelingTimeout(f"{have} of {len(ids)} queries answered in {self.answers_path}; no new answer for "
-                                      f"{self.cfg.wait_timeout_s:.0f} s (labeler.wait_timeout_s); resume=true continues")
+                raise LabelingTimeout(
+                    f"{have} of {len(ids)} queries answered in {self.answers_path}; no new answer for "
+                    f"{self.cfg.wait_timeout_s:.0f} s (labeler.wait_timeout_s); resume=true continues"
+                )
             time.sleep(self.cfg.poll_s)

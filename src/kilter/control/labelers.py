@@ -28,7 +28,7 @@ class LabelerConfig(BaseConfig):
     """Who labels: the synthetic oracle (true reward + noise) or people in the web app."""
 
     kind: Literal["synthetic", "human"] = "synthetic"
-    """synthetic: answers from the true reward; human: clips are posted to queries/ in the run folder and the run waits for answers (kilter serve, "compare two clips" task)."""
+    """synthetic: answers from the true reward; human: clips go to <output_dir>/queries/, the run waits."""
     error_rate: float = Field(0.0, ge=0.0, le=0.5)
     """Synthetic: chance an answer is flipped (B-Pref's "mistake" teacher)."""
     beta: float | None = Field(None, gt=0.0)
@@ -42,7 +42,7 @@ class LabelerConfig(BaseConfig):
     skip_below: float | None = None
     """Synthetic: answer "can't tell" when both returns are below this (B-Pref's "skip" teacher); null never."""
     wait_timeout_s: float = Field(3600.0, gt=0.0)
-    """Human: give up waiting for answers after this many seconds without a new one (a one-line error; the run can be resumed)."""
+    """Human: stop after this many seconds without a new answer (one-line error; resume=true continues)."""
     poll_s: float = Field(2.0, gt=0.0)
     """Human: seconds between looks for new answers."""
 

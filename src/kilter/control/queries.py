@@ -36,7 +36,7 @@ class QueryConfig(BaseConfig):
     initial_fraction: float = Field(0.25, ge=0.0, le=1.0)
     """Part of the budget asked before any RL, on segments of a random policy (the paper: 25 %)."""
     schedule: Literal["hyperbolic", "constant"] = "hyperbolic"
-    """hyperbolic: the label rate falls as 1 / (1 + t / schedule_scale) (more early, less later); constant: the same number per step."""
+    """hyperbolic: label rate ∝ 1 / (1 + t / schedule_scale), more early, fewer later; constant: a fixed rate."""
     schedule_scale: float = Field(0.1, gt=0.0)
     """Hyperbolic schedule: the fraction of the run after which the rate has halved."""
 

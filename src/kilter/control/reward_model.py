@@ -42,7 +42,7 @@ class RewardModelConfig(BaseConfig):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     """Dropout after every hidden layer while training."""
     l2: float = Field(1e-4, ge=0.0)
-    """Initial L2 coefficient on the weights; adapted each round to keep validation/training loss in [1.1, 1.5] (adaptive_l2)."""
+    """Initial L2 coefficient on the weights (adaptive_l2 keeps validation/training loss in [1.1, 1.5])."""
     adaptive_l2: bool = True
     """Adapt the L2 coefficient from the validation/training loss ratio, as in the paper."""
     lr: float = Field(1e-3, gt=0.0)
@@ -95,8 +95,13 @@ class CNNReward(nn.Module):
         super().__init__()
         channels = obs_shape[0] if len(obs_shape) == 3 else 1
         self.conv = nn.Sequential(
-            nn.Conv2d(channels, 16, 8, stride=4), nn.LeakyReLU(0.01), nn.Dropout(dropout),
-            nn.Conv2d(16, 16, 4, stride=2), nn.LeakyReLU(0.01), nn.Dropout(dropout), nn.Flatten(),
+            nn.Conv2d(channels, 16, 8, stride=4),
+            nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+            nn.Conv2d(16, 16, 4, stride=2),
+            nn.LeakyReLU(0.01),
+            nn.Dropout(dropout),
+            nn.Flatten(),
         )
         with torch.no_grad():
             n_feat = self.conv(torch.zeros(1, channels, *obs_shape[-2:])).shape[-1]
@@ -134,11 +139,12 @@ class RewardEnsemble(nn.Module):
         self.cfg = cfg
         self.obs_space, self.act_space = obs_space, act_space
         a_dim = action_dim(act_space)
-        if is_image_obs(obs_space):
-            make = lambda: CNNReward(tuple(obs_space.shape), a_dim, cfg.hidden, cfg.dropout)
-        else:
-            o_dim = int(np.prod(obs_space.shape))
-            make = lambda: MLPReward(o_dim, a_dim, cfg.hidden, cfg.layers, cfg.dropout)
+
+        def make() -> nn.Module:
+            if is_image_obs(obs_space):
+                return CNNReward(tuple(obs_space.shape), a_dim, cfg.hidden, cfg.dropout)
+            return MLPReward(int(np.prod(obs_space.shape)), a_dim, cfg.hidden, cfg.layers, cfg.dropout)
+
         self.members = nn.ModuleList([make() for _ in range(cfg.ensemble_size)])
         # per-member standardisation of the output, fitted on recent steps after each round
         self.register_buffer("out_mean", torch.zeros(cfg.ensemble_size))
@@ -221,7 +227,7 @@ class RewardEnsemble(nn.Module):
             for _ in range(self.cfg.epochs):
                 perm = rng.permutation(len(boot))
                 for lo in range(0, len(boot), bs):
-                    part = boot.take(perm[lo:lo + bs])
+                    part = boot.take(perm[lo : lo + bs])
                     loss = self._loss(k, part, train=True) + self._l2_penalty(k)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

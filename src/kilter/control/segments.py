@@ -65,8 +65,14 @@ class SegmentCollector:
         self._open = [_Open() for _ in range(n_envs)]
         self.n_made = 0
 
-    def add(self, obs: np.ndarray, acts: np.ndarray, true_rewards: np.ndarray, dones: np.ndarray,
-            frames: Sequence[np.ndarray] | None = None) -> None:
+    def add(
+        self,
+        obs: np.ndarray,
+        acts: np.ndarray,
+        true_rewards: np.ndarray,
+        dones: np.ndarray,
+        frames: Sequence[np.ndarray] | None = None,
+    ) -> None:
         for i, stream in enumerate(self._open):
             stream.obs.append(np.array(obs[i], copy=True))
             stream.acts.append(np.array(acts[i], copy=True))
@@ -75,11 +81,15 @@ class SegmentCollector:
                 k = self.frame_downscale
                 stream.frames.append(np.ascontiguousarray(frames[i][::k, ::k]))
             if len(stream.rewards) == self.length:
-                self.pool.append(Segment(
-                    obs=np.stack(stream.obs), acts=np.stack(stream.acts),
-                    true_rewards=np.asarray(stream.rewards, dtype=np.float64),
-                    frames=np.stack(stream.frames) if stream.frames else None, uid=self.n_made,
-                ))
+                self.pool.append(
+                    Segment(
+                        obs=np.stack(stream.obs),
+                        acts=np.stack(stream.acts),
+                        true_rewards=np.asarray(stream.rewards, dtype=np.float64),
+                        frames=np.stack(stream.frames) if stream.frames else None,
+                        uid=self.n_made,
+                    )
+                )
                 self.n_made += 1
                 self._open[i] = stream = _Open()
             if dones[i]:

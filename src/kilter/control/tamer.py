@@ -75,7 +75,7 @@ class TamerConfig(BaseConfig):
     margin: float = Field(0.5, ge=0.0)
     """Simulated trainer: δ >= -margin counts as a good action."""
     critic: str | None = None
-    """Simulated trainer on tasks without an exact value function: a stable-baselines3 PPO/A2C agent.zip trained on the true reward, whose critic gives V(s)."""
+    """Simulated trainer without an exact V: an SB3 PPO/A2C agent.zip trained on the true reward (critic = V)."""
     gamma: float = Field(1.0, gt=0.0, le=1.0)
     """Simulated trainer: discount of δ = r + γ V(s') - V(s)."""
 
@@ -151,7 +151,9 @@ class HumanRewardModel(nn.Module):
 class TamerAgent:
     def __init__(self, obs_space: gym.Space, act_space: gym.Space, cfg: TamerConfig):
         if not isinstance(act_space, gym.spaces.Discrete):
-            raise ConfigError(f"TAMER picks argmax_a Ĥ(s, a), so it needs discrete actions; {cfg.env.id} has {act_space}")
+            raise ConfigError(
+                f"TAMER picks argmax_a Ĥ(s, a), so it needs discrete actions; {cfg.env.id} has {act_space}"
+            )
         self.n_actions = int(act_space.n)
         self.model = HumanRewardModel(int(np.prod(obs_space.shape)), self.n_actions, cfg.hidden)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
@@ -171,7 +173,7 @@ class TamerAgent:
         return int(rng.choice(best))  # ties (an untrained Ĥ) broken at random
 
     def feedback(self, h: float, t_feedback: float) -> float:
-        """One key press (+1 / -1) at ``t_feedback``: a gradient step on the credited squared error; returns the loss."""
+        """A press (+1 / -1) at ``t_feedback``: one gradient step on the credited squared error; returns the loss."""
         credited = self.window.credits(t_feedback)
         if not credited:
             return 0.0
@@ -227,8 +229,10 @@ def value_function(cfg: TamerConfig) -> ValueFn:
         base = env.unwrapped
         if hasattr(base, "optimal_value"):
             return base.optimal_value
-        raise ConfigError(f"the simulated trainer needs a value function for {cfg.env.id}: set critic=<agent.zip of a "
-                          "`kilter control reward_source=env` run>")
+        raise ConfigError(
+            f"the simulated trainer needs a value function for {cfg.env.id}: set critic=<agent.zip of a "
+            "`kilter control reward_source=env` run>"
+        )
     path = Path(cfg.critic)
     if not path.is_file():
         raise ConfigError(f"critic: file not found: {path}")
@@ -254,8 +258,11 @@ def value_function(cfg: TamerConfig) -> ValueFn:
 # --------------------------------------------------------------------------- the loop
 
 
-def run_tamer(cfg: TamerConfig, presses: Callable[[float], list[tuple[float, float]]] | None = None,
-              on_frame: Callable[[np.ndarray], None] | None = None) -> dict[str, float]:
+def run_tamer(
+    cfg: TamerConfig,
+    presses: Callable[[float], list[tuple[float, float]]] | None = None,
+    on_frame: Callable[[np.ndarray], None] | None = None,
+) -> dict[str, float]:
     """Train TAMER for ``cfg.episodes`` episodes; return the last metrics.
 
     ``presses(now)`` (human trainer) returns the (time.monotonic() of the press, ±1) key presses since the last call;
@@ -309,8 +316,14 @@ def run_tamer(cfg: TamerConfig, presses: Callable[[float], list[tuple[float, flo
                     agent.feedback(h, clock.now())
                     n_presses += 1
                     positive += h > 0
-        metrics = {"episode": episode, "reward/true": ret, "episode/length": length, "feedback/presses": n_presses,
-                   "feedback/positive": positive, "feedback/updates": agent.updates}
+        metrics = {
+            "episode": episode,
+            "reward/true": ret,
+            "episode/length": length,
+            "feedback/presses": n_presses,
+            "feedback/positive": positive,
+            "feedback/updates": agent.updates,
+        }
         run.log(step, metrics)
         print(f"episode {episode + 1}/{cfg.episodes}  true return {ret:.3g}  presses {n_presses}", file=sys.stderr)
     run.save_final(lambda p: torch.save(agent.model.state_dict(), p / "h_model.pt"))

@@ -89,15 +89,15 @@ class ControlConfig(BaseConfig):
     seed: int = 0
     """Seeds the environments, the agent, the reward models and the query choice."""
     reward_source: Literal["learned", "env"] = "learned"
-    """learned: the agent is trained on the preference reward model; env: on the environment's true reward (the baseline)."""
+    """learned: the agent trains on the preference reward model; env: on the true reward (the baseline)."""
     total_timesteps: int = Field(50_000, gt=0)
     """Agent environment steps over the whole run (the initial random-policy segments are extra)."""
     rounds: int = Field(10, gt=0)
-    """Reward-model rounds: each asks for labels, retrains the ensemble, then trains the agent total_timesteps/rounds steps."""
+    """Rounds: each asks for labels, retrains the ensemble, then trains the agent total_timesteps/rounds steps."""
     normalize_reward: bool = True
     """Standardise the learned reward with running statistics before the agent sees it."""
     initial_random_steps: int | None = Field(None, ge=0)
-    """Random-policy steps collected before round 0 for the first queries (null: enough for 2 segments per initial label, up to pool_size)."""
+    """Random-policy steps before round 0 for the first queries (null: 2 segments per initial label, <= pool)."""
     eval_episodes: int = Field(10, ge=0)
     """Episodes of the real task (no fixed horizon, true reward) to measure the agent after each eval_every rounds."""
     eval_every: int = Field(1, gt=0)
@@ -230,12 +230,21 @@ class _Labels:
             return None
         if len(self.batches) > 1:
             b = self.batches
-            self.batches = [PairBatch(*(np.concatenate([getattr(x, f) for x in b]) for f in ("obs_1", "acts_1", "obs_2", "acts_2", "mu")))]
+            self.batches = [
+                PairBatch(
+                    *(np.concatenate([getattr(x, f) for x in b]) for f in ("obs_1", "acts_1", "obs_2", "acts_2", "mu"))
+                )
+            ]
         return self.batches[0]
 
 
 def _rng_state(rng: np.random.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "rng": rng.bit_generator.state}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "rng": rng.bit_generator.state,
+    }
 
 
 def _set_rng_state(state: dict, rng: np.random.Generator) -> None:
@@ -245,18 +254,32 @@ def _set_rng_state(state: dict, rng: np.random.Generator) -> None:
     rng.bit_generator.state = state["rng"]
 
 
-def _save(path: Path, agent: BaseAlgorithm, ensemble: RewardEnsemble | None, venv: LearnedRewardVecEnv,
-          collector: SegmentCollector, labels: _Labels, rng: np.random.Generator, trainer_state: dict) -> None:
+def _save(
+    path: Path,
+    agent: BaseAlgorithm,
+    ensemble: RewardEnsemble | None,
+    venv: LearnedRewardVecEnv,
+    collector: SegmentCollector,
+    labels: _Labels,
+    rng: np.random.Generator,
+    trainer_state: dict,
+) -> None:
     agent.save(path / "agent.zip")
     if hasattr(agent, "replay_buffer") and agent.replay_buffer is not None:
         agent.save_replay_buffer(path / "replay_buffer.pkl")
-    torch.save({
-        "ensemble": ensemble.full_state() if ensemble is not None else None,
-        "labels": labels.data(), "answers": labels.answers, "asked": labels.asked,
-        "pool": list(collector.pool), "n_segments": collector.n_made,
-        "rms": (venv.rms.mean, venv.rms.var, venv.rms.count),
-        "rng": _rng_state(rng),
-    }, path / "control_state.pt")
+    torch.save(
+        {
+            "ensemble": ensemble.full_state() if ensemble is not None else None,
+            "labels": labels.data(),
+            "answers": labels.answers,
+            "asked": labels.asked,
+            "pool": list(collector.pool),
+            "n_segments": collector.n_made,
+            "rms": (venv.rms.mean, venv.rms.var, venv.rms.count),
+            "rng": _rng_state(rng),
+        },
+        path / "control_state.pt",
+    )
     atomic_write_text(path / "trainer_state.json", json.dumps(trainer_state, indent=2))
 
 
@@ -284,8 +307,13 @@ def train(cfg: ControlConfig) -> dict[str, float]:
     base = _make_venv(cfg, record_frames)
     collector = SegmentCollector(cfg.env.n_envs, cfg.queries.segment_length, cfg.queries.pool_size, cfg.clips.downscale)
     ensemble = RewardEnsemble(base.observation_space, base.action_space, cfg.reward) if learned else None
-    venv = LearnedRewardVecEnv(base, ensemble.reward if ensemble is not None else None,
-                               collector if learned else None, record_frames, cfg.normalize_reward)
+    venv = LearnedRewardVecEnv(
+        base,
+        ensemble.reward if ensemble is not None else None,
+        collector if learned else None,
+        record_frames,
+        cfg.normalize_reward,
+    )
     agent = _make_agent(cfg, venv)
     labels = _Labels()
     labeler = _labeler(cfg, run, render_fps(base.envs[0])) if learned else None
@@ -329,13 +357,20 @@ def train(cfg: ControlConfig) -> dict[str, float]:
         if learned:
             due = labels_due((rnd + 1) * cfg.steps_per_round, cfg.total_timesteps, cfg.queries)
             segments = list(collector.pool)
-            pairs, scores = select_queries(segments, due - labels.asked, cfg.queries, ensemble if labels.batches else None, rng)
+            pairs, scores = select_queries(
+                segments, due - labels.asked, cfg.queries, ensemble if labels.batches else None, rng
+            )
             if len(pairs):
                 answers = labeler.label([(segments[i], segments[j]) for i, j in pairs], rng)
                 labels.add(segments, pairs, answers)
                 metrics["queries/disagreement"] = float(np.mean(scores))
-            metrics.update({"labels/total": labels.asked, "labels/new": len(pairs),
-                            **{f"labels/{k}": v for k, v in labels.answers.items()}})
+            metrics.update(
+                {
+                    "labels/total": labels.asked,
+                    "labels/new": len(pairs),
+                    **{f"labels/{k}": v for k, v in labels.answers.items()},
+                }
+            )
             data = labels.data()
             if data is not None and len(pairs):
                 metrics.update(ensemble.train_round(data, rng))
@@ -356,18 +391,34 @@ def train(cfg: ControlConfig) -> dict[str, float]:
             metrics["reward/learned"] = venv.learned_sum / max(venv.n_steps, 1)
         last = rnd == cfg.rounds - 1 or (cfg.stop_after_round is not None and rnd + 1 >= cfg.stop_after_round)
         if cfg.eval_episodes and ((rnd + 1) % cfg.eval_every == 0 or last):
-            metrics["eval/true_return"] = evaluate_true_return(agent, cfg, cfg.eval_episodes, seed=10_000 + cfg.seed * 1000)
+            metrics["eval/true_return"] = evaluate_true_return(
+                agent, cfg, cfg.eval_episodes, seed=10_000 + cfg.seed * 1000
+            )
         metrics["perf/round_s"] = round(time.time() - t0, 2)
         run.log(agent.num_timesteps, metrics)
         summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         _print_round(rnd, cfg.rounds, agent.num_timesteps, metrics)
         if (rnd + 1) % cfg.save_every == 0 or last:
             trainer_state = {"round": rnd, "num_timesteps": agent.num_timesteps, "labels": labels.asked}
-            run.save_checkpoint(agent.num_timesteps, partial(_save, agent=agent, ensemble=ensemble, venv=venv, collector=collector,
-                                                             labels=labels, rng=rng, trainer_state=trainer_state),
-                                keep=cfg.keep_checkpoints)
+            run.save_checkpoint(
+                agent.num_timesteps,
+                partial(
+                    _save,
+                    agent=agent,
+                    ensemble=ensemble,
+                    venv=venv,
+                    collector=collector,
+                    labels=labels,
+                    rng=rng,
+                    trainer_state=trainer_state,
+                ),
+                keep=cfg.keep_checkpoints,
+            )
         if last and rnd < cfg.rounds - 1:
-            print(f"kilter control: stopped after round {rnd + 1} (stop_after_round); resume=true continues", file=sys.stderr)
+            print(
+                f"kilter control: stopped after round {rnd + 1} (stop_after_round); resume=true continues",
+                file=sys.stderr,
+            )
             run.close()
             return summary
 

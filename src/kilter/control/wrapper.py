@@ -22,8 +22,15 @@ RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class LearnedRewardVecEnv(VecEnvWrapper):
-    def __init__(self, venv: VecEnv, reward_fn: RewardFn | None, collector: SegmentCollector | None,
-                 record_frames: bool = False, normalize: bool = True, clip: float = 10.0):
+    def __init__(
+        self,
+        venv: VecEnv,
+        reward_fn: RewardFn | None,
+        collector: SegmentCollector | None,
+        record_frames: bool = False,
+        normalize: bool = True,
+        clip: float = 10.0,
+    ):
         super().__init__(venv)
         self.reward_fn = reward_fn  # None: pass the true reward through
         self.collector = collector

@@ -79,7 +79,9 @@ def read_pending(root: Path) -> list[dict]:
 def _data_uri(path: Path) -> str:
     ext = path.suffix.lstrip(".").lower()
     if ext not in ("gif", "webp"):
-        raise DataError(f"{path}: the web app shows gif or webp clips (run kilter control with clips.format=gif or webp)")
+        raise DataError(
+            f"{path}: the web app shows gif or webp clips (run kilter control with clips.format=gif or webp)"
+        )
     if not path.is_file():
         raise DataError(f"{path}: clip file not found")
     return f"data:{MIME[ext]};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
@@ -109,9 +111,13 @@ def sync(store: Store, project: str, root: Path) -> tuple[int, int]:
     for q in read_pending(root):
         if q["id"] in have_ids or q["id"] in known:
             continue
-        cands = [CandidateIn(_data_uri(root / q[side]), model="control", sampling={"query": q["id"], "side": side})
-                 for side in SIDES]
-        rows.append(PromptIn(prompt=f"Query {q['id']}", external_id=q["id"], responses=cands, where=f"{root}/pending.jsonl"))
+        cands = [
+            CandidateIn(_data_uri(root / q[side]), model="control", sampling={"query": q["id"], "side": side})
+            for side in SIDES
+        ]
+        rows.append(
+            PromptIn(prompt=f"Query {q['id']}", external_id=q["id"], responses=cands, where=f"{root}/pending.jsonl")
+        )
     if rows:
         store.import_prompts(project, rows)
     answers: dict[str, str] = {}
@@ -119,7 +125,9 @@ def sync(store: Store, project: str, root: Path) -> tuple[int, int]:
         answer = clip_answer(rec)
         if rec.prompt_id and answer in ANSWERS and rec.prompt_id not in answers:
             answers[rec.prompt_id] = answer
-    lines = "".join(json.dumps({"id": qid, "answer": a, "source": "kilter-feedback"}) + "\n" for qid, a in answers.items())
+    lines = "".join(
+        json.dumps({"id": qid, "answer": a, "source": "kilter-feedback"}) + "\n" for qid, a in answers.items()
+    )
     path = root / "answers.jsonl"
     if answers and (not path.exists() or path.read_text() != lines):
         atomic_write_text(path, lines)
@@ -140,8 +148,10 @@ def run(cfg: ClipSyncConfig) -> int:
             store.add_member(cfg.project, user)
         while True:
             imported, answered = sync(store, cfg.project, root)
-            print(f"{cfg.project}: {imported} new queries imported, {answered} answers in {root / 'answers.jsonl'}",
-                  file=sys.stderr)
+            print(
+                f"{cfg.project}: {imported} new queries imported, {answered} answers in {root / 'answers.jsonl'}",
+                file=sys.stderr,
+            )
             if not cfg.watch:
                 return 0
             time.sleep(cfg.poll_s)

@@ -48,6 +48,7 @@ class LiveSession:
         self._frame: bytes | None = None
         self._presses: list[tuple[float, float]] = []
         self.pressed = 0
+        self.used = 0  # presses handed to the training loop
         self.done = False
         self.error: str | None = None
         self.metrics: dict = {}
@@ -69,6 +70,7 @@ class LiveSession:
     def take(self, _now: float) -> list[tuple[float, float]]:
         with self._lock:
             out, self._presses = self._presses, []
+            self.used += len(out)
         return out
 
 
@@ -99,8 +101,11 @@ def create_tamer_app(cfg: TamerLiveConfig, session: LiveSession | None = None) -
 
     @app.get("/")
     def page():
-        return HTMLResponse(templates.get_template("tamer_live.html").render(
-            env=tamer_cfg.env.id, step_s=tamer_cfg.step_s, episodes=tamer_cfg.episodes))
+        return HTMLResponse(
+            templates.get_template("tamer_live.html").render(
+                env=tamer_cfg.env.id, step_s=tamer_cfg.step_s, episodes=tamer_cfg.episodes
+            )
+        )
 
     @app.get("/frame")
     def frame():
@@ -122,8 +127,14 @@ def create_tamer_app(cfg: TamerLiveConfig, session: LiveSession | None = None) -
 
     @app.get("/status")
     def status():
-        return JSONResponse({"presses": session.pressed, "done": session.done, **{
-            k: v for k, v in session.metrics.items() if isinstance(v, (int, float))}})
+        return JSONResponse(
+            {
+                "presses": session.pressed,
+                "used": session.used,
+                "done": session.done,
+                **{k: v for k, v in session.metrics.items() if isinstance(v, (int, float))},
+            }
+        )
 
     app.state.session = session
     return app

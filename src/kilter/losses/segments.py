@@ -24,9 +24,7 @@ import torch
 import torch.nn.functional as F
 
 
-def segment_preference_prob(
-    returns_1: torch.Tensor, returns_2: torch.Tensor, label_error: float = 0.0
-) -> torch.Tensor:
+def segment_preference_prob(returns_1: torch.Tensor, returns_2: torch.Tensor, label_error: float = 0.0) -> torch.Tensor:
     """P[σ¹ ≻ σ²] under Bradley-Terry with a ``label_error`` fraction of random answers.
 
     returns_1, returns_2: (..., N) summed predicted rewards of each segment -> (..., N) in (0, 1).

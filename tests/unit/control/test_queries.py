@@ -35,8 +35,10 @@ def test_disagreement_ranks_the_hand_built_ambiguous_pair_first():
     # all members agree on feature 0 (weight 1); they disagree about feature 1 (-1, 0, +1)
     ens = _linear_ensemble([[1.0, -1.0], [1.0, 0.0], [1.0, 1.0]])
     segments = [
-        _segment(0.5, 0.0, 0), _segment(-0.5, 0.0, 1),  # differ only in feature 0: everybody prefers 0
-        _segment(0.0, 0.5, 2), _segment(0.0, -0.5, 3),  # differ only in feature 1: members split
+        _segment(0.5, 0.0, 0),
+        _segment(-0.5, 0.0, 1),  # differ only in feature 0: everybody prefers 0
+        _segment(0.0, 0.5, 2),
+        _segment(0.0, -0.5, 3),  # differ only in feature 1: members split
     ]
     cfg = QueryConfig(method="active", oversample=6)
     pairs, scores = select_queries(segments, 1, cfg, ens, np.random.default_rng(0))
@@ -44,6 +46,7 @@ def test_disagreement_ranks_the_hand_built_ambiguous_pair_first():
     assert scores[0] > 0.1
     # the unambiguous pair has (numerically) no disagreement
     from kilter.control.queries import as_pair_batch
+
     probs = ens.preference_probs(as_pair_batch(segments, np.array([[0, 1], [2, 3]])))
     assert np.allclose(probs[:, 0], probs[0, 0])
     assert probs[0, 1] < 0.5 < probs[2, 1]

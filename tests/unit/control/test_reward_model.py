@@ -40,7 +40,9 @@ def test_ensemble_learns_the_preference_and_its_reward_tracks_the_true_one():
 def test_adaptive_l2_moves_with_the_validation_ratio():
     rng = np.random.default_rng(1)
     space = gym.spaces.Box(-5, 5, shape=(3,), dtype=np.float32)
-    ens = RewardEnsemble(space, gym.spaces.Discrete(2), RewardModelConfig(ensemble_size=1, epochs=30, l2=1e-4, dropout=0.0))
+    ens = RewardEnsemble(
+        space, gym.spaces.Discrete(2), RewardModelConfig(ensemble_size=1, epochs=30, l2=1e-4, dropout=0.0)
+    )
     start = float(ens.l2)
     m = ens.train_round(_pairs(20, rng), rng)  # 13 training pairs, 30 epochs: overfits
     ratio = m["rm/loss_val"] / m["rm/loss_train"]
@@ -56,7 +58,13 @@ def test_cnn_reward_over_stacked_pixels_and_continuous_actions():
     obs = np.random.default_rng(0).integers(0, 255, size=(3, 4, 84, 84), dtype=np.uint8)
     r = ens.reward(obs, np.zeros((3, 2), np.float32))
     assert r.shape == (3,) and np.isfinite(r).all()
-    batch = PairBatch(obs[None, :2], np.zeros((1, 2, 2), np.float32), obs[None, 1:], np.zeros((1, 2, 2), np.float32), np.ones(1, np.float32))
+    batch = PairBatch(
+        obs[None, :2],
+        np.zeros((1, 2, 2), np.float32),
+        obs[None, 1:],
+        np.zeros((1, 2, 2), np.float32),
+        np.ones(1, np.float32),
+    )
     assert ens.preference_probs(batch).shape == (2, 1)
 
 

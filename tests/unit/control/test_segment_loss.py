@@ -1,4 +1,4 @@
-"""The segment Bradley-Terry loss (Christiano et al. 2017, eq. 1 with 10 % random answers) against hand-worked numbers."""
+"""The segment Bradley-Terry loss (Christiano et al. 2017, eq. 1, 10 % random answers) against hand-worked numbers."""
 
 import math
 
@@ -27,7 +27,9 @@ def test_value_with_ten_percent_label_error():
 
 def test_equal_label_and_mean_over_pairs():
     # μ = (½, ½) at d = 1: ½ (0.313262 + 1.313262) = 0.813262; mean with the μ=1 pair (0.313262) = 0.563262
-    loss = segment_preference_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.0]), label_error=0.0)
+    loss = segment_preference_loss(
+        torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, 1.0]), label_error=0.0
+    )
     assert loss.item() == pytest.approx((0.813262 + 0.313262) / 2, abs=1e-6)
 
 

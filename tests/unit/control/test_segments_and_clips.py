@@ -35,7 +35,9 @@ def test_clip_of_a_rendered_cartpole_segment_loops():
     for _ in range(8):
         frames.append(env.render()[::4, ::4])
         env.step(env.action_space.sample())
-    seg = Segment(obs=np.zeros((8, 4), np.float32), acts=np.zeros(8, np.int64), true_rewards=np.ones(8), frames=np.stack(frames))
+    seg = Segment(
+        obs=np.zeros((8, 4), np.float32), acts=np.zeros(8, np.int64), true_rewards=np.ones(8), frames=np.stack(frames)
+    )
     for fmt in ("gif", "webp"):
         data = encode_clip(segment_frames(seg), fps=25, fmt=fmt)
         img = Image.open(io.BytesIO(data))

@@ -50,8 +50,14 @@ def test_simulated_trainer_presses_from_the_true_advantage_late():
 
 
 def test_tamer_learns_the_corridor_from_the_simulated_trainer(tmp_path):
-    cfg = TamerConfig(output_dir=str(tmp_path / "tamer"), episodes=15, delay_steps=2, feedback_prob=0.7, error_rate=0.1,
-                      env=EnvConfig(id="corridor", n_envs=1))
+    cfg = TamerConfig(
+        output_dir=str(tmp_path / "tamer"),
+        episodes=15,
+        delay_steps=2,
+        feedback_prob=0.7,
+        error_rate=0.1,
+        env=EnvConfig(id="corridor", n_envs=1),
+    )
     run_tamer(cfg)
     rows = read_metrics(tmp_path / "tamer")
     assert len(rows) == 15

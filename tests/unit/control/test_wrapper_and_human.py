@@ -45,7 +45,9 @@ def test_agent_sees_the_normalised_learned_reward_and_never_the_true_one():
 
 def _segment(uid: int) -> Segment:
     frames = np.full((4, 6, 8, 3), uid * 20, dtype=np.uint8)
-    return Segment(obs=np.zeros((4, 1), np.float32), acts=np.zeros(4, np.int64), true_rewards=np.zeros(4), frames=frames, uid=uid)
+    return Segment(
+        obs=np.zeros((4, 1), np.float32), acts=np.zeros(4, np.int64), true_rewards=np.zeros(4), frames=frames, uid=uid
+    )
 
 
 def test_human_labeler_posts_clips_and_reads_answers(tmp_path):
