@@ -43,7 +43,7 @@ TASKS = {
     },
     "pendulum": {
         "config": "pendulum.yaml",
-        "overrides": ["total_timesteps=10000", "rounds=5", "queries.total_labels=200"],
+        "overrides": ["total_timesteps=20000", "rounds=10", "queries.total_labels=400"],
         "random_return": -1230.0,
     },
     "hopper": {
