@@ -183,3 +183,31 @@ def test_mujoco_and_atari_presets_run_end_to_end_for_a_few_steps(tmp_path):
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [0, 1] and rows[-1]["labels/total"] == 4
     assert (out / "final" / "reward_model.pt").is_file()
+
+
+def test_a2c_agent_and_noisy_labeler_with_equal_and_cant_tell_answers(tmp_path):
+    out = tmp_path / "a2c"
+    args = [
+        "agent.algo=a2c",
+        "agent.n_steps=16",
+        "agent.batch_size=null",
+        "agent.n_epochs=null",
+        "env.n_envs=2",
+        "total_timesteps=256",
+        "rounds=2",
+        "queries.total_labels=30",
+        "queries.segment_length=10",
+        "queries.pool_size=40",
+        "queries.method=random",
+        "eval_episodes=1",
+        "labeler.cant_tell_prob=0.3",
+        "labeler.error_rate=0.1",
+    ]
+    assert main(["control", "--config", str(CONFIG), f"output_dir={out}", *args]) == 0
+    last = read_metrics(out)[-1]
+    assert last["labels/total"] == 30
+    assert last["labels/cant_tell"] > 0 and last["labels/equal"] > 0  # CartPole segments without a fall tie
+    assert last["labels/left"] + last["labels/right"] + last["labels/equal"] + last["labels/cant_tell"] == 30
+    from stable_baselines3 import A2C
+
+    assert A2C.load(out / "final" / "agent.zip").num_timesteps == 256
