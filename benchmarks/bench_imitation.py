@@ -110,6 +110,7 @@ def run(seed: int, steps: int, comparisons: int, rounds: int, env_name: str) -> 
     algo.train(total_timesteps=steps, total_comparisons=comparisons)
     return {
         "library": "imitation",
+        "env": env_name,
         "seed": seed,
         "final_true_return": evaluate(agent, seed),
         "comparisons": comparisons,
