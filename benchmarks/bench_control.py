@@ -43,7 +43,7 @@ TASKS = {
     },
     "pendulum": {
         "config": "pendulum.yaml",
-        "overrides": ["total_timesteps=20000", "rounds=10", "queries.total_labels=400"],
+        "overrides": ["total_timesteps=10000", "rounds=5", "queries.total_labels=400"],
         "random_return": -1230.0,
     },
     "hopper": {
@@ -209,8 +209,8 @@ def report(results: list[dict], sweep: list[dict], sweep_task: str) -> str:
             lines.append(f"| {budget} | {cells[0]} | {cells[1]} |")
         lines.append("")
         lines.append(
-            f"First budget reaching 90 %: active {reached['active'] or 'none tried'}, "
-            f"random {reached['random'] or 'none tried'}."
+            f"First budget reaching 90 %: active {reached['active'] or 'not reached'}, "
+            f"random {reached['random'] or 'not reached'}."
         )
     return "\n".join(lines)
 
