@@ -137,10 +137,11 @@ def main() -> int:
     p.add_argument("--sweep-task", default="cartpole")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks that everything runs")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "control"))
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = QUICK if args.quick else []
+    extra = (QUICK if args.quick else []) + list(args.set)
     results = []
     for task in args.tasks.split(","):
         for seed in range(args.seeds):

@@ -319,6 +319,7 @@ def train(cfg: ControlConfig) -> dict[str, float]:
     labeler = _labeler(cfg, run, render_fps(base.envs[0])) if learned else None
 
     start_round = 0
+    random_steps = 0
     ckpt = run.latest_checkpoint() if cfg.resume else None
     if cfg.resume and ckpt is None:
         print(f"kilter control: resume=true but no checkpoint in {run.checkpoints}; starting fresh", file=sys.stderr)
@@ -349,11 +350,14 @@ def train(cfg: ControlConfig) -> dict[str, float]:
                 want = min(cfg.queries.pool_size, 2 * first + 2)
                 n_random = -(-want * cfg.queries.segment_length // cfg.env.n_envs) * cfg.env.n_envs
             _random_rollout(venv, n_random, cfg.seed)
+            random_steps = n_random
 
     summary: dict[str, float] = {}
     for rnd in range(start_round, cfg.rounds):
         t0 = time.time()
         metrics: dict[str, float] = {"round": rnd}
+        if rnd == 0 and learned:
+            metrics["env/random_steps"] = random_steps  # warm-up for the first queries, outside the agent's budget
         if learned:
             due = labels_due((rnd + 1) * cfg.steps_per_round, cfg.total_timesteps, cfg.queries)
             segments = list(collector.pool)
