@@ -121,6 +121,26 @@ COMMANDS: dict[str, Command] = {
         config="kilter.feedback.cli:ExportConfig",
         run="kilter.feedback.cli:run_export",
     ),
+    "control": Command(
+        "RL from preferences on control tasks (gymnasium + stable-baselines3; synthetic or human clip labels), Christiano et al. 2017.",
+        config="kilter.control.train:ControlConfig",
+        run="kilter.control.train:run",
+    ),
+    "tamer": Command(
+        "TAMER (Knox & Stone 2009): learn H(s,a) from +/- presses of a simulated trainer and act greedily on it.",
+        config="kilter.control.tamer:TamerConfig",
+        run="kilter.control.tamer:run",
+    ),
+    "tamer-live": Command(
+        "TAMER with a person: a web page plays the environment live and takes +/- key presses.",
+        config="kilter.feedback.tamer_live:TamerLiveConfig",
+        run="kilter.feedback.tamer_live:run",
+    ),
+    "clips-sync": Command(
+        "Feed a waiting `kilter control labeler.kind=human` run: import its query clips into a clips project, write answers back.",
+        config="kilter.feedback.clips:ClipSyncConfig",
+        run="kilter.feedback.clips:run",
+    ),
     "leaderboard": Command(
         "Rate a project's models from pairwise battles: Bradley-Terry with bootstrap intervals, and Elo.",
         config="kilter.feedback.cli:LeaderboardConfig",

@@ -57,7 +57,7 @@ from kilter.feedback.store import JudgmentRecord
 KINDS = ("comparisons", "rankings", "ratings", "demonstrations", "raw")
 AGGREGATIONS = ("each", "mean", "majority")
 DEFAULT_KIND = {"pairwise": "comparisons", "ranking": "rankings", "rating": "ratings", "edit": "comparisons",
-                "demonstration": "demonstrations"}
+                "demonstration": "demonstrations", "clips": "raw"}
 RECORD_KIND = {"comparisons": "comparison", "rankings": "ranking", "ratings": "rating",
                "demonstrations": "demonstration"}  # the kinds of kilter.data.records
 KINDS_FOR_TASK = {
@@ -66,6 +66,7 @@ KINDS_FOR_TASK = {
     "rating": ("ratings", "raw"),
     "edit": ("comparisons", "demonstrations", "raw"),
     "demonstration": ("demonstrations", "raw"),
+    "clips": ("raw",),  # control-task clips go back to their run through `kilter clips-sync`
 }
 
 

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "reviewer", "annotator")  # a reviewer labels and also accepts or rejects judgments
-TASKS = ("pairwise", "ranking", "rating", "edit", "demonstration")
+TASKS = ("pairwise", "ranking", "rating", "edit", "demonstration", "clips")
 ASSIGNMENT_STATES = ("open", "done", "skipped")
 
 # Fixed constraint names keep migrations portable between SQLite (batch mode) and PostgreSQL.

@@ -604,6 +604,12 @@ class Store:
         with self._read() as s:
             return s.get(Membership, (project_id, user.id)) is not None
 
+    def prompt_external_ids(self, project_id: int) -> list[str]:
+        """The ids given to the project's prompts at import (``kilter clips-sync`` skips queries already there)."""
+        with self._read() as s:
+            return list(s.scalars(select(Prompt.external_id).where(Prompt.project_id == project_id,
+                                                                    Prompt.external_id.is_not(None))))
+
     def import_prompts(self, project: str, rows: list[PromptIn]) -> dict[str, int]:
         """Add prompts, candidates and the items planned from them, in one transaction."""
         proj = self.project(project)

@@ -33,6 +33,7 @@ TASK_TITLES = {
     "rating": "Thumbs up or down",
     "edit": "Improve a response",
     "demonstration": "Write a response",
+    "clips": "Compare two clips",
 }
 
 # (choice, label, keyboard key); the order is the order of the buttons on the page
@@ -49,6 +50,15 @@ PAIRWISE_CHOICES: tuple[tuple[str, str, str], ...] = (
     ("both_bad", "Both bad", "n"),
 )
 CHOICE_CODES = tuple(c for c, _, _ in PAIRWISE_CHOICES)
+
+# "compare two clips" (control tasks, Christiano et al. 2017): the four answers of their interface
+CLIP_CHOICES: tuple[tuple[str, str, str], ...] = (
+    ("A", "Left is better", "l"),
+    ("B", "Right is better", "r"),
+    ("equal", "About the same", "e"),
+    ("cant_tell", "Can't tell", "c"),
+)
+CLIP_CODES = tuple(c for c, _, _ in CLIP_CHOICES)
 
 # Per-response flags, after the InstructGPT labeling instructions (Ouyang et al. 2022, table 3);
 # the list index + 1 is the keyboard key in flag mode.
@@ -151,6 +161,12 @@ def parse_submission(task: str, get: Getter, shown: Shown) -> dict[str, Any]:
             tie=choice == "tie",
             both_bad=choice == "both_bad",
         )
+    elif task == "clips":
+        choice = (get("choice") or [""])[0]
+        if choice not in CLIP_CODES:
+            raise FormError("please choose which clip is better (or about the same, or can't tell)")
+        preferred = {"A": ids[0], "B": ids[1]}.get(choice)
+        out.update(choice=choice, preferred_candidate_id=preferred, tie=choice == "equal")
     elif task == "ranking":
         k = len(ids)
         for pos, entry in enumerate(responses):
@@ -186,6 +202,8 @@ def plan_items(task: str, models: Sequence[str]) -> list[list[int]]:
     rating and edit: one item per candidate. demonstration: one item with no candidate.
     """
     k = len(models)
+    if task == "clips":
+        return [[0, 1]]
     if task == "pairwise":
         pairs = list(combinations(range(k), 2))
         if len(set(models)) > 1:
@@ -200,6 +218,8 @@ def plan_items(task: str, models: Sequence[str]) -> list[list[int]]:
 
 def check_response_count(task: str, k: int) -> str | None:
     """An error message when a prompt has the wrong number of responses for ``task``, else None."""
+    if task == "clips" and k != 2:
+        return "a clips project compares exactly 2 clips per query"
     if task == "pairwise" and k < 2:
         return "a pairwise project needs at least 2 responses per prompt"
     if task == "ranking" and not 2 <= k <= MAX_RANKED:
