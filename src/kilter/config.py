@@ -261,7 +261,9 @@ def describe_fields(cls: type[BaseModel], prefix: str = "", instance: BaseModel 
     The default of a field without one reads ``required``.
     """
     rows = []
-    overrides = getattr(cls, "help_overrides", {}) or {}
+    overrides: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass refines what its bases say
+        overrides.update(vars(klass).get("help_overrides", {}) or {})
     for name, info in cls.model_fields.items():
         ann = info.annotation
         default = getattr(instance, name) if instance is not None else info.get_default(call_default_factory=True)

@@ -27,13 +27,11 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
-from kilter.data.formats import DataFormat
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_pair
-from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError, DataError
 from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import packed
@@ -41,20 +39,25 @@ from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
 from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rewards.base import load_function
-from kilter.training.args import StepArgs
+from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
 from kilter.training.checkpoint import save_checkpoint
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, sample_prompts, sample_report
-from kilter.training.setup import open_run_dir, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import load_training_state, read_trainer_state
 
 # --------------------------------------------------------------------------- config
 
 
-class DPOData(BaseConfig):
+class DPOData(DataArgs):
     """Where the preference pairs come from and how they are cut and batched."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "group_by_length": "Batch pairs of similar length together to cut padding.",
+    }
+    """--help for the shared data fields, in this trainer's terms."""
 
     train: str = "runs/labels/comparisons.jsonl"
     """Comparisons {prompt, chosen, rejected} or rankings {prompt, responses, ranks}: .jsonl/.json/.csv/.parquet or a save_to_disk folder."""
@@ -62,59 +65,36 @@ class DPOData(BaseConfig):
     """Held-out pairs for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""
     kind: Literal["auto", "comparison", "ranking"] = "auto"
     """Record kind of the files (auto: judged from the first row's fields)."""
-    format: DataFormat = "auto"
-    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     ranking_pairs: Literal["all", "best_vs_rest"] = "all"
     """How a ranking becomes pairs: every non-tied pair, or the best response against each worse one."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     """Without data.eval, hold out this fraction of the training prompts (all their pairs) for evaluation."""
-    split: str | None = None
-    """Split of a saved DatasetDict (default train)."""
-    skip_invalid: bool = False
-    """Skip malformed rows (counted and reported) instead of stopping at the first."""
-    max_length: int = Field(256, gt=1)
-    """Maximum tokens of prompt + response (the prompt is cut first, from the left)."""
-    group_by_length: bool = True
-    """Batch pairs of similar length together to cut padding."""
     padding_free: bool = True
     """Pack each micro-batch into rows (no padding; chosen and rejected share one copy of their prompt) with logits only on responses; checked once against the padded forward, off when the model does not support it."""
     max_eval_pairs: int = Field(512, gt=0)
     """Evaluate on at most this many held-out pairs."""
 
 
-class DPOConfig(StepArgs):
+class DPOConfig(PreferenceArgs):
     """Direct preference optimisation (sigmoid DPO, IPO, conservative DPO) on labeled pairs."""
 
     help_overrides: ClassVar[dict[str, str]] = {
         "batch_size": "Pairs per micro-batch on each process (each pair is two rows).",
         "epochs": "Passes over the training pairs (ignored when max_steps is set).",
-        "eval_every": "Evaluate every N optimizer steps (and before and after training).",
-        "log_every": "Log training metrics (averaged since the last log) every N optimizer steps.",
-        "lora": "LoRA adapters (peft); the reference is then the base model with the adapter disabled.",
         "seed": "Seed for data order, the eval split and sampling.",
     }
     """--help for the shared fields, in this trainer's terms."""
 
-    model: str = "runs/sft/final"
-    """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
-    ref_model: str | None = None
-    """Reference model (null: the starting model; with LoRA, the base with the adapter disabled)."""
     output_dir: str = "runs/dpo"
     """Run directory (config.yaml, metrics.jsonl, ref_logps.pt, checkpoints/, final/)."""
     data: DPOData = DPOData()
     """Training and evaluation pairs."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """sigmoid: DPO (Rafailov et al. 2023); ipo: squared loss to the margin 1/(2 beta) (Azar et al. 2023)."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the KL constraint: implicit reward = beta * log(pi / pi_ref)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO: assumed probability that a label is flipped (sigmoid loss only)."""
     average_logps: bool | None = None
     """Per-token mean instead of summed response log-probs; null: mean for ipo (the IPO paper's experiments, as TRL), sum for sigmoid."""
-    reference: Literal["precompute", "online"] = "precompute"
-    """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
-    samples: SampleSection = SampleSection()
-    """Samples before and after training."""
 
     @property
     def averages_logps(self) -> bool:
@@ -250,11 +230,7 @@ def _reference_values(reference: Reference | None, batch, ref_logps: torch.Tenso
 
 
 def run(cfg: DPOConfig) -> int:
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, "dpo")
 
 
 def _log(info: DistInfo, message: str) -> None:

@@ -31,31 +31,36 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
-from kilter.data.formats import DataFormat
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_prompt_completion
-from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError, DataError
 from kilter.losses import kto_loss
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
 from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rewards.base import load_function
-from kilter.training.args import StepArgs
+from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
 from kilter.training.checkpoint import save_checkpoint
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
 from kilter.training.policy import load_policy
-from kilter.training.samples import SampleSection, sample_prompts, sample_report
-from kilter.training.setup import open_run_dir, prepare
+from kilter.training.samples import sample_prompts, sample_report
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import load_training_state, read_trainer_state
 
 
-class KTOData(BaseConfig):
+class KTOData(DataArgs):
     """Where the thumbs-up/down records come from and how they are cut and batched."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "format": "Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp; comparisons are unpaired (chosen = desirable, rejected = undesirable).",
+        "max_length": "Maximum tokens of prompt + completion (the prompt is cut first, from the left).",
+        "group_by_length": "Batch examples of similar length together to cut padding.",
+    }
+    """--help for the shared data fields, in this trainer's terms."""
 
     train: str = "runs/labels/thumbs.jsonl"
     """Rating records {prompt, completion, label: true|false}: .jsonl/.json/.csv/.parquet or a save_to_disk folder."""
@@ -63,51 +68,28 @@ class KTOData(BaseConfig):
     """Held-out ratings for eval metrics (null: hold out eval_fraction of the training prompts, or none)."""
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     """Without data.eval, hold out this fraction of the training prompts (all their ratings) for evaluation."""
-    format: DataFormat = "auto"
-    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp; comparisons are unpaired (chosen = desirable, rejected = undesirable)."""
-    split: str | None = None
-    """Split of a saved DatasetDict (default train)."""
-    skip_invalid: bool = False
-    """Skip malformed rows (counted and reported) instead of stopping at the first."""
-    max_length: int = Field(256, gt=1)
-    """Maximum tokens of prompt + completion (the prompt is cut first, from the left)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together to cut padding."""
     max_eval_examples: int = Field(512, gt=0)
     """Evaluate on at most this many held-out ratings."""
 
 
-class KTOConfig(StepArgs):
+class KTOConfig(PreferenceArgs):
     """Kahneman-Tversky optimisation on unpaired thumbs-up / thumbs-down feedback."""
 
     help_overrides: ClassVar[dict[str, str]] = {
-        "eval_every": "Evaluate every N optimizer steps (and before and after training).",
-        "log_every": "Log training metrics (averaged since the last log) every N optimizer steps.",
-        "lora": "LoRA adapters (peft); the reference is then the base model with the adapter disabled.",
         "seed": "Seed for data order, mismatched partners, the eval split and sampling.",
     }
     """--help for the shared fields, in this trainer's terms."""
 
-    model: str = "runs/sft/final"
-    """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
-    ref_model: str | None = None
-    """Reference model (null: the starting model; with LoRA, the base with the adapter disabled)."""
     output_dir: str = "runs/kto"
     """Run directory (config.yaml, metrics.jsonl, ref_logps.pt, checkpoints/, final/)."""
     data: KTOData = KTOData()
     """Training and evaluation ratings."""
-    beta: float = Field(0.1, gt=0)
-    """Strength of the KL constraint: implicit reward = beta * log(pi / pi_ref)."""
     desirable_weight: float | None = Field(None, gt=0)
     """lambda_D, weight of thumbs-up losses (null with undesirable_weight null: balance the classes by their counts)."""
     undesirable_weight: float | None = Field(None, gt=0)
     """lambda_U, weight of thumbs-down losses (null with desirable_weight null: balance the classes by their counts)."""
     reference_point: Literal["batch_kl", "zero"] = "batch_kl"
     """z0: batch KL estimate on mismatched prompt/completion pairs (the paper), or 0."""
-    reference: Literal["precompute", "online"] = "precompute"
-    """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
-    samples: SampleSection = SampleSection()
-    """Samples before and after training."""
 
 
 # --------------------------------------------------------------------------- data
@@ -278,11 +260,7 @@ def evaluate(model, reference: Reference | None, examples: list[dict], ref_logps
 
 
 def run(cfg: KTOConfig) -> int:
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, "kto")
 
 
 def _log(info: DistInfo, message: str) -> None:

@@ -27,8 +27,8 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from kilter.config import BaseConfig
-from kilter.distributed import DistInfo, cleanup, init_distributed
-from kilter.errors import ConfigError, KilterError
+from kilter.distributed import DistInfo
+from kilter.errors import ConfigError
 from kilter.losses.ppo import Aggregation
 from kilter.models.lora import LoraSection, count_parameters
 from kilter.models.saving import load_trainable_weights, save_model
@@ -53,7 +53,7 @@ from kilter.trainers.ppo_update import (
 )
 from kilter.training.args import RunArgs
 from kilter.training.optim import OptimConfig, make_optimizer, make_scheduler
-from kilter.training.setup import open_run_dir, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import (
     load_training_state,
     read_trainer_state,
@@ -293,13 +293,7 @@ def check_config(cfg: PPOConfig) -> None:
 
 def run(cfg: PPOConfig) -> int:
     check_config(cfg)
-    info = init_distributed(cfg.device)
-    try:
-        if info.enabled:
-            raise KilterError("kilter ppo runs in one process; launch it without torchrun")
-        return _train(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, "ppo", single_process=True)
 
 
 def _train(cfg: PPOConfig, info: DistInfo) -> int:

@@ -36,9 +36,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
-from kilter.data.formats import DataFormat
 from kilter.data.preferences import (
     encode_groups,
     load_preference_groups,
@@ -46,7 +44,7 @@ from kilter.data.preferences import (
     reference_pairs_from_file,
     split_by_prompt,
 )
-from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError
 from kilter.evaluation.calibration import calibration_report, calibration_sums
 from kilter.losses import pair_weights, pairwise_accuracy, weighted_pair_loss
@@ -67,19 +65,25 @@ from kilter.models.reward import (
 from kilter.models.saving import load_trainable_weights
 from kilter.models.shared_prefix import pack_groups
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
-from kilter.training.args import StepArgs
+from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
 from kilter.training.checkpoint import save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
-from kilter.training.setup import prepare
+from kilter.training.setup import launch, prepare
 from kilter.training.state import load_training_state, read_trainer_state, set_seed
 
 Kind = Literal["auto", "comparison", "ranking", "rating"]
 
 
-class RMData(BaseConfig):
+class RMData(DataArgs):
     """Where the preference data comes from and how it is grouped and batched."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "max_length": "Maximum tokens of prompt + response (the prompt is cut from the left first).",
+        "group_by_length": "Batch groups of similar length together to cut padding.",
+    }
+    """--help for the shared data fields, in this trainer's terms."""
 
     train: str | None = None
     """Training data (required): comparisons, rankings or thumbs ratings (.jsonl/.json/.csv/.parquet or a saved dataset)."""
@@ -87,22 +91,12 @@ class RMData(BaseConfig):
     """Held-out preference data (null: hold out eval_fraction of the training prompts)."""
     kind: Kind = "auto"
     """Record kind of the files: comparison, ranking, rating (thumbs, paired within a prompt) or auto (from the first row)."""
-    format: DataFormat = "auto"
-    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of training prompts held out for evaluation when data.eval is null (0: no evaluation)."""
-    split: str | None = None
-    """Split of a saved DatasetDict (default train)."""
-    skip_invalid: bool = False
-    """Skip malformed rows (counted and reported) instead of stopping at the first."""
-    max_length: int = Field(256, gt=1)
-    """Maximum tokens of prompt + response (the prompt is cut from the left first)."""
     group_by_prompt: bool = True
     """Put comparisons that share a prompt into one group, so each response is forwarded once."""
     max_group_size: int = Field(16, ge=2)
     """Most distinct responses in one group; a prompt with more starts another group."""
-    group_by_length: bool = True
-    """Batch groups of similar length together to cut padding."""
     padding_free: bool = True
     """Train on packed rows (no padding; a group's responses share one copy of their prompt) with the score head only at each response's last token; checked once against the padded forward, off when the model does not support it."""
     max_eval_groups: int = Field(512, gt=0)
@@ -341,11 +335,7 @@ def _start_points(cfg: RMConfig) -> list[str]:
 
 
 def run(cfg: RMConfig) -> int:
-    info = init_distributed(cfg.device)
-    try:
-        return _train_all(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train_all, cfg, "rm")
 
 
 def _train_all(cfg: RMConfig, info: DistInfo) -> int:

@@ -12,18 +12,16 @@ import math
 import random
 import sys
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig
 from kilter.data.collate import pack_examples, pad_batch, shard_indices
-from kilter.data.formats import DataFormat
 from kilter.data.sources import load_train_eval
 from kilter.data.tokenize import IGNORE_INDEX, encode_sft_records
-from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError, KilterError
 from kilter.losses import causal_lm_loss, sft_loss
 from kilter.models import load_causal_lm, load_tokenizer
@@ -32,17 +30,25 @@ from kilter.models.packed import fast_causal_lm, pack_micro_batch
 from kilter.models.precision import autocast
 from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rollout.generate import SamplingParams, generate_texts
-from kilter.training.args import StepArgs
+from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
 from kilter.training.checkpoint import save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
-from kilter.training.setup import open_run_dir, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import load_training_state, read_trainer_state
 
 
-class SFTData(BaseConfig):
+class SFTData(DataArgs):
     """Where the demonstrations come from and how they are batched."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "format": "Layout of the files: auto (judged from the first row), kilter, ultrafeedback, alpaca, sharegpt (docs/data.md).",
+        "split": "Split of a saved DatasetDict given as data.train (default train); data.eval=DIR:split picks its own.",
+        "max_length": "Maximum tokens per example (prompt cut from the left first, then the completion).",
+        "group_by_length": "Batch examples of similar length together to cut padding.",
+    }
+    """--help for the shared data fields, in this trainer's terms."""
 
     train: str = "builtin:sft"
     """Training data: a .jsonl/.json/.csv/.parquet file, a save_to_disk folder, or builtin:sft."""
@@ -52,20 +58,10 @@ class SFTData(BaseConfig):
     """With data.eval=auto and your own data.train, hold out this fraction of it for evaluation (0: none)."""
     kind: Literal["demonstration", "text"] = "demonstration"
     """Record kind: demonstration ({prompt, completion} or {messages}) or text ({text}, all tokens learned)."""
-    format: DataFormat = "auto"
-    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, alpaca, sharegpt (docs/data.md)."""
     train_on: Literal["all_assistant", "last"] = "all_assistant"
     """Multi-turn conversations: learn every assistant turn (all_assistant) or only the last one (last)."""
-    split: str | None = None
-    """Split of a saved DatasetDict given as data.train (default train); data.eval=DIR:split picks its own."""
-    skip_invalid: bool = False
-    """Skip malformed rows (counted and reported) instead of stopping at the first."""
-    max_length: int = Field(256, gt=1)
-    """Maximum tokens per example (prompt cut from the left first, then the completion)."""
     packing: bool = False
     """Pack several examples into each row of max_length tokens (no padding; see docs for attention)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together to cut padding."""
     padding_free: bool = True
     """Pack each micro-batch's examples into rows with per-example attention, so no compute goes to padding (checked against the padded forward; off when the model does not support it or with packing)."""
     max_eval_examples: int = Field(256, gt=0)
@@ -193,11 +189,7 @@ def builtin_gold(spec: str):
 
 
 def run(cfg: SFTConfig) -> int:
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, "sft")
 
 
 def _train(cfg: SFTConfig, info: DistInfo) -> int:

@@ -7,14 +7,16 @@ just that field.  ``--help`` lists them like any other field.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from kilter.config import BaseConfig
+from kilter.data.formats import DataFormat
 from kilter.models.lora import LoraSection
 from kilter.runs import Tracker
 from kilter.training.optim import OptimConfig
+from kilter.training.samples import SampleSection
 
 
 class RunArgs(BaseConfig):
@@ -65,3 +67,40 @@ class StepArgs(RunArgs):
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, gt=0)
     """Stop after this many optimizer steps."""
+
+
+class PreferenceArgs(StepArgs):
+    """StepArgs plus the policy, its frozen reference and the samples of DPO-style trainers (DPO, KTO)."""
+
+    help_overrides: ClassVar[dict[str, str]] = {
+        "eval_every": "Evaluate every N optimizer steps (and before and after training).",
+        "log_every": "Log training metrics (averaged since the last log) every N optimizer steps.",
+        "lora": "LoRA adapters (peft); the reference is then the base model with the adapter disabled.",
+    }
+    """--help for the shared fields, in these trainers' terms."""
+
+    model: str = "runs/sft/final"
+    """Policy to start from (usually the SFT model): a folder, a preset (smollm2-135m), builtin:tiny, or a hub id when online."""
+    ref_model: str | None = None
+    """Reference model (null: the starting model; with LoRA, the base with the adapter disabled)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the KL constraint: implicit reward = beta * log(pi / pi_ref)."""
+    reference: Literal["precompute", "online"] = "precompute"
+    """precompute: reference log-probs in one pass before training, cached in the run directory; online: every step."""
+    samples: SampleSection = SampleSection()
+    """Samples before and after training."""
+
+
+class DataArgs(BaseConfig):
+    """The fields every trainer's data section shares: layout, split, bad rows, length, batching by length."""
+
+    format: DataFormat = "auto"
+    """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
+    split: str | None = None
+    """Split of a saved DatasetDict (default train)."""
+    skip_invalid: bool = False
+    """Skip malformed rows (counted and reported) instead of stopping at the first."""
+    max_length: int = Field(256, gt=1)
+    """Maximum tokens of prompt + response (the prompt is cut first, from the left)."""
+    group_by_length: bool = True
+    """Batch items of similar length together to cut padding."""

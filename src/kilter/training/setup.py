@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from kilter import fastpaths
-from kilter.distributed import DistInfo
-from kilter.errors import ConfigError
+from kilter.distributed import DistInfo, cleanup, init_distributed
+from kilter.errors import ConfigError, KilterError
 from kilter.models.precision import check_precision
 from kilter.runs import RunDir
 from kilter.training.state import set_seed
@@ -36,3 +36,17 @@ def prepare(cfg, info: DistInfo, dirs: list[Path] | None = None) -> Path | None:
 def open_run_dir(cfg, info: DistInfo) -> RunDir:
     """The run directory (written by the main process only)."""
     return RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
+
+
+def launch(train, cfg, name: str, single_process: bool = False) -> int:
+    """Run ``train(cfg, info)`` inside the process group ``torchrun`` set up (or a single process).
+
+    ``single_process`` commands refuse to start under torchrun with one clear line.
+    """
+    info = init_distributed(cfg.device)
+    try:
+        if single_process and info.enabled:
+            raise KilterError(f"kilter {name} runs in one process; launch it without torchrun")
+        return train(cfg, info)
+    finally:
+        cleanup(info)

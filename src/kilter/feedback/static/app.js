@@ -252,6 +252,8 @@
     }
     if (ev.ctrlKey || ownsKey(target, key)) return;
     var handled = true;
+    // a task's own answer keys (data-key, e.g. the clip task's l/r/e/c) come before the page-wide letters
+    var keyed = form && key.length === 1 ? form.querySelector('input[data-key="' + CSS.escape(key) + '"]') : null;
     if (flagMode && /^[1-9]$/.test(key)) {
       var box = cards[current].querySelector('input[data-flag="' + key + '"]');
       if (box) { box.checked = !box.checked; updateFlagCounts(); }
@@ -268,6 +270,9 @@
       setCurrent(current - 1);
     } else if (key === "Enter") {
       if (task === "edit" || task === "demonstration") { handled = false; } else submitForm();
+    } else if (keyed) {
+      pick(keyed);
+      say(keyed.closest("label").textContent.replace(/\s+/g, " ").trim() + " - press Enter to submit.");
     } else if (key === "h") {
       var history = document.querySelector("[data-history]");
       if (history) history.click();
