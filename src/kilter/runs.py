@@ -168,7 +168,8 @@ class RunDir:
                  report_to: list[str] | tuple[str, ...] = ()):
         self.path = Path(path)
         self.writer = writer
-        self._fast_paths: dict[str, float] = {}
+        # decisions made before this run opened (an earlier run in the same process) are not this run's
+        self._fast_paths: dict[str, float] = fastpaths.record()
         self._trackers: list = []
         self._started = False
         unknown = [t for t in report_to if t not in TRACKERS]
