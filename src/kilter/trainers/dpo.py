@@ -123,13 +123,16 @@ def ranking_to_pairs(record: dict, mode: str = "all") -> list[dict]:
     return [{"prompt": record["prompt"], "chosen": responses[i], "rejected": responses[j]} for i, j in index_pairs]
 
 
-def load_pairs(spec: str, data: DPOData) -> tuple[list[dict], int]:
-    """Comparison records from a comparison or ranking source; returns (pairs, rows skipped)."""
+def load_pairs(spec: str, data: DPOData, split: str | None = None) -> tuple[list[dict], int]:
+    """Comparison records from a comparison or ranking source; returns (pairs, rows skipped).
+
+    ``split`` is data.split for data.train only; data.eval names its own (``DIR:split``).
+    """
     from kilter.data.preferences import detect_kind
 
-    kind = (detect_kind(spec, data.split, allowed=("comparison", "ranking"), format=data.format)
+    kind = (detect_kind(spec, split, allowed=("comparison", "ranking"), format=data.format)
             if data.kind == "auto" else data.kind)
-    records = load_records(spec, kind, skip_invalid=data.skip_invalid, split=data.split, format=data.format)
+    records = load_records(spec, kind, skip_invalid=data.skip_invalid, split=split, format=data.format)
     if kind == "comparison":
         return list(records.rows), records.n_skipped
     pairs = [p for r in records.rows for p in ranking_to_pairs(r, data.ranking_pairs)]
@@ -245,7 +248,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     device = info.device
 
     # Data first: a bad file should fail before a large model is loaded.
-    train_rows, skipped = load_pairs(cfg.data.train, cfg.data)
+    train_rows, skipped = load_pairs(cfg.data.train, cfg.data, cfg.data.split)
     if skipped:
         _log(info, f"skipped {skipped} invalid rows in {cfg.data.train}")
     if cfg.data.eval:

@@ -268,8 +268,9 @@ def _log(info: DistInfo, message: str) -> None:
         print(f"kilter kto: {message}", file=sys.stderr if message.startswith(("skipped", "warning")) else sys.stdout)
 
 
-def _load(spec: str, data: KTOData) -> list[dict]:
-    records = load_records(spec, "rating", skip_invalid=data.skip_invalid, split=data.split, format=data.format)
+def _load(spec: str, data: KTOData, split: str | None = None) -> list[dict]:
+    """Rating records; ``split`` is data.split for data.train only (data.eval names its own, ``DIR:split``)."""
+    records = load_records(spec, "rating", skip_invalid=data.skip_invalid, split=split, format=data.format)
     if records.n_skipped:
         print(f"kilter kto: skipped {records.n_skipped} invalid rows in {spec} (first: {records.first_error})",
               file=sys.stderr)
@@ -280,7 +281,7 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
     existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
 
-    train_rows = _load(cfg.data.train, cfg.data)
+    train_rows = _load(cfg.data.train, cfg.data, cfg.data.split)
     if cfg.data.eval:
         eval_rows = _load(cfg.data.eval, cfg.data)
     else:

@@ -266,9 +266,10 @@ def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, devi
 def _read_data(cfg: RMConfig, info: DistInfo):
     """(train groups, eval groups, bias reference pairs): read before any model or tokenizer is loaded."""
     d = cfg.data
-    kwargs = dict(skip_invalid=d.skip_invalid, split=d.split, group_by_prompt=d.group_by_prompt,
-                  max_group_size=d.max_group_size, format=d.format)
-    train = load_preference_groups(d.train, d.kind, **kwargs)
+    kwargs = dict(skip_invalid=d.skip_invalid, group_by_prompt=d.group_by_prompt, max_group_size=d.max_group_size,
+                  format=d.format)
+    # data.split is data.train's; data.eval names its own split (DIR:split)
+    train = load_preference_groups(d.train, d.kind, split=d.split, **kwargs)
     if info.is_main:
         _report_data("train", train)
     train_groups, eval_groups = train.groups, []

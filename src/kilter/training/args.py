@@ -97,7 +97,7 @@ class DataArgs(BaseConfig):
     format: DataFormat = "auto"
     """Layout of the files: auto (judged from the first row), kilter, ultrafeedback, hh, shp (docs/data.md)."""
     split: str | None = None
-    """Split of a saved DatasetDict (default train)."""
+    """Split of a saved DatasetDict given as data.train (default train); data.eval=DIR:split picks its own."""
     skip_invalid: bool = False
     """Skip malformed rows (counted and reported) instead of stopping at the first."""
     max_length: int = Field(256, gt=1)
