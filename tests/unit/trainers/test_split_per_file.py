@@ -9,8 +9,11 @@ from datasets import Dataset, DatasetDict
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dd") / "prefs"
-    rows = lambda tag: [{"prompt": f"{tag} prompt {i}", "chosen": f"{tag} good {i}", "rejected": f"{tag} bad {i}",
-                         "label": True, "completion": f"{tag} answer {i}"} for i in range(3)]  # noqa: E731
+
+    def rows(tag):
+        return [{"prompt": f"{tag} prompt {i}", "chosen": f"{tag} good {i}", "rejected": f"{tag} bad {i}",
+                 "label": True, "completion": f"{tag} answer {i}"} for i in range(3)]
+
     DatasetDict({"dev": Dataset.from_list(rows("dev")), "test": Dataset.from_list(rows("test"))}).save_to_disk(folder)
     return folder
 
