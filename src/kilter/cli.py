@@ -8,6 +8,7 @@ its own arguments (used for command groups such as ``kilter project create``).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import os
@@ -178,6 +179,11 @@ def _top_help() -> str:
     )
 
 
+_FS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+              errno.EEXIST}
+"""File-system errors a user can fix (free space, permissions, a path that is a file): one line, exit 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
@@ -223,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KILTER_DEBUG"):
             raise
         print(f"kilter {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # disk full, a read-only or file-valued output_dir, permissions: the OS's own words, in one line
+        if os.environ.get("KILTER_DEBUG") or exc.errno not in _FS_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"kilter {name}: error: {exc.strerror or exc}{where}; what was saved before is intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kilter {name}: interrupted", file=sys.stderr)

@@ -34,6 +34,7 @@ class BaseConfig(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,  # optim.lr=.inf would train every weight to inf
         use_attribute_docstrings=True,
         validate_assignment=True,
         protected_namespaces=(),

@@ -21,11 +21,13 @@ one that is not installed is a one-line error before training starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -232,7 +234,7 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         if not self.writer or not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+        kept = [json.dumps(row) for row in _metric_rows(path) if row.get("step", 0) <= after_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
@@ -245,7 +247,12 @@ class RunDir:
         if not self.writer:
             return None
         target = self.checkpoints / f"step-{step}"
-        save_folder_atomically(target, write)
+
+        def write_and_seal(tmp: Path) -> None:
+            write(tmp)
+            write_manifest(tmp)  # last: a checkpoint with a manifest that matches is complete
+
+        save_folder_atomically(target, write_and_seal)
         if keep:
             for old in self.list_checkpoints()[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -261,13 +268,83 @@ class RunDir:
         return [p for _, p in sorted(found)]
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = self.list_checkpoints()
-        return ckpts[-1] if ckpts else None
+        """The newest checkpoint whose files match its manifest; a damaged newer one is skipped with a WARNING."""
+        for ckpt in reversed(self.list_checkpoints()):
+            problem = verify_manifest(ckpt)
+            if problem is None:
+                return ckpt
+            print(f"kilter: WARNING: checkpoint {ckpt} is damaged ({problem}); using an older one", file=sys.stderr)
+        return None
 
     def save_final(self, write: Callable[[Path], None]) -> Path | None:
         if not self.writer:
             return None
         return save_folder_atomically(self.final, write)
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and sha256 in ``folder/manifest.json`` (written last, then fsynced)."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    path = folder / MANIFEST
+    path.write_text(json.dumps({"files": entries}, indent=1) + "\n")
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """None when ``folder`` matches its manifest, else what is wrong (a checkpoint without one is trusted as before)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return "trainer_state.json is unreadable"
+        return None
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return "its manifest is unreadable"
+    for name, want in entries.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["size"]:
+            return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself, so a power loss cannot leave empty files behind."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
@@ -309,6 +386,7 @@ def save_folder_atomically(target: Path, write: Callable[[Path], None], keep_exi
     os.chmod(tmp, 0o755)
     try:
         write(tmp)
+        _fsync_tree(tmp)
         if target.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)
         elif target.exists():
@@ -319,14 +397,44 @@ def save_folder_atomically(target: Path, write: Callable[[Path], None], keep_exi
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
+def _metric_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a last line cut short by a kill is dropped, a broken earlier one is an error."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the write that a kill interrupted
+            raise ConfigError(f"{path}:{number}: not a JSON object; the metrics file is damaged") from None
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _metric_rows(path)
+
+
+def clean_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the ``.step-N-tmp*``, ``.final-tmp*`` and ``*-old`` folders a kill left behind; returns them."""
+    root = Path(run_dir)
+    stale = [*root.glob(".final-tmp*"), *root.glob(".final-old"), *(root / "checkpoints").glob(".step-*-tmp*"),
+             *(root / "checkpoints").glob(".step-*-old")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale

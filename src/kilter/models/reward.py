@@ -42,6 +42,7 @@ __all__ = [
     "RewardModel",
     "RewardEnsemble",
     "build_value_model",
+    "check_reward_folder",
     "get_reward_bias",
     "is_ensemble_dir",
     "load_reward",
@@ -180,6 +181,36 @@ def save_reward_model(model, tokenizer, path: str | Path) -> None:
     save_model(model, tokenizer, Path(path), merge_lora=True)
 
 
+def check_reward_folder(folder: str | Path, spec: str | Path | None = None) -> None:
+    """Refuse, in one line, a folder that is not a saved reward model.
+
+    A plain language-model folder (an SFT run's final/) would otherwise load with a randomly
+    initialised score head -- transformers only warns -- and every reward would be noise.  A
+    reward model is a ``*ForSequenceClassification`` with one output whose weights hold the
+    score head.
+    """
+    folder = Path(folder)
+    name = spec if spec is not None else folder
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KilterError(f"{name}: not a reward model folder (config.json unreadable: {exc})") from None
+    archs = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 0) or 0)
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs) or labels not in (0, 1):
+        raise KilterError(f"{name} holds a {', '.join(map(str, archs)) or 'model'} with no reward head, not a reward "
+                          "model: train one with `kilter rm model=...` and pass its run directory or final/")
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        keys = [k for f in files for k in safe_open(str(f), framework="pt").keys()]
+    except (SafetensorError, OSError) as exc:
+        raise KilterError(f"{name}: the reward model's weights are unreadable ({exc})") from None
+    if files and not any(k.endswith("score.weight") for k in keys):
+        raise KilterError(f"{name} has no score-head weights (score.weight): it is not a trained reward model")
+
+
 def load_reward_model(path: str | Path, *, device: str | None = None, dtype: str = "fp32",
                       max_length: int | None = None) -> RewardModel:
     """A :class:`RewardModel` from a folder (or a run directory whose final/ holds one)."""
@@ -188,6 +219,7 @@ def load_reward_model(path: str | Path, *, device: str | None = None, dtype: str
     folder = resolve_reward_dir(path)
     if is_ensemble_dir(folder):
         raise KilterError(f"{path} is a reward ensemble; use load_reward() for ensembles")
+    check_reward_folder(folder, path)
     tokenizer = load_tokenizer(str(folder))
     model = load_reward_backbone(str(folder), tokenizer, dtype=dtype, device=device)
     model.eval()
@@ -364,6 +396,7 @@ def build_value_model(path_or_model, tokenizer=None, *, dtype: str = "fp32", dev
         if is_ensemble_dir(folder):
             manifest = json.loads((folder / ENSEMBLE_FILE).read_text())
             folder = folder / manifest["members"][0]
+        check_reward_folder(folder, path_or_model)
         if tokenizer is None:
             from kilter.models.loading import load_tokenizer
 

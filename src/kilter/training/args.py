@@ -46,6 +46,10 @@ class RunArgs(BaseConfig):
     """Keep only the newest N checkpoints (null: keep all)."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir."""
+    resume_with_changes: bool = False
+    """Let resume=true continue although keys that change what the run computes (model, data, seed, batch, optimizer) differ from config.yaml; each change is recorded in config_changes.jsonl."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds a finished run (final/, metrics.jsonl); without it such a folder is refused."""
     threads: int | None = Field(None, gt=0)
     """torch CPU threads (null: torch's default)."""
     tensorboard: bool = True

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from kilter.config import BaseConfig
+from kilter.errors import KilterError
 
 
 class OptimConfig(BaseConfig):
@@ -68,9 +69,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
 
 
 def clip_and_norm(params, max_norm: float | None) -> float:
+    """Clip the global gradient norm to ``max_norm`` (None: only measure it); returns the norm before clipping.
+
+    A non-finite norm (an inf/nan loss or gradient) stops the run with one line before the
+    optimizer step would spread it into every weight; the last checkpoint stays as it was.
+    """
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
     if max_norm is None:
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not math.isfinite(norm):
+        raise KilterError(f"the gradient norm is {norm}: the loss or a gradient is not finite (try a lower optim.lr "
+                          "or precision=fp32); stopped before the update, the last checkpoint is intact")
+    return norm
