@@ -35,7 +35,6 @@ import math
 import pickle
 import sys
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -43,11 +42,13 @@ from pydantic import Field
 
 from kilter.config import BaseConfig
 from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.context import context_tokens, load_context, with_context
 from kilter.data.formats import DataFormat
 from kilter.data.sources import load_records
-from kilter.data.tokenize import IGNORE_INDEX, encode_prompt, render_prompt
+from kilter.data.tokenize import IGNORE_INDEX, encode_prompt
 from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from kilter.errors import ConfigError, DataError
+from kilter.errors import ConfigError
+from kilter.evaluation.evaluate import mean_and_stderr
 from kilter.losses.distill import KLDirection, teacher_topk, token_kls
 from kilter.models.lora import count_parameters
 from kilter.models.packed import fast_causal_lm
@@ -135,60 +136,8 @@ class DistillConfig(StepArgs):
 
 # --------------------------------------------------------------------------- context and examples
 
-Prompt = str | list[dict[str, str]]
-
-
-def load_context(cfg: DistillConfig) -> str | list[dict[str, str]]:
-    """The context as text or as a list of messages; exactly one of context / context_file."""
-    if (cfg.context is None) == (cfg.context_file is None):
-        raise ConfigError("give exactly one of context (a string) and context_file (a path)")
-    if cfg.context is not None:
-        return cfg.context
-    path = Path(cfg.context_file)
-    if not path.is_file():
-        raise ConfigError(f"context_file {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".json":
-        return text
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                              and isinstance(m.get("content"), str) for m in value):
-        raise DataError(f"{path}: expected a string or a list of {{role, content}} messages")
-    return value
-
-
-def with_context(context: str | list[dict[str, str]], prompt: Prompt) -> Prompt:
-    """The teacher's prompt: ``context`` in front of ``prompt`` (an empty context changes nothing).
-
-    Text + text: concatenated verbatim.  Text + conversation: a system message (merged in front of
-    the conversation's own system message).  Messages + conversation: prepended.
-    """
-    if not context:
-        return prompt
-    if isinstance(prompt, str):
-        if not isinstance(context, str):
-            raise DataError("a conversational context (a list of messages) needs conversational prompts (messages)")
-        return context + prompt
-    if isinstance(context, list):
-        return list(context) + list(prompt)
-    if prompt and prompt[0].get("role") == "system":
-        return [{"role": "system", "content": context + "\n\n" + prompt[0]["content"]}] + list(prompt[1:])
-    return [{"role": "system", "content": context}] + list(prompt)
-
-
 def _example(prompt_ids: list[int], continuation: list[int]) -> dict:
     return {"input_ids": prompt_ids + continuation, "labels": [IGNORE_INDEX] * len(prompt_ids) + continuation}
-
-
-def context_tokens(tokenizer, context) -> int:
-    """Tokens the context adds at most, so that the teacher's prompt limit never cuts it."""
-    text = context if isinstance(context, str) else render_prompt(tokenizer, context)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 8
 
 
 def _digest(*parts) -> str:
@@ -240,12 +189,12 @@ def evaluate(model, teacher: Reference, tokenizer, prompts: list, teacher_prompt
         tokens += sum(len(r) for r in response)
     if was_training:
         model.train()
-    metrics["eval/kl/student_teacher"] = sum(diffs) / len(diffs)
+    metrics["eval/kl/student_teacher"], metrics["eval/kl/student_teacher_stderr"] = mean_and_stderr(diffs)
     metrics["eval/kl/student_teacher_per_token"] = sum(diffs) / max(tokens, 1)
     metrics["eval/length/student"] = tokens / len(diffs)
     if gold is not None:
         scores = call_function(gold, repeated, gen.texts)
-        metrics["eval/gold/student"] = sum(scores) / len(scores)
+        metrics["eval/gold/student"], metrics["eval/gold/student_stderr"] = mean_and_stderr(scores)
     if with_teacher:
         with teacher.frozen() as t_model, torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -253,7 +202,7 @@ def evaluate(model, teacher: Reference, tokenizer, prompts: list, teacher_prompt
         metrics["eval/length/teacher"] = sum(map(len, t_gen.response_ids)) / len(t_gen.response_ids)
         if gold is not None:
             scores = call_function(gold, repeated, t_gen.texts)
-            metrics["eval/gold/teacher"] = sum(scores) / len(scores)
+            metrics["eval/gold/teacher"], metrics["eval/gold/teacher_stderr"] = mean_and_stderr(scores)
     return metrics
 
 
@@ -308,7 +257,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     d = cfg.data
 
     # Context and data first: a bad file should fail before a large model is loaded.
-    context = load_context(cfg)
+    context = load_context(cfg.context, cfg.context_file)
     kind = "prompt" if d.continuations == "sample" else "demonstration"
     records = load_records(d.train, kind, skip_invalid=d.skip_invalid, split=d.split, task_seed=d.task_seed,
                            format=d.format)
@@ -325,7 +274,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     run_dir = open_run_dir(cfg, info)
     tokenizer, model, teacher = load_policy(cfg, info)  # the teacher is cfg.ref_model (teacher_model)
     pad_id = tokenizer.pad_token_id
-    limit = d.max_prompt_length + (context_tokens(tokenizer, context) if context else 0)
+    limit = d.max_prompt_length + context_tokens(tokenizer, context)
     student_ids = [encode_prompt(tokenizer, r["prompt"], d.max_prompt_length) for r in rows]
     teacher_ids = [encode_prompt(tokenizer, p, limit) for p in teacher_prompts]
 
@@ -336,7 +285,8 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
                    f"{run_dir.path / 'teacher_samples.pt'}")
     else:
         eos = tokenizer.eos_token_id
-        full = [tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [eos] for r in rows]
+        texts = [r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"] for r in rows]
+        full = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
         continuations, owner = [c[: d.max_new_tokens] for c in full], list(range(len(rows)))
     keep = [j for j, c in enumerate(continuations) if c]  # an empty continuation has no token to compare
     students = [_example(student_ids[owner[j]], continuations[j]) for j in keep]
@@ -349,6 +299,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
         _log(info, f"teacher distributions of {int(table['offsets'][-1])} tokens (top_k {cfg.top_k}, mean kept "
                    f"mass {float(table['mass'].mean()):.4f}) {'loaded from' if hit else 'written to'} "
                    f"{run_dir.path / 'teacher_topk.pt'}")
+    shared = teacher.shares_policy
     if table is not None and not eval_prompts:
         teacher.release()  # a separate frozen copy is no longer needed
 
@@ -372,7 +323,6 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     run_dir.write_config(cfg)
 
     trainable, total_params = count_parameters(model)
-    shared = teacher.shares_policy
     _log(info, f"{len(students)} continuations of {len(rows)} prompts ({d.continuations}), {total_steps} steps, "
                f"global batch {global_batch}, {cfg.kl} KL, top_k {cfg.top_k}, teacher {cfg.teacher}"
                f"{' (the adapter-disabled student)' if shared else ''}, {trainable / 1e6:.2f}M of "
@@ -465,4 +415,4 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     return 0
 
 
-__all__ = ["DistillConfig", "DistillData", "run", "evaluate", "load_context", "with_context"]
+__all__ = ["DistillConfig", "DistillData", "run", "evaluate"]

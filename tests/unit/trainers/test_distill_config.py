@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from kilter.config import load_config
+from kilter.data.context import load_context as _load_context
+from kilter.data.context import with_context
 from kilter.errors import ConfigError, DataError
-from kilter.trainers.distill import DistillConfig, load_context, with_context
+from kilter.trainers.distill import DistillConfig
+
+
+def load_context(cfg: DistillConfig):
+    return _load_context(cfg.context, cfg.context_file)
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "distill"
 
