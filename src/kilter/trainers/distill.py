@@ -134,7 +134,8 @@ class DistillConfig(StepArgs):
         return self.teacher_model
 
 
-# --------------------------------------------------------------------------- context and examples
+# --------------------------------------------------------------------------- examples
+
 
 def _example(prompt_ids: list[int], continuation: list[int]) -> dict:
     return {"input_ids": prompt_ids + continuation, "labels": [IGNORE_INDEX] * len(prompt_ids) + continuation}
