@@ -78,3 +78,15 @@ def test_bad_values_are_config_errors():
         load_config(DistillConfig, None, ["context=x", "kl=sideways"])
     with pytest.raises(ConfigError, match="top_k"):
         load_config(DistillConfig, None, ["context=x", "top_k=0"])
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from kilter.cli import main
+
+    base = ["distill", f"output_dir={tmp_path / 'run'}", "tensorboard=false", "threads=1"]
+    for extra, message in (([], "exactly one of context"),
+                           ([f"context_file={tmp_path / 'nope.txt'}"], "no such file"),
+                           (["context=x", "data.continuations=maybe"], "data.continuations")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
