@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -67,3 +68,37 @@ def test_resume_equals_the_uninterrupted_run(sft_model_dir, tmp_path, capsys):
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
     assert [r["loss/distill"] for r in read_metrics(out) if "loss/distill" in r] == straight_losses
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_twice_the_batch(tmp_path):
+    """torchrun (gloo, 2 x batch 8) follows 1 x batch 16: the per-token KL is normalised over the step."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["distill", "model=builtin:tiny", f"context_file={CONTEXT}", "data.eval=null",
+              "data.max_train_prompts=32", "data.samples_per_prompt=2", "data.max_new_tokens=16", "max_steps=4",
+              "log_every=1", "save_every=4", "optim.lr=1e-3", "tensorboard=false", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(port), "-m", "kilter"]
+    runs = {"two": torchrun + common + [f"output_dir={tmp_path / 'two'}", "batch_size=8"],
+            "one": [sys.executable, "-m", "kilter", *common, f"output_dir={tmp_path / 'one'}", "batch_size=16",
+                    "threads=1"]}
+    for name, command in runs.items():
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, f"{name} failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        assert "global batch 16" in proc.stdout
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two if "loss/distill" in r] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["loss/distill"] == pytest.approx(a["loss/distill"], rel=1e-4), a["step"]
+    w_one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    w_two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for name, tensor in w_one.items():
+        assert torch.allclose(w_two[name], tensor, atol=1e-4), name

@@ -103,10 +103,12 @@ def precompute_teacher_topk(teacher: Reference, examples: Sequence[dict], pad_id
             mass[rows] = kept.double().cpu()
             if top is not None:
                 index[rows] = top.double().cpu()  # exact: token ids are far below 2**53
-    if logps is None:  # this rank had no examples (more ranks than examples)
-        width = top_k or model_vocab(teacher)
+    if logps is None:  # this rank had no examples (more ranks than examples): same shapes as the others
+        vocab = model_vocab(teacher)
+        full = top_k is None or top_k >= vocab
+        width = vocab if full else top_k
         logps, mass = torch.zeros(total, width, dtype=torch.float64), torch.zeros(total, dtype=torch.float64)
-        index = None if top_k is None else torch.zeros(total, width, dtype=torch.float64)
+        index = None if full else torch.zeros(total, width, dtype=torch.float64)
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         # NCCL reduces only device tensors; gloo (CPU) takes them where they are.
