@@ -69,6 +69,11 @@ COMMANDS: dict[str, Command] = {
         config="kilter.trainers.kto:KTOConfig",
         run="kilter.trainers.kto:run",
     ),
+    "distill": Command(
+        "Context distillation: train a model without a context to match its own (or a teacher's) behaviour with it.",
+        config="kilter.trainers.distill:DistillConfig",
+        run="kilter.trainers.distill:run",
+    ),
     "bon": Command(
         "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
         config="kilter.commands.bon:BonConfig",

@@ -137,9 +137,9 @@ def straight_four(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kind", ["truncated-weights", "empty-weights", "truncated-state", "broken-trainer-state"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterrupted_one(tmp_path, capsys, kind,
                                                                                          straight_four):
-    from safetensors.torch import load_file
-
     import shutil
+
+    from safetensors.torch import load_file
 
     out = tmp_path / "run"
     args = [a for a in SFT if not a.startswith("max_steps")]

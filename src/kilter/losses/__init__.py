@@ -1,4 +1,4 @@
-"""Training losses: SFT, reward model (pairs and K-way rankings), DPO/IPO, KTO, PPO."""
+"""Training losses: SFT, reward model (pairs and K-way rankings), DPO/IPO, KTO, PPO, context distillation."""
 
 from kilter.losses.bradley_terry import (
     bradley_terry_loss,
@@ -9,6 +9,7 @@ from kilter.losses.bradley_terry import (
     ranking_pairs,
     weighted_pair_loss,
 )
+from kilter.losses.distill import distill_kl, teacher_topk, token_kls
 from kilter.losses.dpo import dpo_loss
 from kilter.losses.kto import kto_loss, kto_reference_kl
 from kilter.losses.ppo import pg_loss, ppo_policy_loss, ppo_value_loss
@@ -18,6 +19,7 @@ __all__ = [
     "IGNORE_INDEX",
     "bradley_terry_loss",
     "causal_lm_loss",
+    "distill_kl",
     "dpo_loss",
     "kto_loss",
     "kto_reference_kl",
@@ -31,5 +33,7 @@ __all__ = [
     "ranking_pair_indices",
     "ranking_pairs",
     "sft_loss",
+    "teacher_topk",
+    "token_kls",
     "weighted_pair_loss",
 ]

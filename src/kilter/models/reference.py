@@ -151,6 +151,12 @@ class Reference:
             if was_training:
                 self.policy.train()
 
+    def frozen(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The reference as a module, in eval mode, for callers that need more than log-probs of given
+        tokens (a distillation teacher's whole next-token distributions, sampling from it): the
+        separate copy, or the policy with its adapter disabled for the duration of the block."""
+        return self._as_model()
+
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], precision: str, device: str | torch.device,
                        average: bool = False) -> torch.Tensor:
