@@ -37,16 +37,15 @@ from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import packed
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
-from kilter.models.saving import load_trainable_weights, save_model
+from kilter.models.saving import save_model
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, sample_prompts, sample_report
 from kilter.training.setup import launch, open_run_dir, prepare
-from kilter.training.state import load_training_state, read_trainer_state
 
 # --------------------------------------------------------------------------- config
 
@@ -297,10 +296,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if cfg.resume and existing is not None:
-        load_trainable_weights(model, existing)
-        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = read_trainer_state(existing)["step"]
-        run_dir.truncate_metrics(start_step)
+        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
         _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
 

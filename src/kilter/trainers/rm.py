@@ -62,16 +62,15 @@ from kilter.models.reward import (
     set_reward_bias,
     write_ensemble_manifest,
 )
-from kilter.models.saving import load_trainable_weights
 from kilter.models.shared_prefix import pack_groups
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
 from kilter.training.setup import launch, prepare
-from kilter.training.state import load_training_state, read_trainer_state, set_seed
+from kilter.training.state import set_seed
 
 Kind = Literal["auto", "comparison", "ranking", "rating"]
 
@@ -418,10 +417,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if existing is not None:
-        load_trainable_weights(model, existing)
-        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = read_trainer_state(existing)["step"]
-        run_dir.truncate_metrics(start_step)
+        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
         if info.is_main:
             print(f"kilter {tag}: resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)

@@ -28,15 +28,14 @@ from kilter.models import load_causal_lm, load_tokenizer
 from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from kilter.models.packed import fast_causal_lm, pack_micro_batch
 from kilter.models.precision import autocast
-from kilter.models.saving import load_trainable_weights, save_model
+from kilter.models.saving import save_model
 from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
 from kilter.training.setup import launch, open_run_dir, prepare
-from kilter.training.state import load_training_state, read_trainer_state
 
 
 class SFTData(DataArgs):
@@ -236,10 +235,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
     if cfg.resume and existing is not None:
-        load_trainable_weights(model, existing)
-        load_training_state(existing, {"optimizer": optimizer, "scheduler": scheduler})
-        start_step = read_trainer_state(existing)["step"]
-        run_dir.truncate_metrics(start_step)
+        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
         if info.is_main:
             print(f"kilter sft: resumed from {existing} at step {start_step}/{total_steps}")
     run_dir.write_config(cfg)
