@@ -68,6 +68,16 @@ COMMANDS: dict[str, Command] = {
         config="kilter.trainers.kto:KTOConfig",
         run="kilter.trainers.kto:run",
     ),
+    "loop": Command(
+        "Online iterated RLHF: rounds of sample -> people or a simulated crowd judge in the app -> RM -> policy -> eval.",
+        config="kilter.commands.loop:LoopConfig",
+        run="kilter.commands.loop:run",
+    ),
+    "report": Command(
+        "One self-contained HTML report (plots, tables, samples) of any run directory or loop.",
+        config="kilter.commands.report:ReportConfig",
+        run="kilter.commands.report:run",
+    ),
     "bon": Command(
         "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
         config="kilter.commands.bon:BonConfig",
