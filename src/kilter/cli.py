@@ -75,8 +75,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "report": Command(
         "One self-contained HTML report (plots, tables, samples) of any run directory or loop.",
-        config="kilter.commands.report:ReportConfig",
-        run="kilter.commands.report:run",
+        main="kilter.commands.report:main",
     ),
     "bon": Command(
         "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
