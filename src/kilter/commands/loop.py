@@ -225,6 +225,8 @@ def run_stage(state: LoopState, key: str, fn: Callable[[], Any]) -> Any:
     if state.is_done(key):
         return state.result(key)
     print(f"== kilter loop: {key}", flush=True)
+    round_, _, stage = key.rpartition(":")
+    state.data["current"] = {"round": int(round_) if round_ else 0, "stage": stage}
     state.start(key)
     result = fn()
     state.finish(key, result)
@@ -272,14 +274,14 @@ def _weighted_rounds(rows_by_round: dict[int, list[dict]], current: int, weight:
 
 
 @contextmanager
-def serve_in_thread(db: str) -> Iterator[str]:
+def serve_in_thread(db: str, loop_dir: str | None = None) -> Iterator[str]:
     """The feedback app on a free localhost port for as long as the block runs; yields its base URL."""
     import uvicorn
 
     from kilter.feedback.app import create_app
     from kilter.feedback.settings import ServeConfig
 
-    app = create_app(ServeConfig(db=db, log_level="warning"))
+    app = create_app(ServeConfig(db=db, log_level="warning", loop_dir=loop_dir))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="kilter-loop-app", daemon=True)
     thread.start()
@@ -476,6 +478,8 @@ class Loop:
         with self.store() as store:
             project = store.project(name)
             wanted = self.quota(store, r)
+            self.state.data["current"].update(project=name, quota=wanted)  # for the app's /admin/loop page
+            self.state.save()
 
             def judged() -> int:
                 return sum(1 for j in store.judgments(project) if not j.is_gold)
@@ -484,7 +488,7 @@ class Loop:
                 self._wait_for_people(judged, wanted, name)
             else:
                 passwords = self._crowd_passwords()
-                with serve_in_thread(cfg.db_url) as url:
+                with serve_in_thread(cfg.db_url, str(self.out)) as url:
                     people = [BrowserAnnotator(a, url, seed=cfg.seed * 1000 + r * 64 + i)
                               for i, a in enumerate(crowd_members(cfg.crowd))]
                     try:
