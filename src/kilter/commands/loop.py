@@ -612,7 +612,9 @@ class Loop:
         rm = self.state.result(f"{r}:reward")["model"]
         metrics = self._evaluate_models({"sft": self.sft(), "policy": self.state.result(f"{r}:policy")["model"]},
                                         rm, self.round_dir(r) / "eval")["policy"]
-        metrics.update(ppo_curve_fit(self.round_dir(r) / "policy"))
+        first = _ppo_rows(self.round_dir(1) / "policy")[:1]
+        anchor = first[0]["reward/gold"] if first and first[0]["kl/ref"] == 0 else None  # pi_0 on training prompts
+        metrics.update(ppo_curve_fit([self.round_dir(rr) / "policy" for rr in range(1, r + 1)], anchor))
         collected = self.state.result(f"{r}:collect")
         exported = self.state.result(f"{r}:export")
         metrics.update({"round": r, "judgments": collected["judgments"], "pairs/round": exported["round_pairs"],
@@ -628,7 +630,7 @@ class Loop:
             raise ConfigError("selection=active needs reward.ensemble_size >= 2 (the ensemble's disagreement picks pairs)")
         if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
             raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
-        if cfg.mode != "simulated" and not cfg.members and cfg.mode == "people":
+        if cfg.mode == "people" and not cfg.members:
             print("kilter loop: people mode with no members: add annotators to the round projects with "
                   "`kilter project add-user` while the loop waits", file=sys.stderr)
         if self.state.data["stopped"]:
@@ -665,6 +667,8 @@ class Loop:
 
     def _overoptimised(self, r: int) -> str | None:
         rows = self.rounds()
+        if rows and rows[-1].get("ppo/diverged"):
+            return f"in round {r}'s PPO iterations the proxy reward rose while gold fell (over-optimisation?)"
         proxy = [x.get("reward/rm") or 0.0 for x in rows]
         for key in ("reward/gold", "agreement/heldout"):
             truth = [x.get(key) for x in rows]
@@ -702,22 +706,37 @@ def heldout_agreement(samples: list[dict]) -> float | None:
     return agree / total if total else None
 
 
-def ppo_curve_fit(policy_dir: Path) -> dict[str, float | None]:
-    """Gao et al.'s RL form fitted to the round's PPO iterations: gold gain vs sqrt(KL) (empty for DPO)."""
+def _ppo_rows(policy_dir: Path) -> list[dict]:
     path = policy_dir / "metrics.jsonl"
     if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [x for x in rows if "reward/gold" in x and "kl/ref" in x]
+        return []
+    return [x for x in _read_jsonl(path) if "reward/gold" in x and "kl/ref" in x and "reward/raw" in x]
+
+
+def ppo_curve_fit(policy_dirs: list[Path], anchor: float | None = None) -> dict[str, float | None]:
+    """Gao et al.'s RL form fitted to the PPO iterations of every round so far: gold gain vs sqrt(KL to pi_0).
+
+    The gain is measured from ``anchor``, pi_0's gold (default: the first iteration's, which samples
+    from pi_0 itself in round 1). ``ppo/diverged`` is 1 when, in the last round's iterations, the
+    proxy climbed over the last third while gold fell. Empty without PPO metrics (DPO rounds).
+    """
+    per_round = [_ppo_rows(p) for p in policy_dirs]
+    rows = [x for part in per_round for x in part]
     if len(rows) < 3:
         return {}
+    last = per_round[-1]
+    out: dict[str, float | None] = {}
+    if len(last) >= 2:
+        window = max(2, len(last) // 3)
+        out["ppo/diverged"] = float(divergence([x["reward/raw"] for x in last], [x["reward/gold"] for x in last], window))
+    start = rows[0]["reward/gold"] if anchor is None else anchor
     d = [math.sqrt(max(0.0, x["kl/ref"])) for x in rows]
-    gain = [x["reward/gold"] - rows[0]["reward/gold"] for x in rows]
     try:
-        fit = fit_gao("rl", d, gain)
+        fit = fit_gao("rl", d, [x["reward/gold"] - start for x in rows])
     except ValueError:
-        return {}
-    return {"gao/alpha": fit.alpha, "gao/beta": fit.beta, "gao/r2": fit.r2, "gao/peak_sqrt_kl": fit.peak_d}
+        return out
+    out.update({"gao/alpha": fit.alpha, "gao/beta": fit.beta, "gao/r2": fit.r2, "gao/peak_sqrt_kl": fit.peak_d})
+    return out
 
 
 def run(cfg: LoopConfig) -> int:

@@ -191,7 +191,8 @@ def loop_sections(run: Path, state: dict) -> list[str]:
         ax.scatter(d, [row["reward/raw"] for _, row in ppo], s=8, alpha=0.5, label="proxy (PPO iterations)")
         if None not in gold:
             ax.scatter(d, gold, s=8, alpha=0.5, label="gold (PPO iterations)")
-            start = baseline.get("reward/gold", gold[0])
+            # the gain is counted from pi_0: round 1's first rollout samples from it (KL 0)
+            start = gold[0] if ppo[0][1]["kl/ref"] == 0 else baseline.get("reward/gold", gold[0])
             try:
                 fit = fit_gao("rl", d, [g - start for g in gold])
             except ValueError:
