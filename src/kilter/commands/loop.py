@@ -170,6 +170,18 @@ class LoopConfig(BaseConfig):
         return self.db or str(Path(self.output_dir) / "feedback.db")
 
 
+def check_config(cfg: LoopConfig) -> None:
+    """Combinations the field types cannot refuse on their own."""
+    if cfg.selection == "active" and cfg.reward.ensemble_size < 2:
+        raise ConfigError("selection=active needs reward.ensemble_size >= 2 (the ensemble's disagreement picks pairs)")
+    if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
+        raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
+    if cfg.crowd.trolls > cfg.crowd.size or cfg.crowd.noise_max < cfg.crowd.noise_min:
+        crowd_members(cfg.crowd)  # raises the one-line error
+    if cfg.resume and cfg.fresh:
+        raise ConfigError("resume=true and fresh=true contradict each other; pass one")
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -305,6 +317,7 @@ class Loop:
     """One loop run. Stage methods return JSON-ready results that state.json keeps."""
 
     def __init__(self, cfg: LoopConfig, on_judgment: Callable[[int], None] | None = None):
+        check_config(cfg)  # before anything is written to output_dir
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.state = LoopState.load_or_start(cfg)
@@ -626,10 +639,6 @@ class Loop:
 
     def run(self) -> int:
         cfg = self.cfg
-        if cfg.selection == "active" and cfg.reward.ensemble_size < 2:
-            raise ConfigError("selection=active needs reward.ensemble_size >= 2 (the ensemble's disagreement picks pairs)")
-        if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
-            raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
         if cfg.mode == "people" and not cfg.members:
             print("kilter loop: people mode with no members: add annotators to the round projects with "
                   "`kilter project add-user` while the loop waits", file=sys.stderr)

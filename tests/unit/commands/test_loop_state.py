@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kilter.commands.loop import STAGES, Loop, LoopConfig
-from kilter.errors import ConfigError
+from kilter.errors import ConfigError, KilterError
 from kilter.feedback.store import Store
 
 PRODUCTS = ["kayak", "mouse", "router", "grinder", "lamp", "kettle"]
@@ -160,6 +160,43 @@ def test_a_second_start_without_resume_is_refused_in_one_line(tmp_path):
         FakeLoop(cfg)
 
 
-def test_active_selection_without_an_ensemble_is_a_config_error(tmp_path):
+def test_bad_combinations_are_config_errors_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="ensemble_size"):
-        FakeLoop(_cfg(tmp_path, selection="active")).run()
+        FakeLoop(_cfg(tmp_path, selection="active"))
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        FakeLoop(_cfg(tmp_path, policy={"algorithm": "rloo"}))
+    with pytest.raises(KilterError, match="trolls"):
+        FakeLoop(_cfg(tmp_path, crowd={"size": 2, "trolls": 3}))
+    assert not (tmp_path / "loop").exists()
+
+
+def test_kill_9_in_the_middle_of_a_round_and_resume(tmp_path):
+    """A real SIGKILL of the loop process while the crowd is judging; the resumed loop completes the quota exactly."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from test_loop_state import FakeLoop, _cfg\n"
+              f"FakeLoop(_cfg(Path({str(tmp_path)!r}), rounds=1), on_judgment=lambda n: time.sleep(0.3)).run()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    cfg = _cfg(tmp_path, rounds=1)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if (tmp_path / "loop" / "feedback.db").exists() and json.loads(
+                    (tmp_path / "loop" / "state.json").read_text()).get("current", {}).get("quota"):
+                if len([j for j in _judgments(cfg, 1) if not j.is_gold]) >= 2:
+                    break
+            assert proc.poll() is None, "the loop ended before it could be killed"
+            time.sleep(0.1)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, no flushing
+        proc.wait(10)
+    assert 2 <= len([j for j in _judgments(cfg, 1) if not j.is_gold]) < len(PRODUCTS)
+    assert FakeLoop(cfg.model_copy(update={"resume": True})).run() == 0
+    _check_db(cfg, 1)
+    started = json.loads((tmp_path / "loop" / "state.json").read_text())["started"]
+    assert started.pop("1:collect") == 2 and set(started.values()) == {1}
