@@ -369,7 +369,9 @@ class Loop:
     # ---- round stages
 
     def _sample(self, r: int) -> dict:
-        """samples.jsonl: {prompt, responses: [{text, model}], pair?} per published prompt."""
+        """samples.jsonl: {prompt, responses: [{text, model}]} per published prompt."""
+        import torch
+
         from kilter.commands.label import LabelConfig, sample_groups
         from kilter.models import load_causal_lm, load_tokenizer
 
@@ -386,6 +388,7 @@ class Loop:
             tokenizer = load_tokenizer(path)
             model = load_causal_lm(path, tokenizer)
             model.eval()
+            torch.manual_seed(cfg.seed + r)  # an interrupted sample stage draws the same responses again
             label_cfg = LabelConfig(model=path, k=max(2, k), temperature=cfg.temperature,
                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + r)
             texts, _ = sample_groups(model, tokenizer, prompts, label_cfg)

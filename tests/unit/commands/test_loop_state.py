@@ -200,3 +200,41 @@ def test_kill_9_in_the_middle_of_a_round_and_resume(tmp_path):
     _check_db(cfg, 1)
     started = json.loads((tmp_path / "loop" / "state.json").read_text())["started"]
     assert started.pop("1:collect") == 2 and set(started.values()) == {1}
+
+
+def test_people_mode_waits_until_people_have_judged_the_quota(tmp_path, capsys):
+    """mode=people: the loop waits with a progress line while a person judges in the app; then it continues."""
+    import threading
+    import time
+
+    from feedback_testlib import Client, invited
+
+    from kilter.feedback.app import create_app
+    from kilter.feedback.settings import ServeConfig
+
+    cfg = _cfg(tmp_path, rounds=1, mode="people", members=["alice"], poll_s=0.05, gold_items=0)
+    (tmp_path / "loop").mkdir()
+    store = Store(cfg.db_url)
+    store.migrate()
+    token = invited(store, "alice")
+    loop = FakeLoop(cfg)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(loop.run()))
+    worker.start()
+    app = create_app(ServeConfig(db=cfg.db_url), store=store)
+    alice = Client(app)
+    alice.login_invite(token)
+    judged, deadline = 0, time.monotonic() + 60
+    while judged < len(PRODUCTS) and time.monotonic() < deadline:
+        _, assignment = alice.task("loop-r1") if "loop-r1" in {p.name for p in store.projects()} else (None, None)
+        if assignment is None:
+            time.sleep(0.05)
+            continue
+        assert alice.post("/p/loop-r1/submit", {"assignment_id": assignment, "choice": "A3"}).status_code == 303
+        judged += 1
+    worker.join(60)
+    store.close()
+    assert result == [0]
+    assert "judgments (people are working in kilter serve)" in capsys.readouterr().err
+    assert {j.user for j in _judgments(cfg, 1)} == {"alice"}
+    _check_db(cfg, 1)
