@@ -77,10 +77,13 @@ def test_a_trainer_run_report_renders_its_curves(browser, tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     (run / "samples.jsonl").write_text(json.dumps({"step": 19, "prompt": "Review the kayak.",
                                                    "response": "The kayak is great.", "reward": 1.0}) + "\n")
+    (run / "calibration.json").write_text(json.dumps({"n_pairs": 40, "ece": 0.05, "bins": [
+        {"lo": i / 5, "hi": (i + 1) / 5, "count": 8, "mean_predicted": (i + 0.5) / 5, "observed": (i + 0.4) / 5}
+        for i in range(5)] + [{"lo": 0.9, "hi": 1.0, "count": 0, "mean_predicted": None, "observed": None}]}))
     out = tmp_path / "elsewhere.html"
     assert main(["report", str(run), "--out", str(out)]) == 0
     info = _look(browser, out, tmp_path / "ppo.png")
-    assert info["plots"] == ["loss", "reward", "kl"]  # perf/ is left out
+    assert info["plots"] == ["loss", "reward", "kl", "calibration"]  # perf/ is left out
     assert all(info["decoded"]) and info["external"] == []
 
 

@@ -620,6 +620,10 @@ class Loop:
         for m in report["models"]:
             metrics = dict(m["metrics"])
             metrics["agreement/heldout"] = heldout_agreement(m["samples"]) if reward_model else None
+            table = heldout_calibration(m["samples"]) if reward_model and m["name"] == "policy" else None
+            if table is not None:
+                metrics["calibration/ece"] = table["ece"]
+                atomic_write_text(out / "calibration.json", json.dumps(table, indent=2) + "\n")
             metrics["kl/sqrt"] = math.sqrt(max(0.0, metrics.get("kl/ref") or 0.0))
             results[m["name"]] = metrics
         return results
@@ -698,24 +702,41 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _gold_ordered_pairs(samples: list[dict]) -> list[tuple[dict, dict]]:
+    """(better by gold, worse by gold) sample pairs of each prompt; gold ties left out."""
+    by_prompt: dict[int, list[dict]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_index"], []).append(s)
+    pairs = []
+    for group in by_prompt.values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                a, b = group[i], group[j]
+                if a["gold"] != b["gold"]:
+                    pairs.append((a, b) if a["gold"] > b["gold"] else (b, a))
+    return pairs
+
+
+def heldout_calibration(samples: list[dict], n_bins: int = 5) -> dict | None:
+    """Reliability table of the RM's sigmoid(r_better - r_worse) against the gold order, on fresh samples."""
+    import torch
+
+    from kilter.evaluation.calibration import calibration_report, calibration_sums
+
+    pairs = _gold_ordered_pairs(samples)
+    if not pairs:
+        return None
+    p = torch.sigmoid(torch.tensor([a["rm"] - b["rm"] for a, b in pairs], dtype=torch.float64))
+    return calibration_report(calibration_sums(p, n_bins))
+
+
 def heldout_agreement(samples: list[dict]) -> float | None:
     """Share of a prompt's sample pairs on which the reward model orders the two responses as gold does.
 
     ``samples``: kilter eval's per-sample rows (prompt_index, gold, rm); gold ties are left out.
     """
-    by_prompt: dict[int, list[dict]] = {}
-    for s in samples:
-        by_prompt.setdefault(s["prompt_index"], []).append(s)
-    agree = total = 0
-    for group in by_prompt.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                g = group[i]["gold"] - group[j]["gold"]
-                if g == 0:
-                    continue
-                total += 1
-                agree += (group[i]["rm"] - group[j]["rm"]) * g > 0
-    return agree / total if total else None
+    pairs = _gold_ordered_pairs(samples)
+    return sum(a["rm"] > b["rm"] for a, b in pairs) / len(pairs) if pairs else None
 
 
 def _ppo_rows(policy_dir: Path) -> list[dict]:

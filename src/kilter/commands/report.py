@@ -228,6 +228,11 @@ def loop_sections(run: Path, state: dict) -> list[str]:
     ax.set_xlabel("round")
     ax.legend(fontsize=7)
     figures.append(_figure("agreement", fig, "held-out reward-model agreement on fresh policy samples, and diversity"))
+    last_eval = run / f"round-{len(rounds)}" / "eval"
+    if (last_eval / "calibration.json").exists():
+        figures.append(calibration_section(last_eval).replace(
+            "reliability diagram from calibration.json",
+            f"round {len(rounds)}'s RM on fresh policy samples ordered by gold: predicted vs observed"))
     parts += figures
     quality = run / f"round-{len(rounds)}" / "quality.json"
     if quality.exists():
