@@ -37,6 +37,11 @@ def _loop_dir(root: Path) -> Path:
             "alpha": 0.4, "flagged": {"sim-0": ["gold accuracy 10%"]},
             "annotators": {"sim-0": {"judgments": 30, "gold_rate": 0.1, "peer_rate": None},
                            "sim-1": {"judgments": 30, "gold_rate": 0.95, "peer_rate": None}}}))
+    done["2:export"] = {"leaderboard": [
+        {"rank": 1, "model": "round-1", "bt": 1050.0, "bt_lower": 990.0, "bt_upper": 1110.0, "elo": 1012.0,
+         "wins": 13, "losses": 7, "ties": 0},
+        {"rank": 2, "model": "sft", "bt": 950.0, "bt_lower": 890.0, "bt_upper": 1010.0, "elo": 988.0,
+         "wins": 7, "losses": 13, "ties": 0}]}
     (run / "state.json").write_text(json.dumps({"version": 1, "done": done, "started": {}, "stopped": None}))
     return run
 
@@ -63,10 +68,11 @@ def test_a_loop_report_renders_with_every_plot(browser, tmp_path):
     assert all(info["decoded"]) and len(info["decoded"]) == 3
     assert info["external"] == []  # self-contained: nothing to fetch
     assert info["scripts"] == 0  # model outputs are escaped, never run
-    assert info["tables"] >= 3  # rounds, annotators, samples
+    assert info["tables"] >= 4  # rounds, tournament, annotators, samples
     assert (tmp_path / "loop.png").stat().st_size > 20_000
     text = (run / "report.html").read_text()
     assert "fitted gold peak at sqrt(KL)" in text and "gold accuracy 10%" in text
+    assert "Round 2 tournament" in text and "round-1" in text
 
 
 def test_a_trainer_run_report_renders_its_curves(browser, tmp_path):

@@ -547,6 +547,10 @@ class Loop:
                 kept = analysis.without_users(kept, quality.flagged)
             kept = [x for x in kept if not x.is_gold]
             by_round[rr] = export.build(kept, "pairwise", "comparisons", "each", project=project.name)
+        # with snapshots, each item is a battle between policies: the round's tournament
+        kept_now = analysis.without_users(records[r], quality.flagged) if cfg.exclude_flagged else records[r]
+        report["leaderboard"] = analysis.model_leaderboard(kept_now, n_bootstrap=100, seed=cfg.seed) \
+            if analysis.battles(kept_now) else []
         write_jsonl(folder / "comparisons.jsonl", by_round[r])
         train = _weighted_rounds(by_round, r, cfg.reward.old_data_weight, cfg.seed)
         write_jsonl(folder / "train.jsonl", train)
@@ -554,7 +558,7 @@ class Loop:
         if not by_round[r]:
             raise KilterError(f"round {r}: no usable comparisons (all judgments were ties, both-bad or flagged)")
         return {"round_pairs": len(by_round[r]), "train_pairs": len(train), "flagged": sorted(report["flagged"]),
-                "alpha": report["alpha"]}
+                "alpha": report["alpha"], "leaderboard": report["leaderboard"]}
 
     def _reward(self, r: int) -> dict:
         from kilter.trainers.rm import RMConfig, RMData

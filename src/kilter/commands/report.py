@@ -241,6 +241,14 @@ def loop_sections(run: Path, state: dict) -> list[str]:
         parts.append(f"<h2>Annotators (all rounds; Krippendorff alpha {_fmt(q.get('alpha'))})</h2>")
         parts.append(_table(rows, [("annotator", "annotator"), ("judgments", "judgments"), ("gold_rate", "gold accuracy"),
                                    ("peer_rate", "peer agreement"), ("flagged", "flagged")], text_cols=("annotator", "flagged")))
+    done = state.get("done", {})
+    for r in range(1, len(rounds) + 1):
+        board = (done.get(f"{r}:export") or {}).get("leaderboard") or []
+        if board:
+            parts.append(f"<h2>Round {r} tournament (the crowd's battles between policies)</h2>")
+            parts.append(_table(board, [("rank", "rank"), ("model", "policy"), ("bt", "Bradley-Terry"),
+                                        ("bt_lower", "lower"), ("bt_upper", "upper"), ("elo", "Elo"),
+                                        ("wins", "wins"), ("losses", "losses"), ("ties", "ties")], text_cols=("model",)))
     parts.append("<h2>Samples (held-out prompts)</h2>")
     for r in range(1, len(rounds) + 1):
         path = run / f"round-{r}" / "eval" / "eval.json"

@@ -238,3 +238,24 @@ def test_people_mode_waits_until_people_have_judged_the_quota(tmp_path, capsys):
     assert "judgments (people are working in kilter serve)" in capsys.readouterr().err
     assert {j.user for j in _judgments(cfg, 1)} == {"alice"}
     _check_db(cfg, 1)
+
+
+class TournamentLoop(FakeLoop):
+    """Each prompt answered by two policies, the better one always the current: a battle per item."""
+
+    def _sample(self, r):
+        folder = self.round_dir(r)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": f"Review the {p}.",
+                 "responses": [{"text": f"The {p} is great. I love the {p}.", "model": f"round-{r - 1}"},
+                               {"text": "It is bad. It is bad.", "model": "sft-snapshot"}]} for p in PRODUCTS]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        return {"file": str(folder / "samples.jsonl"), "prompts": len(rows)}
+
+
+def test_a_round_with_snapshots_is_a_tournament_with_a_leaderboard(tmp_path):
+    cfg = _cfg(tmp_path, rounds=1, crowd={"size": 2, "trolls": 0, "noise_min": 0.0, "noise_max": 0.0, "flip_rate": 0.0})
+    assert TournamentLoop(cfg).run() == 0
+    board = json.loads((tmp_path / "loop" / "state.json").read_text())["done"]["1:export"]["leaderboard"]
+    assert [row["model"] for row in board] == ["round-0", "sft-snapshot"]
+    assert board[0]["wins"] == len(PRODUCTS) and board[1]["wins"] == 0
