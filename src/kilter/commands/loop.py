@@ -450,7 +450,9 @@ class Loop:
 
     def _gold_rows(self, r: int, rows: list[dict]) -> list:
         """Pairs of this round's responses with a clear gold winner, imported again as gold items."""
-        golds = []
+        golds: list = []
+        if not self.cfg.prompts.startswith("builtin:"):
+            return golds  # the answer key is the built-in task's gold score: meaningless for other prompts
         for i, row in enumerate(rows):
             if len(golds) >= self.cfg.gold_items:
                 break
