@@ -74,6 +74,15 @@ COMMANDS: dict[str, Command] = {
         config="kilter.trainers.distill:DistillConfig",
         run="kilter.trainers.distill:run",
     ),
+    "loop": Command(
+        "Online iterated RLHF: rounds of sample -> people or a simulated crowd judge in the app -> RM -> policy -> eval.",
+        config="kilter.commands.loop:LoopConfig",
+        run="kilter.commands.loop:run",
+    ),
+    "report": Command(
+        "One self-contained HTML report (plots, tables, samples) of any run directory or loop.",
+        main="kilter.commands.report:main",
+    ),
     "bon": Command(
         "Best-of-n / rejection sampling: sample n responses per prompt, score them, keep the best.",
         config="kilter.commands.bon:BonConfig",

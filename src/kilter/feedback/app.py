@@ -36,7 +36,7 @@ from starlette.staticfiles import StaticFiles
 
 from kilter.feedback import render as render_text
 from kilter.feedback import security
-from kilter.feedback.routes import admin, annotate, api, auth, review
+from kilter.feedback.routes import admin, annotate, api, auth, loop_status, review
 from kilter.feedback.routes.deps import LoginRequired, render
 from kilter.feedback.settings import ServeConfig
 from kilter.feedback.store import Store
@@ -180,7 +180,7 @@ def create_app(settings: ServeConfig | None = None, store: Store | None = None) 
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_parameters)
     app.add_exception_handler(500, _server_error)
-    for module in (auth, annotate, admin, api, review):
+    for module in (auth, annotate, admin, api, review, loop_status):
         app.include_router(module.router)
 
     return app

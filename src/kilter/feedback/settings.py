@@ -43,6 +43,8 @@ class ServeConfig(BaseConfig):
     """Bootstrap rounds for the Bradley-Terry intervals on the admin page (0 = no intervals)."""
     datasets_dir: str | None = None
     """Folder where POST /api/v1/projects/NAME/export writes training files (DIR/NAME/KIND.jsonl); unset: that call is refused."""
+    loop_dir: str | None = None
+    """A `kilter loop` run directory: the admin page /admin/loop shows its round, quota progress and metrics."""
     migrate: bool = True
     """Create or upgrade the database schema on start."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
