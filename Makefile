@@ -39,6 +39,7 @@ test: $(STAMP) $(PRESET)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/lint-imports
+
 # Resolve every dependency afresh within pyproject.toml and the torch pin, and rewrite $(LOCK).
 lock:
 	PY=$(PY) scripts/lock.sh
