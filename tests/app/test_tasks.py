@@ -191,3 +191,8 @@ def test_sampled_rows_lose_empty_and_repeated_responses():
     kept, dropped = distinct_responses(rows, "pairwise")
     assert [r.prompt for r in kept] == ["p1"] and [c.text for c in kept[0].responses] == ["same", "other"]
     assert dropped == {"empty": 1, "repeated": 2, "prompts": 1}
+
+
+def test_a_submission_for_an_unknown_task_type_is_a_form_error_not_a_crash():
+    with pytest.raises(FormError, match="unknown task type 'poll'"):
+        parse_submission("poll", form(choice="A1"), Shown([1, 2]))

@@ -184,7 +184,7 @@ def parse_submission(task: str, get: Getter, shown: Shown) -> dict[str, Any]:
         out["text"] = _text(get("text"), "edited response", required=True)
     elif task == "demonstration":
         out["text"] = _text(get("text"), "response", required=True)
-    else:  # pragma: no cover - projects are validated at creation
+    else:  # projects are validated at creation; a row changed behind the app's back still gets one line
         raise FormError(f"unknown task type {task!r}")
     out["responses"] = responses
     out["display_order"] = ids

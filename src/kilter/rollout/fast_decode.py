@@ -164,10 +164,7 @@ def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) the module applies now: a plain Linear, or a peft LoRA Linear's base + active deltas."""
     if type(module) is nn.Linear:
         return module.weight, module.bias
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a dependency
-        raise Unsupported(type(module).__name__) from None
+    from peft.tuners.lora import Linear as LoraLinear  # peft is a dependency; imported only when a model has LoRA
     if not isinstance(module, LoraLinear) or type(module.base_layer) is not nn.Linear:
         raise Unsupported(f"layer {type(module).__name__}")
     weight, bias = module.base_layer.weight, module.base_layer.bias
