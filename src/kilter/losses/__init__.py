@@ -11,7 +11,7 @@ from kilter.losses.bradley_terry import (
 )
 from kilter.losses.distill import distill_kl, teacher_topk, token_kls
 from kilter.losses.dpo import dpo_loss
-from kilter.losses.kto import kto_loss, kto_reference_kl
+from kilter.losses.kto import kto_loss, kto_reference_kl, kto_reference_point
 from kilter.losses.ppo import pg_loss, ppo_policy_loss, ppo_value_loss
 from kilter.losses.sft import IGNORE_INDEX, causal_lm_loss, make_labels, sft_loss
 
@@ -23,6 +23,7 @@ __all__ = [
     "dpo_loss",
     "kto_loss",
     "kto_reference_kl",
+    "kto_reference_point",
     "kway_bradley_terry_loss",
     "make_labels",
     "pair_weights",

@@ -15,8 +15,20 @@ def kto_reference_kl(
     good the matched responses are.  Returns a 0-dim tensor.  Under data parallelism, average
     the per-rank value across ranks before use.
     """
-    kl = (policy_logps_mismatched - ref_logps_mismatched).mean()
-    return kl.detach().clamp(min=0.0)
+    gap = (policy_logps_mismatched - ref_logps_mismatched).detach()
+    return kto_reference_point(float(gap.sum()), gap.numel())
+
+
+def kto_reference_point(kl_sum: float, count: float) -> torch.Tensor:
+    """z0 from the sum of log pi - log ref over ``count`` mismatched responses: max(0, sum / count).
+
+    The form a data-parallel trainer uses: each process sums its share, the sums and counts are
+    added across processes, then divided.  No responses (``count`` 0): 0.  Worked: (3.0, 4) -> 0.75,
+    (-1.0, 2) -> 0.
+    """
+    if count <= 0:
+        return torch.tensor(0.0)
+    return torch.tensor(max(0.0, kl_sum / count))
 
 
 def kto_loss(

@@ -18,33 +18,29 @@ response against each worse one (``best_vs_rest``).  The comparisons' optional
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.collate import pad_batch
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_pair
-from kilter.distributed import DistInfo, all_reduce_sum, barrier
+from kilter.distributed import DistInfo
 from kilter.errors import ConfigError, DataError
 from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import packed
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
-from kilter.models.saving import save_model
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
-from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
-from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.batching import accumulation_context
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.policy import load_policy
-from kilter.training.samples import SampleSection, sample_prompts, sample_report
+from kilter.training.samples import SampleSection, log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
 
 # --------------------------------------------------------------------------- config
@@ -156,35 +152,26 @@ def flat_examples(encoded: list[dict]) -> list[dict]:
     return [e[side] for e in encoded for side in ("chosen", "rejected")]
 
 
-# --------------------------------------------------------------------------- shared trainer pieces
-
-
 # --------------------------------------------------------------------------- statistics
 
-# Sums reduced across ranks once per step; the order fixes the layout of the stats tensor.
-_STAT_KEYS = ("loss", "chosen", "rejected", "accuracy", "margin", "logps_chosen", "logps_rejected")
+_NAMES = {"loss": "loss", "chosen": "rewards/chosen", "rejected": "rewards/rejected", "accuracy": "rewards/accuracy",
+          "margin": "rewards/margin", "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
+"""Metric names of the per-pair statistics (``loss`` is renamed by the caller: loss/dpo, eval/loss)."""
 
 
-def pair_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> torch.Tensor:
-    """Per-batch sums of the logged quantities, float64 on the CPU, in ``_STAT_KEYS`` order."""
+def pair_stats(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> dict[str, float]:
+    """Per-batch sums of the logged per-pair quantities (keys of ``_NAMES``)."""
     n = losses.numel()
-    acc = pairwise_accuracy(chosen_rewards, rejected_rewards) * n
-    values = [losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(), acc,
-              (chosen_rewards - rejected_rewards).sum(), policy_chosen.detach().sum(), policy_rejected.detach().sum()]
-    return torch.stack([v.double().cpu() for v in values])
+    return {"loss": losses.detach().sum(), "chosen": chosen_rewards.sum(), "rejected": rejected_rewards.sum(),
+            "accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards) * n,
+            "margin": (chosen_rewards - rejected_rewards).sum(), "logps_chosen": policy_chosen.detach().sum(),
+            "logps_rejected": policy_rejected.detach().sum()}
 
 
-def stats_to_metrics(sums: torch.Tensor, count: float, prefix: str, loss_key: str) -> dict[str, float]:
-    mean = (sums / max(count, 1.0)).tolist()
-    names = {"loss": loss_key, "chosen": "rewards/chosen", "rejected": "rewards/rejected",
-             "accuracy": "rewards/accuracy", "margin": "rewards/margin", "logps_chosen": "logps/chosen",
-             "logps_rejected": "logps/rejected"}
-    return {prefix + names[k]: v for k, v in zip(_STAT_KEYS, mean)}
-
-
-def _reduce(t: torch.Tensor, info: DistInfo, device: str) -> torch.Tensor:
-    # NCCL reduces only device tensors; gloo (CPU) takes them where they are.
-    return all_reduce_sum(t.to(device) if info.enabled else t, info).cpu()
+def stats_to_metrics(sums: dict[str, float], prefix: str, loss_key: str) -> dict[str, float]:
+    """Means per pair of the summed statistics (``sums["pairs"]`` pairs), named for metrics.jsonl."""
+    count = max(sums["pairs"], 1.0)
+    return {prefix + (loss_key if k == "loss" else name): sums[k] / count for k, name in _NAMES.items()}
 
 
 @torch.no_grad()
@@ -193,7 +180,8 @@ def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps:
     """Loss, implicit-reward accuracy/margin and log-probs on held-out pairs (eval/* keys)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
+    window = MetricWindow(info)
+    window.add(pairs=0.0, **dict.fromkeys(_NAMES, 0.0))  # every rank adds the same names, even with no pairs
     mine = list(range(info.rank, len(encoded), info.world_size))
     for start in range(0, len(mine), cfg.batch_size):
         idx = mine[start:start + cfg.batch_size]
@@ -203,11 +191,10 @@ def evaluate(model, reference: Reference | None, encoded: list[dict], ref_logps:
         n = len(idx)
         losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
-        sums += pair_stats(losses, cr, rr, policy[:n], policy[n:])
+        window.add(pairs=n, **pair_stats(losses, cr, rr, policy[:n], policy[n:]))
     if was_training:
         model.train()
-    sums = _reduce(sums, info, info.device)
-    return stats_to_metrics(sums, float(len(encoded)), "eval/", "loss")
+    return stats_to_metrics(window.read()[0], "eval/", "loss")
 
 
 def _pair_order(interleaved: torch.Tensor) -> torch.Tensor:
@@ -284,34 +271,21 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
         reference.release()  # a separate frozen copy is no longer needed
         reference = None
 
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    steps_per_epoch = len(train) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.train has {len(train)} pairs, fewer than one global batch of {global_batch} "
-                          "(batch_size x grad_accum x processes); lower batch_size")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in train]
-
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    start_step = 0
-    if cfg.resume and existing is not None:
-        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
-        _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
-    run_dir.write_config(cfg)
+    plan = StepPlan(lengths, cfg, info, "pairs")
+    total_steps = plan.total_steps
+    stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
     trainable, total_params = count_parameters(model)
-    _log(info, f"{len(train)} pairs ({len(held_out)} held out), {total_steps} steps, global batch {global_batch} "
-               f"pairs, {cfg.loss_type} loss, beta {cfg.beta}, reference {cfg.reference}"
+    _log(info, f"{len(train)} pairs ({len(held_out)} held out), {total_steps} steps, global batch "
+               f"{plan.global_batch} pairs, {cfg.loss_type} loss, beta {cfg.beta}, reference {cfg.reference}"
                f"{' (adapter disabled)' if cfg.lora.enabled and cfg.ref_model is None else ''}, "
                f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
     if start_step == 0:
         if held_out:
             run_dir.log(0, evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info))
-        if prompts and info.is_main:
-            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-            run_dir.log(0, metrics)
-            print("samples before training:\n" + table)
+        if info.is_main:
+            log_samples(run_dir, 0, "before", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
 
     fast_model = None
     if cfg.data.padding_free:
@@ -324,30 +298,22 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
-    batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not info.is_main, dynamic_ncols=True)
-    window = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
-    window_pairs, window_tokens, window_start = 0.0, 0.0, time.perf_counter()
+    window = MetricWindow(info)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in batches_cache:
-            batches_cache.clear()
-            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
-        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        step_sums = torch.zeros(len(_STAT_KEYS), dtype=torch.float64)
-        tokens = 0.0
-        micro = micro_batches(mine, cfg.grad_accum)
+        # 1. this step's pairs, in micro-batches: padded rows, or packed rows sharing each pair's prompt
+        micro = plan.micro_batches(step)
         for k, idx in enumerate(micro):
             if fast_model is not None:
                 batch = flat_examples([train[i] for i in idx])
-                tokens += float(sum(len(r["input_ids"]) for r in batch))
+                window.add(tokens=sum(len(r["input_ids"]) for r in batch))
             else:
                 batch = pair_batch([train[i] for i in idx], pad_id)
-                tokens += float(batch["attention_mask"].sum())
+                window.add(tokens=batch["attention_mask"].sum())
+            # 2. reference log-probs (precomputed table or a frozen forward), policy log-probs, DPO loss
             ref = _reference_values(reference, batch, ref_train, idx, cfg, device, pad_id)
-            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
-            with ctx:
+            with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
                 if fast_model is not None:
                     policy = _pair_order(packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
                                                                       cfg.precision, device, cfg.averages_logps,
@@ -358,52 +324,36 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                 losses, cr, rr = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
                                           cfg.label_smoothing)
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
-                (losses.sum() * info.world_size / global_batch).backward()
-            step_sums += pair_stats(losses, cr, rr, policy[:n], policy[n:])
-        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window += _reduce(step_sums, info, device)
-        window_pairs += global_batch
-        window_tokens += tokens * info.world_size
+                (losses.sum() * info.world_size / plan.global_batch).backward()
+            window.add(pairs=n, **pair_stats(losses, cr, rr, policy[:n], policy[n:]))
+        # 3. the update
+        grad_norm = stepper.step()
         progress.update(1)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            last = stats_to_metrics(window, window_pairs, "", "loss/dpo")
-            last.update({"optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
-                         "perf/pairs_per_s": window_pairs / elapsed, "perf/tokens_per_s": window_tokens / elapsed,
-                         "progress/epoch": done / steps_per_epoch})
+        # 4. log, evaluate, checkpoint
+        if due(done, cfg.log_every, total_steps):
+            sums, elapsed = window.read()
+            last = stats_to_metrics(sums, "", "loss/dpo")
+            last.update({"optim/lr": stepper.lr, "optim/grad_norm": grad_norm,
+                         "perf/pairs_per_s": sums["pairs"] / elapsed, "perf/tokens_per_s": sums["tokens"] / elapsed,
+                         "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}")
-            window.zero_()
-            window_pairs, window_tokens, window_start = 0.0, 0.0, time.perf_counter()
-        if held_out and (done % cfg.eval_every == 0 or done == total_steps):
+        if held_out and due(done, cfg.eval_every, total_steps):
             metrics = evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
             run_dir.log(done, metrics)
             last.update(metrics)
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "dpo")
+        if due(done, cfg.save_every, total_steps):
+            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "dpo")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
-    barrier(info)
-    if info.is_main:
-        if prompts:
-            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-            run_dir.log(total_steps, metrics)
-            last.update(metrics)
-            print("samples after training:\n" + table)
-        shown = ("loss/dpo", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin",
-                 "samples/reward_greedy")
-        summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
-        print(f"kilter dpo: done ({summary}); model in {run_dir.final}")
-    run_dir.close()
-    return 0
+    def samples_after() -> dict[str, float]:
+        return log_samples(run_dir, total_steps, "after", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
+
+    return finish(run_dir, info, "dpo", model, tokenizer, cfg.lora.merge_on_save, last,
+                  ("loss/dpo", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin",
+                   "samples/reward_greedy"), after=samples_after)
 
 
 __all__ = ["DPOConfig", "DPOData", "SampleSection", "run", "evaluate", "ranking_to_pairs", "load_pairs",
-           "encode_pairs", "pair_batch", "flat_examples", "epoch_batches", "micro_batches", "load_policy",
-           "sample_prompts", "sample_report", "save_checkpoint"]
+           "encode_pairs", "pair_batch", "flat_examples"]

@@ -24,30 +24,28 @@ from __future__ import annotations
 import math
 import random
 import sys
-import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.collate import pad_batch
 from kilter.data.preferences import split_eval
 from kilter.data.sources import load_records
 from kilter.data.tokenize import encode_prompt_completion
-from kilter.distributed import DistInfo, all_reduce_sum, barrier
-from kilter.errors import ConfigError, DataError
-from kilter.losses import kto_loss
+from kilter.distributed import DistInfo, all_reduce_sum
+from kilter.errors import DataError
+from kilter.losses import kto_loss, kto_reference_point
+from kilter.models import packed
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
-from kilter.models.saving import save_model
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
-from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
-from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.batching import accumulation_context
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.policy import load_policy
-from kilter.training.samples import sample_prompts, sample_report
+from kilter.training.samples import log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
 
 
@@ -69,6 +67,8 @@ class KTOData(DataArgs):
     """Without data.eval, hold out this fraction of the training prompts (all their ratings) for evaluation."""
     max_eval_examples: int = Field(512, gt=0)
     """Evaluate on at most this many held-out ratings."""
+    padding_free: bool = True
+    """Pack each micro-batch into rows (no padding) with logits only on completions; checked once against the padded forward, off when the model does not support it."""
 
 
 class KTOConfig(PreferenceArgs):
@@ -151,8 +151,33 @@ def _batch(examples: list[dict], side: str, pad_id: int) -> dict[str, torch.Tens
     return pad_batch([e[side] for e in examples], pad_id, keys=("input_ids", "labels"))
 
 
-def _reduce(t: torch.Tensor, info: DistInfo, device: str) -> torch.Tensor:
-    return all_reduce_sum(t.to(device) if info.enabled else t, info).cpu()
+class _LogProbs:
+    """Response log-probs of the matched or mismatched side of some ratings: under the policy (the
+    model, or ``fast``, its padding-free wrapper, which packs rows; or a DDP wrapper of either passed
+    as ``module``) or under the reference (precomputed ``table`` rows, or a frozen forward)."""
+
+    def __init__(self, model, fast, reference: Reference | None, cfg: KTOConfig, pad_id: int, device) -> None:
+        self.model, self.fast, self.reference = model, fast, reference
+        self.cfg, self.pad_id, self.device = cfg, pad_id, device
+
+    @property
+    def packed(self) -> bool:
+        return self.fast is not None
+
+    def policy(self, part: list[dict], side: str, module=None) -> torch.Tensor:
+        if self.packed:
+            return packed.packed_sequence_logps(module or self.fast, [e[side] for e in part], self.pad_id,
+                                                self.cfg.data.max_length, self.cfg.precision, self.device)
+        return sequence_logps(module or self.model, _batch(part, side, self.pad_id), self.cfg.precision,
+                              self.device)
+
+    def ref(self, table: torch.Tensor | None, idx: list[int], part: list[dict], side: str) -> torch.Tensor:
+        if table is not None:
+            return table[torch.tensor(idx)].to(self.device)
+        if self.packed:
+            return self.reference.packed_sequence_logps([e[side] for e in part], self.pad_id,
+                                                        self.cfg.data.max_length, self.cfg.precision, self.device)
+        return self.reference.sequence_logps(_batch(part, side, self.pad_id), self.cfg.precision, self.device)
 
 
 def reward_auc(rewards: torch.Tensor, labels: torch.Tensor) -> float:
@@ -171,86 +196,78 @@ def reward_auc(rewards: torch.Tensor, labels: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- one pass
 
 
-def _kl_sums(model, reference: Reference | None, examples: list[dict], idx: list[int],
-             ref_kl: torch.Tensor | None, cfg: KTOConfig, pad_id: int, device, chunk: int) -> torch.Tensor:
-    """(sum of log pi - log pi_ref over the mismatched examples idx, their count), no gradient."""
+def _reference_point(logps: _LogProbs, examples: list[dict], idx: list[int], ref_kl: torch.Tensor | None,
+                     info: DistInfo, chunk: int) -> torch.Tensor:
+    """z0 of the examples ``idx`` of every process: the clamped mean of log pi - log pi_ref over their
+    mismatched completions (kilter.losses.kto_reference_point), no gradient; 0 with reference_point=zero."""
     total = torch.zeros(2, dtype=torch.float64)
-    if cfg.reference_point == "zero":
-        return total
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(idx), chunk):
-            part = idx[start:start + chunk]
-            batch = _batch([examples[i] for i in part], "mismatched", pad_id)
-            policy = sequence_logps(model, batch, cfg.precision, device)
-            ref = ref_kl[torch.tensor(part)].to(device) if ref_kl is not None else \
-                reference.sequence_logps(batch, cfg.precision, device)
-            total += torch.tensor([float((policy - ref).sum()), float(len(part))], dtype=torch.float64)
-    if was_training:
-        model.train()
-    return total
+    if logps.cfg.reference_point != "zero":
+        model = logps.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(idx), chunk):
+                part_idx = idx[start:start + chunk]
+                part = [examples[i] for i in part_idx]
+                gap = logps.policy(part, "mismatched") - logps.ref(ref_kl, part_idx, part, "mismatched")
+                total += torch.tensor([float(gap.sum()), float(len(part))], dtype=torch.float64)
+        if was_training:
+            model.train()
+    kl_sum, count = all_reduce_sum(total, info).tolist()
+    return kto_reference_point(kl_sum, count)
 
 
-def _z0(sums: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(max(0.0, float(sums[0] / sums[1])) if sums[1] > 0 else 0.0)
+_NAMES = ("loss", "r_up", "lp_up", "n_up", "r_down", "lp_down", "n_down")
+"""Per-batch sums: loss, then per class (reward sum, log-prob sum, count)."""
 
 
-# Stats summed across micro-batches and ranks: loss, then per class (reward sum, logps sum, count).
-_N_STATS = 7
-
-
-def _stats(losses, rewards, policy, labels) -> torch.Tensor:
+def _stats(losses, rewards, policy, labels) -> dict[str, torch.Tensor]:
     up = labels.bool()
     values = [losses.detach().sum(), rewards[up].sum(), policy.detach()[up].sum(), up.sum(),
               rewards[~up].sum(), policy.detach()[~up].sum(), (~up).sum()]
-    return torch.stack([torch.as_tensor(v).double().cpu() for v in values])
+    return dict(zip(_NAMES, values))
 
 
-def _metrics(sums: torch.Tensor, n: float, prefix: str, loss_key: str) -> dict[str, float]:
-    loss, r_up, lp_up, n_up, r_down, lp_down, n_down = sums.tolist()
-    out = {prefix + loss_key: loss / max(n, 1.0)}
+def _metrics(sums: dict[str, float], prefix: str, loss_key: str) -> dict[str, float]:
+    n_up, n_down = sums["n_up"], sums["n_down"]
+    out = {prefix + loss_key: sums["loss"] / max(n_up + n_down, 1.0)}
     if n_up:
-        out[prefix + "rewards/desirable"] = r_up / n_up
-        out[prefix + "logps/desirable"] = lp_up / n_up
+        out[prefix + "rewards/desirable"] = sums["r_up"] / n_up
+        out[prefix + "logps/desirable"] = sums["lp_up"] / n_up
     if n_down:
-        out[prefix + "rewards/undesirable"] = r_down / n_down
-        out[prefix + "logps/undesirable"] = lp_down / n_down
+        out[prefix + "rewards/undesirable"] = sums["r_down"] / n_down
+        out[prefix + "logps/undesirable"] = sums["lp_down"] / n_down
     if n_up and n_down:
-        out[prefix + "rewards/margin"] = r_up / n_up - r_down / n_down
+        out[prefix + "rewards/margin"] = sums["r_up"] / n_up - sums["r_down"] / n_down
     return out
 
 
 @torch.no_grad()
-def evaluate(model, reference: Reference | None, examples: list[dict], ref_logps: torch.Tensor | None,
-             ref_kl: torch.Tensor | None, cfg: KTOConfig, weights: tuple[float, float], pad_id: int,
-             info: DistInfo) -> dict[str, float]:
+def evaluate(logps: _LogProbs, examples: list[dict], ref_logps: torch.Tensor | None,
+             ref_kl: torch.Tensor | None, weights: tuple[float, float], info: DistInfo) -> dict[str, float]:
     """Loss, class rewards and margin, reward AUC and z0 on held-out ratings (eval/* keys)."""
+    cfg, device, model = logps.cfg, logps.device, logps.model
     was_training = model.training
     model.eval()
     mine = list(range(info.rank, len(examples), info.world_size))
-    z0 = _z0(_reduce(_kl_sums(model, reference, examples, mine, ref_kl, cfg, pad_id, info.device,
-                              cfg.batch_size), info, info.device))
-    sums = torch.zeros(_N_STATS, dtype=torch.float64)
+    z0 = _reference_point(logps, examples, mine, ref_kl, info, cfg.batch_size)
+    window = MetricWindow(info)
+    window.add(**dict.fromkeys(_NAMES, 0.0))  # every rank adds the same names, even with no examples
     all_rewards = torch.zeros(len(examples), dtype=torch.float64)
     for start in range(0, len(mine), cfg.batch_size):
         idx = mine[start:start + cfg.batch_size]
         part = [examples[i] for i in idx]
-        batch = _batch(part, "matched", pad_id)
-        labels = torch.tensor([e["label"] for e in part], device=info.device)
-        policy = sequence_logps(model, batch, cfg.precision, info.device)
-        ref = ref_logps[torch.tensor(idx)].to(info.device) if ref_logps is not None else \
-            reference.sequence_logps(batch, cfg.precision, info.device)
-        losses, rewards = kto_loss(policy, ref, labels, z0.to(info.device), cfg.beta, *weights)
-        sums += _stats(losses, rewards, policy, labels)
+        labels = torch.tensor([e["label"] for e in part], device=device)
+        policy = logps.policy(part, "matched")
+        losses, rewards = kto_loss(policy, logps.ref(ref_logps, idx, part, "matched"), labels, z0.to(device),
+                                   cfg.beta, *weights)
+        window.add(**_stats(losses, rewards, policy, labels))
         all_rewards[torch.tensor(idx)] = rewards.double().cpu()
     if was_training:
         model.train()
-    sums = _reduce(sums, info, info.device)
-    all_rewards = _reduce(all_rewards, info, info.device)
-    metrics = _metrics(sums, float(len(examples)), "eval/", "loss")
+    metrics = _metrics(window.read()[0], "eval/", "loss")
     labels = torch.tensor([e["label"] for e in examples])
-    metrics["eval/rewards/auc"] = reward_auc(all_rewards, labels)
+    metrics["eval/rewards/auc"] = reward_auc(all_reduce_sum(all_rewards, info), labels)
     metrics["eval/kl/ref"] = float(z0)
     return metrics
 
@@ -321,118 +338,84 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
         reference.release()
         reference = None
 
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    steps_per_epoch = len(train) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.train has {len(train)} ratings, fewer than one global batch of {global_batch} "
-                          "(batch_size x grad_accum x processes); lower batch_size")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    lengths = [len(e["matched"]["input_ids"]) for e in train]
-
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    start_step = 0
-    if cfg.resume and existing is not None:
-        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
-        _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
-    run_dir.write_config(cfg)
+    plan = StepPlan([len(e["matched"]["input_ids"]) for e in train], cfg, info, "ratings")
+    total_steps = plan.total_steps
+    stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
     trainable, total_params = count_parameters(model)
     _log(info, f"{len(train)} ratings ({n_up} up, {n_down} down; weights lambda_D={weights[0]:.3g}, "
                f"lambda_U={weights[1]:.3g}), {len(held_out)} held out, {total_steps} steps, global batch "
-               f"{global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
+               f"{plan.global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
                f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
+    # Padding-free rows with completion-only logits when the policy (and an online reference) allow.
+    fast = None
+    if cfg.data.padding_free:
+        wrapper, packed_ok = packed.fast_causal_lm(model, device)
+        if packed_ok and (reference is None or reference.enable_packing(device)):
+            fast = wrapper
+    logps = _LogProbs(model, fast, reference, cfg, pad_id, device)
+
     def run_eval() -> dict[str, float]:
-        return evaluate(model, reference, held_out, tables["eval"], tables["eval_kl"], cfg, weights, pad_id, info)
+        return evaluate(logps, held_out, tables["eval"], tables["eval_kl"], weights, info)
 
     if start_step == 0:
         if held_out:
             run_dir.log(0, run_eval())
-        if prompts and info.is_main:
-            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-            run_dir.log(0, metrics)
-            print("samples before training:\n" + table)
+        if info.is_main:
+            log_samples(run_dir, 0, "before", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
 
-    ddp_model = model
+    ddp_model = fast if fast is not None else model
     if info.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device == "cpu" else [info.local_rank])
+            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
-    batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="kto", disable=not info.is_main, dynamic_ncols=True)
-    window = torch.zeros(_N_STATS, dtype=torch.float64)
-    window_examples, window_kl, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+    window = MetricWindow(info)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in batches_cache:
-            batches_cache.clear()
-            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
-        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        # z0 for the whole global batch first: it must be one number for every micro-batch and rank.
-        z0 = _z0(_reduce(_kl_sums(model, reference, train, mine, tables["train_kl"], cfg, pad_id, device,
-                                  cfg.batch_size), info, device)).to(device)
-        step_sums = torch.zeros(_N_STATS, dtype=torch.float64)
-        micro = micro_batches(mine, cfg.grad_accum)
+        # 1. z0 for the whole global batch first: one number for every micro-batch and process
+        z0 = _reference_point(logps, train, plan.indices(step), tables["train_kl"], info, cfg.batch_size).to(device)
+        # 2. per micro-batch: policy and reference log-probs of the rated completions, the KTO loss
+        micro = plan.micro_batches(step)
         for k, idx in enumerate(micro):
             part = [train[i] for i in idx]
-            batch = _batch(part, "matched", pad_id)
             labels = torch.tensor([e["label"] for e in part], device=device)
-            if tables["train"] is not None:
-                ref = tables["train"][torch.tensor(idx)].to(device)
-            else:
-                ref = reference.sequence_logps(batch, cfg.precision, device)
-            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
-            with ctx:
-                policy = sequence_logps(ddp_model, batch, cfg.precision, device)
+            ref = logps.ref(tables["train"], idx, part, "matched")
+            with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
+                policy = logps.policy(part, "matched", module=ddp_model)
                 losses, rewards = kto_loss(policy, ref, labels, z0, cfg.beta, *weights)
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
-                (losses.sum() * info.world_size / global_batch).backward()
-            step_sums += _stats(losses, rewards, policy, labels)
-        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window += _reduce(step_sums, info, device)
-        window_examples += global_batch
-        window_kl += float(z0)
-        window_steps += 1
+                (losses.sum() * info.world_size / plan.global_batch).backward()
+            window.add(**_stats(losses, rewards, policy, labels))
+        window.add(z0=z0 / info.world_size, steps=1.0 / info.world_size)  # one z0 per step, on every process
+        # 3. the update
+        grad_norm = stepper.step()
         progress.update(1)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            last = _metrics(window, window_examples, "", "loss/kto")
-            last.update({"kl/ref": window_kl / window_steps, "optim/lr": scheduler.get_last_lr()[0],
-                         "optim/grad_norm": grad_norm, "perf/samples_per_s": window_examples / elapsed,
-                         "progress/epoch": done / steps_per_epoch})
+        # 4. log, evaluate, checkpoint
+        if due(done, cfg.log_every, total_steps):
+            sums, elapsed = window.read()
+            last = _metrics(sums, "", "loss/kto")
+            last.update({"kl/ref": sums["z0"] / sums["steps"], "optim/lr": stepper.lr, "optim/grad_norm": grad_norm,
+                         "perf/samples_per_s": (sums["n_up"] + sums["n_down"]) / elapsed,
+                         "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/kto']:.3f}", z0=f"{last['kl/ref']:.3f}")
-            window.zero_()
-            window_examples, window_kl, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
-        if held_out and (done % cfg.eval_every == 0 or done == total_steps):
+        if held_out and due(done, cfg.eval_every, total_steps):
             metrics = run_eval()
             run_dir.log(done, metrics)
             last.update(metrics)
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "kto")
+        if due(done, cfg.save_every, total_steps):
+            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "kto")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
-    barrier(info)
-    if info.is_main:
-        if prompts:
-            table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-            run_dir.log(total_steps, metrics)
-            last.update(metrics)
-            print("samples after training:\n" + table)
-        shown = ("loss/kto", "rewards/margin", "eval/loss", "eval/rewards/margin", "eval/rewards/auc",
-                 "samples/reward_greedy")
-        summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
-        print(f"kilter kto: done ({summary}); model in {run_dir.final}")
-    run_dir.close()
-    return 0
+    def samples_after() -> dict[str, float]:
+        return log_samples(run_dir, total_steps, "after", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
+
+    return finish(run_dir, info, "kto", model, tokenizer, cfg.lora.merge_on_save, last,
+                  ("loss/kto", "rewards/margin", "eval/loss", "eval/rewards/margin", "eval/rewards/auc",
+                   "samples/reward_greedy"), after=samples_after)
 
 
 __all__ = ["KTOConfig", "KTOData", "run", "evaluate", "class_weights", "mismatched_partners", "encode_ratings",

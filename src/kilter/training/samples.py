@@ -68,3 +68,14 @@ def sample_report(model, tokenizer, prompts: list, section: SampleSection, seed:
         columns.append("reward")
     metrics["samples/length_greedy"] = sum(len(r) for r in greedy.response_ids) / max(1, len(prompts))
     return format_sample_table(rows, columns), metrics
+
+
+def log_samples(run_dir, step: int, when: str, model, tokenizer, prompts: list, section: SampleSection, seed: int,
+                reward_fn=None) -> dict[str, float]:
+    """:func:`sample_report` logged at ``step`` and printed as "samples {when} training" (main process only)."""
+    if not prompts:
+        return {}
+    table, metrics = sample_report(model, tokenizer, prompts, section, seed, reward_fn)
+    run_dir.log(step, metrics)
+    print(f"samples {when} training:\n" + table)
+    return metrics

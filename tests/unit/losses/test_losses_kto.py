@@ -47,3 +47,16 @@ def test_kto_reference_kl():
     assert z0.item() == pytest.approx(0.5) and not z0.requires_grad
     # a negative estimate is clamped to 0
     assert kto_reference_kl(torch.tensor([-5.0]), torch.tensor([-1.0])).item() == 0.0
+
+
+def test_kto_reference_point_from_sums_by_hand():
+    from kilter.losses import kto_reference_point
+
+    assert kto_reference_point(3.0, 4).item() == pytest.approx(0.75)
+    assert kto_reference_point(-1.0, 2).item() == 0.0  # clamped at 0
+    assert kto_reference_point(0.0, 0).item() == 0.0  # no mismatched responses
+    # two processes' shares added before dividing equal the mean over all of them
+    a, b = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-2.0, -2.5, -1.5])
+    whole = kto_reference_kl(a, b)
+    split = kto_reference_point(float((a[:2] - b[:2]).sum()) + float((a[2:] - b[2:]).sum()), 3)
+    assert split.item() == pytest.approx(whole.item()) == pytest.approx(2.5 / 3)

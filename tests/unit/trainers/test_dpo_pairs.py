@@ -47,7 +47,7 @@ def test_pair_stats_and_metrics_by_hand():
     losses = torch.tensor([0.5, 1.5])
     chosen, rejected = torch.tensor([0.2, -0.1]), torch.tensor([0.0, -0.1])  # one win, one tie
     stats = pair_stats(losses, chosen, rejected, torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -6.0]))
-    m = stats_to_metrics(stats, 2.0, "eval/", "loss")
+    m = stats_to_metrics({"pairs": 2.0, **{k: float(v) for k, v in stats.items()}}, "eval/", "loss")
     assert m["eval/loss"] == pytest.approx(1.0)
     assert m["eval/rewards/accuracy"] == pytest.approx(0.75)  # the tie counts as half
     assert m["eval/rewards/margin"] == pytest.approx(0.1)
