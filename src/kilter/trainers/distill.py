@@ -31,39 +31,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import sys
-import time
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from kilter.config import BaseConfig
-from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.collate import pad_batch
 from kilter.data.context import context_tokens, load_context, with_context
 from kilter.data.formats import DataFormat
 from kilter.data.sources import load_records
 from kilter.data.tokenize import IGNORE_INDEX, encode_prompt
-from kilter.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from kilter.errors import ConfigError
+from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.evaluation.evaluate import mean_and_stderr
 from kilter.losses.distill import KLDirection, teacher_topk, token_kls
 from kilter.models.lora import count_parameters
 from kilter.models.packed import fast_causal_lm
 from kilter.models.reference import Reference, per_token_logps
-from kilter.models.saving import save_model
 from kilter.models.teacher import cached_teacher_topk, completion_logits, gather_rows
 from kilter.rewards.base import call_function, load_function
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.runs import atomic_write_file
 from kilter.training.args import StepArgs
-from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
-from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.batching import accumulation_context
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.policy import load_policy
-from kilter.training.setup import open_run_dir, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 
 # --------------------------------------------------------------------------- config
 
@@ -210,11 +205,7 @@ def evaluate(model, teacher: Reference, tokenizer, prompts: list, teacher_prompt
 
 
 def run(cfg: DistillConfig) -> int:
-    info = init_distributed(cfg.device)
-    try:
-        return _train(cfg, info)
-    finally:
-        cleanup(info)
+    return launch(_train, cfg, "distill")
 
 
 def _log(info: DistInfo, message: str) -> None:
@@ -303,25 +294,13 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     if table is not None and not eval_prompts:
         teacher.release()  # a separate frozen copy is no longer needed
 
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    steps_per_epoch = len(students) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.train gives {len(students)} continuations, fewer than one global batch of "
-                          f"{global_batch} (batch_size x grad_accum x processes); lower batch_size")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    lengths = [len(e["input_ids"]) for e in students]
-
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    start_step = 0
-    if cfg.resume and existing is not None:
-        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
-        _log(info, f"resumed from {existing} at step {start_step}/{total_steps}")
-    run_dir.write_config(cfg)
+    plan = StepPlan([len(e["input_ids"]) for e in students], cfg, info, "continuations", by_length=True)
+    total_steps = plan.total_steps
+    stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
     trainable, total_params = count_parameters(model)
     _log(info, f"{len(students)} continuations of {len(rows)} prompts ({d.continuations}), {total_steps} steps, "
-               f"global batch {global_batch}, {cfg.kl} KL, top_k {cfg.top_k}, teacher {cfg.teacher}"
+               f"global batch {plan.global_batch}, {cfg.kl} KL, top_k {cfg.top_k}, teacher {cfg.teacher}"
                f"{' (the adapter-disabled student)' if shared else ''}, {trainable / 1e6:.2f}M of "
                f"{total_params / 1e6:.2f}M parameters trainable, device {device}")
 
@@ -345,21 +324,15 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
-    batches_cache: dict[int, list[list[int]]] = {}
-    window = torch.zeros(5, dtype=torch.float64)  # loss, forward, reverse, kept mass (token sums), tokens
-    window_start = time.perf_counter()
+    window = MetricWindow(info)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in batches_cache:
-            batches_cache.clear()
-            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, True)
-        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        micro = micro_batches(mine, cfg.grad_accum)
-        local_tokens = sum(len(continuations[keep[i]]) for i in mine)
+        # 1. this step's continuations; the loss is a mean over all their tokens, on every process
+        micro = plan.micro_batches(step)
+        local_tokens = sum(len(continuations[keep[i]]) for i in plan.indices(step))
         global_tokens = float(all_reduce_sum(local_tokens, info))
-        step_sums = torch.zeros(5, dtype=torch.float64)
         for k, idx in enumerate(micro):
+            # 2. the teacher's (top-k) distributions: the precomputed table, or a frozen forward with the context
             batch = pad_batch([students[i] for i in idx], pad_id, keys=("input_ids", "labels"))
             if table is not None:
                 t_logps, t_index, mass = gather_rows(table, idx)
@@ -369,6 +342,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
                     t_logps, t_index, mass = teacher_topk(completion_logits(t_model, t_batch, cfg.precision, device),
                                                           cfg.top_k)
             t_logps, t_index = t_logps.to(device), None if t_index is None else t_index.to(device)
+            # 3. the student's logits without the context, the token-level KL
             with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
                 logits = completion_logits(model if loss_model is not None else ddp_model, batch, cfg.precision,
                                            device, loss_model=ddp_model if loss_model is not None else None)
@@ -376,40 +350,28 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
                 losses = forward if cfg.kl == "forward" else reverse
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (losses.sum() * info.world_size / max(global_tokens, 1.0)).backward()
-            step_sums += torch.stack([losses.detach().sum().double().cpu(), forward.detach().sum().double().cpu(),
-                                      reverse.detach().sum().double().cpu(), mass.double().sum().cpu(),
-                                      torch.tensor(float(losses.numel()), dtype=torch.float64)])
-        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window += all_reduce_sum(step_sums, info)
+            window.add(loss=losses.detach().sum(), forward=forward.detach().sum(), reverse=reverse.detach().sum(),
+                       mass=mass.double().sum(), tokens=losses.numel())
+        # 4. the update
+        grad_norm = stepper.step()
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            n = max(float(window[4]), 1.0)
-            last = {"loss/distill": float(window[0]) / n, "kl/teacher_student": float(window[1]) / n,
-                    "kl/student_teacher": float(window[2]) / n, "teacher/topk_mass": float(window[3]) / n,
-                    "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
-                    "perf/tokens_per_s": float(window[4]) / elapsed, "progress/epoch": done / steps_per_epoch}
+        # 5. log, evaluate, checkpoint
+        if due(done, cfg.log_every, total_steps):
+            sums, elapsed = window.read()
+            n = max(sums["tokens"], 1.0)
+            last = {"loss/distill": sums["loss"] / n, "kl/teacher_student": sums["forward"] / n,
+                    "kl/student_teacher": sums["reverse"] / n, "teacher/topk_mass": sums["mass"] / n,
+                    "optim/lr": stepper.lr, "optim/grad_norm": grad_norm,
+                    "perf/tokens_per_s": sums["tokens"] / elapsed, "progress/epoch": plan.epoch(done)}
             run_dir.log(done, last)
             _log(info, f"step {done}/{total_steps} loss/distill={last['loss/distill']:.4f}")
-            window.zero_()
-            window_start = time.perf_counter()
-        if done % cfg.eval_every == 0 or done == total_steps:
+        if due(done, cfg.eval_every, total_steps):
             last.update(run_eval(done))
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "distill")
+        if due(done, cfg.save_every, total_steps):
+            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "distill")
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
-    barrier(info)
-    if info.is_main:
-        shown = ("loss/distill", "kl/teacher_student", "eval/kl/student_teacher", "eval/gold/student")
-        summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
-        print(f"kilter distill: done ({summary}); model in {run_dir.final}")
-    run_dir.close()
-    return 0
+    return finish(run_dir, info, "distill", model, tokenizer, cfg.lora.merge_on_save, last,
+                  ("loss/distill", "kl/teacher_student", "eval/kl/student_teacher", "eval/gold/student"))
 
 
 __all__ = ["DistillConfig", "DistillData", "run", "evaluate"]

@@ -28,7 +28,6 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -36,7 +35,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.data.collate import pad_batch, shard_indices
+from kilter.data.collate import pad_batch
 from kilter.data.preferences import (
     encode_groups,
     load_preference_groups,
@@ -47,28 +46,24 @@ from kilter.data.preferences import (
 from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError
 from kilter.evaluation.calibration import calibration_report, calibration_sums
-from kilter.losses import pair_weights, pairwise_accuracy, weighted_pair_loss
+from kilter.evaluation.reward_pairs import ensemble_accuracy, pair_table
+from kilter.losses import pairwise_accuracy, weighted_pair_loss
 from kilter.models import load_tokenizer, packed
 from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
-from kilter.models.precision import autocast
 from kilter.models.reward import (
     RewardModel,
     is_ensemble_dir,
-    load_reward,
     load_reward_backbone,
-    raw_scores,
     resolve_reward_dir,
     save_reward_model,
     set_reward_bias,
     write_ensemble_manifest,
 )
-from kilter.models.shared_prefix import pack_groups
+from kilter.models.reward_batches import chunks_of_rows, collate_groups, score_rows
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.training.args import DataArgs, StepArgs
-from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
-from kilter.training.display import format_sample_table
-from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.batching import accumulation_context
+from kilter.training.loop import MetricWindow, StepPlan, due, start_training
 from kilter.training.setup import launch, prepare
 from kilter.training.state import set_seed
 
@@ -140,71 +135,24 @@ class RMConfig(StepArgs):
     """Held-out pairs shown with their rewards at the end (0: none)."""
 
 
-# --------------------------------------------------------------------------- math
-
-
-def collate_groups(groups: list[dict], pad_id: int, margin_scale: float = 1.0,
-                   pack_capacity: int | None = None, shared_prefix: bool = False,
-                   attention_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """Flatten encoded groups into one padded batch of responses plus pair indices.
-
-    Returns ``input_ids``/``attention_mask`` (N, T) with N = total responses (each once)
-    (with ``pack_capacity``: packed rows, see :func:`kilter.models.packed.pack_micro_batch`;
-    with ``shared_prefix`` too, a group's responses share one copy of the prompt and
-    ``attention_mask`` is 4-D, see :mod:`kilter.models.shared_prefix`),
-    ``better``/``worse`` (P,) row indices of every labeled pair, ``pair_group`` (P,) the group
-    of each pair, ``pair_weight`` (P,) its weight in the loss
-    (:func:`kilter.losses.pair_weights`), ``margin`` (P,) = margin_scale * strength (0 where no
-    strength), and ``n_groups`` (0-dim).
-    """
-    rows, better, worse, pair_group, margin = [], [], [], [], []
-    for g, group in enumerate(groups):
-        offset = len(rows)
-        rows.extend(group["examples"])
-        for b, w, strength in group["pairs"]:
-            better.append(offset + b)
-            worse.append(offset + w)
-            pair_group.append(g)
-            margin.append(margin_scale * strength if strength is not None else 0.0)
-    if pack_capacity and shared_prefix:
-        sp = pack_groups([[list(ex["input_ids"]) for ex in group["examples"]] for group in groups], pad_id,
-                         pack_capacity, attention_weight)
-        batch = {"input_ids": sp.input_ids, "position_ids": sp.position_ids, "attention_mask": sp.attention_mask,
-                 "last_index": sp.last_index(), "n_tokens": sp.lengths.sum()}
-    elif pack_capacity:
-        batch = packed.pack_micro_batch([{"input_ids": r["input_ids"]} for r in rows], pad_id, pack_capacity,
-                                        attention_weight=attention_weight)
-    else:
-        batch = pad_batch(rows, pad_id, keys=("input_ids",))
-    batch.update(better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long),
-                 pair_group=torch.tensor(pair_group, dtype=torch.long),
-                 margin=torch.tensor(margin, dtype=torch.float32), n_groups=torch.tensor(len(groups)))
-    independent = torch.tensor([bool(g.get("independent", False)) for g in groups], dtype=torch.bool)
-    batch["pair_weight"] = pair_weights(batch["pair_group"], independent)
-    return batch
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
-def _forward(model, batch: dict, precision: str, device: str) -> torch.Tensor:
-    with autocast(precision, device):
-        if "last_index" in batch:  # packed rows through packed.LastTokenScores
-            mask = batch.get("attention_mask")  # 4-D with shared prefixes, else none
-            return model(batch["input_ids"].to(device), batch["position_ids"].to(device),
-                         batch["last_index"].to(device), attention_mask=None if mask is None else mask.to(device))
-        return raw_scores(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+def _pair_stats(rewards: torch.Tensor, batch: dict) -> dict[str, float]:
+    """Sums over a batch's labeled pairs and responses: wins (ties 1/2), pairs, reward gap, r, r^2, responses."""
+    gap = rewards[batch["better"]] - rewards[batch["worse"]]
+    return {"wins": float(pairwise_accuracy(gap, torch.zeros_like(gap))) * len(gap), "pairs": len(gap),
+            "gap": float(gap.sum()), "r": float(rewards.sum()), "r2": float((rewards ** 2).sum()),
+            "responses": len(rewards)}
 
 
-def _chunks_of_rows(groups: list[dict], rows_per_batch: int) -> list[list[dict]]:
-    chunks, current, n = [], [], 0
-    for g in groups:
-        if current and n + len(g["examples"]) > rows_per_batch:
-            chunks.append(current)
-            current, n = [], 0
-        current.append(g)
-        n += len(g["examples"])
-    return chunks + ([current] if current else [])
+def _pair_metrics(sums: dict[str, float], prefix: str, accuracy: str, margin: str) -> dict[str, float]:
+    """Accuracy, margin, reward mean and std from :func:`_pair_stats` sums."""
+    pairs, n = max(sums["pairs"], 1.0), max(sums["responses"], 1.0)
+    mean = sums["r"] / n
+    return {prefix + accuracy: sums["wins"] / pairs, prefix + margin: sums["gap"] / pairs,
+            prefix + "reward_mean" if prefix else "reward/mean": mean,
+            prefix + "reward_std" if prefix else "reward/std": math.sqrt(max(sums["r2"] / n - mean ** 2, 0.0))}
 
 
 @torch.no_grad()
@@ -213,32 +161,23 @@ def evaluate(model, groups: list[dict], cfg: RMConfig, pad_id: int, device: str,
     """eval/loss, eval/accuracy, eval/margin, eval/ece, eval/reward_mean, eval/reward_std + calibration table."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(8, dtype=torch.float64)  # weighted loss, weight, wins, pairs, margin, r, r^2, responses
+    window = MetricWindow(info)
+    window.add(loss=0.0, weight=0.0, **dict.fromkeys(("wins", "pairs", "gap", "r", "r2", "responses"), 0.0))
     calib = torch.zeros(3, cfg.calibration_bins, dtype=torch.float64)
-    for chunk in _chunks_of_rows(groups[info.rank::info.world_size], cfg.eval_batch_size):
+    for chunk in chunks_of_rows(groups[info.rank::info.world_size], cfg.eval_batch_size):
         batch = collate_groups(chunk, pad_id, cfg.strength_margin_scale)
-        rewards = _forward(model, batch, cfg.precision, device).cpu() + bias
+        rewards = score_rows(model, batch, cfg.precision, device).cpu() + bias
         loss_sum, weight_sum = weighted_pair_loss(rewards, batch["better"], batch["worse"], batch["pair_weight"],
                                                   batch["margin"])
-        gap = rewards[batch["better"]] - rewards[batch["worse"]]
-        totals += torch.tensor([float(loss_sum), float(weight_sum), float(pairwise_accuracy(gap, 0 * gap))
-                                * len(gap), len(gap), float(gap.sum()), float(rewards.sum()),
-                                float((rewards ** 2).sum()), len(rewards)], dtype=torch.float64)
-        calib += calibration_sums(torch.sigmoid(gap), cfg.calibration_bins)
-    totals, calib = all_reduce_sum(totals, info), all_reduce_sum(calib, info)
+        window.add(loss=loss_sum, weight=weight_sum, **_pair_stats(rewards, batch))
+        calib += calibration_sums(torch.sigmoid(rewards[batch["better"]] - rewards[batch["worse"]]),
+                                  cfg.calibration_bins)
+    sums, calib = window.read()[0], all_reduce_sum(calib, info)
     if was_training:
         model.train()
-    loss, weight, wins, n_pairs, margin_sum, r_sum, r2_sum, n_resp = totals.tolist()
-    mean = r_sum / max(n_resp, 1)
     report = calibration_report(calib)
-    metrics = {
-        "eval/loss": loss / max(weight, 1e-12),
-        "eval/accuracy": wins / max(n_pairs, 1),
-        "eval/margin": margin_sum / max(n_pairs, 1),
-        "eval/ece": report["ece"],
-        "eval/reward_mean": mean,
-        "eval/reward_std": math.sqrt(max(r2_sum / max(n_resp, 1) - mean ** 2, 0.0)),
-    }
+    metrics = {"eval/loss": sums["loss"] / max(sums["weight"], 1e-12),
+               **_pair_metrics(sums, "eval/", "accuracy", "margin"), "eval/ece": report["ece"]}
     return metrics, report
 
 
@@ -251,7 +190,7 @@ def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, devi
     mine = examples[info.rank::info.world_size]
     for start in range(0, len(mine), cfg.eval_batch_size):
         batch = pad_batch(mine[start:start + cfg.eval_batch_size], pad_id, keys=("input_ids",))
-        rewards = _forward(model, batch, cfg.precision, device).double().cpu()
+        rewards = score_rows(model, batch, cfg.precision, device).double().cpu()
         total += torch.tensor([float(rewards.sum()), len(rewards)], dtype=torch.float64)
     total = all_reduce_sum(total, info)
     if was_training:
@@ -372,7 +311,7 @@ def _train_all(cfg: RMConfig, info: DistInfo) -> int:
                                 {"seeds": [cfg.seed + i for i in range(n)], "bootstrap": cfg.bootstrap})
         root_dir = RunDir(root, writer=True, tensorboard=False)
         root_dir.write_config(cfg)
-        metrics = _ensemble_eval(root / "final", eval_groups, cfg, info.device) if eval_groups else {}
+        metrics = ensemble_accuracy(root / "final", eval_groups, cfg.eval_batch_size, info.device) if eval_groups else {}
         if metrics:
             root_dir.log(0, metrics)
             print("kilter rm: ensemble " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -407,23 +346,13 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         rng = random.Random(f"kilter-rm-bootstrap-{cfg.seed}-{member}")
         order = [rng.randrange(len(train_enc)) for _ in order]
     lengths = [sum(len(e["input_ids"]) for e in train_enc[j]["examples"]) for j in order]
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    steps_per_epoch = len(order) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.train has {len(order)} groups, fewer than one global batch of {global_batch} "
-                          "(batch_size x grad_accum x processes); lower batch_size")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    start_step = 0
-    if existing is not None:
-        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
-        if info.is_main:
-            print(f"kilter {tag}: resumed from {existing} at step {start_step}/{total_steps}")
-    run_dir.write_config(cfg)
+    plan = StepPlan(lengths, cfg, info, "groups", seed=seed)
+    total_steps = plan.total_steps
+    stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing,
+                                         lambda m: info.is_main and print(f"kilter {tag}: {m}"))
     if info.is_main:
         trainable, total_params = count_parameters(model)
-        print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {global_batch} groups, "
+        print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {plan.global_batch} groups, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
     fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
@@ -435,52 +364,48 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
     pad_id = tokenizer.pad_token_id
-    batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
-    window = _Window()
+    window = MetricWindow(info)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in batches_cache:
-            batches_cache.clear()
-            batches_cache[epoch] = epoch_batches(lengths, global_batch, seed, epoch, cfg.data.group_by_length)
-        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
+        # 1. this step's groups in micro-batches (padded, packed, or packed with shared prompts)
         micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
                                 shared, weight)
-                 for idx in micro_batches(mine, cfg.grad_accum)]
-        # the step's loss is sum(w * l) / sum(w) over all its micro-batches and ranks
+                 for idx in plan.micro_batches(step)]
+        # 2. the step's loss is sum(w * l) / sum(w) over all its micro-batches and processes
         local_weight = sum(float(b["pair_weight"].sum()) for b in micro)
         global_weight = float(all_reduce_sum(torch.tensor(local_weight, dtype=torch.float64), info))
-        step_loss = torch.zeros((), dtype=torch.float64)
         for k, batch in enumerate(micro):
-            ctx = accumulation_context(ddp_model, info, last=k == len(micro) - 1)
-            with ctx:
-                rewards = _forward(ddp_model, batch, cfg.precision, device)
+            with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
+                rewards = score_rows(ddp_model, batch, cfg.precision, device)
                 loss_sum, _ = weighted_pair_loss(rewards, batch["better"].to(device), batch["worse"].to(device),
                                                  batch["pair_weight"].to(device), batch["margin"].to(device))
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (loss_sum * info.world_size / max(global_weight, 1e-12)).backward()
-            step_loss += loss_sum.detach().double().cpu()
-            window.add(rewards.detach().float().cpu(), batch)
-        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_weight, 1e-12)
+            tokens = batch["n_tokens"] if "n_tokens" in batch else batch["attention_mask"].sum()
+            window.add(loss=loss_sum.detach().double(), tokens=tokens,
+                       **_pair_stats(rewards.detach().float().cpu(), batch))
+        window.add(weight=local_weight)
+        # 3. the update
+        grad_norm = stepper.step()
         progress.update(1)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            last = {"loss/rm": loss_value, **window.metrics(info), "optim/lr": scheduler.get_last_lr()[0],
-                    "optim/grad_norm": grad_norm, "progress/epoch": done / steps_per_epoch}
+        # 4. log, evaluate, checkpoint
+        if due(done, cfg.log_every, total_steps):
+            sums, elapsed = window.read()
+            last = {"loss/rm": sums["loss"] / max(sums["weight"], 1e-12),
+                    **_pair_metrics(sums, "", "train/accuracy", "train/margin"), "optim/lr": stepper.lr,
+                    "optim/grad_norm": grad_norm, "perf/pairs_per_s": sums["pairs"] / elapsed,
+                    "perf/samples_per_s": sums["responses"] / elapsed, "perf/tokens_per_s": sums["tokens"] / elapsed,
+                    "progress/epoch": plan.epoch(done)}
             run_dir.log(done, last)
-            progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['train/accuracy']:.2f}")
-            window = _Window()
+            progress.set_postfix(loss=f"{last['loss/rm']:.3f}", acc=f"{last['train/accuracy']:.2f}")
         if eval_enc and done % cfg.eval_every == 0 and done < total_steps:  # the last one follows the bias
             metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
             run_dir.log(done, metrics)
             last.update(metrics)
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "rm")
+        if due(done, cfg.save_every, total_steps):
+            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "rm")
     progress.close()
 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
@@ -499,7 +424,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         save_folder_atomically(final, lambda p: save_reward_model(model, tokenizer, p))
         if cfg.n_samples and eval_groups:
             scorer = RewardModel(model, tokenizer, max_length=cfg.data.max_length)
-            print(f"held-out pairs ({tag}):\n" + _sample_table(scorer, eval_groups[: cfg.n_samples]))
+            print(f"held-out pairs ({tag}):\n" + pair_table(scorer, eval_groups[: cfg.n_samples]))
         shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
         print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")
     barrier(info)
@@ -507,61 +432,4 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     return summary
 
 
-class _Window:
-    """Training statistics between two log lines: pair accuracy, margin, reward mean/std, speed."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.t = torch.zeros(7, dtype=torch.float64)  # wins, pairs, gap sum, r, r^2, responses, tokens
-
-    def add(self, rewards: torch.Tensor, batch: dict) -> None:
-        gap = rewards[batch["better"]] - rewards[batch["worse"]]
-        wins = float(pairwise_accuracy(gap, torch.zeros_like(gap))) * len(gap)
-        self.t += torch.tensor([wins, len(gap), float(gap.sum()), float(rewards.sum()), float((rewards ** 2).sum()),
-                                len(rewards), float(batch["n_tokens"] if "n_tokens" in batch
-                                                    else batch["attention_mask"].sum())], dtype=torch.float64)
-
-    def metrics(self, info: DistInfo) -> dict[str, float]:
-        wins, pairs, gap, r, r2, n, tokens = all_reduce_sum(self.t, info).tolist()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        mean = r / max(n, 1)
-        return {"train/accuracy": wins / max(pairs, 1), "train/margin": gap / max(pairs, 1), "reward/mean": mean,
-                "reward/std": math.sqrt(max(r2 / max(n, 1) - mean ** 2, 0.0)), "perf/pairs_per_s": pairs / elapsed,
-                "perf/samples_per_s": n / elapsed, "perf/tokens_per_s": tokens / elapsed}
-
-
-def _pairs_of(groups: list[dict]) -> tuple[list, list[str], list[tuple[int, int]]]:
-    """Flatten text groups into (prompts, responses) and (better, worse) row indices."""
-    prompts, responses, pairs = [], [], []
-    for g in groups:
-        offset = len(responses)
-        prompts += [g["prompt"]] * len(g["responses"])
-        responses += list(g["responses"])
-        pairs += [(offset + b, offset + w) for b, w, _ in g["pairs"]]
-    return prompts, responses, pairs
-
-
-def _sample_table(rm: RewardModel, groups: list[dict]) -> str:
-    """The first labeled pair of each group with its rewards, as a text table."""
-    firsts = [(g["prompt"], g["responses"][g["pairs"][0][0]], g["responses"][g["pairs"][0][1]]) for g in groups]
-    prompts = [p for p, _, _ in firsts for _ in range(2)]
-    rewards = rm.score(prompts, [r for _, b, w in firsts for r in (b, w)])
-    rows = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "preferred": b, "other": w,
-             "r_pref": float(rewards[2 * i]), "r_other": float(rewards[2 * i + 1])}
-            for i, (p, b, w) in enumerate(firsts)]
-    return format_sample_table(rows, ["prompt", "preferred", "other", "r_pref", "r_other"], width=40)
-
-
-def _ensemble_eval(folder: Path, groups: list[dict], cfg: RMConfig, device: str) -> dict[str, float]:
-    """Held-out accuracy of the members' mean reward, and the mean member spread."""
-    ensemble = load_reward(folder, device=device)
-    prompts, responses, pairs = _pairs_of(groups)
-    mean, std = ensemble.score_with_std(prompts, responses, batch_size=cfg.eval_batch_size)
-    better = torch.tensor([b for b, _ in pairs])
-    worse = torch.tensor([w for _, w in pairs])
-    return {"ensemble/eval_accuracy": float(pairwise_accuracy(mean[better], mean[worse])),
-            "ensemble/eval_margin": float((mean[better] - mean[worse]).mean()),
-            "ensemble/reward_std_mean": float(std.mean())}
-
-
-__all__ = ["RMConfig", "RMData", "run", "collate_groups", "evaluate"]
+__all__ = ["RMConfig", "RMData", "run", "evaluate"]

@@ -11,30 +11,27 @@ from __future__ import annotations
 import math
 import random
 import sys
-import time
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.data.collate import pack_examples, pad_batch, shard_indices
+from kilter.data.collate import pack_examples, pad_batch
 from kilter.data.sources import load_train_eval
 from kilter.data.tokenize import IGNORE_INDEX, encode_sft_records
-from kilter.distributed import DistInfo, all_reduce_sum, barrier
-from kilter.errors import ConfigError, KilterError
+from kilter.distributed import DistInfo, all_reduce_sum
+from kilter.errors import KilterError
 from kilter.losses import causal_lm_loss, sft_loss
 from kilter.models import load_causal_lm, load_tokenizer
 from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from kilter.models.packed import fast_causal_lm, pack_micro_batch
 from kilter.models.precision import autocast
-from kilter.models.saving import save_model
 from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.training.args import DataArgs, StepArgs
-from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.batching import accumulation_context
 from kilter.training.display import format_sample_table
-from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.setup import launch, open_run_dir, prepare
 
 
@@ -223,27 +220,15 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         if cfg.data.kind == "demonstration":
             eval_prompts = [r["prompt"] for r in eval_records.rows[: cfg.n_samples]]
 
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    lengths = [len(e["input_ids"]) for e in examples]
-    steps_per_epoch = len(examples) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data.train has {len(examples)} examples, fewer than one global batch of {global_batch} "
-                          "(batch_size x grad_accum x processes); lower batch_size")
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
-    start_step = 0
-    if cfg.resume and existing is not None:
-        start_step = resume_from(existing, run_dir, model, optimizer, scheduler)
-        if info.is_main:
-            print(f"kilter sft: resumed from {existing} at step {start_step}/{total_steps}")
-    run_dir.write_config(cfg)
+    plan = StepPlan([len(e["input_ids"]) for e in examples], cfg, info, "examples")
+    total_steps = plan.total_steps
+    stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing,
+                                         lambda m: info.is_main and print(f"kilter sft: {m}"))
 
     trainable, total_params = count_parameters(model)
     gold = builtin_gold(eval_records.source) if eval_records is not None else None
     if info.is_main:
-        print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {global_batch}, "
+        print(f"kilter sft: {len(examples)} examples, {total_steps} steps, global batch {plan.global_batch}, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}, "
               f"padding-free rows {'on' if packed_ok else 'off'}, "
               f"completion-only logits {'on' if loss_model is not None else 'off'}")
@@ -257,76 +242,57 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=None if device == "cpu"
                                                               else [info.local_rank])
 
-    batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
-    window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
+    window = MetricWindow(info)
     last_metrics: dict[str, float] = {}
     for step in range(start_step, total_steps):
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in batches_cache:
-            batches_cache.clear()
-            batches_cache[epoch] = epoch_batches(lengths, global_batch, cfg.seed, epoch, cfg.data.group_by_length)
-        mine = shard_indices(batches_cache[epoch][position], info.rank, info.world_size)
-        micro = micro_batches(mine, cfg.grad_accum)
-        padded = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity,
-                                   attention_weight=weight) if pack_capacity
-                  else pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in padded)
+        # 1. this step's examples in micro-batches: padding-free packed rows or padded ones
+        micro = [pack_micro_batch([examples[i] for i in idx], tokenizer.pad_token_id, pack_capacity,
+                                  attention_weight=weight) if pack_capacity
+                 else pad_batch([examples[i] for i in idx], tokenizer.pad_token_id) for idx in plan.micro_batches(step)]
+        # 2. the loss is a mean over every target token of the step, on every process
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         global_tokens = float(all_reduce_sum(local_tokens, info))
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for k, batch in enumerate(padded):
-            sync = k == len(padded) - 1
-            ctx = accumulation_context(ddp_model, info, last=sync)
-            with ctx:
+        for k, batch in enumerate(micro):
+            with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
                 if loss_model is not None:
                     loss_sum, _ = _forward_sum_fast(ddp_model, batch, cfg.precision, device)
                 else:
                     loss_sum, _ = _forward_sum(ddp_model, batch, cfg.precision, device)
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
                 (loss_sum * info.world_size / max(global_tokens, 1.0)).backward()
-            step_loss += loss_sum.detach().double().cpu()
-        grad_norm = clip_and_norm(model.parameters(), cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_value = float(all_reduce_sum(step_loss, info)) / max(global_tokens, 1.0)
-        window_tokens += sum(_batch_tokens(b) for b in padded) * info.world_size
-        window_examples += global_batch
+            window.add(loss=loss_sum.detach().double(), tokens=_batch_tokens(batch))
+        window.add(targets=local_tokens, examples=len(plan.indices(step)))  # rows, when data.packing
+        # 3. the update
+        grad_norm = stepper.step()
         progress.update(1)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            last_metrics = {
-                "loss/sft": loss_value,
-                "optim/lr": scheduler.get_last_lr()[0],
-                "optim/grad_norm": grad_norm,
-                "perf/tokens_per_s": window_tokens / elapsed,
-                "perf/samples_per_s": window_examples / elapsed,
-                "progress/epoch": done / steps_per_epoch,
-            }
+        # 4. log, evaluate, checkpoint
+        if due(done, cfg.log_every, total_steps):
+            sums, elapsed = window.read()
+            last_metrics = {"loss/sft": sums["loss"] / max(sums["targets"], 1.0), "optim/lr": stepper.lr,
+                            "optim/grad_norm": grad_norm, "perf/tokens_per_s": sums["tokens"] / elapsed,
+                            "perf/samples_per_s": sums["examples"] / elapsed, "progress/epoch": plan.epoch(done)}
             run_dir.log(done, last_metrics)
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
-            window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
-        if eval_examples and (done % cfg.eval_every == 0 or done == total_steps):
+            progress.set_postfix(loss=f"{last_metrics['loss/sft']:.3f}", tok_s=f"{sums['tokens'] / elapsed:.0f}")
+        if eval_examples and due(done, cfg.eval_every, total_steps):
             metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info,
                                loss_model=loss_model, pack_capacity=pack_capacity)
             run_dir.log(done, metrics)
             last_metrics.update(metrics)
-        if done % cfg.save_every == 0 or done == total_steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "sft")
+        if due(done, cfg.save_every, total_steps):
+            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "sft")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
-    barrier(info)
-    if info.is_main:
+    def samples_after() -> dict[str, float]:
         if eval_prompts:
             print("samples after training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                              cfg.sample_max_new_tokens, cfg.seed, gold))
-        summary = ", ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if k.startswith(("loss", "eval")))
-        print(f"kilter sft: done ({summary}); model in {run_dir.final}")
-    run_dir.close()
-    return 0
+        return {}
+
+    shown = tuple(k for k in last_metrics if k.startswith(("loss", "eval")))
+    return finish(run_dir, info, "sft", model, tokenizer, cfg.lora.merge_on_save, last_metrics, shown,
+                  after=samples_after)
 
 
 __all__ = ["SFTConfig", "SFTData", "run", "evaluate", "sample_table", "KilterError"]

@@ -124,7 +124,7 @@ def test_reference_packed_logps_equal_the_padded_ones(lora, micro_policy):
 def test_packed_reward_scores_equal_the_padded_ones(lora, shared):
     from kilter.models import load_tokenizer
     from kilter.models.reward import load_reward_backbone, raw_scores
-    from kilter.trainers.rm import collate_groups
+    from kilter.models.reward_batches import collate_groups
 
     tok = load_tokenizer("builtin:micro")
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from kilter.losses import (
     ranking_pairs,
     weighted_pair_loss,
 )
-from kilter.trainers.rm import collate_groups
+from kilter.models.reward_batches import collate_groups
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
