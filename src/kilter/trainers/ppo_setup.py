@@ -17,17 +17,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.models.lora import apply_lora, enable_gradient_checkpointing, is_peft
 from kilter.models.reference import Reference
-from kilter.models.saving import save_model
+from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rewards.base import RewardPipeline, prompt_text
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
 from kilter.training.display import format_sample_table
+from kilter.training.state import load_training_state, read_trainer_state, save_training_state, write_trainer_state
 
 
 @dataclass
@@ -322,3 +324,50 @@ def save_final(path: Path, m: Models, cfg) -> None:
     save_model(m.policy, m.tokenizer, path, merge_lora=cfg.lora.merge_on_save)
     if m.value is not None and cfg.save_value_model:
         save_model(m.value, None, path / "value", merge_lora=True)
+
+
+@dataclass
+class LoopState:
+    """Everything a PPO checkpoint holds besides the config: the policy (and critic), the optimizers and
+    schedules, the KL controller, the reward pipeline's running statistics, the moving-average baseline
+    and the pretraining-mix stream's position."""
+
+    models: Any
+    optimizers: dict
+    kl_ctl: Any
+    reward: Any
+    baseline: Any
+    ptx: Any
+
+    def save(self, run_dir, iteration: int, cfg) -> None:
+        m = self.models
+
+        def write(path: Path) -> None:
+            save_model(m.policy, m.tokenizer, path, merge_lora=False)
+            if m.value is not None:
+                save_model(m.value, None, path / "value", merge_lora=False)
+            extra = {"kl": self.kl_ctl.state_dict(), "reward": self.reward.state_dict(),
+                     "baseline": self.baseline.state_dict(),
+                     "ptx_position": self.ptx.position if self.ptx is not None else 0}
+            save_training_state(path, self.optimizers, extra)
+            write_trainer_state(path, {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm})
+
+        run_dir.save_checkpoint(iteration, write, keep=cfg.keep_checkpoints)
+
+    def resume(self, checkpoint: Path, run_dir) -> int:
+        """Restore what :meth:`save` wrote; drop metrics and samples logged after it; returns its iteration."""
+        m = self.models
+        load_trainable_weights(m.policy, checkpoint)
+        if m.value is not None:
+            load_trainable_weights(m.value, checkpoint / "value")
+        extra = load_training_state(checkpoint, self.optimizers)
+        self.kl_ctl.load_state_dict(extra["kl"])
+        self.reward.load_state_dict(extra["reward"])
+        self.baseline.load_state_dict(extra["baseline"])
+        if self.ptx is not None:
+            self.ptx.position = extra["ptx_position"]
+        start = read_trainer_state(checkpoint)["iteration"]
+        run_dir.truncate_metrics(start)
+        truncate_samples(run_dir, start)
+        return start
+
