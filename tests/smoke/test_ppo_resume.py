@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from kilter.cli import main
-from kilter.trainers import ppo
+from kilter.trainers import ppo_setup
 
 # Every piece of state is exercised: adaptive KL, running reward normalisation, ptx position,
 # a critic with its own optimizer, evaluation and sample tables in between (which must not
@@ -27,14 +27,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["ppo", f"output_dir={straight}", *ARGS]) == 0
 
-    original = ppo._save_checkpoint
+    original = ppo_setup.LoopState.save
 
-    def save_then_die(run_dir, iteration, *args, **kwargs):
-        original(run_dir, iteration, *args, **kwargs)
+    def save_then_die(self, run_dir, iteration, *args, **kwargs):
+        original(self, run_dir, iteration, *args, **kwargs)
         if iteration == 2:
             raise KeyboardInterrupt  # killed right after the checkpoint was written
 
-    monkeypatch.setattr(ppo, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(ppo_setup.LoopState, "save", save_then_die)
     assert main(["ppo", f"output_dir={resumed}", *ARGS]) == 130
     monkeypatch.undo()
     assert not (resumed / "final").exists()

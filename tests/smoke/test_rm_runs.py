@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kilter.trainers.rm as rm_module
 from kilter.cli import main
 from kilter.config import load_config
 from kilter.data.task import build_task, gold_score
@@ -80,10 +79,10 @@ def _raw_scores(folder: Path, prompts: list, responses: list[str]) -> torch.Tens
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch, padding_free):
-    from kilter.models import packed
+    from kilter.models import packed, reward_batches
 
     rows_seen: list[int] = []
-    original = rm_module.raw_scores
+    original = reward_batches.raw_scores
     original_packed = packed.LastTokenScores.forward
 
     def counting(model, input_ids, attention_mask):
@@ -95,7 +94,7 @@ def test_each_response_is_forwarded_once_per_prompt(data, tmp_path, monkeypatch,
             rows_seen.append(int(last_index.numel()))  # one score per packed response
         return original_packed(self, input_ids, position_ids, last_index, attention_mask=attention_mask)
 
-    monkeypatch.setattr(rm_module, "raw_scores", counting)
+    monkeypatch.setattr(reward_batches, "raw_scores", counting)
     monkeypatch.setattr(packed.LastTokenScores, "forward", counting_packed)
     code = _run(f"output_dir={tmp_path / 'run'}", f"data.train={data['rankings']}", "data.eval_fraction=0",
                 "batch_size=4", "max_steps=1", "bias_reference=none", f"data.padding_free={str(padding_free).lower()}")
