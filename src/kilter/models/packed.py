@@ -212,55 +212,6 @@ def fast_causal_lm(model, device: str, packing: bool = True) -> tuple[Completion
     return wrapper, packed_ok
 
 
-def packed_sequence_logps(loss_model, examples: list[dict], pad_id: int, capacity: int, precision: str,
-                          device, average: bool = False, group_size: int = 1) -> torch.Tensor:
-    """Summed (or per-token mean) response log-probs of tokenized examples: (N,) fp32.
-
-    The padding-free twin of :func:`kilter.models.reference.sequence_logps`: ``examples``
-    (``input_ids``, ``labels`` with -100 on the prompt) are packed by :func:`pack_micro_batch`,
-    ``loss_model`` is a :class:`CompletionLogits` (or a DDP wrapper of one), and the LM head
-    runs only on response positions.  With ``group_size`` k > 1 every k consecutive examples
-    share a prompt and, when the model passed the check, are laid out with one copy of their
-    common prefix (:mod:`kilter.models.shared_prefix`).  Differentiable unless the caller
-    disables gradients.
-    """
-    from kilter.models.precision import autocast
-    from kilter.ops.logprobs import selective_log_softmax
-
-    inner = getattr(loss_model, "module", loss_model)  # DistributedDataParallel
-    with autocast(precision, str(device)):
-        if group_size > 1 and getattr(inner, "shares_prefix", False):
-            from kilter.models import shared_prefix
-
-            groups = [[list(ex["input_ids"]) for ex in examples[i:i + group_size]]
-                      for i in range(0, len(examples), group_size)]
-            sp = shared_prefix.pack_groups(groups, pad_id, capacity, inner.attention_weight).to(device)
-            seq, pos, target = [], [], []
-            for s, ex in enumerate(examples):
-                for t, label in enumerate(ex["labels"]):
-                    if t > 0 and label != IGNORE_INDEX:
-                        seq.append(s)
-                        pos.append(t)
-                        target.append(ex["input_ids"][t])
-            owner = torch.tensor(seq, dtype=torch.long, device=device)
-            index = shared_prefix.predicting_index(sp, owner, torch.tensor(pos, dtype=torch.long, device=device))
-            logits = loss_model(sp.input_ids, sp.attention_mask, sp.position_ids, index=index)
-            targets = torch.tensor(target, dtype=torch.long, device=device)
-        else:
-            batch = pack_micro_batch(examples, pad_id, capacity,
-                                     attention_weight=getattr(inner, "attention_weight", 0.0))
-            labels = batch["labels"][:, 1:].to(device)
-            select = labels != IGNORE_INDEX
-            logits = loss_model(batch["input_ids"].to(device), None, batch["position_ids"].to(device), select)
-            targets = labels[select]
-            owner = batch["example_index"][:, 1:].to(device)[select]
-    logps = selective_log_softmax(logits, targets).float()
-    total = torch.zeros(len(examples), dtype=logps.dtype, device=logps.device).index_add(0, owner, logps)
-    if average:
-        total = total / torch.bincount(owner, minlength=len(examples)).clamp(min=1).to(total.dtype)
-    return total
-
-
 # --------------------------------------------------------------------------- reward models
 
 

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 from kilter.data.collate import pad_batch
-from kilter.data.tokenize import IGNORE_INDEX
 from kilter.distributed import DistInfo, all_reduce_sum
+from kilter.models.logprobs import packed_sequence_logps, per_token_logps, sequence_logps
 from kilter.models.lora import is_peft
-from kilter.models.precision import autocast
-from kilter.ops.logprobs import selective_log_softmax
+from kilter.models.packed import fast_causal_lm
 from kilter.runs import atomic_write_file
 
 __all__ = [
@@ -46,58 +45,6 @@ __all__ = [
 ]
 
 CACHE_FILE = "ref_logps.pt"
-
-
-# --------------------------------------------------------------------------- log-probs
-
-
-def per_token_logps(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for every response token, 0 elsewhere.
-
-    input_ids, attention_mask, response_mask: (B, T); response_mask is 1 on the tokens whose
-    log-prob is wanted (the response and its EOS), 0 on the prompt and padding.
-    Returns (B, T - 1) in fp32, aligned with ``input_ids[:, 1:]``: entry t holds the
-    log-prob of token t + 1, given everything before it.
-
-    Position ids are derived from the attention mask, so left-padded rows (as produced by
-    generation) get the same positions as unpadded ones.  ``temperature`` divides the
-    logits, as when sampling.  Differentiable with respect to the model's parameters.
-    """
-    attention_mask = attention_mask.long()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    logps = selective_log_softmax(logits[:, :-1], input_ids[:, 1:], temperature=temperature).float()
-    return torch.where(response_mask[:, 1:].bool(), logps, torch.zeros((), dtype=logps.dtype, device=logps.device))
-
-
-def sequence_logps(model, batch: dict[str, torch.Tensor], precision: str, device: str | torch.device,
-                   average: bool = False) -> torch.Tensor:
-    """Summed log-prob of each row's response: (N,) fp32 (the mean per token if ``average``).
-
-    ``batch`` is a padded batch from :func:`kilter.data.collate.pad_batch`: ``input_ids``,
-    ``attention_mask`` and either ``response_mask`` or ``labels`` (-100 on prompt and
-    padding).  The forward pass runs under the given precision (``fp32`` or ``bf16``
-    autocast).  Gradients flow unless the caller disables them.
-    """
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    if "response_mask" in batch:
-        response = batch["response_mask"].to(device).bool()
-    else:
-        response = batch["labels"].to(device) != IGNORE_INDEX
-    with autocast(precision, str(device)):
-        per_token = per_token_logps(model, ids, mask, response)
-    total = per_token.sum(-1)
-    if average:
-        total = total / response[:, 1:].sum(-1).clamp(min=1)
-    return total
 
 
 # --------------------------------------------------------------------------- the reference model
@@ -126,8 +73,6 @@ class Reference:
     def enable_packing(self, device: str | torch.device) -> bool:
         """Use padding-free rows and completion-only logits in :meth:`packed_sequence_logps`
         when the reference model passes :func:`kilter.models.packed.fast_causal_lm`'s check."""
-        from kilter.models.packed import fast_causal_lm
-
         wrapper, ok = fast_causal_lm(self.model if self.model is not None else self.policy, str(device))
         self._fast = wrapper if ok else None
         return self._fast is not None
@@ -168,8 +113,6 @@ class Reference:
     def packed_sequence_logps(self, examples: Sequence[dict], pad_id: int, capacity: int, precision: str,
                               device: str | torch.device, average: bool = False, group_size: int = 1) -> torch.Tensor:
         """(N,) reference log-probs of tokenized examples through packed rows (see :meth:`enable_packing`)."""
-        from kilter.models.packed import packed_sequence_logps
-
         if self._fast is None:
             raise RuntimeError("enable_packing() did not succeed for this reference")
         with self._as_model():

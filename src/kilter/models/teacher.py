@@ -47,7 +47,7 @@ def completion_logits(model, batch: dict[str, torch.Tensor], precision: str, dev
 
     ``loss_model`` is a :class:`kilter.models.packed.CompletionLogits` of ``model`` (the LM head then
     runs only at those positions); without it the whole (B, T, V) logits are computed and indexed.
-    Position ids come from the attention mask, as in :func:`kilter.models.reference.per_token_logps`.
+    Position ids come from the attention mask, as in :func:`kilter.models.logprobs.per_token_logps`.
     """
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device).long()

@@ -47,9 +47,10 @@ from kilter.data.tokenize import IGNORE_INDEX, encode_prompt
 from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.evaluation.evaluate import mean_and_stderr
 from kilter.losses.distill import KLDirection, teacher_topk, token_kls
+from kilter.models.logprobs import per_token_logps
 from kilter.models.lora import count_parameters
 from kilter.models.packed import fast_causal_lm
-from kilter.models.reference import Reference, per_token_logps
+from kilter.models.reference import Reference
 from kilter.models.teacher import cached_teacher_topk, completion_logits, gather_rows
 from kilter.rewards.base import call_function, load_function
 from kilter.rollout.generate import SamplingParams, generate_ids

@@ -32,9 +32,10 @@ from kilter.data.tokenize import encode_pair
 from kilter.distributed import DistInfo
 from kilter.errors import ConfigError, DataError
 from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
-from kilter.models import packed
+from kilter.models import logprobs, packed
+from kilter.models.logprobs import sequence_logps
 from kilter.models.lora import count_parameters
-from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
@@ -315,7 +316,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             ref = _reference_values(reference, batch, ref_train, idx, cfg, device, pad_id)
             with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
                 if fast_model is not None:
-                    policy = _pair_order(packed.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
+                    policy = _pair_order(logprobs.packed_sequence_logps(ddp_model, batch, pad_id, cfg.data.max_length,
                                                                       cfg.precision, device, cfg.averages_logps,
                                                                       group_size=2))
                 else:

@@ -37,9 +37,10 @@ from kilter.data.tokenize import encode_prompt_completion
 from kilter.distributed import DistInfo, all_reduce_sum
 from kilter.errors import DataError
 from kilter.losses import kto_loss, kto_reference_point
-from kilter.models import packed
+from kilter.models import logprobs, packed
+from kilter.models.logprobs import sequence_logps
 from kilter.models.lora import count_parameters
-from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
+from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
@@ -166,7 +167,7 @@ class _LogProbs:
 
     def policy(self, part: list[dict], side: str, module=None) -> torch.Tensor:
         if self.packed:
-            return packed.packed_sequence_logps(module or self.fast, [e[side] for e in part], self.pad_id,
+            return logprobs.packed_sequence_logps(module or self.fast, [e[side] for e in part], self.pad_id,
                                                 self.cfg.data.max_length, self.cfg.precision, self.device)
         return sequence_logps(module or self.model, _batch(part, side, self.pad_id), self.cfg.precision,
                               self.device)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kilter.data.collate import pad_batch
-from kilter.models import packed
+from kilter.models import logprobs, packed
+from kilter.models.logprobs import sequence_logps
 from kilter.models.lora import LoraSection, apply_lora
-from kilter.models.reference import Reference, sequence_logps
+from kilter.models.reference import Reference
 
 IGNORE = -100
 
@@ -58,7 +59,7 @@ def test_packed_sequence_logps_equal_the_padded_ones(lora, average, micro_policy
     want = sequence_logps(model, pad_batch(examples, tok.pad_token_id), "fp32", "cpu", average=average)
     (want * torch.arange(1.0, 7.0)).sum().backward()  # distinct weights: a mix-up of examples shows
     want_grads = grads()
-    got = packed.packed_sequence_logps(wrapper, examples, tok.pad_token_id, 16, "fp32", "cpu", average=average)
+    got = logprobs.packed_sequence_logps(wrapper, examples, tok.pad_token_id, 16, "fp32", "cpu", average=average)
     (got * torch.arange(1.0, 7.0)).sum().backward()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert torch.allclose(grads(), want_grads, atol=1e-6, rtol=1e-4)
@@ -97,7 +98,7 @@ def test_shared_prompt_logps_equal_the_padded_ones(lora, micro_policy):
     want = sequence_logps(model, pad_batch(examples, tok.pad_token_id), "fp32", "cpu")
     (want * weights).sum().backward()
     want_grads = grads()
-    got = packed.packed_sequence_logps(wrapper, examples, tok.pad_token_id, 32, "fp32", "cpu", group_size=2)
+    got = logprobs.packed_sequence_logps(wrapper, examples, tok.pad_token_id, 32, "fp32", "cpu", group_size=2)
     (got * weights).sum().backward()
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert float((grads() - want_grads).norm()) <= 1e-5 * float(want_grads.norm())

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from kilter.data.collate import pad_batch
+from kilter.models.logprobs import per_token_logps, sequence_logps
 from kilter.models.lora import LoraSection, apply_lora
 from kilter.models.reference import (
     CACHE_FILE,
     Reference,
     cached_sequence_logps,
     model_fingerprint,
-    per_token_logps,
     precompute_sequence_logps,
-    sequence_logps,
 )
 
 VOCAB = 40
