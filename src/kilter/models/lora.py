@@ -48,3 +48,9 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def describe_parameters(model) -> str:
+    """"1.23M of 4.56M parameters trainable", for a run's start-up line."""
+    trainable, total = count_parameters(model)
+    return f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable"

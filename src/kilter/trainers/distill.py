@@ -48,7 +48,7 @@ from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.evaluation.evaluate import mean_and_stderr
 from kilter.losses.distill import KLDirection, teacher_topk, token_kls
 from kilter.models.logprobs import per_token_logps
-from kilter.models.lora import count_parameters
+from kilter.models.lora import describe_parameters
 from kilter.models.packed import fast_causal_lm
 from kilter.models.reference import Reference
 from kilter.models.teacher import cached_teacher_topk, completion_logits, gather_rows
@@ -299,11 +299,9 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
-    trainable, total_params = count_parameters(model)
     _log(info, f"{len(students)} continuations of {len(rows)} prompts ({d.continuations}), {total_steps} steps, "
                f"global batch {plan.global_batch}, {cfg.kl} KL, top_k {cfg.top_k}, teacher {cfg.teacher}"
-               f"{' (the adapter-disabled student)' if shared else ''}, {trainable / 1e6:.2f}M of "
-               f"{total_params / 1e6:.2f}M parameters trainable, device {device}")
+               f"{' (the adapter-disabled student)' if shared else ''}, {describe_parameters(model)}, device {device}")
 
     def run_eval(step: int, with_teacher: bool = False) -> dict[str, float]:
         metrics = {}
@@ -368,8 +366,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
             _log(info, f"step {done}/{total_steps} loss/distill={last['loss/distill']:.4f}")
         if due(done, cfg.eval_every, total_steps):
             last.update(run_eval(done))
-        if due(done, cfg.save_every, total_steps):
-            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "distill")
+        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "distill")
 
     return finish(run_dir, info, "distill", model, tokenizer, cfg.lora.merge_on_save, last,
                   ("loss/distill", "kl/teacher_student", "eval/kl/student_teacher", "eval/gold/student"))

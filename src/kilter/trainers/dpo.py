@@ -34,12 +34,12 @@ from kilter.errors import ConfigError, DataError
 from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import logprobs, packed
 from kilter.models.logprobs import sequence_logps
-from kilter.models.lora import count_parameters
+from kilter.models.lora import describe_parameters
 from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
-from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -277,14 +277,16 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
-    trainable, total_params = count_parameters(model)
     _log(info, f"{len(train)} pairs ({len(held_out)} held out), {total_steps} steps, global batch "
                f"{plan.global_batch} pairs, {cfg.loss_type} loss, beta {cfg.beta}, reference {cfg.reference}"
                f"{' (adapter disabled)' if cfg.lora.enabled and cfg.ref_model is None else ''}, "
-               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+               f"{describe_parameters(model)}, device {device}")
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
+
     if start_step == 0:
         if held_out:
-            run_dir.log(0, evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info))
+            run_dir.log(0, run_eval())
         if info.is_main:
             log_samples(run_dir, 0, "before", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
 
@@ -340,20 +342,15 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                          "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}")
-        if held_out and due(done, cfg.eval_every, total_steps):
-            metrics = evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
-            run_dir.log(done, metrics)
-            last.update(metrics)
-        if due(done, cfg.save_every, total_steps):
-            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "dpo")
+        if held_out:
+            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last)
+        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "dpo")
     progress.close()
-
-    def samples_after() -> dict[str, float]:
-        return log_samples(run_dir, total_steps, "after", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
 
     return finish(run_dir, info, "dpo", model, tokenizer, cfg.lora.merge_on_save, last,
                   ("loss/dpo", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin",
-                   "samples/reward_greedy"), after=samples_after)
+                   "samples/reward_greedy"),
+                  samples=(total_steps, prompts, cfg.samples, cfg.seed, reward_fn))
 
 
 __all__ = ["DPOConfig", "DPOData", "SampleSection", "run", "evaluate", "ranking_to_pairs", "load_pairs",

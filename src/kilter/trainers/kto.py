@@ -39,12 +39,12 @@ from kilter.errors import DataError
 from kilter.losses import kto_loss, kto_reference_point
 from kilter.models import logprobs, packed
 from kilter.models.logprobs import sequence_logps
-from kilter.models.lora import count_parameters
+from kilter.models.lora import describe_parameters
 from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
-from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
 from kilter.training.policy import load_policy
 from kilter.training.samples import log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -343,11 +343,10 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
 
-    trainable, total_params = count_parameters(model)
     _log(info, f"{len(train)} ratings ({n_up} up, {n_down} down; weights lambda_D={weights[0]:.3g}, "
                f"lambda_U={weights[1]:.3g}), {len(held_out)} held out, {total_steps} steps, global batch "
                f"{plan.global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
-               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
+               f"{describe_parameters(model)}, device {device}")
 
     # Padding-free rows with completion-only logits when the policy (and an online reference) allow.
     fast = None
@@ -403,20 +402,15 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                          "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/kto']:.3f}", z0=f"{last['kl/ref']:.3f}")
-        if held_out and due(done, cfg.eval_every, total_steps):
-            metrics = run_eval()
-            run_dir.log(done, metrics)
-            last.update(metrics)
-        if due(done, cfg.save_every, total_steps):
-            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "kto")
+        if held_out:
+            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last)
+        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "kto")
     progress.close()
-
-    def samples_after() -> dict[str, float]:
-        return log_samples(run_dir, total_steps, "after", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
 
     return finish(run_dir, info, "kto", model, tokenizer, cfg.lora.merge_on_save, last,
                   ("loss/kto", "rewards/margin", "eval/loss", "eval/rewards/margin", "eval/rewards/auc",
-                   "samples/reward_greedy"), after=samples_after)
+                   "samples/reward_greedy"),
+                  samples=(total_steps, prompts, cfg.samples, cfg.seed, reward_fn))
 
 
 __all__ = ["KTOConfig", "KTOData", "run", "evaluate", "class_weights", "mismatched_partners", "encode_ratings",

@@ -404,8 +404,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
             run_dir.log(done, metrics)
             last.update(metrics)
-        if due(done, cfg.save_every, total_steps):
-            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "rm")
+        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "rm")
     progress.close()
 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).

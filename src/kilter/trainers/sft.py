@@ -280,8 +280,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                                loss_model=loss_model, pack_capacity=pack_capacity)
             run_dir.log(done, metrics)
             last_metrics.update(metrics)
-        if due(done, cfg.save_every, total_steps):
-            stepper.save(run_dir, done, tokenizer, cfg.keep_checkpoints, "sft")
+        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "sft")
     progress.close()
 
     def samples_after() -> dict[str, float]:

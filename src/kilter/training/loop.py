@@ -37,6 +37,7 @@ from kilter.runs import RunDir
 from kilter.training.batching import epoch_batches, micro_batches
 from kilter.training.checkpoint import resume_from, save_checkpoint
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.samples import log_samples
 
 
 def due(done: int, every: int, total: int) -> bool:
@@ -107,6 +108,11 @@ class Stepper:
     def save(self, run_dir: RunDir, done: int, tokenizer, keep: int | None, trainer: str) -> None:
         save_checkpoint(run_dir, done, self.model, tokenizer, self.optimizer, self.scheduler, keep, trainer)
 
+    def save_if_due(self, run_dir: RunDir, done: int, total: int, cfg, tokenizer, trainer: str) -> None:
+        """A checkpoint every cfg.save_every steps and at the last one (keeping cfg.keep_checkpoints)."""
+        if due(done, cfg.save_every, total):
+            self.save(run_dir, done, tokenizer, cfg.keep_checkpoints, trainer)
+
 
 def start_training(cfg, model: torch.nn.Module, total_steps: int, run_dir: RunDir, existing,
                    say: Callable[[str], None]) -> tuple[Stepper, int]:
@@ -148,15 +154,30 @@ class MetricWindow:
         return dict(zip(names, totals.tolist())), elapsed
 
 
+def evaluate_if_due(run_dir: RunDir, done: int, total: int, every: int, evaluate: Callable[[], dict[str, float]],
+                    last: dict[str, float]) -> None:
+    """Every ``every`` steps and at the last: run ``evaluate``, log its metrics at ``done``, add them to ``last``."""
+    if due(done, every, total):
+        metrics = evaluate()
+        run_dir.log(done, metrics)
+        last.update(metrics)
+
+
 def finish(run_dir: RunDir, info: DistInfo, tag: str, model, tokenizer, merge_lora: bool, last: dict[str, float],
-           shown: tuple[str, ...], after: Callable[[], dict[str, float]] | None = None) -> int:
-    """Save ``final/``, then on the main process run ``after`` (samples after training: its metrics
-    are logged at the last step), print the summary line of the ``shown`` metrics, close the run."""
+           shown: tuple[str, ...], after: Callable[[], dict[str, float]] | None = None,
+           samples: tuple | None = None) -> int:
+    """Save ``final/``, then on the main process run ``after`` (its metrics join the summary), or
+    log the samples after training (``samples`` = (last step, prompts, sample section, seed,
+    reward function), see :func:`kilter.training.samples.log_samples`), print the summary line of the ``shown``
+    metrics, close the run."""
     run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=merge_lora))
     barrier(info)
     if info.is_main:
         if after is not None:
             last.update(after())
+        if samples is not None:
+            step, *rest = samples
+            last.update(log_samples(run_dir, step, "after", model, tokenizer, *rest))
         summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
         print(f"kilter {tag}: done ({summary}); model in {run_dir.final}")
     run_dir.close()
