@@ -160,7 +160,35 @@ def child_env(threads: int) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     env["PATH"] = f"{PY.parent}{os.pathsep}{env.get('PATH', '')}"
+    if _CHILD_SRC:
+        env["PYTHONPATH"] = _CHILD_SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+_CHILD_SRC: str | None = None
+"""Where the ``kilter-before`` runner's children import Kilter from (KILTER_BEFORE_SRC)."""
+
+
+def with_before_runner(runners: dict[str, Callable]) -> dict[str, Callable]:
+    """Add ``kilter-before``: the same Kilter runs with another checkout's sources, to measure a change.
+
+    ``KILTER_BEFORE_SRC=/path/to/old/checkout/src`` (e.g. a ``git worktree add /tmp/before REV``)
+    makes it available; ``--libs kilter-before,kilter`` then alternates the old and new code in one
+    invocation (before, after, before, after, ...), on the same data, model and settings.
+    """
+    src = os.environ.get("KILTER_BEFORE_SRC")
+    if not src or "kilter" not in runners:
+        return runners
+
+    def run_before(spec: dict, work: Path, i: int) -> dict:
+        global _CHILD_SRC
+        _CHILD_SRC = src
+        try:
+            return runners["kilter"](spec, work / "before", i)
+        finally:
+            _CHILD_SRC = None
+
+    return {**runners, "kilter-before": run_before}
 
 
 @dataclass
@@ -721,7 +749,8 @@ def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], e
     out = Path(args.out)
     files = prepare_data(out)
     report = start_report(bench, args)
-    libs = args.libs.split(",") if args.libs else list(runners)
+    runners = with_before_runner(runners)
+    libs = args.libs.split(",") if args.libs else [lib for lib in runners if lib != "kilter-before"]
     pairs = 1 if args.quick else args.pairs
     groups = []
     for model_label in args.models.split(","):
