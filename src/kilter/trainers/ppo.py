@@ -36,7 +36,7 @@ from kilter.ops import AdaptiveKLController, FixedKLController, explained_varian
 from kilter.ops.kl import kl_gradient_follows, kl_placement
 from kilter.ops.masked import masked_mean
 from kilter.rewards.base import RewardConfig, build_reward, prompt_text
-from kilter.rollout.engine import make_engine
+from kilter.rollout.engine import EngineOptions, close_engine, engine_logp_maxdiff, make_engine
 from kilter.rollout.generate import SamplingParams
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
 from kilter.runs import RunDir
@@ -83,8 +83,8 @@ class PPOData(BaseConfig):
     """Log reward/gold with the built-in task's hidden gold judgment (null: when the prompts are builtin:)."""
 
 
-class RolloutSection(BaseConfig):
-    """How responses are sampled."""
+class RolloutSection(EngineOptions):
+    """How responses are sampled (engine: hf, vllm or vllm-server; docs/rollout.md)."""
 
     batch_size: int = Field(64, gt=0)
     """Prompts per iteration."""
@@ -100,8 +100,6 @@ class RolloutSection(BaseConfig):
     """Sample among the k most likely tokens (0: off); like top_p, off-policy for the update."""
     stop_strings: list[str] | None = None
     """Also end a response at any of these strings (EOS always ends it)."""
-    engine: Literal["hf", "vllm"] = "hf"
-    """Generation backend: hf (transformers generate, default) or vllm (optional, CUDA, full fine-tuning only)."""
     generation_batch_size: int = Field(64, gt=0)
     """Prompts per generate call."""
     forward_batch_size: int = Field(64, gt=0)
@@ -308,7 +306,9 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     gold_fn = ppo_setup.gold_function(cfg)
     ptx = ppo_setup.build_ptx(cfg, tok)
     engine = make_engine(cfg.rollout.engine, m.policy, tok, model_path=m.policy_path,
-                         batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed)
+                         batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed,
+                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                         dtype=cfg.precision, **cfg.rollout.engine_kwargs())
     kl_ctl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.beta))
     ma_baseline = MovingAverageBaseline(cfg.baseline.decay)
@@ -445,6 +445,9 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         }
         if golds is not None:
             metrics["reward/gold"] = sum(golds) / len(golds)
+        engine_diff = engine_logp_maxdiff(gen, old_logp, mask)  # the engine's log-probs: a check only
+        if engine_diff is not None:
+            metrics["rollout/engine_logp_maxdiff"] = engine_diff
         if values is not None and adv.returns is not None:
             metrics["value/explained_variance"] = explained_variance(values, adv.returns, mask)
             metrics["value/mean"] = float(masked_mean(values, mask))
@@ -464,6 +467,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if done % cfg.save_every == 0 or done == cfg.iterations:
             _save_checkpoint(run_dir, done, m, optimizers, kl_ctl, reward, ma_baseline, ptx, cfg)
     progress.close()
+    close_engine(engine)
 
     run_dir.save_final(lambda p: ppo_setup.save_final(p, m, cfg))
     keys = ("reward/total", "reward/gold", "kl/ref", "eval/gold", "eval/reward", "eval/kl")
