@@ -84,9 +84,9 @@ class VLLMServerEngine:
         """Push ``model``'s weights (LoRA merged) to the server, which reloads them in place."""
         from safetensors.torch import save
 
-        from kilter.rollout.vllm_engine import policy_weights, unique_cpu_tensors
+        from kilter.rollout.vllm_engine import policy_weights, separate_cpu_tensors
 
-        body = save(unique_cpu_tensors(policy_weights(model)))
+        body = save(separate_cpu_tensors(policy_weights(model)))
         self.info = self._request("/weights", body, content_type="application/octet-stream")
 
     def close(self) -> None:

@@ -83,17 +83,22 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield plain, merged.get(plain, tensor.detach())
 
 
-def unique_cpu_tensors(weights) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` on the CPU, contiguous, with tied duplicates (the LM head sharing the
-    embeddings) dropped -- safetensors refuses tensors that share memory, and vLLM ties them itself."""
+def separate_cpu_tensors(weights) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` on the CPU, contiguous, none sharing memory with another (as safetensors requires).
+
+    Tied weights (an LM head that *is* the embedding matrix) are kept under both names, copied apart:
+    vLLM's in-place reload expects every module's weights, and leaves a tied head it was not given
+    half-reloaded (wrong logits).
+    """
     out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    storages_seen: set[int] = set()
     for name, tensor in weights:
-        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in storages_seen or storage.nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        storages_seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
     return out
 
 
@@ -179,6 +184,7 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = vllm.LLM(**kwargs)
         self._weights_dir: tempfile.TemporaryDirectory | None = None
+        self._pushes = 0
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -201,12 +207,19 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def _write_weights(self, weights) -> str:
+        """A new folder per push: reading the same path again gave the first push's weights back."""
+        import shutil
+
         from safetensors.torch import save_file
 
         if self._weights_dir is None:
             self._weights_dir = tempfile.TemporaryDirectory(prefix="kilter-vllm-weights-")
-        folder = self._weights_dir.name
-        save_file(unique_cpu_tensors(weights), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        self._pushes += 1
+        folder = os.path.join(self._weights_dir.name, f"push-{self._pushes}")
+        os.makedirs(folder)
+        save_file(separate_cpu_tensors(weights), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        previous = os.path.join(self._weights_dir.name, f"push-{self._pushes - 1}")
+        shutil.rmtree(previous, ignore_errors=True)
         return folder
 
     def checkpoint_names(self) -> set[str] | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 
+from fastapi import Request
 from pydantic import BaseModel, Field
 
 from kilter.config import BaseConfig
@@ -66,7 +67,7 @@ def _sampling(params: dict) -> SamplingParams:
 
 def create_app(engine, model_label: str):
     """The FastAPI app around a loaded engine (a VLLMEngine, or anything with its methods)."""
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
     from kilter.rollout.vllm_engine import vllm_sampling_params
