@@ -48,6 +48,10 @@ class EngineOptions(BaseConfig):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """engine=vllm on a GPU: share of its memory vLLM may take (weights + KV cache), the rest is the trainer's."""
 
+    def engine_fields(self) -> dict:
+        """These fields as keywords, to hand the same choice on to another command's config."""
+        return {name: getattr(self, name) for name in EngineOptions.model_fields}
+
     def engine_kwargs(self) -> dict:
         return dict(url=self.vllm_url, enforce_eager=self.vllm_eager,
                     gpu_memory_utilization=self.vllm_gpu_memory_utilization)
