@@ -180,6 +180,7 @@ def run(cfg: BonConfig) -> int:
     if (cfg.reward_fn is None) == (cfg.reward_model is None):
         raise ConfigError("set exactly one of reward_model (a reward model or ensemble folder) and reward_fn "
                           "('module:function')")
+    cfg.check_available()
     if cfg.uncertainty_penalty and cfg.reward_fn:
         raise ConfigError("uncertainty_penalty needs a reward_model ensemble, not a reward_fn")
     if cfg.threads:

@@ -285,6 +285,7 @@ def model_entries(cfg: EvalConfig) -> list[ModelEntry]:
 
 
 def check_config(cfg: EvalConfig) -> None:
+    cfg.check_available()
     if cfg.greedy and cfg.n_samples > 1:
         raise ConfigError("config key 'n_samples': greedy decoding gives the same response every time; "
                           "use n_samples=1 with greedy=true")

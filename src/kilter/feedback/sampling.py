@@ -145,6 +145,7 @@ def _generate_with_engine(options: EngineOptions, model_path: str, tokenizer, pr
 
 def run(cfg: SampleConfig) -> int:
     require(cfg, "prompts")
+    cfg.check_available()
     if not cfg.models:
         raise ConfigError("config key 'models' is required: one or more model folders, e.g. --models runs/sft/final,runs/ppo/final")
     if bool(cfg.project) == bool(cfg.out):

@@ -26,11 +26,14 @@ from __future__ import annotations
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kilter.config import BaseConfig
 from kilter.errors import ConfigError, KilterError
 from kilter.rollout.generate import Generation, SamplingParams, generate_ids
+
+VLLM_NOT_INSTALLED = ("rollout.engine=vllm needs vLLM installed (pip install vllm on a CUDA machine; "
+                      "`make vllm-venv` builds a CPU venv for trying it); use rollout.engine=hf otherwise")
 
 EngineKind = Literal["hf", "vllm", "vllm-server"]
 ENGINE_KINDS: tuple[str, ...] = ("hf", "vllm", "vllm-server")
@@ -47,6 +50,20 @@ class EngineOptions(BaseConfig):
     """engine=vllm: skip vLLM's torch.compile / CUDA graphs (start-up in seconds instead of about a minute, slower decoding)."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """engine=vllm on a GPU: share of its memory vLLM may take (weights + KV cache), the rest is the trainer's."""
+
+    @model_validator(mode="after")
+    def _server_needs_url(self):
+        if self.engine == "vllm-server" and not self.vllm_url:
+            raise ValueError("engine vllm-server needs vllm_url, the address where `kilter vllm-serve` listens "
+                             "(e.g. http://127.0.0.1:8100)")
+        return self
+
+    def check_available(self) -> None:
+        """Fail before anything is written when the chosen engine cannot run here."""
+        import importlib.util
+
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise KilterError(VLLM_NOT_INSTALLED)
 
     def engine_fields(self) -> dict:
         """These fields as keywords, to hand the same choice on to another command's config."""

@@ -33,12 +33,8 @@ from pathlib import Path
 import torch
 
 from kilter.errors import ConfigError, KilterError
-from kilter.rollout.engine import request_seeds
+from kilter.rollout.engine import VLLM_NOT_INSTALLED, request_seeds
 from kilter.rollout.generate import Generation, SamplingParams, cut_after_eos
-
-NOT_INSTALLED = ("rollout.engine=vllm needs vLLM installed (pip install vllm on a CUDA machine; "
-                 "`make vllm-venv` builds a CPU venv for trying it); use rollout.engine=hf otherwise")
-
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Kilter's precision names -> vLLM's dtype names."""
@@ -49,7 +45,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError:
-        raise KilterError(NOT_INSTALLED) from None
+        raise KilterError(VLLM_NOT_INSTALLED) from None
     return vllm
 
 

@@ -280,6 +280,7 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.algorithm == "grpo" and kl_placement(cfg.kl_estimator) == "reward":
         raise ConfigError("algorithm=grpo standardises rewards within each group, which would rescale a KL "
                           "penalty in the reward: use kl.estimator=k3 (GRPO's loss term) or k2")
+    cfg.rollout.check_available()
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         raise ConfigError("lora.dropout must be 0 for RL: dropout makes the policy's log-probs random")
     if cfg.ptx.coef > 0 and not cfg.ptx.data:
