@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PY_VLLM:-python3.11}
+# vLLM's CPU wheel supports Python 3.11-3.14; 3.11 is what was measured
+PY=${PY_VLLM:-$(command -v python3.11 || command -v python3)}
 VENV=${VLLM_VENV:-.venv-vllm}
 STAMP=$VENV/.installed
 PINS=constraints-vllm.txt

@@ -8,10 +8,14 @@ colocated engine's module runs vLLM's compiled default.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+
+if importlib.util.find_spec("vllm") is None:  # asked for by path in a venv without vLLM
+    pytest.exit("tests/vllm runs in the vLLM venv: `make test-vllm` (it builds .venv-vllm once)", returncode=4)
 
 # before vLLM is imported: 1 GiB of KV cache is plenty for the tiny model (the default takes a share
 # of the machine's memory), and the engine core runs in this process
