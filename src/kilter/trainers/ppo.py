@@ -367,7 +367,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         normaliser=float(cfg.rollout.max_new_tokens))
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
-    ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
+    ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params, engine=engine)
     if start == 0 and eval_prompts:
         run_dir.log(0, ev.evaluate())
 
