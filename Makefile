@@ -10,7 +10,7 @@ TEST_CACHE := $(CURDIR)/.cache/kilter-tests
 PRESET := $(TEST_CACHE)/models/preset-smollm2-135m/config.json
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv lock clean
+.PHONY: demo test test-vllm vllm-venv lint venv lock clean
 
 $(STAMP): pyproject.toml constraints.txt $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,19 @@ demo: $(STAMP)
 test: $(STAMP) $(PRESET)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
+# vLLM's CPU build in its own Python 3.11 venv (about 3.4 GB; scripts/vllm-venv.sh says why by hand).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): scripts/vllm-venv.sh constraints-vllm.txt pyproject.toml
+	scripts/vllm-venv.sh
+
+vllm-venv: $(VLLM_STAMP)
+
+# The vLLM engines' tests (tests/vllm/, collected only where vLLM is installed).
+test-vllm: $(VLLM_STAMP)
+	KILTER_CACHE=$(TEST_CACHE) $(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests/vllm
+
 # ruff (style, imports, likely bugs) and import-linter (every import points down the layers; trainers
 # never import each other): the contracts live in pyproject.toml.
 lint: $(STAMP)
@@ -45,4 +58,4 @@ lock:
 	PY=$(PY) scripts/lock.sh
 
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .cache

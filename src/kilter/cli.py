@@ -88,6 +88,11 @@ COMMANDS: dict[str, Command] = {
         config="kilter.commands.bon:BonConfig",
         run="kilter.commands.bon:run",
     ),
+    "vllm-serve": Command(
+        "Serve a model with vLLM for rollout.engine=vllm-server: generation and weight pushes over HTTP.",
+        config="kilter.rollout.vllm_server:VLLMServeConfig",
+        run="kilter.rollout.vllm_server:run",
+    ),
     "score": Command(
         "Score prompt/response pairs (or comparisons, reporting accuracy) with a reward model or ensemble.",
         config="kilter.commands.score:ScoreConfig",

@@ -31,11 +31,12 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from kilter.config import BaseConfig, dump_config
+from kilter.config import dump_config
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import load_records
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.rewards.base import call_function, load_function
+from kilter.rollout.engine import EngineOptions
 from kilter.runs import atomic_write_text
 
 __all__ = ["BonConfig", "run", "kl_bound", "select_best"]
@@ -43,7 +44,7 @@ __all__ = ["BonConfig", "run", "kl_bound", "select_best"]
 RewardFn = Callable[[list, list], Sequence[float]]
 
 
-class BonConfig(BaseConfig):
+class BonConfig(EngineOptions):
     """Sample n responses per prompt, score them, keep the best (best-of-n / rejection sampling)."""
 
     model: str = "runs/sft/final"
@@ -171,12 +172,15 @@ def _append(path: Path, rows: list[dict]) -> None:
 
 
 def run(cfg: BonConfig) -> int:
-    from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.rollout.generate import SamplingParams, generate_texts
+    from kilter.data.tokenize import encode_prompt
+    from kilter.models import load_tokenizer
+    from kilter.rollout.engine import close_engine, load_engine
+    from kilter.rollout.generate import SamplingParams
 
     if (cfg.reward_fn is None) == (cfg.reward_model is None):
         raise ConfigError("set exactly one of reward_model (a reward model or ensemble folder) and reward_fn "
                           "('module:function')")
+    cfg.check_available()
     if cfg.uncertainty_penalty and cfg.reward_fn:
         raise ConfigError("uncertainty_penalty needs a reward_model ensemble, not a reward_fn")
     if cfg.threads:
@@ -209,8 +213,8 @@ def run(cfg: BonConfig) -> int:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, tokenizer, dtype=cfg.precision, device=device)
-    model.eval()
+    engine, _ = load_engine(cfg, cfg.model, tokenizer, device=device, dtype=cfg.precision, batch_size=max(cfg.n, 64),
+                            seed=cfg.seed, max_model_len=cfg.max_prompt_length + cfg.max_new_tokens)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, do_sample=True)
     print(f"kilter bon: {len(prompts)} prompts x {cfg.n} samples, scored by "
@@ -223,8 +227,7 @@ def run(cfg: BonConfig) -> int:
         repeated = [p for p in chunk for _ in range(cfg.n)]
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed * 1_000_003 + start // cfg.batch_size)
-            gen = generate_texts(model, tokenizer, repeated, params, max_prompt_length=cfg.max_prompt_length,
-                                 batch_size=max(cfg.n, 64))
+            gen = engine.generate([encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in repeated], params)
         texts = gen.texts
         scores, std = scorer(repeated, texts, gen.finished)
         eval_scores = call_function(eval_fn, repeated, texts) if eval_fn else None
@@ -244,6 +247,7 @@ def run(cfg: BonConfig) -> int:
         progress.update(len(chunk))
         progress.set_postfix(best=f"{sum(r['scores'][r['best']] for r in done) / len(done):.3f}")
     progress.close()
+    close_engine(engine)
 
     metrics = summarize(done, cfg.n, cfg.min_reward)
     chosen = [{"prompt": r["prompt"], "completion": r["responses"][r["best"]], "reward": r["scores"][r["best"]]}

@@ -54,6 +54,7 @@ from kilter.evaluation.overoptimization import divergence, fit_gao
 from kilter.feedback import analysis, export
 from kilter.feedback.importer import parse_row
 from kilter.feedback.store import Store
+from kilter.rollout.engine import EngineOptions
 from kilter.runs import atomic_write_text
 
 STAGES = ("sample", "publish", "collect", "export", "reward", "policy", "evaluate")
@@ -77,8 +78,8 @@ class RewardSection(BaseConfig):
     """Reward models trained together; selection=active needs at least 2 (their disagreement picks the pairs)."""
 
 
-class PolicySection(BaseConfig):
-    """How the policy is updated each round."""
+class PolicySection(EngineOptions):
+    """How the policy is updated each round (engine: the RL rollouts' and the evaluation's sampler)."""
 
     algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
     """ppo, rloo or grpo against the round's reward model, or dpo directly on the round's pairs (online DPO)."""
@@ -602,7 +603,7 @@ class Loop:
                                 iterations=pol.iterations, seed=cfg.seed + r, resume=True,
                                 reward=RewardConfig(model=self.state.result(f"{r}:reward")["model"]),
                                 rollout=RolloutSection(batch_size=pol.batch_size, samples_per_prompt=pol.samples_per_prompt,
-                                                       max_new_tokens=cfg.max_new_tokens),
+                                                       max_new_tokens=cfg.max_new_tokens, **pol.engine_fields()),
                                 update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(n_eval=16),
                                 eval_every=pol.iterations, sample_every=pol.iterations, n_samples=2,
                                 save_every=max(1, pol.iterations // 2), tensorboard=False)
@@ -620,7 +621,7 @@ class Loop:
         eval_cfg = EvalConfig(models=models, reference="sft", reward_model=reward_model,
                               prompts="builtin:prompts_eval", max_prompts=self.cfg.eval_prompts, n_samples=2,
                               max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, output_dir=str(out),
-                              show_prompts=0)
+                              show_prompts=0, **self.cfg.policy.engine_fields())
         report = evaluate_models(eval_cfg, verbose=False)
         results = {}
         for m in report["models"]:

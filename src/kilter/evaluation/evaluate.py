@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from kilter.config import BaseConfig
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.rewards.base import call_function, load_function, prompt_text
+from kilter.rollout.engine import EngineOptions
 
 Prompt = str | list[dict[str, str]]
 ScoreFn = Callable[[list, list[str]], Sequence[float]]
@@ -44,7 +44,7 @@ KL_ESTIMATOR = (
 )
 
 
-class EvalConfig(BaseConfig):
+class EvalConfig(EngineOptions):
     """Evaluate one or more models on a prompt set: reward, gold, KL, win rate, BLEU/ROUGE, length, diversity."""
 
     models: list[str] | dict[str, str] = Field(default_factory=lambda: ["builtin:tiny"])
@@ -285,6 +285,7 @@ def model_entries(cfg: EvalConfig) -> list[ModelEntry]:
 
 
 def check_config(cfg: EvalConfig) -> None:
+    cfg.check_available()
     if cfg.greedy and cfg.n_samples > 1:
         raise ConfigError("config key 'n_samples': greedy decoding gives the same response every time; "
                           "use n_samples=1 with greedy=true")
@@ -303,9 +304,8 @@ class Sampled:
     finished: list[bool]
 
 
-def _sample(model, tokenizer, prompts: list, n: int, params, cfg: EvalConfig, seed: int) -> Sampled:
+def _sample(engine, model, tokenizer, prompts: list, n: int, params, cfg: EvalConfig, seed: int) -> Sampled:
     from kilter.data.tokenize import encode_prompt
-    from kilter.rollout.generate import generate_ids
 
     ids = [encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
     repeated = [row for row in ids for _ in range(n)]
@@ -313,8 +313,19 @@ def _sample(model, tokenizer, prompts: list, n: int, params, cfg: EvalConfig, se
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        gen = generate_ids(model, tokenizer, repeated, params, batch_size=cfg.batch_size)
+        gen = engine.generate(repeated, params)
     return Sampled(gen.prompt_ids, gen.response_ids, gen.texts, gen.finished)
+
+
+def _engine(cfg: EvalConfig, entry: ModelEntry, tokenizer, model):
+    """The sampler of one evaluated model (cfg.engine); log-probs are always the loaded model's."""
+    from kilter.models import resolve_model_path
+    from kilter.rollout.engine import make_engine
+
+    path = None if cfg.engine == "hf" else resolve_model_path(entry.spec)
+    return make_engine(cfg.engine, model, tokenizer, model_path=path, batch_size=cfg.batch_size, seed=cfg.seed,
+                       max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, dtype=cfg.dtype,
+                       **cfg.engine_kwargs())
 
 
 def _rm_scores(reward, prompts: list, texts: list[str], batch_size: int,
@@ -382,7 +393,8 @@ class _Setup:
         return [p for p in self.prompts for _ in range(self.cfg.n_samples)]
 
 
-def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampled) -> tuple[list[float], int, bool]:
+def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampled,
+              engine) -> tuple[list[float], int, bool]:
     """Per-response KL terms, their total token count, and whether they belong to ``sampled``'s rows."""
     from kilter.rollout.generate import SamplingParams
 
@@ -390,7 +402,7 @@ def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampl
     kl_set = sampled
     if not cfg.samples_for_kl_reusable:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, do_sample=True)
-        kl_set = _sample(model, tokenizer, setup.prompts, cfg.n_samples, params, cfg, cfg.seed + 1)
+        kl_set = _sample(engine, model, tokenizer, setup.prompts, cfg.n_samples, params, cfg, cfg.seed + 1)
     pad = tokenizer.pad_token_id
     logps = response_logps(model, kl_set.prompt_ids, kl_set.response_ids, pad, cfg.batch_size)
     if entry.is_reference:
@@ -404,12 +416,14 @@ def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampl
 def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[str, Any]:
     """Sample one model's responses and compute all its metrics (the reference must come first)."""
     from kilter.rewards.text_metrics import distinct_n, win_rate
+    from kilter.rollout.engine import close_engine
     from kilter.rollout.generate import SamplingParams
 
     cfg, n = setup.cfg, setup.cfg.n_samples
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, do_sample=not cfg.greedy)
-    sampled = _sample(model, tokenizer, setup.prompts, n, params, cfg, cfg.seed)
+    engine = _engine(cfg, entry, tokenizer, model)
+    sampled = _sample(engine, model, tokenizer, setup.prompts, n, params, cfg, cfg.seed)
     texts, prompts = sampled.texts, setup.repeated_prompts
     metrics: dict[str, float | None] = {}
     per_sample: dict[str, list[float]] = {}
@@ -426,13 +440,14 @@ def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[st
             metrics["reward/rm_ensemble_std"] = sum(std) / len(std)
     if cfg.kl:
         if _same_vocab(tokenizer, setup.ref_tokenizer):
-            terms, n_tokens, aligned = _kl_terms(setup, entry, tokenizer, model, sampled)
+            terms, n_tokens, aligned = _kl_terms(setup, entry, tokenizer, model, sampled, engine)
             if aligned:
                 per_sample["kl"] = terms
             metrics["kl/ref"], metrics["kl/ref_stderr"] = mean_and_stderr(terms)
             metrics["kl/ref_per_token"] = sum(terms) / n_tokens if n_tokens else 0.0
         else:
             setup.notes.append(f"{entry.name}: no KL (its tokenizer differs from the reference's)")
+    close_engine(engine)
     if entry.is_reference:
         setup.ref_scores = {k: per_sample[k] for k in ("gold", "rm") if k in per_sample}
     for judge, ref_values in setup.ref_scores.items():

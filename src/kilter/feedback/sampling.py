@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from kilter.config import BaseConfig, Field
+from kilter.config import Field
 from kilter.errors import ConfigError, DataError
 from kilter.feedback.cli import default_db, open_store, require
 from kilter.feedback.importer import (
@@ -23,9 +23,10 @@ from kilter.feedback.importer import (
     read_jsonl,
     write_jsonl,
 )
+from kilter.rollout.engine import EngineOptions
 
 
-class SampleConfig(BaseConfig):
+class SampleConfig(EngineOptions):
     """With several models a pairwise project gets cross-model pairs only: a tournament for kilter leaderboard."""
 
     models: list[str] = Field(default_factory=list)
@@ -81,13 +82,20 @@ def _render(tokenizer, prompt: str, mode: str) -> tuple[str, bool]:
 
 def generate(model_path: str, prompts: list[str], k: int, *, temperature: float = 1.0, top_p: float = 1.0,
              max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0, chat_template: str = "auto",
-             device: str = "cpu", dtype: str = "fp32") -> list[list[str]]:
-    """``k`` sampled continuations of each prompt, shape ``[len(prompts)][k]`` (special tokens removed)."""
+             device: str = "cpu", dtype: str = "fp32", engine: EngineOptions | None = None) -> list[list[str]]:
+    """``k`` sampled continuations of each prompt, shape ``[len(prompts)][k]`` (special tokens removed).
+
+    ``engine`` (vllm, vllm-server) samples with that engine instead of ``model.generate``.
+    """
     import torch
 
     from kilter.models.loading import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_path, padding_side="left")  # left padding: new tokens line up at the end
+    if engine is not None and engine.engine != "hf":
+        return _generate_with_engine(engine, model_path, tokenizer, prompts, k, temperature=temperature,
+                                     top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                     chat_template=chat_template, dtype=dtype)
     model = load_causal_lm(model_path, tokenizer, dtype=dtype, device=device)
     model.eval()
     rendered = [_render(tokenizer, p, chat_template) for p in prompts]
@@ -111,8 +119,33 @@ def generate(model_path: str, prompts: list[str], k: int, *, temperature: float 
     return out
 
 
+def _generate_with_engine(options: EngineOptions, model_path: str, tokenizer, prompts: list[str], k: int, *,
+                          temperature: float, top_p: float, max_new_tokens: int, seed: int, chat_template: str,
+                          dtype: str) -> list[list[str]]:
+    import torch
+
+    from kilter.rollout.engine import close_engine, load_engine
+    from kilter.rollout.generate import SamplingParams
+
+    ids = []
+    for prompt in prompts:
+        text, special = _render(tokenizer, prompt, chat_template)
+        row = tokenizer(text, add_special_tokens=special)["input_ids"]
+        if not row:
+            raise DataError("a prompt became zero tokens; it cannot be continued")
+        ids.append(row)
+    engine, _ = load_engine(options, model_path, tokenizer, dtype=dtype, seed=seed,
+                            max_model_len=max(map(len, ids)) + max_new_tokens)
+    torch.manual_seed(seed)
+    gen = engine.generate([row for row in ids for _ in range(k)],
+                          SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
+    close_engine(engine)
+    return [[t.strip() for t in gen.texts[i * k:(i + 1) * k]] for i in range(len(prompts))]
+
+
 def run(cfg: SampleConfig) -> int:
     require(cfg, "prompts")
+    cfg.check_available()
     if not cfg.models:
         raise ConfigError("config key 'models' is required: one or more model folders, e.g. --models runs/sft/final,runs/ppo/final")
     if bool(cfg.project) == bool(cfg.out):
@@ -136,7 +169,7 @@ def run(cfg: SampleConfig) -> int:
                         "do_sample": True, "seed": seed, "model_path": model_path}
             samples = generate(model_path, texts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed,
-                               chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.dtype)
+                               chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.dtype, engine=cfg)
             for row, responses in zip(rows, samples):
                 row.responses += [CandidateIn(text, name, dict(settings)) for text in responses]
             print(f"sampled {cfg.k} x {len(rows)} responses from {name}", flush=True)

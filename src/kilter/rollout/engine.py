@@ -1,27 +1,77 @@
 """Rollout engines: who turns prompt ids into sampled responses.
 
-The trainers only talk to the :class:`RolloutEngine` protocol, so generation can move to a
-faster backend without touching the training loop:
+The trainers and commands only talk to the :class:`RolloutEngine` protocol, so generation can
+move to a faster backend without touching their loops:
 
-* :class:`HFEngine` (default) calls ``transformers``' ``generate`` on the policy being trained
-  (KV cache, left padding); nothing to synchronise, it *is* the policy.
-* :class:`VLLMEngine` (optional, GPU) samples with vLLM and copies the policy's weights into
-  it after every update.  vLLM is imported only when this engine is chosen; it is not a
-  dependency of Kilter and is not exercised by the CPU test suite.
+* :class:`HFEngine` (``hf``, default) samples with the policy module itself: Kilter's own
+  KV-cached sampler where it supports the model, else ``transformers``' ``generate``; nothing
+  to synchronise, it *is* the policy.
+* :class:`kilter.rollout.vllm_engine.VLLMEngine` (``vllm``) samples with vLLM in the same
+  process, on its own copy of the weights, which :meth:`sync_weights` refreshes after every
+  policy update (LoRA merged first).  vLLM is imported only when this engine is chosen; it is
+  not a dependency of Kilter (``make vllm-venv`` builds a venv with its CPU build).
+* :class:`kilter.rollout.vllm_client.VLLMServerEngine` (``vllm-server``) sends the prompts to a
+  ``kilter vllm-serve`` process (other devices, another node) over HTTP and pushes the weights
+  to it after every update.
 
-Engines return token ids only.  Log-probabilities for training are always recomputed by the
-trainer in one batched forward pass (:mod:`kilter.rollout.scoring`), so every engine's
-samples are scored by exactly the same code at exactly the sampling temperature.
+Engines return token ids.  Log-probabilities for training are always recomputed by the
+trainer in one batched forward pass (:mod:`kilter.rollout.scoring`), so every engine's samples
+are scored by exactly the same code at exactly the sampling temperature; the vLLM engines also
+return their own per-token log-probs (``Generation.extras["logprobs"]``), which
+:func:`engine_logp_maxdiff` compares with the trainer's as a check of the weight sync.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
-from kilter.errors import KilterError
-from kilter.rollout.generate import Generation, SamplingParams, cut_after_eos, generate_ids
+import torch
+from pydantic import Field, model_validator
 
-EngineKind = Literal["hf", "vllm"]
+from kilter.config import BaseConfig
+from kilter.errors import ConfigError, KilterError
+from kilter.rollout.generate import Generation, SamplingParams, generate_ids
+
+VLLM_NOT_INSTALLED = ("rollout.engine=vllm needs vLLM installed (pip install vllm on a CUDA machine; "
+                      "`make vllm-venv` builds a CPU venv for trying it); use rollout.engine=hf otherwise")
+
+EngineKind = Literal["hf", "vllm", "vllm-server"]
+ENGINE_KINDS: tuple[str, ...] = ("hf", "vllm", "vllm-server")
+
+
+class EngineOptions(BaseConfig):
+    """The engine fields every sampling config shares (``rollout.engine`` in ppo, ``engine`` in bon/eval/sample)."""
+
+    engine: EngineKind = "hf"
+    """Generation backend: hf (the model itself: Kilter's sampler or transformers generate), vllm (vLLM in this process; weights synced after every update) or vllm-server (a `kilter vllm-serve` process at vllm_url). See docs/rollout.md."""
+    vllm_url: str | None = None
+    """engine=vllm-server: the server's address, e.g. http://127.0.0.1:8100."""
+    vllm_eager: bool = False
+    """engine=vllm: skip vLLM's torch.compile / CUDA graphs (start-up in seconds instead of about a minute, slower decoding)."""
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """engine=vllm on a GPU: share of its memory vLLM may take (weights + KV cache), the rest is the trainer's."""
+
+    @model_validator(mode="after")
+    def _server_needs_url(self):
+        if self.engine == "vllm-server" and not self.vllm_url:
+            raise ValueError("engine vllm-server needs vllm_url, the address where `kilter vllm-serve` listens "
+                             "(e.g. http://127.0.0.1:8100)")
+        return self
+
+    def check_available(self) -> None:
+        """Fail before anything is written when the chosen engine cannot run here."""
+        import importlib.util
+
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise KilterError(VLLM_NOT_INSTALLED)
+
+    def engine_fields(self) -> dict:
+        """These fields as keywords, to hand the same choice on to another command's config."""
+        return {name: getattr(self, name) for name in EngineOptions.model_fields}
+
+    def engine_kwargs(self) -> dict:
+        return dict(url=self.vllm_url, enforce_eager=self.vllm_eager,
+                    gpu_memory_utilization=self.vllm_gpu_memory_utilization)
 
 
 @runtime_checkable
@@ -34,7 +84,7 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """Generation with the policy module itself through ``model.generate``."""
+    """Generation with the policy module itself (Kilter's sampler, or ``model.generate``)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 64) -> None:
         self.model = model
@@ -47,64 +97,104 @@ class HFEngine:
     def sync_weights(self, model) -> None:
         self.model = model
 
+    def close(self) -> None:
+        pass
 
-class VLLMEngine:  # pragma: no cover - needs vLLM and a GPU
-    """vLLM sampling on a separate copy of the weights (``pip install vllm``; CUDA only).
 
-    ``model_path`` must be a plain Hugging Face folder (merge LoRA adapters before using this
-    engine); after each update :meth:`sync_weights` streams the policy's current weights into
-    the vLLM workers.  vLLM's own per-token log-probs are ignored: the trainer rescoring the
-    tokens keeps the old-policy log-probs bit-identical to what training computes at ratio 1.
+def request_seeds(n: int) -> list[int]:
+    """Per-request sampling seeds drawn from torch's global RNG.
+
+    vLLM has its own random state; drawing its seeds from torch's makes a vLLM rollout follow the
+    same seeding as the other engines (``torch.manual_seed`` before a call fixes its samples, and
+    a resumed run draws the same ones again).
     """
+    base = int(torch.randint(0, 2**31 - 1 - n, (1,)))
+    return [base + i for i in range(n)]
 
-    def __init__(self, model_path: str, tokenizer, gpu_memory_utilization: float = 0.3, seed: int = 0) -> None:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise KilterError("rollout.engine=vllm needs vLLM installed (pip install vllm) and a CUDA GPU; "
-                              "use rollout.engine=hf otherwise") from None
-        self.tokenizer = tokenizer
-        self.llm = LLM(model=model_path, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                       enable_prefix_caching=True)
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
-        from vllm import SamplingParams as VSamplingParams
+def engine_logp_maxdiff(gen: Generation, logp: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """max |engine log-prob - trainer log-prob| over the response tokens; None when the engine gives none.
 
-        params.check()
-        sampling = VSamplingParams(
-            n=1, max_tokens=params.max_new_tokens,
-            temperature=params.temperature if params.do_sample else 0.0,
-            top_p=params.top_p if params.do_sample else 1.0,
-            top_k=params.top_k if (params.do_sample and params.top_k > 0) else -1,
-            stop=params.stop_strings or None, stop_token_ids=[self.tokenizer.eos_token_id],
-            include_stop_str_in_output=True, skip_special_tokens=False,
-            # PAD is never sampled (as in the other engines); vLLM bounds a bias to [-100, 100]
-            logit_bias={self.tokenizer.pad_token_id: -100.0},
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sampling, use_tqdm=False)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        responses, finished = [], []
-        for out in outputs:
-            ids, done = cut_after_eos(list(out.outputs[0].token_ids), eos, pad)
-            responses.append(ids)
-            finished.append(done or out.outputs[0].finish_reason == "stop")
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        return Generation(prompt_ids=list(prompt_ids), response_ids=responses, texts=texts, finished=finished)
-
-    def sync_weights(self, model) -> None:
-        if hasattr(model, "peft_config"):
-            raise KilterError("rollout.engine=vllm does not support LoRA policies yet; use rollout.engine=hf")
-        worker_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        worker_model.load_weights(model.state_dict().items())
+    ``logp`` and ``mask`` are the trainer's (N, R) grid (:func:`kilter.rollout.scoring.assemble`
+    layout).  Only a check: training always uses the trainer's log-probs.  A large value means the
+    engine samples from other weights than the trainer's (a failed weight sync), another
+    distribution (top-p/top-k truncation, which the engine's log-probs include), or another
+    precision.
+    """
+    engine_logp = gen.extras.get("logprobs")
+    if engine_logp is None:
+        return None
+    grid = torch.zeros(mask.shape, dtype=torch.float64)
+    for i, row in enumerate(engine_logp):
+        width = min(len(row), grid.shape[1])
+        grid[i, :width] = torch.tensor(row[:width], dtype=torch.float64)
+    keep = mask.detach().cpu() > 0
+    if not bool(keep.any()):
+        return 0.0
+    return float((grid - logp.detach().cpu().double()).abs()[keep].max())
 
 
 def make_engine(kind: EngineKind, model, tokenizer, *, model_path: str | None = None, batch_size: int = 64,
-                seed: int = 0) -> RolloutEngine:
-    """The engine named by a config's ``rollout.engine``."""
+                seed: int = 0, url: str | None = None, max_model_len: int | None = None,
+                gpu_memory_utilization: float = 0.3, enforce_eager: bool = False,
+                dtype: str = "fp32") -> RolloutEngine:
+    """The engine named by a config's ``engine`` / ``rollout.engine``.
+
+    ``model`` is the policy module (the hf engine samples with it; vllm takes its first weights
+    from ``model_path``; a server, which may hold another run's weights, gets ``model``'s at once;
+    both follow ``model`` through :meth:`sync_weights`).
+    """
     if kind == "hf":
+        if model is None:
+            raise KilterError("the hf engine needs the model loaded")
         return HFEngine(model, tokenizer, batch_size=batch_size)
     if kind == "vllm":
         if model_path is None:
             raise KilterError("rollout.engine=vllm needs the policy as a Hugging Face folder")
-        return VLLMEngine(model_path, tokenizer, seed=seed)
-    raise KilterError(f"unknown rollout engine {kind!r}; choose hf or vllm")
+        from kilter.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, tokenizer, seed=seed, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                          dtype=dtype)
+    if kind == "vllm-server":
+        if not url:
+            raise ConfigError("engine vllm-server needs the server's address: set vllm_url "
+                              "(e.g. rollout.vllm_url=http://127.0.0.1:8100), where `kilter vllm-serve` listens")
+        from kilter.rollout.vllm_client import VLLMServerEngine
+
+        server = VLLMServerEngine(url, tokenizer, model_path=model_path)
+        if model is not None:
+            server.sync_weights(model)
+        return server
+    raise KilterError(f"unknown rollout engine {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+
+
+def load_engine(options: EngineOptions, model_spec: str, tokenizer, *, device: str = "cpu", dtype: str = "fp32",
+                batch_size: int = 64, seed: int = 0, max_model_len: int | None = None):
+    """``(engine, model)`` for a command that samples from a model spec (bon, sample, eval).
+
+    The hf engine loads the model (returned too); the vLLM engines load nothing in this process
+    (``model`` is None) and take the weights from the spec's folder.
+    """
+    from kilter.models.loading import load_causal_lm, resolve_model_path
+
+    if options.engine == "hf":
+        model = load_causal_lm(model_spec, tokenizer, dtype=dtype, device=device)
+        model.eval()
+        return HFEngine(model, tokenizer, batch_size=batch_size), model
+    path = resolve_model_path(model_spec)
+    engine = make_engine(options.engine, None, tokenizer, model_path=path, batch_size=batch_size, seed=seed,
+                         max_model_len=max_model_len, dtype=dtype, **options.engine_kwargs())
+    if options.engine == "vllm-server":
+        # the server holds whatever it was last given: send it this model's weights
+        model = load_causal_lm(model_spec, tokenizer, dtype="fp32", device="cpu")
+        engine.sync_weights(model)
+        del model
+    return engine, None
+
+
+def close_engine(engine) -> None:
+    """Release what an engine holds (vLLM's KV cache and weights) before the next model loads."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()

@@ -29,7 +29,7 @@ from kilter.ops import AdaptiveKLController, FixedKLController, explained_varian
 from kilter.ops.kl import kl_gradient_follows, kl_placement
 from kilter.ops.masked import masked_mean
 from kilter.rewards.base import build_reward, prompt_text
-from kilter.rollout.engine import make_engine
+from kilter.rollout.engine import close_engine, engine_logp_maxdiff, make_engine
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
 from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_config import PPOConfig, PPOData, RolloutSection, UpdateSection, check_config
@@ -66,7 +66,9 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     gold_fn = ppo_setup.gold_function(cfg)
     ptx = ppo_setup.build_ptx(cfg, tok)
     engine = make_engine(cfg.rollout.engine, m.policy, tok, model_path=m.policy_path,
-                         batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed)
+                         batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed,
+                         max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                         dtype=cfg.precision, **cfg.rollout.engine_kwargs())
     kl_ctl = (AdaptiveKLController(cfg.kl.beta, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.beta))
     ma_baseline = MovingAverageBaseline(cfg.baseline.decay)
@@ -114,7 +116,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         normaliser=float(cfg.rollout.max_new_tokens))
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
-    ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
+    ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params, engine=engine)
     if start == 0 and eval_prompts:
         run_dir.log(0, ev.evaluate())
 
@@ -193,6 +195,9 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         }
         if golds is not None:
             metrics["reward/gold"] = sum(golds) / len(golds)
+        engine_diff = engine_logp_maxdiff(gen, old_logp, mask)  # the engine's log-probs: a check only
+        if engine_diff is not None:
+            metrics["rollout/engine_logp_maxdiff"] = engine_diff
         if values is not None and adv.returns is not None:
             metrics["value/explained_variance"] = explained_variance(values, adv.returns, mask)
             metrics["value/mean"] = float(masked_mean(values, mask))
@@ -212,6 +217,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if done % cfg.save_every == 0 or done == cfg.iterations:
             state.save(run_dir, done, cfg)
     progress.close()
+    close_engine(engine)
 
     run_dir.save_final(lambda p: ppo_setup.save_final(p, m, cfg))
     keys = ("reward/total", "reward/gold", "kl/ref", "eval/gold", "eval/reward", "eval/kl")

@@ -12,6 +12,7 @@ from kilter.losses.ppo import Aggregation
 from kilter.models.lora import LoraSection
 from kilter.ops.kl import kl_placement
 from kilter.rewards.base import RewardConfig
+from kilter.rollout.engine import EngineOptions
 from kilter.rollout.generate import SamplingParams
 from kilter.training.args import RunArgs
 from kilter.training.optim import OptimConfig
@@ -38,8 +39,8 @@ class PPOData(BaseConfig):
     """Log reward/gold with the built-in task's hidden gold judgment (null: when the prompts are builtin:)."""
 
 
-class RolloutSection(BaseConfig):
-    """How responses are sampled."""
+class RolloutSection(EngineOptions):
+    """How responses are sampled (engine: hf, vllm or vllm-server; docs/rollout.md)."""
 
     batch_size: int = Field(64, gt=0)
     """Prompts per iteration."""
@@ -55,8 +56,6 @@ class RolloutSection(BaseConfig):
     """Sample among the k most likely tokens (0: off); like top_p, off-policy for the update."""
     stop_strings: list[str] | None = None
     """Also end a response at any of these strings (EOS always ends it)."""
-    engine: Literal["hf", "vllm"] = "hf"
-    """Generation backend: hf (transformers generate, default) or vllm (optional, CUDA, full fine-tuning only)."""
     generation_batch_size: int = Field(64, gt=0)
     """Prompts per generate call."""
     forward_batch_size: int = Field(64, gt=0)
@@ -237,6 +236,7 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.algorithm == "grpo" and kl_placement(cfg.kl_estimator) == "reward":
         raise ConfigError("algorithm=grpo standardises rewards within each group, which would rescale a KL "
                           "penalty in the reward: use kl.estimator=k3 (GRPO's loss term) or k2")
+    cfg.rollout.check_available()
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         raise ConfigError("lora.dropout must be 0 for RL: dropout makes the policy's log-probs random")
     if cfg.ptx.coef > 0 and not cfg.ptx.data:

@@ -262,8 +262,10 @@ class Evaluator:
     KL(pi || pi_0) whatever the rollout settings.
     """
 
-    def __init__(self, cfg, m: Models, reward: RewardPipeline, gold_fn, rows: list[dict], params: SamplingParams):
+    def __init__(self, cfg, m: Models, reward: RewardPipeline, gold_fn, rows: list[dict], params: SamplingParams,
+                 engine=None):
         self.cfg, self.m, self.reward, self.gold_fn, self.rows = cfg, m, reward, gold_fn, rows
+        self.engine = engine  # the rollout engine (synced with the policy), or None: the policy itself
         self.params = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                                      top_p=1.0, top_k=0, do_sample=True, stop_strings=params.stop_strings)
 
@@ -275,8 +277,10 @@ class Evaluator:
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + 7_777)
-            gen = generate_ids(self.m.policy, self.m.tokenizer, [r["ids"] for r in self.rows], self.params,
-                               batch_size=self.cfg.rollout.generation_batch_size)
+            ids = [r["ids"] for r in self.rows]
+            gen = (self.engine.generate(ids, self.params) if self.engine is not None else
+                   generate_ids(self.m.policy, self.m.tokenizer, ids, self.params,
+                                batch_size=self.cfg.rollout.generation_batch_size))
         batch = assemble([r["ids"] for r in self.rows], gen.response_ids, self.m.tokenizer.pad_token_id, device)
         fb = self.cfg.rollout.forward_batch_size
         logp, _ = batched_logprobs(self.m.policy, batch, self.params.temperature, fb, self.cfg.precision)
