@@ -174,6 +174,8 @@ class RunDir:
         self._fast_paths: dict[str, float] = fastpaths.record()
         self._trackers: list = []
         self._started = False
+        self.row_extras: Callable[[], dict[str, Any]] | None = None
+        """Values every logged row carries (the training layer's shared counters), or None."""
         unknown = [t for t in report_to if t not in TRACKERS]
         if unknown:
             raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; expected some of {', '.join(TRACKERS)}")
@@ -216,6 +218,8 @@ class RunDir:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
+        if self.row_extras is not None:
+            row.update(self.row_extras())
         # which fast paths the run uses (perf/padding_free, ...), in the first row after each decision
         decided = fastpaths.record()
         row.update({k: v for k, v in decided.items() if self._fast_paths.get(k) != v})

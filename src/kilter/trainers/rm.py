@@ -69,7 +69,7 @@ from kilter.training.batching import accumulation_context, epoch_batches, micro_
 from kilter.training.checkpoint import resume_from, save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
-from kilter.training.setup import launch, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import set_seed
 
 Kind = Literal["auto", "comparison", "ranking", "rating"]
@@ -390,7 +390,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
     set_seed(seed)
     # one folder per ensemble member
-    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
+    run_dir = open_run_dir(cfg, info, path)
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
     model = load_reward_backbone(start, tokenizer)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kilter.training.optim import GUARD
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -44,6 +46,7 @@ def save_training_state(path: Path, optimizers: dict[str, Any], extra: dict[str,
     """Optimizers/schedulers (anything with state_dict) and RNG, next to the model files."""
     blob = {name: obj.state_dict() for name, obj in optimizers.items()}
     blob["rng"] = rng_state()
+    blob["nonfinite"] = GUARD.state_dict()  # skipped updates so far, for train/skipped_steps after a resume
     if extra:
         blob["extra"] = extra
     torch.save(blob, Path(path) / "training_state.pt")
@@ -54,4 +57,5 @@ def load_training_state(path: Path, optimizers: dict[str, Any]) -> dict[str, Any
     for name, obj in optimizers.items():
         obj.load_state_dict(blob[name])
     set_rng_state(blob["rng"])
+    GUARD.load_state_dict(blob.get("nonfinite", {}))
     return blob.get("extra", {})
