@@ -65,18 +65,23 @@ def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class _TensorBoard:
+    """Event files in ``<run>/tensorboard``, opened at the run's first config or row (a run refused before
+    then writes none).  A resumed run opens its writer with ``purge_step``, so TensorBoard drops what the
+    interrupted run logged after the checkpoint, as metrics.jsonl does."""
+
     def __init__(self, run: Path, required: bool):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             if required:
                 raise
-            self.writer = None
-            return
-        self.writer = SummaryWriter(str(run / "tensorboard"))
+            SummaryWriter = None
+        self._cls, self.path, self.writer = SummaryWriter, run / "tensorboard", None
+        self.purge_step: int | None = None
 
     def start(self, config: dict) -> None:
-        pass
+        if self._cls is not None and self.writer is None:
+            self.writer = self._cls(str(self.path), purge_step=self.purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is not None:
@@ -176,6 +181,8 @@ class RunDir:
         self._started = False
         self.row_extras: Callable[[], dict[str, Any]] | None = None
         """Values every logged row carries (the training layer's shared counters), or None."""
+        self.replace_metrics = False
+        """The first row logged replaces an existing metrics.jsonl instead of being appended (overwrite=true)."""
         unknown = [t for t in report_to if t not in TRACKERS]
         if unknown:
             raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; expected some of {', '.join(TRACKERS)}")
@@ -195,6 +202,8 @@ class RunDir:
         if not self._started:
             self._started = True
             for tracker in self._trackers:
+                if self.replace_metrics and isinstance(tracker, _TensorBoard):
+                    tracker.purge_step = 0  # overwrite=true: the old run's events are dropped with its metrics
                 tracker.start(config)
 
     # ------------------------------------------------------------------ files
@@ -224,8 +233,9 @@ class RunDir:
         decided = fastpaths.record()
         row.update({k: v for k, v in decided.items() if self._fast_paths.get(k) != v})
         self._fast_paths = decided
-        with open(self.path / "metrics.jsonl", "a") as fh:
+        with open(self.path / "metrics.jsonl", "w" if self.replace_metrics else "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.replace_metrics = False
         if self._trackers:
             self._start_trackers({})  # a command that logs without writing its config first
             scalars = {k: v for k, v in row.items()
@@ -234,7 +244,11 @@ class RunDir:
                 tracker.log(int(step), scalars)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the file reads like one run."""
+        """On resume, drop rows logged after the checkpoint so the file reads like one run (TensorBoard too;
+        wandb, MLflow and trackio start a new run of their own on each start, which holds no stale rows)."""
+        for tracker in self._trackers:
+            if isinstance(tracker, _TensorBoard) and tracker.writer is None:
+                tracker.purge_step = int(after_step) + 1  # events after the checkpoint are dropped too
         path = self.path / "metrics.jsonl"
         if not self.writer or not path.exists():
             return

@@ -168,3 +168,35 @@ def test_resume_with_a_changed_config_is_refused_unless_asked_and_every_change_i
                  "resume_with_changes=true"]) == 0
     changes = [json.loads(line)["changes"] for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert changes[-1]["optim.lr"]["to"] == 0.01 and changes[-1]["max_steps"] == {"from": 2, "to": 3}
+
+
+def _tensorboard_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=True)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_none(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    args = [a for a in SFT if a not in ("tensorboard=false",) and not a.startswith("max_steps")]
+    assert main(["sft", f"output_dir={out}", *args, "max_steps=4", "keep_checkpoints=null"]) == 0
+    assert _tensorboard_steps(out, "loss/sft") == [1, 2, 3, 4]
+    events = sorted((out / "tensorboard").iterdir())
+    # killed after step 2 was saved: the resumed run logs steps 3 and 4 again, TensorBoard shows them once
+    for step in (3, 4):
+        shutil.rmtree(out / "checkpoints" / f"step-{step}")
+    shutil.rmtree(out / "final")
+    assert main(["sft", f"output_dir={out}", *args, "max_steps=4", "resume=true", "keep_checkpoints=null"]) == 0
+    assert len(list((out / "tensorboard").iterdir())) == len(events) + 1
+    assert _tensorboard_steps(out, "loss/sft") == [1, 2, 3, 4]
+    # a start refused after the run directory was opened (overwrite=true, but the batch is too large) adds no
+    # event file, nor anything else, and removes nothing (the old metrics stay until the new run logs a row)
+    shutil.rmtree(out / "checkpoints")
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code = main(["sft", f"output_dir={out}", *args, "max_steps=4", "overwrite=true", "batch_size=100000"])
+    _one_line_error(capsys, code, "fewer than one global batch")
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

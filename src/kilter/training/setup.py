@@ -48,8 +48,6 @@ def prepare(cfg, info: DistInfo, dirs: list[Path] | None = None) -> Path | None:
     if info.is_main:
         for d in folders:
             clean_stale_temporaries(d)  # what a kill left half-written; the newest complete checkpoint stays
-            if cfg.overwrite and not cfg.resume and (d / "metrics.jsonl").exists():
-                (d / "metrics.jsonl").unlink()  # a new run's metrics, not appended to the old ones
     return found[0] if cfg.resume else None
 
 
@@ -62,6 +60,9 @@ def open_run_dir(cfg, info: DistInfo, path: str | Path | None = None) -> RunDir:
                      report_to=cfg.report_to)
     GUARD.configure(cfg.nonfinite, cfg.max_skipped_steps)  # counts from zero; a resume restores them
     run_dir.row_extras = GUARD.metrics
+    # overwrite=true: the new run's first row replaces the old metrics (not appended); a run refused
+    # before it logs anything leaves them as they were
+    run_dir.replace_metrics = bool(cfg.overwrite and not cfg.resume)
     return run_dir
 
 
