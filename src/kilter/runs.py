@@ -38,7 +38,7 @@ import yaml
 
 from kilter import fastpaths
 from kilter.config import dump_config
-from kilter.errors import ConfigError
+from kilter.errors import ConfigError, KilterError
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -261,10 +261,18 @@ class RunDir:
         self._trackers = []
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int | None = None) -> Path | None:
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int | None = None,
+                        estimate: int | None = None) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically, after checking there is room for it.
+
+        The room a checkpoint needs is the size of the newest one (or ``estimate`` bytes before the
+        first); when the disk has less free, the save is not started: one line names the folder and
+        the need, and the last good checkpoint is intact.
+        """
         if not self.writer:
             return None
         target = self.checkpoints / f"step-{step}"
+        self.check_free_space(self.checkpoints, f"checkpoint step-{step}", estimate)
 
         def write_and_seal(tmp: Path) -> None:
             write(tmp)
@@ -297,10 +305,33 @@ class RunDir:
     def save_final(self, write: Callable[[Path], None]) -> Path | None:
         if not self.writer:
             return None
+        self.check_free_space(self.path, "final/", None)
         return save_folder_atomically(self.final, write)
+
+    def check_free_space(self, folder: Path, what: str, estimate: int | None) -> None:
+        """Raise one line when ``folder``'s disk has less free space than ``what`` will take (newest checkpoint's size)."""
+        newest = self.list_checkpoints()[-1:]
+        need = _folder_bytes(newest[0]) if newest else (estimate or 0)
+        if need <= 0:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            kept = f"the last checkpoint ({newest[0].name}) is intact" if newest else "nothing was written"
+            raise KilterError(f"not enough free space in {folder} for {what}: it needs about {_mb(need)}, "
+                              f"{_mb(free)} are free; free some space (or lower keep_checkpoints) and resume=true; "
+                              f"{kept}")
 
 
 MANIFEST = "manifest.json"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _sha256(path: Path) -> str:

@@ -200,3 +200,33 @@ def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_n
     code = main(["sft", f"output_dir={out}", *args, "max_steps=4", "overwrite=true", "batch_size=100000"])
     _one_line_error(capsys, code, "fewer than one global batch")
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp_path, capsys, monkeypatch):
+    import collections
+    import shutil
+
+    import kilter.runs
+
+    out = tmp_path / "run"
+    real = shutil.disk_usage
+    Usage = collections.namedtuple("Usage", "total used free")
+
+    def nearly_full(path):
+        # room for the first checkpoint only
+        first = out / "checkpoints" / "step-1"
+        free = 10**9 if not first.exists() else sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) // 2
+        return Usage(real(path).total, 0, free)
+
+    monkeypatch.setattr(kilter.runs.shutil, "disk_usage", nearly_full)
+    code = main(["sft", f"output_dir={out}", *SFT])
+    line = _one_line_error(capsys, code, "not enough free space", str(out / "checkpoints"), "checkpoint step-2",
+                           "MB", "step-1) is intact")
+    assert "needs about" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # nothing half-started
+    assert kilter.runs.verify_manifest(out / "checkpoints" / "step-1") is None
+    # before the first checkpoint the need is estimated from the parameters (weights + AdamW moments)
+    monkeypatch.setattr(kilter.runs.shutil, "disk_usage", lambda path: Usage(real(path).total, 0, 1000))
+    code = main(["sft", f"output_dir={tmp_path / 'fresh'}", *SFT])
+    _one_line_error(capsys, code, "not enough free space", "checkpoint step-1", "nothing was written")
+    assert list((tmp_path / "fresh" / "checkpoints").iterdir()) == []
