@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, field_validator
 
 from kilter.config import BaseConfig
+from kilter.distributed import resolve_device
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.rewards.base import call_function, load_function, prompt_text
 
@@ -337,11 +338,7 @@ def _load_reward(spec: str, device: str, dtype: str):
 
 
 def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': cuda requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
+    return resolve_device(choice)
 
 
 def _load(spec: str, dtype: str, device: str):

@@ -15,6 +15,7 @@ The policy, the frozen reference pi_0 and the critic are built here:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class PromptStream:
                                task_seed=cfg.data.task_seed)
         if not records.rows:
             raise DataError(f"{cfg.data.prompts}: no prompts")
+        if records.n_skipped:
+            print(f"kilter ppo: skipped {records.n_skipped} invalid rows in {cfg.data.prompts} "
+                  f"(first: {records.first_error})", file=sys.stderr)
         self.rows = [{"prompt": r["prompt"], "ids": encode_prompt(tokenizer, r["prompt"], cfg.data.max_prompt_length)}
                      for r in records.rows]
         self.batch_size = cfg.rollout.batch_size

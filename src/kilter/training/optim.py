@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -19,8 +19,8 @@ class OptimConfig(BaseConfig):
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (not applied to biases and norm weights)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """AdamW betas (each in [0, 1))."""
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     warmup_steps: int = Field(0, ge=0)
