@@ -182,7 +182,7 @@ class RunDir:
         self.row_extras: Callable[[], dict[str, Any]] | None = None
         """Values every logged row carries (the training layer's shared counters), or None."""
         self.replace_metrics = False
-        """The first row logged replaces an existing metrics.jsonl instead of being appended (overwrite=true)."""
+        """The first row logged replaces an existing metrics.jsonl instead of being appended (a fresh start)."""
         unknown = [t for t in report_to if t not in TRACKERS]
         if unknown:
             raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; expected some of {', '.join(TRACKERS)}")
@@ -203,7 +203,7 @@ class RunDir:
             self._started = True
             for tracker in self._trackers:
                 if self.replace_metrics and isinstance(tracker, _TensorBoard):
-                    tracker.purge_step = 0  # overwrite=true: the old run's events are dropped with its metrics
+                    tracker.purge_step = 0  # a fresh start: the old run's events are dropped with its metrics
                 tracker.start(config)
 
     # ------------------------------------------------------------------ files
@@ -246,6 +246,7 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the file reads like one run (TensorBoard too;
         wandb, MLflow and trackio start a new run of their own on each start, which holds no stale rows)."""
+        self.replace_metrics = False  # resumed: the rows up to the checkpoint stay
         for tracker in self._trackers:
             if isinstance(tracker, _TensorBoard) and tracker.writer is None:
                 tracker.purge_step = int(after_step) + 1  # events after the checkpoint are dropped too

@@ -60,9 +60,11 @@ def open_run_dir(cfg, info: DistInfo, path: str | Path | None = None) -> RunDir:
                      report_to=cfg.report_to)
     GUARD.configure(cfg.nonfinite, cfg.max_skipped_steps)  # counts from zero; a resume restores them
     run_dir.row_extras = GUARD.metrics
-    # overwrite=true: the new run's first row replaces the old metrics (not appended); a run refused
-    # before it logs anything leaves them as they were
-    run_dir.replace_metrics = bool(cfg.overwrite and not cfg.resume)
+    # A run that restores no checkpoint starts afresh: its first row replaces what metrics.jsonl holds
+    # (overwrite=true, or resume=true after a kill before the first checkpoint) instead of following it;
+    # restoring one truncates the file to the checkpoint instead (RunDir.truncate_metrics).  A run
+    # refused before it logs anything leaves the file as it was.
+    run_dir.replace_metrics = True
     return run_dir
 
 
