@@ -21,6 +21,7 @@ one that is not installed is a one-line error before training starts.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -397,6 +398,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_reporting_a_full_disk(write: Callable[[Path], None], tmp: Path) -> None:
+    """``write(tmp)``; a writer that hides the OS's error (safetensors, torch say "unexpected pos ...")
+    on a disk left with no room raises the OSError a full disk is: one line for the CLI."""
+    try:
+        write(tmp)
+    except (RuntimeError, ValueError) as exc:
+        if shutil.disk_usage(tmp.parent).free < 1 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp.parent)) from exc
+        raise
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it over ``path``: readers see the old file or the new one.
 
@@ -409,7 +421,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        _write_reporting_a_full_disk(write, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run and data files are meant to be shared
@@ -435,7 +447,7 @@ def save_folder_atomically(target: Path, write: Callable[[Path], None], keep_exi
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp", dir=target.parent))
     os.chmod(tmp, 0o755)
     try:
-        write(tmp)
+        _write_reporting_a_full_disk(write, tmp)
         _fsync_tree(tmp)
         if target.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)

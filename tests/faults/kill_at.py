@@ -48,6 +48,9 @@ def install(kill_at: int, sig: int = signal.SIGKILL) -> tuple[list[str], Callabl
                 def cut() -> None:
                     real(*args, **kwargs)
                     target = args[1] if len(args) > 1 else kwargs.get("f")
+                    if hasattr(target, "fh"):  # kilter.training.state.torch_save's file
+                        target.fh.flush()
+                        target = target.fh.name
                     if isinstance(target, (str, Path)) and Path(target).is_file():
                         size = Path(target).stat().st_size
                         with open(target, "r+b") as fh:

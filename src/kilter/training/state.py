@@ -49,7 +49,37 @@ def save_training_state(path: Path, optimizers: dict[str, Any], extra: dict[str,
     blob["nonfinite"] = GUARD.state_dict()  # skipped updates so far, for train/skipped_steps after a resume
     if extra:
         blob["extra"] = extra
-    torch.save(blob, Path(path) / "training_state.pt")
+    torch_save(blob, Path(path) / "training_state.pt")
+
+
+class _WriteRecorder:
+    """A file for ``torch.save`` that remembers the OSError of a failed write: torch reports a full
+    disk as ``RuntimeError: unexpected pos ...``, this keeps the OS's own words."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a write the OS refused (disk full, read-only) raises that OSError."""
+    with open(path, "wb") as fh:
+        recorder = _WriteRecorder(fh)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise OSError(recorder.error.errno, recorder.error.strerror, str(path)) from None
+            raise
 
 
 def load_training_state(path: Path, optimizers: dict[str, Any]) -> dict[str, Any]:
