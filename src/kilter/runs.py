@@ -190,6 +190,7 @@ class RunDir:
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
+            clean_stale_temporaries(self.path)  # what a kill left half-written (every command's run folder)
             names = list(dict.fromkeys(([] if not tensorboard or "tensorboard" in report_to else ["tensorboard"])
                                        + list(report_to)))
             for name in names:

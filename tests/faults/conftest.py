@@ -15,6 +15,7 @@ import pytest
 import torch
 
 TRAINERS = ("sft", "rm", "dpo", "kto", "ppo", "distill")
+CONTROL = Path(__file__).resolve().parents[2] / "configs" / "control" / "cartpole.yaml"
 
 _COMMON = ["model=builtin:micro", "tensorboard=false", "threads=1", "log_every=1", "save_every=1",
            "keep_checkpoints=null", "optim.lr=1e-3"]
@@ -42,6 +43,11 @@ def trainer_args(name: str, out: Path, data: dict[str, Path], steps: int = 3) ->
         return [*common, f"max_steps={steps}", "context=Be brief.", "data.max_train_prompts=8",
                 "data.samples_per_prompt=1", "data.max_new_tokens=6", "data.max_eval_prompts=2",
                 "data.eval_samples=1", "batch_size=4", "eval_every=2"]
+    if name == "control":  # CartPole, 3 rounds of 128 steps, a dozen synthetic preferences
+        return ["control", "--config", str(CONTROL), f"output_dir={out}", "env.n_envs=2", "agent.n_steps=64",
+                "agent.batch_size=64", "agent.n_epochs=1", f"total_timesteps={128 * steps}", f"rounds={steps}",
+                "queries.total_labels=12", "queries.pool_size=20", "reward.epochs=1", "eval_episodes=1",
+                "tensorboard=false", "keep_checkpoints=10"]
     raise ValueError(name)
 
 
@@ -78,14 +84,39 @@ def comparable_metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in read_metrics(run)]
 
 
+def _tensors(tree, prefix: str, out: dict) -> None:
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            _tensors(value, f"{prefix}.{key}", out)
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            _tensors(value, f"{prefix}.{i}", out)
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every safetensors file under ``run/final`` (policy, critic, members), by file and name."""
+    """Every tensor under ``run/final``, by file and name: safetensors (policy, critic, members), .pt files
+    and the .pth members of a stable-baselines3 agent.zip (control)."""
+    import io
+    import zipfile
+
     from safetensors.torch import load_file
 
-    out = {}
-    for path in sorted((run / "final").rglob("*.safetensors")):
-        for key, value in load_file(str(path)).items():
-            out[f"{path.relative_to(run)}:{key}"] = value
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted((run / "final").rglob("*")):
+        name = str(path.relative_to(run))
+        if path.suffix == ".safetensors":
+            _tensors(load_file(str(path)), name, out)
+        elif path.suffix == ".pt":
+            _tensors(torch.load(path, weights_only=False), name, out)
+        elif path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pth"):
+                        _tensors(torch.load(io.BytesIO(archive.read(member)), weights_only=False),
+                                 f"{name}/{member}", out)
+    assert out, f"no weights found in {run / 'final'}"
     return out
 
 

@@ -25,7 +25,7 @@ from kilter.runs import verify_manifest
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
-TRAINERS = ("sft", "rm", "dpo", "kto", "ppo", "distill")
+TRAINERS = ("sft", "rm", "dpo", "kto", "ppo", "distill", "control")
 
 
 def _kill_at_module():

@@ -344,6 +344,7 @@ def train(cfg: ControlConfig) -> dict[str, float]:
         run.truncate_metrics(agent.num_timesteps)
         print(f"kilter control: resumed from {ckpt} (round {start_round} of {cfg.rounds})", file=sys.stderr)
     else:
+        run.replace_metrics = True  # a fresh start: rows of a run killed before its first checkpoint go
         run.write_config(cfg)
         if learned:
             n_random = cfg.initial_random_steps
