@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,24 +79,60 @@ def _kill_points(name: str, events: list[str]) -> list[int]:
     return [rng.randint(1, len(events)), rng.choice(writes)]
 
 
+def _run_and_kill(args: list[str], point: int) -> int:
+    """Run ``kilter ARGS`` in a forked child of this (already warmed-up) process and SIGKILL it at fault
+    point ``point``; returns the signal that ended it.  A fork spares each kill the seconds of a fresh
+    interpreter importing torch; ``kill_at.py`` does the same from a shell."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no output, nothing after the kill
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            KILL_AT.install(point, signal.SIGKILL)
+            code = main(args)
+        finally:
+            os._exit(99)  # reached only when the kill did not come
+        os._exit(code)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"kilter {' '.join(args)} did not reach fault point {point} in 300 s")
+
+
 @pytest.mark.parametrize("name", TRAINERS)
 def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(name, faults, tiny_data, straight, tmp_path,
                                                                    capsys):
     reference, events = straight(name)
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     tried = []
     for point in _kill_points(name, events):
         run = tmp_path / f"killed-at-{point}"
         args = faults.args(name, run, tiny_data)
-        done = subprocess.run([sys.executable, str(HERE / "kill_at.py"), str(point), "KILL", *args],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == -signal.SIGKILL, f"not killed at point {point}: {done.stderr[-1500:]}"
+        assert _run_and_kill(args, point) == signal.SIGKILL, f"not killed at fault point {point}"
         tried.append(f"{name}: SIGKILL at fault point {point}/{len(events)} ({events[point - 1]})")
         capsys.readouterr()
         assert main([*args, "resume=true"]) == 0, capsys.readouterr().err[-2000:]
         assert "Traceback" not in capsys.readouterr().err
         _assert_resumed_like_straight(faults, run, reference)
     print("\n".join(tried))  # what was tried, for -s
+
+
+def test_kill_at_kills_a_real_process_from_the_shell(faults, tiny_data, straight, tmp_path):
+    """The script the suite documents for a shell: a fresh interpreter killed inside a checkpoint write."""
+    reference, events = straight("sft")
+    point = events.index("manifest") + 1
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = faults.args("sft", tmp_path / "run", tiny_data)
+    done = subprocess.run([sys.executable, str(HERE / "kill_at.py"), str(point), "KILL", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-1500:]
+    assert main([*args, "resume=true"]) == 0
+    _assert_resumed_like_straight(faults, tmp_path / "run", reference)
 
 
 @pytest.mark.parametrize("name", TRAINERS)

@@ -89,7 +89,7 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
-    def full(self, step, write, keep=None):
+    def full(self, step, write, keep=None, estimate=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.checkpoints))
 
     monkeypatch.setattr(RunDir, "save_checkpoint", full)
