@@ -38,7 +38,7 @@ def trainer_args(name: str, out: Path, data: dict[str, Path], steps: int = 3) ->
     if name == "ppo":
         return [*common, f"iterations={steps}", "reward.function=builtin:gold", "rollout.batch_size=4",
                 "rollout.max_new_tokens=6", "update.num_minibatches=2", "update.epochs=1", "data.n_eval=2",
-                "eval_every=2", "n_samples=0"]
+                "eval_every=2", "n_samples=2", "sample_every=1"]
     if name == "distill":
         return [*common, f"max_steps={steps}", "context=Be brief.", "data.max_train_prompts=8",
                 "data.samples_per_prompt=1", "data.max_new_tokens=6", "data.max_eval_prompts=2",

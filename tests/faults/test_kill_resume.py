@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -65,35 +66,41 @@ def straight(faults, tiny_data, tmp_path_factory):
 def _assert_resumed_like_straight(faults, run: Path, reference: Path) -> None:
     assert faults.same(faults.weights(run), faults.weights(reference)), "final/ differs from the uninterrupted run"
     assert faults.metrics(run) == faults.metrics(reference)
+    if (reference / "samples.jsonl").exists():  # ppo's sample table
+        assert (run / "samples.jsonl").read_text() == (reference / "samples.jsonl").read_text()
     assert not [p for p in run.rglob(".*-tmp*")] and not [p for p in run.rglob(".*-old")]
     for ckpt in (run / "checkpoints").glob("step-*"):
         assert verify_manifest(ckpt) is None, ckpt
 
 
 def _kill_points(name: str, events: list[str]) -> list[int]:
-    """Two seeded fault points (1-based): one anywhere, one inside a file write -- a half-written
-    ``torch.save``, just before a manifest, or at a rename, in turn across the trainers."""
+    """Three fault points (1-based): the one after the first metrics row (inside or before the first
+    checkpoint, so resume=true starts afresh), one seeded anywhere, and one seeded inside a file write -- a half-written ``torch.save``,
+    just before a manifest, or at a rename, in turn across the trainers."""
     rng = random.Random(f"issue-19-{name}")
     site = ("torch.save", "manifest", "replace")[TRAINERS.index(name) % 3]
     writes = [i + 1 for i, s in enumerate(events) if s == site]
-    return [rng.randint(1, len(events)), rng.choice(writes)]
+    return list(dict.fromkeys([events.index("log") + 2, rng.randint(1, len(events)), rng.choice(writes)]))
 
 
-def _run_and_kill(args: list[str], point: int) -> int:
+def _run_and_kill(args: list[str], point: int, log: Path) -> int:
     """Run ``kilter ARGS`` in a forked child of this (already warmed-up) process and SIGKILL it at fault
     point ``point``; returns the signal that ended it.  A fork spares each kill the seconds of a fresh
-    interpreter importing torch; ``kill_at.py`` does the same from a shell."""
+    interpreter importing torch; ``kill_at.py`` does the same from a shell.  The child's output goes to ``log``."""
     pid = os.fork()
     if pid == 0:  # the child: no pytest, no output, nothing after the kill
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            sys.stdout = sys.stderr = open(out, "w", buffering=1, closefd=False)  # not pytest's capture
             KILL_AT.install(point, signal.SIGKILL)
-            code = main(args)
+            print(f"exit {main(args)} without being killed", file=sys.stderr)
+        except BaseException:  # noqa: BLE001 -- shown in the test's failure, then the child ends
+            traceback.print_exc()
         finally:
+            sys.stderr.flush()
             os._exit(99)  # reached only when the kill did not come
-        os._exit(code)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -113,7 +120,8 @@ def test_sigkill_anywhere_then_resume_equals_the_uninterrupted_run(name, faults,
     for point in _kill_points(name, events):
         run = tmp_path / f"killed-at-{point}"
         args = faults.args(name, run, tiny_data)
-        assert _run_and_kill(args, point) == signal.SIGKILL, f"not killed at fault point {point}"
+        log = tmp_path / f"child-{point}.log"
+        assert _run_and_kill(args, point, log) == signal.SIGKILL, f"not killed at {point}: {log.read_text()[-1500:]}"
         tried.append(f"{name}: SIGKILL at fault point {point}/{len(events)} ({events[point - 1]})")
         capsys.readouterr()
         assert main([*args, "resume=true"]) == 0, capsys.readouterr().err[-2000:]

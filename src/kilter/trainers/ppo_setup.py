@@ -28,6 +28,7 @@ from kilter.models.saving import save_model
 from kilter.rewards.base import RewardPipeline, prompt_text
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
+from kilter.runs import atomic_write_text
 from kilter.training.display import format_sample_table
 
 
@@ -314,12 +315,20 @@ def show_samples(run_dir, iteration: int, prompts: list, texts: list[str], rewar
 
 
 def truncate_samples(run_dir, iteration: int) -> None:
-    """On resume, drop sample rows written after the checkpoint (as for metrics.jsonl)."""
+    """On resume, drop sample rows written after the checkpoint (as for metrics.jsonl); a last line
+    cut short by a kill goes too.  ``iteration=-1``: drop them all (a fresh start)."""
     path = Path(run_dir.path) / "samples.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if not path.exists() or not run_dir.writer:
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the write a kill interrupted
+        if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def save_final(path: Path, m: Models, cfg) -> None:
