@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kilter.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -29,13 +31,40 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(spec: str, key: str = "device") -> str:
+    """The torch device a ``device=`` value names, checked to exist here: auto (cuda when available), cpu,
+    cuda, cuda:N, mps, ...; anything else, or a device this machine's torch cannot use, is one line."""
+    spec = str(spec).strip()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}={spec!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"{key}={spec} but {why}; use {key}=cpu or {key}=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={spec} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        return str(dev)
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(f"{key}={spec}: no {dev.type} device is available to this torch; use {key}=cpu or "
+                          f"{key}=auto")
+    return str(dev)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun set up (if any) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if device == "cuda":
         torch.cuda.set_device(local)
         device = f"cuda:{local}"

@@ -21,6 +21,7 @@ one that is not installed is a one-line error before training starts.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ import yaml
 
 from kilter import fastpaths
 from kilter.config import dump_config
-from kilter.errors import ConfigError
+from kilter.errors import ConfigError, KilterError
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -65,18 +66,23 @@ def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 class _TensorBoard:
+    """Event files in ``<run>/tensorboard``, opened at the run's first config or row (a run refused before
+    then writes none).  A resumed run opens its writer with ``purge_step``, so TensorBoard drops what the
+    interrupted run logged after the checkpoint, as metrics.jsonl does."""
+
     def __init__(self, run: Path, required: bool):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             if required:
                 raise
-            self.writer = None
-            return
-        self.writer = SummaryWriter(str(run / "tensorboard"))
+            SummaryWriter = None
+        self._cls, self.path, self.writer = SummaryWriter, run / "tensorboard", None
+        self.purge_step: int | None = None
 
     def start(self, config: dict) -> None:
-        pass
+        if self._cls is not None and self.writer is None:
+            self.writer = self._cls(str(self.path), purge_step=self.purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.writer is not None:
@@ -174,12 +180,17 @@ class RunDir:
         self._fast_paths: dict[str, float] = fastpaths.record()
         self._trackers: list = []
         self._started = False
+        self.row_extras: Callable[[], dict[str, Any]] | None = None
+        """Values every logged row carries (the training layer's shared counters), or None."""
+        self.replace_metrics = False
+        """The first row logged replaces an existing metrics.jsonl instead of being appended (a fresh start)."""
         unknown = [t for t in report_to if t not in TRACKERS]
         if unknown:
             raise ConfigError(f"report_to: unknown tracker {unknown[0]!r}; expected some of {', '.join(TRACKERS)}")
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
+            clean_stale_temporaries(self.path)  # what a kill left half-written (every command's run folder)
             names = list(dict.fromkeys(([] if not tensorboard or "tensorboard" in report_to else ["tensorboard"])
                                        + list(report_to)))
             for name in names:
@@ -193,6 +204,8 @@ class RunDir:
         if not self._started:
             self._started = True
             for tracker in self._trackers:
+                if self.replace_metrics and isinstance(tracker, _TensorBoard):
+                    tracker.purge_step = 0  # a fresh start: the old run's events are dropped with its metrics
                 tracker.start(config)
 
     # ------------------------------------------------------------------ files
@@ -216,12 +229,15 @@ class RunDir:
             return
         row = {"step": int(step), "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
+        if self.row_extras is not None:
+            row.update(self.row_extras())
         # which fast paths the run uses (perf/padding_free, ...), in the first row after each decision
         decided = fastpaths.record()
         row.update({k: v for k, v in decided.items() if self._fast_paths.get(k) != v})
         self._fast_paths = decided
-        with open(self.path / "metrics.jsonl", "a") as fh:
+        with open(self.path / "metrics.jsonl", "w" if self.replace_metrics else "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        self.replace_metrics = False
         if self._trackers:
             self._start_trackers({})  # a command that logs without writing its config first
             scalars = {k: v for k, v in row.items()
@@ -230,7 +246,12 @@ class RunDir:
                 tracker.log(int(step), scalars)
 
     def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the file reads like one run."""
+        """On resume, drop rows logged after the checkpoint so the file reads like one run (TensorBoard too;
+        wandb, MLflow and trackio start a new run of their own on each start, which holds no stale rows)."""
+        self.replace_metrics = False  # resumed: the rows up to the checkpoint stay
+        for tracker in self._trackers:
+            if isinstance(tracker, _TensorBoard) and tracker.writer is None:
+                tracker.purge_step = int(after_step) + 1  # events after the checkpoint are dropped too
         path = self.path / "metrics.jsonl"
         if not self.writer or not path.exists():
             return
@@ -243,10 +264,18 @@ class RunDir:
         self._trackers = []
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int | None = None) -> Path | None:
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], keep: int | None = None,
+                        estimate: int | None = None) -> Path | None:
+        """Write ``checkpoints/step-N`` atomically, after checking there is room for it.
+
+        The room a checkpoint needs is the size of the newest one (or ``estimate`` bytes before the
+        first); when the disk has less free, the save is not started: one line names the folder and
+        the need, and the last good checkpoint is intact.
+        """
         if not self.writer:
             return None
         target = self.checkpoints / f"step-{step}"
+        self.check_free_space(self.checkpoints, f"checkpoint step-{step}", estimate)
 
         def write_and_seal(tmp: Path) -> None:
             write(tmp)
@@ -279,10 +308,33 @@ class RunDir:
     def save_final(self, write: Callable[[Path], None]) -> Path | None:
         if not self.writer:
             return None
+        self.check_free_space(self.path, "final/", None)
         return save_folder_atomically(self.final, write)
+
+    def check_free_space(self, folder: Path, what: str, estimate: int | None) -> None:
+        """Raise one line when ``folder``'s disk has less free space than ``what`` will take (newest checkpoint's size)."""
+        newest = self.list_checkpoints()[-1:]
+        need = _folder_bytes(newest[0]) if newest else (estimate or 0)
+        if need <= 0:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            kept = f"the last checkpoint ({newest[0].name}) is intact" if newest else "nothing was written"
+            raise KilterError(f"not enough free space in {folder} for {what}: it needs about {_mb(need)}, "
+                              f"{_mb(free)} are free; free some space (or lower keep_checkpoints) and resume=true; "
+                              f"{kept}")
 
 
 MANIFEST = "manifest.json"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _sha256(path: Path) -> str:
@@ -347,6 +399,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _write_reporting_a_full_disk(write: Callable[[Path], None], tmp: Path) -> None:
+    """``write(tmp)``; a writer that hides the OS's error (safetensors, torch say "unexpected pos ...")
+    on a disk left with no room raises the OSError a full disk is: one line for the CLI."""
+    try:
+        write(tmp)
+    except (RuntimeError, ValueError) as exc:
+        if shutil.disk_usage(tmp.parent).free < 1 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp.parent)) from exc
+        raise
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it over ``path``: readers see the old file or the new one.
 
@@ -359,7 +422,7 @@ def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        _write_reporting_a_full_disk(write, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; run and data files are meant to be shared
@@ -385,7 +448,7 @@ def save_folder_atomically(target: Path, write: Callable[[Path], None], keep_exi
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp", dir=target.parent))
     os.chmod(tmp, 0o755)
     try:
-        write(tmp)
+        _write_reporting_a_full_disk(write, tmp)
         _fsync_tree(tmp)
         if target.exists() and keep_existing:
             shutil.rmtree(tmp, ignore_errors=True)

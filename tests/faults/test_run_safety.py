@@ -89,7 +89,7 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
-    def full(self, step, write, keep=None):
+    def full(self, step, write, keep=None, estimate=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.checkpoints))
 
     monkeypatch.setattr(RunDir, "save_checkpoint", full)
@@ -168,3 +168,65 @@ def test_resume_with_a_changed_config_is_refused_unless_asked_and_every_change_i
                  "resume_with_changes=true"]) == 0
     changes = [json.loads(line)["changes"] for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert changes[-1]["optim.lr"]["to"] == 0.01 and changes[-1]["max_steps"] == {"from": 2, "to": 3}
+
+
+def _tensorboard_steps(run: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=True)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_none(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    args = [a for a in SFT if a not in ("tensorboard=false",) and not a.startswith("max_steps")]
+    assert main(["sft", f"output_dir={out}", *args, "max_steps=4", "keep_checkpoints=null"]) == 0
+    assert _tensorboard_steps(out, "loss/sft") == [1, 2, 3, 4]
+    events = sorted((out / "tensorboard").iterdir())
+    # killed after step 2 was saved: the resumed run logs steps 3 and 4 again, TensorBoard shows them once
+    for step in (3, 4):
+        shutil.rmtree(out / "checkpoints" / f"step-{step}")
+    shutil.rmtree(out / "final")
+    assert main(["sft", f"output_dir={out}", *args, "max_steps=4", "resume=true", "keep_checkpoints=null"]) == 0
+    assert len(list((out / "tensorboard").iterdir())) == len(events) + 1
+    assert _tensorboard_steps(out, "loss/sft") == [1, 2, 3, 4]
+    # a start refused after the run directory was opened (overwrite=true, but the batch is too large) adds no
+    # event file, nor anything else, and removes nothing (the old metrics stay until the new run logs a row)
+    shutil.rmtree(out / "checkpoints")
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    code = main(["sft", f"output_dir={out}", *args, "max_steps=4", "overwrite=true", "batch_size=100000"])
+    _one_line_error(capsys, code, "fewer than one global batch")
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp_path, capsys, monkeypatch):
+    import collections
+    import shutil
+
+    import kilter.runs
+
+    out = tmp_path / "run"
+    real = shutil.disk_usage
+    Usage = collections.namedtuple("Usage", "total used free")
+
+    def nearly_full(path):
+        # room for the first checkpoint only
+        first = out / "checkpoints" / "step-1"
+        free = 10**9 if not first.exists() else sum(p.stat().st_size for p in first.rglob("*") if p.is_file()) // 2
+        return Usage(real(path).total, 0, free)
+
+    monkeypatch.setattr(kilter.runs.shutil, "disk_usage", nearly_full)
+    code = main(["sft", f"output_dir={out}", *SFT])
+    line = _one_line_error(capsys, code, "not enough free space", str(out / "checkpoints"), "checkpoint step-2",
+                           "MB", "step-1) is intact")
+    assert "needs about" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # nothing half-started
+    assert kilter.runs.verify_manifest(out / "checkpoints" / "step-1") is None
+    # before the first checkpoint the need is estimated from the parameters (weights + AdamW moments)
+    monkeypatch.setattr(kilter.runs.shutil, "disk_usage", lambda path: Usage(real(path).total, 0, 1000))
+    code = main(["sft", f"output_dir={tmp_path / 'fresh'}", *SFT])
+    _one_line_error(capsys, code, "not enough free space", "checkpoint step-1", "nothing was written")
+    assert list((tmp_path / "fresh" / "checkpoints").iterdir()) == []

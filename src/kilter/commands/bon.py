@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from kilter.config import dump_config
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import load_records
-from kilter.errors import ConfigError, DataError, KilterError
+from kilter.distributed import resolve_device
+from kilter.errors import ConfigError, DataError
 from kilter.rewards.base import call_function, load_function
 from kilter.rollout.engine import EngineOptions
 from kilter.runs import atomic_write_text
@@ -185,9 +186,7 @@ def run(cfg: BonConfig) -> int:
         raise ConfigError("uncertainty_penalty needs a reward_model ensemble, not a reward_fn")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KilterError("device=cuda but no CUDA device is available")
+    device = resolve_device(cfg.device)
 
     prompts = [r["prompt"] for r in load_records(cfg.prompts, "prompt").rows]
     if cfg.max_prompts:

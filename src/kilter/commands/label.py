@@ -34,6 +34,7 @@ from kilter.data.labeler import SimulatedLabeler
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import load_records
 from kilter.data.task import gold_score
+from kilter.distributed import resolve_device
 from kilter.errors import KilterError
 from kilter.runs import atomic_write_text
 
@@ -136,9 +137,7 @@ def run(cfg: LabelConfig) -> int:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, tokenizer, device=device)

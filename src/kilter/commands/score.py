@@ -29,6 +29,7 @@ from kilter.data.preferences import detect_kind, prompt_key
 from kilter.data.readers import iter_raw_rows, write_jsonl
 from kilter.data.records import validate_record
 from kilter.data.sources import load_records
+from kilter.distributed import resolve_device
 from kilter.errors import ConfigError, DataError
 from kilter.losses import ranking_pairs
 from kilter.models.reward import RewardEnsemble, load_reward, resolve_reward_dir
@@ -91,8 +92,7 @@ def run(cfg: ScoreConfig) -> int:
         raise ConfigError("input is required: a JSONL file of prompt/completion rows, comparisons or rankings")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
-                                                                                 else cfg.device)
+    device = resolve_device(cfg.device)
     folder = resolve_reward_dir(cfg.model)  # fail on a wrong model path before reading any data
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(
         cfg.input, cfg.split, allowed=("demonstration", "rating", "comparison", "ranking"))

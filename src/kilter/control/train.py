@@ -48,6 +48,7 @@ from kilter.control.queries import (
 from kilter.control.reward_model import PairBatch, RewardEnsemble, RewardModelConfig
 from kilter.control.segments import Segment, SegmentCollector
 from kilter.control.wrapper import LearnedRewardVecEnv
+from kilter.distributed import resolve_device
 from kilter.errors import ConfigError
 from kilter.runs import RunDir, atomic_write_text
 
@@ -169,6 +170,7 @@ def _rollout_multiple(cfg: ControlConfig) -> int:
 
 def _check(cfg: ControlConfig) -> None:
     resolve_id(cfg.env.id)
+    resolve_device(cfg.agent.device, key="agent.device")
     unit = _rollout_multiple(cfg)
     if cfg.steps_per_round % unit:
         raise ConfigError(
@@ -342,6 +344,7 @@ def train(cfg: ControlConfig) -> dict[str, float]:
         run.truncate_metrics(agent.num_timesteps)
         print(f"kilter control: resumed from {ckpt} (round {start_round} of {cfg.rounds})", file=sys.stderr)
     else:
+        run.replace_metrics = True  # a fresh start: rows of a run killed before its first checkpoint go
         run.write_config(cfg)
         if learned:
             n_random = cfg.initial_random_steps

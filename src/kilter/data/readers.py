@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from kilter.runs import atomic_write_file
 
 __all__ = ["SUPPORTED_EXTENSIONS", "Records", "iter_raw_rows", "read_records", "write_jsonl"]
 
-log = logging.getLogger("kilter.data")
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -73,7 +71,7 @@ RawRow = tuple[str, Any, "str | None"]
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a BOM (Windows editors write one) is not part of row 1
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -86,7 +84,7 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[RawRow]:
 
 def _json_rows(path: Path, name: str) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -161,6 +159,11 @@ def _csv_rows(path: Path, name: str, delimiter: str) -> Iterator[RawRow]:
                 continue
             if not cells or all(not c.strip() for c in cells):
                 continue
+            extra = [c for c in cells[len(header):] if c.strip()]
+            if extra:
+                yield (f"{name}:{first_line}", None, f"{len(cells)} cells but the header names {len(header)} columns "
+                       f"(extra: {extra[0][:40]!r}); quote cells that hold the delimiter")
+                continue
             padded = cells + [None] * (len(header) - len(cells))
             try:
                 row = {column: _csv_cell(column, text) for column, text in zip(header, padded)}
@@ -179,10 +182,14 @@ def _parquet_rows(path: Path, name: str) -> Iterator[RawRow]:
     except (pa.ArrowException, OSError, ValueError) as exc:  # the types pyarrow raises for a damaged file
         raise DataError(f"{name}: cannot read as Parquet ({exc})") from None
     number = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{name}:row {number}", row, None
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{name}:row {number}", row, None
+    except (pa.ArrowException, OSError, ValueError) as exc:  # a damaged data page shows only when it is read
+        raise DataError(f"{name}: cannot read as Parquet after row {number} ({str(exc).splitlines()[0]}); "
+                        "the file is damaged: write it again") from None
 
 
 def _hf_folder_rows(path: Path, name: str, split: str | None) -> Iterator[RawRow]:
@@ -193,8 +200,14 @@ def _hf_folder_rows(path: Path, name: str, split: str | None) -> Iterator[RawRow
             "(no dataset_dict.json or state.json inside)"
         )
     import datasets
+    import pyarrow as pa
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        # a broken state.json / dataset_info.json, a missing or truncated .arrow file
+        raise DataError(f"{name}: cannot load this save_to_disk folder ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); save the dataset again") from None
     if is_dict:
         wanted = split or "train"
         if wanted not in loaded:
@@ -203,8 +216,13 @@ def _hf_folder_rows(path: Path, name: str, split: str | None) -> Iterator[RawRow
         name = f"{name}[{wanted}]"
     elif split is not None:
         raise DataError(f"{name}: holds a single dataset, not a DatasetDict, so split={split!r} does not apply")
-    for number, row in enumerate(loaded, start=1):
-        yield f"{name}:row {number}", row, None
+    number = 0
+    try:
+        for number, row in enumerate(loaded, start=1):
+            yield f"{name}:row {number}", row, None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataError(f"{name}: cannot read this save_to_disk folder after row {number} "
+                        f"({str(exc).splitlines()[0]}); save the dataset again") from None
 
 
 def iter_raw_rows(source: str | Path, split: str | None = None) -> Iterator[RawRow]:
@@ -279,8 +297,6 @@ def read_records(
                 raise DataError(message) from None
             skipped += 1
             first_error = first_error or message
-    if skipped:
-        log.warning("skipped %d invalid rows in %s (first: %s)", skipped, source, first_error)
     if not rows and not allow_empty:
         detail = f" (skipped {skipped} invalid; first: {first_error})" if skipped else ""
         raise DataError(f"{source}: no valid {kind} records{detail}")

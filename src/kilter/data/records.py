@@ -59,6 +59,10 @@ def is_messages(value: Any) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+"""Message roles a chat template renders; any other is refused (it would be rendered silently, or dropped)."""
+
+
 def _require(row: dict, field: str) -> Any:
     if field not in row or row[field] is None:
         raise FieldError(field, "missing")
@@ -67,7 +71,7 @@ def _require(row: dict, field: str) -> Any:
 
 def _text(row: dict, field: str) -> str:
     value = _require(row, field)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         raise FieldError(field, f"expected a non-empty string, got {_show(value)}")
     return value
 
@@ -83,6 +87,8 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise FieldError(field, f"message {i}: expected a non-empty 'role' string, got {_show(role)}")
+        if role not in ROLES:
+            raise FieldError(field, f"message {i}: unknown role {_show(role)}; roles accepted: {', '.join(ROLES)}")
         content = message.get("content")
         if not isinstance(content, str):
             raise FieldError(field, f"message {i}: expected a 'content' string, got {_show(content)}")
@@ -93,8 +99,8 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
 def _prompt(row: dict, field: str = "prompt") -> str | list[dict[str, str]]:
     value = _require(row, field)
     if isinstance(value, str):
-        if not value:
-            raise FieldError(field, "expected a non-empty string or a list of messages, got ''")
+        if not value.strip():
+            raise FieldError(field, f"expected a non-empty string or a list of messages, got {_show(value)}")
         return value
     if isinstance(value, list):
         return _messages(value, field)
@@ -103,14 +109,14 @@ def _prompt(row: dict, field: str = "prompt") -> str | list[dict[str, str]]:
 
 def _response_value(value: Any, field: str) -> str:
     """A response is a non-empty string, or a list holding one assistant message."""
-    if isinstance(value, str) and value:
+    if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value:
         messages = _messages(value, field)
         if len(messages) != 1 or messages[0]["role"] != "assistant":
             roles = [m["role"] for m in messages]
             raise FieldError(field, f"expected a list holding one assistant message, got roles {roles}")
-        if not messages[0]["content"]:
+        if not messages[0]["content"].strip():
             raise FieldError(field, "the assistant message has empty content")
         return messages[0]["content"]
     raise FieldError(field, f"expected a non-empty string or a list of messages, got {_show(value)}")
@@ -125,7 +131,7 @@ def _split_conversation(messages: list[dict[str, str]], field: str) -> tuple[lis
     last = messages[-1]
     if last["role"] != "assistant":
         raise FieldError(field, f"the last message must be from the assistant (the completion), got role {last['role']!r}")
-    if not last["content"]:
+    if not last["content"].strip():
         raise FieldError(field, "the last (assistant) message has empty content")
     if len(messages) < 2:
         raise FieldError(field, "expected at least one message before the final assistant message")

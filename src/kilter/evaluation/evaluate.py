@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from kilter.distributed import resolve_device
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.rewards.base import call_function, load_function, prompt_text
 from kilter.rollout.engine import EngineOptions
@@ -348,11 +349,7 @@ def _load_reward(spec: str, device: str, dtype: str):
 
 
 def _device(choice: str) -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'device': cuda requested but no CUDA device is available")
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
+    return resolve_device(choice)
 
 
 def _load(spec: str, dtype: str, device: str):

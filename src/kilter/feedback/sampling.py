@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from kilter.config import Field
+from kilter.distributed import resolve_device
 from kilter.errors import ConfigError, DataError
 from kilter.feedback.cli import default_db, open_store, require
 from kilter.feedback.importer import (
@@ -159,6 +160,7 @@ def run(cfg: SampleConfig) -> int:
     for row in rows:
         if row.responses:
             raise DataError(f"{row.where}: field 'responses': prompt files for sampling hold prompts only")
+    device = resolve_device(cfg.device)
     store = open_store(cfg.db) if cfg.project else None
     try:
         task = store.project(cfg.project).task if store is not None else None  # fail before generating
@@ -169,7 +171,7 @@ def run(cfg: SampleConfig) -> int:
                         "do_sample": True, "seed": seed, "model_path": model_path}
             samples = generate(model_path, texts, cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed,
-                               chat_template=cfg.chat_template, device=cfg.device, dtype=cfg.dtype, engine=cfg)
+                               chat_template=cfg.chat_template, device=device, dtype=cfg.dtype, engine=cfg)
             for row, responses in zip(rows, samples):
                 row.responses += [CandidateIn(text, name, dict(settings)) for text in responses]
             print(f"sampled {cfg.k} x {len(rows)} responses from {name}", flush=True)

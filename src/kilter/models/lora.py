@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from kilter.config import BaseConfig
+from kilter.errors import ConfigError
 
 
 class LoraSection(BaseConfig):
@@ -26,11 +28,20 @@ class LoraSection(BaseConfig):
 
 def apply_lora(model, lora: LoraSection, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
+    from peft.utils.error import PeftError
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type=task_type,
                         modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except (PeftError, ValueError) as exc:
+        # a module name the model does not have (or a module LoRA cannot adapt): say which names exist
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and name})
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"lora.target_modules={lora.target_modules!r} does not fit this model ({first}); its linear "
+                          f"layers are {', '.join(linear) or 'none'} (or use all-linear)") from None
 
 
 def is_peft(model) -> bool:

@@ -89,6 +89,8 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         start = state.resume(existing, run_dir)
         engine.sync_weights(m.policy)
         print(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
+    else:
+        ppo_setup.truncate_samples(run_dir, -1)  # a fresh start: no rows of an earlier (killed) run
     run_dir.write_config(cfg)
 
     trainable, total = count_parameters(m.policy)

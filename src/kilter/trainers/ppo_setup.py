@@ -15,6 +15,7 @@ The policy, the frozen reference pi_0 and the critic are built here:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from kilter.models.saving import load_trainable_weights, save_model
 from kilter.rewards.base import RewardPipeline, prompt_text
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
+from kilter.runs import atomic_write_text
 from kilter.training.display import format_sample_table
 from kilter.training.state import load_training_state, read_trainer_state, save_training_state, write_trainer_state
 
@@ -150,6 +152,9 @@ class PromptStream:
                                task_seed=cfg.data.task_seed)
         if not records.rows:
             raise DataError(f"{cfg.data.prompts}: no prompts")
+        if records.n_skipped:
+            print(f"kilter ppo: skipped {records.n_skipped} invalid rows in {cfg.data.prompts} "
+                  f"(first: {records.first_error})", file=sys.stderr)
         self.rows = [{"prompt": r["prompt"], "ids": encode_prompt(tokenizer, r["prompt"], cfg.data.max_prompt_length)}
                      for r in records.rows]
         self.batch_size = cfg.rollout.batch_size
@@ -316,12 +321,20 @@ def show_samples(run_dir, iteration: int, prompts: list, texts: list[str], rewar
 
 
 def truncate_samples(run_dir, iteration: int) -> None:
-    """On resume, drop sample rows written after the checkpoint (as for metrics.jsonl)."""
+    """On resume, drop sample rows written after the checkpoint (as for metrics.jsonl); a last line
+    cut short by a kill goes too.  ``iteration=-1``: drop them all (a fresh start)."""
     path = Path(run_dir.path) / "samples.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if not path.exists() or not run_dir.writer:
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the write a kill interrupted
+        if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def save_final(path: Path, m: Models, cfg) -> None:

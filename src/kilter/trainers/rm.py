@@ -64,7 +64,7 @@ from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.loop import MetricWindow, StepPlan, due, start_training
-from kilter.training.setup import launch, prepare
+from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import set_seed
 
 Kind = Literal["auto", "comparison", "ranking", "rating"]
@@ -329,7 +329,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     tag = "rm" if cfg.ensemble_size == 1 else f"rm[{member}]"
     set_seed(seed)
     # one folder per ensemble member
-    run_dir = RunDir(path, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
+    run_dir = open_run_dir(cfg, info, path)
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
     model = load_reward_backbone(start, tokenizer)

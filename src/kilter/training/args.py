@@ -56,6 +56,10 @@ class RunArgs(BaseConfig):
     """Also write TensorBoard event files when tensorboard is installed."""
     report_to: list[Tracker] = []
     """Experiment trackers that also receive every metric: tensorboard, wandb, mlflow, trackio (each set up by its own environment variables: README, "Experiment trackers")."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is inf/nan: stop the run (the last checkpoint intact), or skip its update (counted as train/skipped_steps)."""
+    max_skipped_steps: int = Field(10, gt=0)
+    """With nonfinite=skip, stop the run after this many skipped updates in a row."""
     strict_fast_paths: bool = False
     """Fail instead of falling back when a fast path (padding-free rows, shared prefixes, Kilter's sampler) does not fit the model."""
 

@@ -16,7 +16,9 @@ def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, sch
         save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
         write_trainer_state(path, {"step": step, "trainer": trainer})
 
-    run_dir.save_checkpoint(step, write, keep=keep)
+    # before the first checkpoint, the room it needs is about the trainable weights and AdamW's two moments
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    run_dir.save_checkpoint(step, write, keep=keep, estimate=3 * trainable)
 
 
 def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) -> int:

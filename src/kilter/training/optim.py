@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -19,8 +19,8 @@ class OptimConfig(BaseConfig):
     """Peak learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay (not applied to biases and norm weights)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """AdamW betas (each in [0, 1))."""
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     warmup_steps: int = Field(0, ge=0)
@@ -68,11 +68,62 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 
 
+class NonFiniteGuard:
+    """What a non-finite gradient norm does to a run: stop it (the default) or skip that update.
+
+    A skipped update leaves the weights and the optimizer's moments as they were (every gradient
+    is dropped before ``optimizer.step()``, which then has nothing to apply); the data and the
+    learning-rate schedule move on.  More than ``max_consecutive`` skips in a row stop the run, as
+    a run whose every step diverges is no run at all.  One guard per process, like the RNG: the
+    run's :func:`~kilter.training.setup.prepare` configures it, a checkpoint saves it with the RNG
+    state, and every row the run logs carries ``train/skipped_steps`` when skipping is on.
+    """
+
+    def __init__(self) -> None:
+        self.configure("stop", 10)
+
+    def configure(self, policy: str, max_consecutive: int) -> None:
+        self.policy, self.max_consecutive = policy, int(max_consecutive)
+        self.skipped = self.consecutive = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(state.get("skipped", 0)), int(state.get("consecutive", 0))
+
+    def metrics(self) -> dict[str, float]:
+        return {"train/skipped_steps": float(self.skipped)} if self.policy == "skip" else {}
+
+    def check(self, norm: float, params: list) -> float:
+        if math.isfinite(norm):
+            self.consecutive = 0
+            return norm
+        if self.policy == "skip" and self.consecutive < self.max_consecutive:
+            self.skipped += 1
+            self.consecutive += 1
+            for p in params:
+                p.grad = None  # nothing for optimizer.step() to apply: weights and moments stay as they were
+            return norm
+        if self.policy == "skip":
+            raise KilterError(f"the gradient norm was not finite in {self.consecutive + 1} updates in a row "
+                              f"(max_skipped_steps={self.max_consecutive}); the run diverges (try a lower optim.lr "
+                              "or precision=fp32); stopped before the update, the last checkpoint is intact")
+        raise KilterError(f"the gradient norm is {norm}: the loss or a gradient is not finite (try a lower optim.lr "
+                          "or precision=fp32, or nonfinite=skip to skip such steps); stopped before the update, "
+                          "the last checkpoint is intact")
+
+
+GUARD = NonFiniteGuard()
+"""The process's guard (see :class:`NonFiniteGuard`)."""
+
+
 def clip_and_norm(params, max_norm: float | None) -> float:
     """Clip the global gradient norm to ``max_norm`` (None: only measure it); returns the norm before clipping.
 
     A non-finite norm (an inf/nan loss or gradient) stops the run with one line before the
-    optimizer step would spread it into every weight; the last checkpoint stays as it was.
+    optimizer step would spread it into every weight (the last checkpoint stays as it was), or,
+    with ``nonfinite=skip``, drops this update's gradients (:class:`NonFiniteGuard`).
     """
     params = [p for p in params if p.grad is not None]
     if not params:
@@ -81,7 +132,4 @@ def clip_and_norm(params, max_norm: float | None) -> float:
         norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
     else:
         norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    if not math.isfinite(norm):
-        raise KilterError(f"the gradient norm is {norm}: the loss or a gradient is not finite (try a lower optim.lr "
-                          "or precision=fp32); stopped before the update, the last checkpoint is intact")
-    return norm
+    return GUARD.check(norm, params)

@@ -15,6 +15,7 @@ from kilter.distributed import DistInfo, cleanup, init_distributed
 from kilter.errors import ConfigError, KilterError
 from kilter.models.precision import check_precision
 from kilter.runs import RunDir, clean_stale_temporaries
+from kilter.training.optim import GUARD
 from kilter.training.state import set_seed
 
 
@@ -47,14 +48,24 @@ def prepare(cfg, info: DistInfo, dirs: list[Path] | None = None) -> Path | None:
     if info.is_main:
         for d in folders:
             clean_stale_temporaries(d)  # what a kill left half-written; the newest complete checkpoint stays
-            if cfg.overwrite and not cfg.resume and (d / "metrics.jsonl").exists():
-                (d / "metrics.jsonl").unlink()  # a new run's metrics, not appended to the old ones
     return found[0] if cfg.resume else None
 
 
-def open_run_dir(cfg, info: DistInfo) -> RunDir:
-    """The run directory (written by the main process only)."""
-    return RunDir(cfg.output_dir, writer=info.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to)
+def open_run_dir(cfg, info: DistInfo, path: str | Path | None = None) -> RunDir:
+    """The run directory (written by the main process only): ``cfg.output_dir`` or ``path`` (an ensemble member's).
+
+    Every row it logs carries the run's shared counters (``train/skipped_steps`` with ``nonfinite=skip``).
+    """
+    run_dir = RunDir(cfg.output_dir if path is None else path, writer=info.is_main, tensorboard=cfg.tensorboard,
+                     report_to=cfg.report_to)
+    GUARD.configure(cfg.nonfinite, cfg.max_skipped_steps)  # counts from zero; a resume restores them
+    run_dir.row_extras = GUARD.metrics
+    # A run that restores no checkpoint starts afresh: its first row replaces what metrics.jsonl holds
+    # (overwrite=true, or resume=true after a kill before the first checkpoint) instead of following it;
+    # restoring one truncates the file to the checkpoint instead (RunDir.truncate_metrics).  A run
+    # refused before it logs anything leaves the file as it was.
+    run_dir.replace_metrics = True
+    return run_dir
 
 
 def launch(train, cfg, name: str, single_process: bool = False) -> int:
@@ -73,7 +84,7 @@ def launch(train, cfg, name: str, single_process: bool = False) -> int:
 
 RESUMABLE_CHANGES = ("output_dir", "resume", "resume_with_changes", "overwrite", "max_steps", "epochs", "iterations", "log_every",
                      "eval_every", "save_every", "sample_every", "keep_checkpoints", "threads", "tensorboard",
-                     "report_to", "device", "n_samples", "strict_fast_paths")
+                     "report_to", "device", "n_samples", "strict_fast_paths", "nonfinite", "max_skipped_steps")
 """Keys a resumed run may change freely: how long it goes on and what it reports, not what it computes."""
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kilter.training.optim import GUARD
+
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -44,9 +46,40 @@ def save_training_state(path: Path, optimizers: dict[str, Any], extra: dict[str,
     """Optimizers/schedulers (anything with state_dict) and RNG, next to the model files."""
     blob = {name: obj.state_dict() for name, obj in optimizers.items()}
     blob["rng"] = rng_state()
+    blob["nonfinite"] = GUARD.state_dict()  # skipped updates so far, for train/skipped_steps after a resume
     if extra:
         blob["extra"] = extra
-    torch.save(blob, Path(path) / "training_state.pt")
+    torch_save(blob, Path(path) / "training_state.pt")
+
+
+class _WriteRecorder:
+    """A file for ``torch.save`` that remembers the OSError of a failed write: torch reports a full
+    disk as ``RuntimeError: unexpected pos ...``, this keeps the OS's own words."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``; a write the OS refused (disk full, read-only) raises that OSError."""
+    with open(path, "wb") as fh:
+        recorder = _WriteRecorder(fh)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise OSError(recorder.error.errno, recorder.error.strerror, str(path)) from None
+            raise
 
 
 def load_training_state(path: Path, optimizers: dict[str, Any]) -> dict[str, Any]:
@@ -54,4 +87,5 @@ def load_training_state(path: Path, optimizers: dict[str, Any]) -> dict[str, Any
     for name, obj in optimizers.items():
         obj.load_state_dict(blob[name])
     set_rng_state(blob["rng"])
+    GUARD.load_state_dict(blob.get("nonfinite", {}))
     return blob.get("extra", {})
