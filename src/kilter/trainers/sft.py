@@ -28,13 +28,13 @@ from kilter.models import load_causal_lm, load_tokenizer
 from kilter.models.lora import apply_lora, count_parameters, enable_gradient_checkpointing
 from kilter.models.packed import fast_causal_lm, pack_micro_batch
 from kilter.models.precision import autocast
-from kilter.models.saving import save_model
 from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint, save_final
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.setup import launch, open_run_dir, prepare
 
 
@@ -231,6 +231,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                           "(batch_size x grad_accum x processes); lower batch_size")
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    ddp_model = wrap_model(loss_model if loss_model is not None else model, model, cfg, info)  # ddp or fsdp
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
@@ -248,14 +249,11 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
               f"padding-free rows {'on' if packed_ok else 'off'}, "
               f"completion-only logits {'on' if loss_model is not None else 'off'}")
         print(f"kilter sft: eval and samples: {eval_from}")
-        if eval_prompts and start_step == 0:
+    with gathered(model):
+        if info.is_main and eval_prompts and start_step == 0:
             print("samples before training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                               cfg.sample_max_new_tokens, cfg.seed, gold))
 
-    ddp_model = loss_model if loss_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=None if device == "cpu"
-                                                              else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
@@ -309,20 +307,22 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{window_tokens / elapsed:.0f}")
             window_tokens, window_examples, window_start = 0.0, 0, time.perf_counter()
         if eval_examples and (done % cfg.eval_every == 0 or done == total_steps):
-            metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info,
-                               loss_model=loss_model, pack_capacity=pack_capacity)
+            with gathered(model):
+                metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision,
+                                   device, info, loss_model=loss_model, pack_capacity=pack_capacity)
             run_dir.log(done, metrics)
             last_metrics.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "sft")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    save_final(run_dir, model, tokenizer, cfg.lora.merge_on_save)
     barrier(info)
-    if info.is_main:
-        if eval_prompts:
+    with gathered(model):
+        if info.is_main and eval_prompts:
             print("samples after training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                              cfg.sample_max_new_tokens, cfg.seed, gold))
+    if info.is_main:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last_metrics.items() if k.startswith(("loss", "eval")))
         print(f"kilter sft: done ({summary}); model in {run_dir.final}")
     run_dir.close()

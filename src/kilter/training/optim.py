@@ -78,9 +78,12 @@ def clip_and_norm(params, max_norm: float | None) -> float:
     if not params:
         return 0.0
     if max_norm is None:
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # Sharded (FSDP) gradients give a DTensor whose local value is one shard's share: the norm
+    # over the whole model is its full tensor (clipping itself already used the global norm).
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     if not math.isfinite(norm):
         raise KilterError(f"the gradient norm is {norm}: the loss or a gradient is not finite (try a lower optim.lr "
                           "or precision=fp32); stopped before the update, the last checkpoint is intact")
