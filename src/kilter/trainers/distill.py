@@ -53,15 +53,15 @@ from kilter.losses.distill import KLDirection, teacher_topk, token_kls
 from kilter.models.lora import count_parameters
 from kilter.models.packed import fast_causal_lm
 from kilter.models.reference import Reference, per_token_logps
-from kilter.models.saving import save_model
 from kilter.models.teacher import cached_teacher_topk, completion_logits, gather_rows
 from kilter.rewards.base import call_function, load_function
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.runs import atomic_write_file
 from kilter.training.args import StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint, save_final
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.setup import open_run_dir, prepare
 
@@ -311,6 +311,8 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [len(e["input_ids"]) for e in students]
 
+    loss_model, _ = fast_causal_lm(model, device, packing=False)
+    ddp_model = wrap_model(loss_model if loss_model is not None else model, model, cfg, info)  # ddp or fsdp
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
@@ -327,10 +329,11 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
 
     def run_eval(step: int, with_teacher: bool = False) -> dict[str, float]:
         metrics = {}
-        if eval_prompts and info.is_main:
-            metrics = evaluate(model, teacher, tokenizer, eval_prompts, eval_teacher_prompts, cfg, gold, device,
-                               limit, with_teacher)
-            run_dir.log(step, metrics)
+        with gathered(model):
+            if eval_prompts and info.is_main:
+                metrics = evaluate(model, teacher, tokenizer, eval_prompts, eval_teacher_prompts, cfg, gold, device,
+                                   limit, with_teacher)
+                run_dir.log(step, metrics)
         barrier(info)
         return metrics
 
@@ -339,11 +342,6 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
         if before:
             _log(info, "before: " + ", ".join(f"{k}={v:.4g}" for k, v in before.items()))
 
-    loss_model, _ = fast_causal_lm(model, device, packing=False)
-    ddp_model = loss_model if loss_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     window = torch.zeros(5, dtype=torch.float64)  # loss, forward, reverse, kept mass (token sums), tokens
@@ -402,7 +400,7 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
         if done % cfg.save_every == 0 or done == total_steps:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "distill")
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    save_final(run_dir, model, tokenizer, cfg.lora.merge_on_save)
     barrier(info)
     if info.is_main:
         shown = ("loss/distill", "kl/teacher_student", "eval/kl/student_teacher", "eval/gold/student")

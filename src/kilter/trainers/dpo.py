@@ -37,12 +37,12 @@ from kilter.losses import dpo_loss, pairwise_accuracy, ranking_pairs
 from kilter.models import packed
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
-from kilter.models.saving import save_model
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint, save_final
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, sample_prompts, sample_report
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -292,6 +292,13 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in train]
 
+    fast_model = None
+    if cfg.data.padding_free:
+        wrapper, packed_ok = packed.fast_causal_lm(model, device)
+        fast_model = wrapper if packed_ok else None
+        if fast_model is None or (reference is not None and not reference.enable_packing(device)):
+            fast_model = None
+    ddp_model = wrap_model(fast_model if fast_model is not None else model, model, cfg, info)  # ddp or fsdp
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
@@ -307,22 +314,14 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
     if start_step == 0:
         if held_out:
-            run_dir.log(0, evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info))
-        if prompts and info.is_main:
+            with gathered(model):
+                run_dir.log(0, evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info))
+    with gathered(model):
+        if start_step == 0 and prompts and info.is_main:
             table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
             run_dir.log(0, metrics)
             print("samples before training:\n" + table)
 
-    fast_model = None
-    if cfg.data.padding_free:
-        wrapper, packed_ok = packed.fast_causal_lm(model, device)
-        fast_model = wrapper if packed_ok else None
-        if fast_model is None or (reference is not None and not reference.enable_packing(device)):
-            fast_model = None
-    ddp_model = fast_model if fast_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not info.is_main, dynamic_ncols=True)
@@ -381,21 +380,23 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
             window.zero_()
             window_pairs, window_tokens, window_start = 0.0, 0.0, time.perf_counter()
         if held_out and (done % cfg.eval_every == 0 or done == total_steps):
-            metrics = evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
+            with gathered(model):
+                metrics = evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
             run_dir.log(done, metrics)
             last.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "dpo")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    save_final(run_dir, model, tokenizer, cfg.lora.merge_on_save)
     barrier(info)
-    if info.is_main:
-        if prompts:
+    with gathered(model):
+        if info.is_main and prompts:
             table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
             run_dir.log(total_steps, metrics)
             last.update(metrics)
             print("samples after training:\n" + table)
+    if info.is_main:
         shown = ("loss/dpo", "rewards/accuracy", "eval/loss", "eval/rewards/accuracy", "eval/rewards/margin",
                  "samples/reward_greedy")
         summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)

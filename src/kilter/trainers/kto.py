@@ -40,12 +40,12 @@ from kilter.errors import ConfigError, DataError
 from kilter.losses import kto_loss
 from kilter.models.lora import count_parameters
 from kilter.models.reference import Reference, cached_sequence_logps, sequence_logps
-from kilter.models.saving import save_model
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint, save_final
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import sample_prompts, sample_report
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -329,6 +329,7 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     lengths = [len(e["matched"]["input_ids"]) for e in train]
 
+    ddp_model = wrap_model(model, model, cfg, info)  # ddp or fsdp
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
@@ -344,20 +345,18 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
     def run_eval() -> dict[str, float]:
-        return evaluate(model, reference, held_out, tables["eval"], tables["eval_kl"], cfg, weights, pad_id, info)
+        with gathered(model):
+            return evaluate(model, reference, held_out, tables["eval"], tables["eval_kl"], cfg, weights, pad_id,
+                            info)
 
-    if start_step == 0:
-        if held_out:
-            run_dir.log(0, run_eval())
-        if prompts and info.is_main:
+    if start_step == 0 and held_out:
+        run_dir.log(0, run_eval())
+    with gathered(model):
+        if start_step == 0 and prompts and info.is_main:
             table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
             run_dir.log(0, metrics)
             print("samples before training:\n" + table)
 
-    ddp_model = model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device == "cpu" else [info.local_rank])
 
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc="kto", disable=not info.is_main, dynamic_ncols=True)
@@ -419,14 +418,15 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
             save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler, cfg.keep_checkpoints, "kto")
     progress.close()
 
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=cfg.lora.merge_on_save))
+    save_final(run_dir, model, tokenizer, cfg.lora.merge_on_save)
     barrier(info)
-    if info.is_main:
-        if prompts:
+    with gathered(model):
+        if info.is_main and prompts:
             table, metrics = sample_report(model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
             run_dir.log(total_steps, metrics)
             last.update(metrics)
             print("samples after training:\n" + table)
+    if info.is_main:
         shown = ("loss/kto", "rewards/margin", "eval/loss", "eval/rewards/margin", "eval/rewards/auc",
                  "samples/reward_greedy")
         summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)

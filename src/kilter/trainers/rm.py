@@ -66,9 +66,10 @@ from kilter.models.shared_prefix import pack_groups
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context, epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, savable_model, save_checkpoint
 from kilter.training.display import format_sample_table
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.setup import launch, prepare
 from kilter.training.state import set_seed
 
@@ -413,6 +414,11 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         raise ConfigError(f"data.train has {len(order)} groups, fewer than one global batch of {global_batch} "
                           "(batch_size x grad_accum x processes); lower batch_size")
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
+    pack_capacity = cfg.data.max_length if fast is not None else None
+    shared = fast is not None and fast.shares_prefix
+    weight = fast.attention_weight if fast is not None else 0.0
+    ddp_model = wrap_model(fast if fast is not None else model, model, cfg, info)  # ddp or fsdp
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total_steps)
     start_step = 0
@@ -426,14 +432,6 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {global_batch} groups, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
-    fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
-    pack_capacity = cfg.data.max_length if fast is not None else None
-    shared = fast is not None and fast.shares_prefix
-    weight = fast.attention_weight if fast is not None else 0.0
-    ddp_model = fast if fast is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
     pad_id = tokenizer.pad_token_id
     batches_cache: dict[int, list[list[int]]] = {}
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
@@ -476,7 +474,8 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             progress.set_postfix(loss=f"{loss_value:.3f}", acc=f"{last['train/accuracy']:.2f}")
             window = _Window()
         if eval_enc and done % cfg.eval_every == 0 and done < total_steps:  # the last one follows the bias
-            metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
+            with gathered(model):
+                metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
             run_dir.log(done, metrics)
             last.update(metrics)
         if done % cfg.save_every == 0 or done == total_steps:
@@ -485,20 +484,23 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
     summary: dict[str, float] = {}
-    if reference:
-        raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
-        set_reward_bias(model, -raw_mean)
-        summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
-    if eval_enc:
-        metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info, bias=summary.get("reward/bias", 0.0))
-        summary.update(metrics)
-        if info.is_main:
-            atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
+    with gathered(model):
+        if reference:
+            raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
+            set_reward_bias(model, -raw_mean)
+            summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
+        if eval_enc:
+            metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info,
+                                       bias=summary.get("reward/bias", 0.0))
+            summary.update(metrics)
+            if info.is_main:
+                atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
     run_dir.log(total_steps, summary)
+    plain = savable_model(model)  # under FSDP: the gathered weights, on rank 0
     if info.is_main:
-        save_folder_atomically(final, lambda p: save_reward_model(model, tokenizer, p))
+        save_folder_atomically(final, lambda p: save_reward_model(plain, tokenizer, p))
         if cfg.n_samples and eval_groups:
-            scorer = RewardModel(model, tokenizer, max_length=cfg.data.max_length)
+            scorer = RewardModel(plain, tokenizer, max_length=cfg.data.max_length)
             print(f"held-out pairs ({tag}):\n" + _sample_table(scorer, eval_groups[: cfg.n_samples]))
         shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
         print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")

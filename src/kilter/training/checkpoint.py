@@ -125,14 +125,23 @@ def save_final(run_dir: RunDir, model, tokenizer, merge_lora: bool) -> None:
     A sharded model's weights are gathered on rank 0 first, so final/ loads with
     ``from_pretrained`` whatever ``parallel`` was.
     """
+    plain = savable_model(model)
+    run_dir.save_final(lambda p: save_model(plain, tokenizer, p, merge_lora=merge_lora))
+    barrier_if_sharded(model)
+
+
+def savable_model(model):
+    """``model`` itself, or under FSDP an unsharded copy on rank 0 (None on the other ranks) for
+    the ordinary saving code; a collective under FSDP (every rank calls it)."""
     if not is_sharded(model):
-        run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=merge_lora))
-        return
+        return model
     state = full_state_dict(model)
-    if run_dir.writer:
-        replica = plain_replica(model, state)
-        run_dir.save_final(lambda p: save_model(replica, tokenizer, p, merge_lora=merge_lora))
-    dist.barrier()
+    return plain_replica(model, state) if state is not None else None
+
+
+def barrier_if_sharded(model) -> None:
+    if is_sharded(model):
+        dist.barrier()
 
 
 def plain_replica(model, state: dict):

@@ -33,6 +33,7 @@ from kilter.errors import ConfigError
 Parallel = Literal["ddp", "fsdp"]
 
 _ROOT = "_kilter_fsdp_root"
+_RESHARD = "_kilter_reshard_after_forward"
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -89,14 +90,50 @@ def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: D
     for block in blocks:
         # Blocks free their full weights after forward (re-gathered for backward): the memory saving.
         fully_shard(block, mp_policy=policy, reshard_after_forward=True)
-    # The root's weights (embeddings, head) are needed again at once by backward: kept gathered.
-    fully_shard(run_module, mp_policy=policy, reshard_after_forward=False)
+        object.__setattr__(block, _RESHARD, True)
+    # The rest (embeddings, final norm, head): one group per module that owns them, modules that
+    # share a tensor (tied embeddings and head) in one group.  Not one root group: the
+    # completion-only wrapper calls the decoder and the head directly and the frozen reference
+    # (the adapter-disabled policy) calls the model itself, so only hooks on the modules that
+    # really run gather their weights.  Kept gathered between forward and backward, as FSDP's
+    # root would be.
+    outside = _groups_outside(blocks, model, run_module)
+    for group in outside:
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy, reshard_after_forward=False)
+    fully_shard(run_module, mp_policy=policy, reshard_after_forward=False)  # the root: what is left
+    for module in [run_module, *(m for g in outside for m in g)]:
+        object.__setattr__(module, _RESHARD, False)
     # FSDP settles which module is the root at the first forward; the first forward may be through
     # the inner model (rank 0's samples) when the root is a wrapper, so settle it now.  (A private
     # call: torch is pinned, and tests/smoke/test_fsdp.py runs this path.)
     run_module._get_fsdp_state()._lazy_init()
     object.__setattr__(model, _ROOT, run_module)
     return run_module
+
+
+def _groups_outside(blocks: list[torch.nn.Module], model: torch.nn.Module, run_module: torch.nn.Module
+                    ) -> list[list[torch.nn.Module]]:
+    """The modules below ``model`` that own parameters outside ``blocks``, those sharing a tensor
+    joined (tied embeddings); parameters owned by ``model`` or ``run_module`` themselves stay
+    with the root."""
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    block_modules = {id(m) for b in blocks for m in b.modules()}
+    groups: list[list[torch.nn.Module]] = []
+    tensors: list[set[int]] = []
+    for module in reversed(list(model.modules())):  # children before their parents
+        if module is model or module is run_module or id(module) in block_modules:
+            continue
+        own = {id(p) for p in module.parameters(recurse=False) if id(p) not in inside}
+        if not own:
+            continue
+        joined = [i for i, t in enumerate(tensors) if t & own]
+        group, members = [module], set(own)
+        for i in reversed(joined):
+            group = groups.pop(i) + group
+            members |= tensors.pop(i)
+        groups.append(group)
+        tensors.append(members)
+    return groups
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -132,10 +169,9 @@ def gathered(model: torch.nn.Module):
     try:
         yield model
     finally:
-        root = modules[0]
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(m is not root)
+            m.set_reshard_after_forward(getattr(m, _RESHARD, True))
         _forget_forward_order(modules)
 
 
