@@ -148,7 +148,7 @@ def plain_replica(model, state: dict):
     """An unsharded copy of ``model`` (a Hugging Face model, PEFT-wrapped or not) holding ``state``.
 
     Built on the meta device and then given ``state``'s tensors (no second copy of the weights),
-    so the ordinary saving code (LoRA merge included) writes it.
+    so the ordinary saving code (LoRA merge included) writes it; it also runs (on the CPU).
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -163,6 +163,14 @@ def plain_replica(model, state: dict):
 
             replica = get_peft_model(replica, model.peft_config[model.active_adapter])
     replica.load_state_dict(state, strict=True, assign=True)
+    # Buffers outside the state dict (rotary frequencies) are not sharded: copied from the model.
+    buffers = dict(model.named_buffers())
+    for name, buf in list(replica.named_buffers()):
+        if buf.is_meta and name in buffers:
+            owner, _, leaf = name.rpartition(".")
+            module = replica.get_submodule(owner) if owner else replica
+            module.register_buffer(leaf, buffers[name].detach().clone().cpu(),
+                                   persistent=leaf not in module._non_persistent_buffers_set)
     if hasattr(replica, "tie_weights"):
         replica.tie_weights()
     return replica
