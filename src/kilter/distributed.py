@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # KILTER_DIST_TIMEOUT_S: how long a collective may wait for the slowest rank (torch's
+        # default is 10 min; rank 0 gathering and writing a large final/ can take longer).
+        timeout = os.environ.get("KILTER_DIST_TIMEOUT_S")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=float(timeout)) if timeout else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=device)
 
 

@@ -86,6 +86,9 @@ def hf_generate_kwargs(params: SamplingParams, pad_id: int, eos_id: int) -> dict
         # PAD is never sampled: a sampled PAD would end the response silently and never be trained
         # down.  The scorer removes it from the distribution too (RolloutBatch.pad_id).
         bad_words_ids=None, suppress_tokens=[pad_id], begin_suppress_tokens=None,
+        # Each process generates on its own: transformers would otherwise turn on synced_gpus for an
+        # FSDP-sharded model and wait for every rank at each token (rank 0's samples would hang).
+        synced_gpus=False,
     )
     if params.do_sample:
         kwargs.update(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p),

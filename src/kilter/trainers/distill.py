@@ -58,6 +58,7 @@ from kilter.runs import atomic_write_file
 from kilter.training.args import StepArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.setup import launch, open_run_dir, prepare
 
@@ -295,6 +296,8 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
     if table is not None and not eval_prompts:
         teacher.release()  # a separate frozen copy is no longer needed
 
+    loss_model, _ = fast_causal_lm(model, device, packing=False)
+    ddp_model = wrap_model(loss_model if loss_model is not None else model, model, cfg, info)  # ddp or fsdp
     plan = StepPlan([len(e["input_ids"]) for e in students], cfg, info, "continuations", by_length=True)
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
@@ -305,10 +308,11 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
 
     def run_eval(step: int, with_teacher: bool = False) -> dict[str, float]:
         metrics = {}
-        if eval_prompts and info.is_main:
-            metrics = evaluate(model, teacher, tokenizer, eval_prompts, eval_teacher_prompts, cfg, gold, device,
-                               limit, with_teacher)
-            run_dir.log(step, metrics)
+        with gathered(model):
+            if eval_prompts and info.is_main:
+                metrics = evaluate(model, teacher, tokenizer, eval_prompts, eval_teacher_prompts, cfg, gold, device,
+                                   limit, with_teacher)
+                run_dir.log(step, metrics)
         barrier(info)
         return metrics
 
@@ -317,11 +321,6 @@ def _train(cfg: DistillConfig, info: DistInfo) -> int:
         if before:
             _log(info, "before: " + ", ".join(f"{k}={v:.4g}" for k, v in before.items()))
 
-    loss_model, _ = fast_causal_lm(model, device, packing=False)
-    ddp_model = loss_model if loss_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     window = MetricWindow(info)
     last: dict[str, float] = {}

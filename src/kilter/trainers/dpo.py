@@ -40,6 +40,7 @@ from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -272,6 +273,14 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
         reference.release()  # a separate frozen copy is no longer needed
         reference = None
 
+    fast_model = None
+    if cfg.data.padding_free:
+        wrapper, packed_ok = packed.fast_causal_lm(model, device)
+        fast_model = wrapper if packed_ok else None
+        if fast_model is None or (reference is not None and not reference.enable_packing(device)):
+            fast_model = None
+    ddp_model = wrap_model(fast_model if fast_model is not None else model, model, cfg, info)  # ddp or fsdp
+
     lengths = [max(len(e["chosen"]["input_ids"]), len(e["rejected"]["input_ids"])) for e in train]
     plan = StepPlan(lengths, cfg, info, "pairs")
     total_steps = plan.total_steps
@@ -282,24 +291,14 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                f"{' (adapter disabled)' if cfg.lora.enabled and cfg.ref_model is None else ''}, "
                f"{describe_parameters(model)}, device {device}")
     def run_eval() -> dict[str, float]:
-        return evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
+        with gathered(model):
+            return evaluate(model, reference, held_out, ref_eval, cfg, pad_id, info)
 
-    if start_step == 0:
-        if held_out:
-            run_dir.log(0, run_eval())
-        if info.is_main:
+    if start_step == 0 and held_out:
+        run_dir.log(0, run_eval())
+    with gathered(model):
+        if start_step == 0 and info.is_main:
             log_samples(run_dir, 0, "before", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-
-    fast_model = None
-    if cfg.data.padding_free:
-        wrapper, packed_ok = packed.fast_causal_lm(model, device)
-        fast_model = wrapper if packed_ok else None
-        if fast_model is None or (reference is not None and not reference.enable_packing(device)):
-            fast_model = None
-    ddp_model = fast_model if fast_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     progress = tqdm(total=total_steps, initial=start_step, desc="dpo", disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)

@@ -45,6 +45,7 @@ from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import log_samples, sample_prompts
 from kilter.training.setup import launch, open_run_dir, prepare
@@ -339,6 +340,15 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
         reference.release()
         reference = None
 
+    # Padding-free rows with completion-only logits when the policy (and an online reference) allow.
+    fast = None
+    if cfg.data.padding_free:
+        wrapper, packed_ok = packed.fast_causal_lm(model, device)
+        if packed_ok and (reference is None or reference.enable_packing(device)):
+            fast = wrapper
+    ddp_model = wrap_model(fast if fast is not None else model, model, cfg, info)  # ddp or fsdp
+    logps = _LogProbs(model, fast, reference, cfg, pad_id, device)
+
     plan = StepPlan([len(e["matched"]["input_ids"]) for e in train], cfg, info, "ratings")
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
@@ -348,27 +358,15 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                f"{plan.global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
                f"{describe_parameters(model)}, device {device}")
 
-    # Padding-free rows with completion-only logits when the policy (and an online reference) allow.
-    fast = None
-    if cfg.data.padding_free:
-        wrapper, packed_ok = packed.fast_causal_lm(model, device)
-        if packed_ok and (reference is None or reference.enable_packing(device)):
-            fast = wrapper
-    logps = _LogProbs(model, fast, reference, cfg, pad_id, device)
-
     def run_eval() -> dict[str, float]:
-        return evaluate(logps, held_out, tables["eval"], tables["eval_kl"], weights, info)
+        with gathered(model):
+            return evaluate(logps, held_out, tables["eval"], tables["eval_kl"], weights, info)
 
-    if start_step == 0:
-        if held_out:
-            run_dir.log(0, run_eval())
-        if info.is_main:
+    if start_step == 0 and held_out:
+        run_dir.log(0, run_eval())
+    with gathered(model):
+        if start_step == 0 and info.is_main:
             log_samples(run_dir, 0, "before", model, tokenizer, prompts, cfg.samples, cfg.seed, reward_fn)
-
-    ddp_model = fast if fast is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
 
     progress = tqdm(total=total_steps, initial=start_step, desc="kto", disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)

@@ -63,7 +63,9 @@ from kilter.models.reward_batches import chunks_of_rows, collate_groups, score_r
 from kilter.runs import RunDir, atomic_write_text, save_folder_atomically
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context
+from kilter.training.checkpoint import savable_model
 from kilter.training.loop import MetricWindow, StepPlan, due, start_training
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import set_seed
 
@@ -346,6 +348,11 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         rng = random.Random(f"kilter-rm-bootstrap-{cfg.seed}-{member}")
         order = [rng.randrange(len(train_enc)) for _ in order]
     lengths = [sum(len(e["input_ids"]) for e in train_enc[j]["examples"]) for j in order]
+    fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
+    pack_capacity = cfg.data.max_length if fast is not None else None
+    shared = fast is not None and fast.shares_prefix
+    weight = fast.attention_weight if fast is not None else 0.0
+    ddp_model = wrap_model(fast if fast is not None else model, model, cfg, info)  # ddp or fsdp
     plan = StepPlan(lengths, cfg, info, "groups", seed=seed)
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing,
@@ -355,14 +362,6 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
         print(f"kilter {tag}: {len(order)} groups, {total_steps} steps, global batch {plan.global_batch} groups, "
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
-    fast = packed.fast_reward_model(model, device) if cfg.data.padding_free else None
-    pack_capacity = cfg.data.max_length if fast is not None else None
-    shared = fast is not None and fast.shares_prefix
-    weight = fast.attention_weight if fast is not None else 0.0
-    ddp_model = fast if fast is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=None if device == "cpu" else [info.local_rank])
     pad_id = tokenizer.pad_token_id
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)
@@ -401,7 +400,8 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/rm']:.3f}", acc=f"{last['train/accuracy']:.2f}")
         if eval_enc and done % cfg.eval_every == 0 and done < total_steps:  # the last one follows the bias
-            metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
+            with gathered(model):
+                metrics, _ = evaluate(model, eval_enc, cfg, pad_id, device, info)
             run_dir.log(done, metrics)
             last.update(metrics)
         stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "rm")
@@ -409,20 +409,23 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
     summary: dict[str, float] = {}
-    if reference:
-        raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
-        set_reward_bias(model, -raw_mean)
-        summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
-    if eval_enc:
-        metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info, bias=summary.get("reward/bias", 0.0))
-        summary.update(metrics)
-        if info.is_main:
-            atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
+    with gathered(model):
+        if reference:
+            raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
+            set_reward_bias(model, -raw_mean)
+            summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
+        if eval_enc:
+            metrics, report = evaluate(model, eval_enc, cfg, pad_id, device, info,
+                                       bias=summary.get("reward/bias", 0.0))
+            summary.update(metrics)
+            if info.is_main:
+                atomic_write_text(run_dir.path / "calibration.json", json.dumps(report, indent=2) + "\n")
     run_dir.log(total_steps, summary)
+    plain = savable_model(model)  # under FSDP: the gathered weights, on rank 0
     if info.is_main:
-        save_folder_atomically(final, lambda p: save_reward_model(model, tokenizer, p))
+        save_folder_atomically(final, lambda p: save_reward_model(plain, tokenizer, p))
         if cfg.n_samples and eval_groups:
-            scorer = RewardModel(model, tokenizer, max_length=cfg.data.max_length)
+            scorer = RewardModel(plain, tokenizer, max_length=cfg.data.max_length)
             print(f"held-out pairs ({tag}):\n" + pair_table(scorer, eval_groups[: cfg.n_samples]))
         shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
         print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")

@@ -31,7 +31,8 @@ from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.display import format_sample_table
-from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.parallel import gathered, wrap_model
 from kilter.training.setup import launch, open_run_dir, prepare
 
 
@@ -220,6 +221,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         if cfg.data.kind == "demonstration":
             eval_prompts = [r["prompt"] for r in eval_records.rows[: cfg.n_samples]]
 
+    ddp_model = wrap_model(loss_model if loss_model is not None else model, model, cfg, info)  # ddp or fsdp
     plan = StepPlan([len(e["input_ids"]) for e in examples], cfg, info, "examples")
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing,
@@ -233,14 +235,15 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
               f"padding-free rows {'on' if packed_ok else 'off'}, "
               f"completion-only logits {'on' if loss_model is not None else 'off'}")
         print(f"kilter sft: eval and samples: {eval_from}")
-        if eval_prompts and start_step == 0:
+    with gathered(model):
+        if info.is_main and eval_prompts and start_step == 0:
             print("samples before training:\n" + sample_table(model, tokenizer, eval_prompts,
                                                               cfg.sample_max_new_tokens, cfg.seed, gold))
 
-    ddp_model = loss_model if loss_model is not None else model
-    if info.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=None if device == "cpu"
-                                                              else [info.local_rank])
+    def run_eval() -> dict[str, float]:
+        with gathered(model):
+            return evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info,
+                            loss_model=loss_model, pack_capacity=pack_capacity)
 
     progress = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)
@@ -275,11 +278,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                             "perf/samples_per_s": sums["examples"] / elapsed, "progress/epoch": plan.epoch(done)}
             run_dir.log(done, last_metrics)
             progress.set_postfix(loss=f"{last_metrics['loss/sft']:.3f}", tok_s=f"{sums['tokens'] / elapsed:.0f}")
-        if eval_examples and due(done, cfg.eval_every, total_steps):
-            metrics = evaluate(model, eval_examples, tokenizer.pad_token_id, cfg.batch_size, cfg.precision, device, info,
-                               loss_model=loss_model, pack_capacity=pack_capacity)
-            run_dir.log(done, metrics)
-            last_metrics.update(metrics)
+        if eval_examples:
+            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last_metrics)
         stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "sft")
     progress.close()
 

@@ -30,6 +30,8 @@ class RunArgs(BaseConfig):
     """LoRA adapters (peft)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast with fp32 master weights."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp (a full copy of weights, gradients and optimizer state per process) or fsdp (FSDP2: all three sharded across the processes; docs/distributed.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -12,6 +12,7 @@ import random
 
 from kilter.data.collate import length_bucketed_batches
 from kilter.distributed import DistInfo
+from kilter.training.parallel import requires_gradient_sync
 
 
 def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int, by_length: bool) -> list[list[int]]:
@@ -29,6 +30,11 @@ def micro_batches(indices: list[int], n: int) -> list[list[int]]:
 
 
 def accumulation_context(ddp_model, info: DistInfo, last: bool):
-    """``no_sync()`` on every micro-batch but the last of a step under DDP: gradients are
-    all-reduced once per optimizer step, not once per micro-batch."""
-    return ddp_model.no_sync() if (info.enabled and not last) else contextlib.nullcontext()
+    """Gradients are reduced across processes once per optimizer step, not once per micro-batch:
+    ``no_sync()`` on every micro-batch but the last under DDP; under FSDP the reduce-scatter is
+    switched off the same way (``set_requires_gradient_sync``, the FSDP2 form of no_sync)."""
+    if not info.enabled:
+        return contextlib.nullcontext()
+    if requires_gradient_sync(ddp_model, last):
+        return contextlib.nullcontext()
+    return ddp_model.no_sync() if not last else contextlib.nullcontext()

@@ -1,16 +1,38 @@
-"""A checkpoint: the model in Hugging Face format, the optimizer/scheduler/RNG state and the step."""
+"""A checkpoint: the model in Hugging Face format, the optimizer/scheduler/RNG state and the step.
+
+Under ``parallel=fsdp`` the weights and optimizer state are sharded across the processes and a
+checkpoint keeps them so (``torch.distributed.checkpoint``: every rank writes its own shards
+into ``sharded/``, rank 0 the metadata), with ``config.json``, the tokenizer, the scheduler and
+RNG state beside them; rank 0 seals the folder with the same manifest (sizes and sha256 of every
+file, shards included) that a resume verifies.  A sharded checkpoint resumes on any number of
+processes (DCP re-shards on load).  ``final/`` is always a plain Hugging Face folder: the full
+weights are gathered on rank 0 and saved like an unsharded model's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from kilter.errors import KilterError
 from kilter.models.saving import load_trainable_weights, save_model
 from kilter.runs import RunDir
+from kilter.training.parallel import is_sharded
 from kilter.training.state import load_training_state, read_trainer_state, save_training_state, write_trainer_state
+
+SHARDED = "sharded"
+"""The folder of a checkpoint that holds the DCP shards of the model and optimizer."""
 
 
 def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep: int | None,
                     trainer: str) -> None:
+    """Write checkpoint ``step`` (every process calls this; rank 0 alone writes unless sharded)."""
+    if is_sharded(model):
+        _save_sharded(run_dir, step, model, tokenizer, optimizer, scheduler, keep, trainer)
+        return
+
     def write(path: Path) -> None:
         save_model(model, tokenizer, path, merge_lora=False)
         save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
@@ -21,14 +43,136 @@ def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, sch
     run_dir.save_checkpoint(step, write, keep=keep, estimate=3 * trainable)
 
 
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sharded_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def _save_sharded(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep, trainer: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = _sharded_state(model, optimizer)
+
+    def write(path: Path) -> None:  # rank 0, inside the temporary folder RunDir swaps in at the end
+        _broadcast(str(path))
+        # DCP returns on rank 0 once every rank's shards and the metadata are written.
+        dcp.save(state, checkpoint_id=path / SHARDED)
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        save_training_state(path, {"scheduler": scheduler})
+        write_trainer_state(path, {"step": step, "trainer": trainer, "layout": SHARDED,
+                                   "world_size": dist.get_world_size()})
+
+    if run_dir.writer:
+        run_dir.save_checkpoint(step, write, keep=keep)
+    else:
+        dcp.save(state, checkpoint_id=Path(_broadcast(None)) / SHARDED)
+    dist.barrier()  # the sealed folder exists before any rank goes on (or resumes from it)
+
+
 def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) -> int:
     """Restore what :func:`save_checkpoint` wrote (weights, optimizer, scheduler, RNG); returns its step.
 
     Rows the interrupted run logged after that step are dropped from metrics.jsonl, so the
     resumed run's file reads like one uninterrupted run.
     """
-    load_trainable_weights(model, checkpoint)
-    load_training_state(checkpoint, {"optimizer": optimizer, "scheduler": scheduler})
-    step = int(read_trainer_state(checkpoint)["step"])
+    trainer_state = read_trainer_state(checkpoint)
+    sharded_file = trainer_state.get("layout") == SHARDED
+    if sharded_file != is_sharded(model):
+        written, now = ("fsdp", "ddp") if sharded_file else ("ddp", "fsdp")
+        raise KilterError(f"checkpoint {checkpoint} was written with parallel={written} (sharded checkpoints "
+                          f"{'are' if sharded_file else 'are not'} read by parallel={written} only); "
+                          f"resume with parallel={written} instead of parallel={now}")
+    if sharded_file:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = _sharded_state(model, optimizer)
+        dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        load_training_state(checkpoint, {"scheduler": scheduler})
+    else:
+        load_trainable_weights(model, checkpoint)
+        load_training_state(checkpoint, {"optimizer": optimizer, "scheduler": scheduler})
+    step = int(trainer_state["step"])
     run_dir.truncate_metrics(step)
     return step
+
+
+def full_state_dict(model) -> dict | None:
+    """The whole model's weights as plain CPU tensors on rank 0 (None elsewhere); a collective
+    under FSDP (every rank calls it), ``model.state_dict()`` otherwise."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if dist.get_rank() == 0 else None
+
+
+def save_final(run_dir: RunDir, model, tokenizer, merge_lora: bool) -> None:
+    """Write ``final/`` as a plain Hugging Face folder (every process calls this; rank 0 writes).
+
+    A sharded model's weights are gathered on rank 0 first, so final/ loads with
+    ``from_pretrained`` whatever ``parallel`` was.
+    """
+    plain = savable_model(model)
+    run_dir.save_final(lambda p: save_model(plain, tokenizer, p, merge_lora=merge_lora))
+    barrier_if_sharded(model)
+
+
+def savable_model(model):
+    """``model`` itself, or under FSDP an unsharded copy on rank 0 (None on the other ranks) for
+    the ordinary saving code; a collective under FSDP (every rank calls it)."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model)
+    return plain_replica(model, state) if state is not None else None
+
+
+def barrier_if_sharded(model) -> None:
+    if is_sharded(model):
+        dist.barrier()
+
+
+def plain_replica(model, state: dict):
+    """An unsharded copy of ``model`` (a Hugging Face model, PEFT-wrapped or not) holding ``state``.
+
+    Built on the meta device and then given ``state``'s tensors (no second copy of the weights),
+    so the ordinary saving code (LoRA merge included) writes it; it also runs (on the CPU).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    from kilter.models.lora import is_peft
+
+    base = model.get_base_model() if is_peft(model) else model
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # fully_shard swaps the class
+    with torch.device("meta"):
+        replica = cls._from_config(base.config, torch_dtype=next(iter(state.values())).dtype)
+        if is_peft(model):
+            from peft import get_peft_model
+
+            replica = get_peft_model(replica, model.peft_config[model.active_adapter])
+    replica.load_state_dict(state, strict=True, assign=True)
+    # Buffers outside the state dict (rotary frequencies) are not sharded: copied from the model.
+    buffers = dict(model.named_buffers())
+    for name, buf in list(replica.named_buffers()):
+        if buf.is_meta and name in buffers:
+            owner, _, leaf = name.rpartition(".")
+            module = replica.get_submodule(owner) if owner else replica
+            module.register_buffer(leaf, buffers[name].detach().clone().cpu(),
+                                   persistent=leaf not in module._non_persistent_buffers_set)
+    if hasattr(replica, "tie_weights"):
+        replica.tie_weights()
+    return replica

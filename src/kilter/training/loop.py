@@ -32,11 +32,11 @@ import torch
 from kilter.data.collate import shard_indices
 from kilter.distributed import DistInfo, all_reduce_sum, barrier
 from kilter.errors import ConfigError
-from kilter.models.saving import save_model
 from kilter.runs import RunDir
 from kilter.training.batching import epoch_batches, micro_batches
-from kilter.training.checkpoint import resume_from, save_checkpoint
+from kilter.training.checkpoint import resume_from, save_checkpoint, save_final
 from kilter.training.optim import clip_and_norm, make_optimizer, make_scheduler
+from kilter.training.parallel import gathered
 from kilter.training.samples import log_samples
 
 
@@ -170,14 +170,15 @@ def finish(run_dir: RunDir, info: DistInfo, tag: str, model, tokenizer, merge_lo
     log the samples after training (``samples`` = (last step, prompts, sample section, seed,
     reward function), see :func:`kilter.training.samples.log_samples`), print the summary line of the ``shown``
     metrics, close the run."""
-    run_dir.save_final(lambda p: save_model(model, tokenizer, p, merge_lora=merge_lora))
+    save_final(run_dir, model, tokenizer, merge_lora)  # under FSDP: gathered on rank 0 first
     barrier(info)
-    if info.is_main:
-        if after is not None:
+    with gathered(model):  # a collective under FSDP: every process enters, the main one samples
+        if info.is_main and after is not None:
             last.update(after())
-        if samples is not None:
+        if info.is_main and samples is not None:
             step, *rest = samples
             last.update(log_samples(run_dir, step, "after", model, tokenizer, *rest))
+    if info.is_main:
         summary = ", ".join(f"{k}={last[k]:.4g}" for k in shown if k in last)
         print(f"kilter {tag}: done ({summary}); model in {run_dir.final}")
     run_dir.close()

@@ -129,7 +129,10 @@ def clip_and_norm(params, max_norm: float | None) -> float:
     if not params:
         return 0.0
     if max_norm is None:
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # Sharded (FSDP) gradients give a DTensor whose local value is one shard's share: the norm
+    # over the whole model is its full tensor (clipping itself already used the global norm).
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     return GUARD.check(norm, params)

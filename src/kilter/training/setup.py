@@ -71,8 +71,11 @@ def open_run_dir(cfg, info: DistInfo, path: str | Path | None = None) -> RunDir:
 def launch(train, cfg, name: str, single_process: bool = False) -> int:
     """Run ``train(cfg, info)`` inside the process group ``torchrun`` set up (or a single process).
 
-    ``single_process`` commands refuse to start under torchrun with one clear line.
+    ``single_process`` commands refuse to start under torchrun, or with parallel=fsdp, with one clear line.
     """
+    if single_process and getattr(cfg, "parallel", "ddp") == "fsdp":
+        raise ConfigError(f"kilter {name} runs in one process, where parallel=fsdp has nothing to shard across; "
+                          "leave parallel=ddp (docs/distributed.md, PPO)")
     info = init_distributed(cfg.device)
     try:
         if single_process and info.enabled:
