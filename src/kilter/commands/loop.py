@@ -47,7 +47,7 @@ from pydantic import Field
 from kilter.commands.crowd import BrowserAnnotator, CrowdSection, crowd_members, work
 from kilter.config import BaseConfig
 from kilter.data.readers import write_jsonl
-from kilter.data.sources import load_records
+from kilter.data.sources import hold_out, load_records
 from kilter.data.task import gold_score
 from kilter.errors import ConfigError, KilterError
 from kilter.evaluation.overoptimization import divergence, fit_gao
@@ -117,9 +117,10 @@ class LoopConfig(BaseConfig):
     """Responses the current policy samples per prompt."""
     snapshots: int = Field(0, ge=0)
     """Also let this many earlier policies answer each prompt once (a tournament; items pair different models)."""
-    selection: Literal["all", "random", "active"] = "all"
-    """Which pairs to publish: every pair of a prompt's responses, one random pair per prompt, or the pair the
-    reward ensemble disagrees on most (the prompts with the largest disagreement first)."""
+    selection: Literal["all", "random", "active", "information"] = "all"
+    """Which pairs to publish: every pair of a prompt's responses, one random pair per prompt, the pair the reward
+    ensemble disagrees on most (active: std of the members' reward gaps), or the pair with the largest expected
+    information gain (information: BALD mutual information of the members' Bradley-Terry probabilities)."""
     pool_factor: int = Field(3, ge=1)
     """random and active choose prompts_per_round prompts out of pool_factor times as many."""
     temperature: float = Field(1.0, gt=0)
@@ -127,7 +128,9 @@ class LoopConfig(BaseConfig):
     max_new_tokens: int = Field(40, gt=0)
     """Longest response, in tokens (sampling, RL and evaluation)."""
     mode: Literal["simulated", "people", "both"] = "simulated"
-    """Who judges: the simulated crowd through the app's pages, people in `kilter serve`, or both at once."""
+    """Who judges: the simulated crowd through the app's pages, people in `kilter serve`, or both (crowd_share)."""
+    crowd_share: float = Field(0.5, ge=0, le=1)
+    """mode=both: the share of each round's quota the simulated crowd judges (rounded up); people judge the rest."""
     db: str | None = None
     """Feedback database (a SQLite path or a database URL; null: output_dir/feedback.db)."""
     project: str = "loop"
@@ -142,6 +145,9 @@ class LoopConfig(BaseConfig):
     """Extra items per round whose right answer is known (the built-in task's gold), for annotator quality."""
     gold_fraction: float = Field(0.15, ge=0, le=1)
     """Share of an annotator's tasks that are gold items."""
+    heldout_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of each round's comparisons held out of reward-model training: the round's RM is scored on them
+    (held-out human agreement and calibration; 0: none)."""
     exclude_flagged: bool = True
     """Leave out the judgments of annotators the app flags (low gold accuracy or peer agreement)."""
     crowd: CrowdSection = CrowdSection()
@@ -172,8 +178,9 @@ class LoopConfig(BaseConfig):
 
 def check_config(cfg: LoopConfig) -> None:
     """Combinations the field types cannot refuse on their own."""
-    if cfg.selection == "active" and cfg.reward.ensemble_size < 2:
-        raise ConfigError("selection=active needs reward.ensemble_size >= 2 (the ensemble's disagreement picks pairs)")
+    if cfg.selection in ("active", "information") and cfg.reward.ensemble_size < 2:
+        raise ConfigError(f"selection={cfg.selection} needs reward.ensemble_size >= 2 (the ensemble's disagreement "
+                          "picks pairs)")
     if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
         raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
     if cfg.crowd.trolls > cfg.crowd.size or cfg.crowd.noise_max < cfg.crowd.noise_min:
@@ -248,24 +255,48 @@ def run_stage(state: LoopState, key: str, fn: Callable[[], Any]) -> Any:
 # --------------------------------------------------------------------------- selection
 
 
-def disagreement_pairs(member_scores: list[list[list[float]]], n: int) -> list[tuple[int, int, int]]:
-    """The ``n`` (prompt, i, j) pairs the reward ensemble disagrees on most, at most one per prompt.
+def gap_spread(diffs: list[float]) -> float:
+    """Standard deviation over ensemble members of their reward gaps r_i - r_j of one pair, (M,) -> scalar."""
+    mean = sum(diffs) / len(diffs)
+    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / len(diffs))
+
+
+def _entropy(p: float) -> float:
+    """Binary entropy in nats (0 at p = 0 or 1)."""
+    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0.0)
+
+
+def information_gain(diffs: list[float]) -> float:
+    """Expected information gain of one label on a pair about the reward model (BALD, Houlsby et al. 2011).
+
+    The members' reward gaps ``diffs`` (M,) give Bradley-Terry probabilities p_m = sigmoid(r_i - r_j);
+    with the ensemble as the posterior, the mutual information between the label y and the model is
+    I = H(mean_m p_m) - mean_m H(p_m) (nats): high when members are each confident but disagree, zero
+    when they agree, however unsure they are. Worked: gaps (+1, -1) -> p = (0.731, 0.269), H(0.5) = 0.693,
+    H(0.731) = 0.582, I = 0.111; gaps (+10, +14) -> I ~ 0.
+    """
+    probs = [1.0 / (1.0 + math.exp(-d)) for d in diffs]
+    return max(0.0, _entropy(sum(probs) / len(probs)) - sum(map(_entropy, probs)) / len(probs))
+
+
+def disagreement_pairs(member_scores: list[list[list[float]]], n: int,
+                       score: Callable[[list[float]], float] = gap_spread) -> list[tuple[int, int, int]]:
+    """The ``n`` (prompt, i, j) pairs the reward ensemble is most unsure about, at most one per prompt.
 
     ``member_scores[p][r][m]``: member m's reward of response r to prompt p, shapes (P, K, M).
-    Disagreement of a pair is the standard deviation over members of ``r_i - r_j`` (how unsure the
-    ensemble is about which is better, Christiano et al. 2017 section 2.2.4); each prompt offers its
-    most disputed pair, and the prompts are taken in order of that disagreement (ties: lower index).
+    ``score`` rates a pair from its members' gaps r_i - r_j: by default their standard deviation (how
+    unsure the ensemble is about which is better, Christiano et al. 2017 section 2.2.4), or
+    :func:`information_gain`. Each prompt offers its highest-scoring pair, and the prompts are taken in
+    order of that score (ties: lower index).
     """
     best: list[tuple[float, int, int, int]] = []
     for p, responses in enumerate(member_scores):
         top: tuple[float, int, int, int] | None = None
         for i in range(len(responses)):
             for j in range(i + 1, len(responses)):
-                diffs = [a - b for a, b in zip(responses[i], responses[j])]
-                mean = sum(diffs) / len(diffs)
-                spread = math.sqrt(sum((x - mean) ** 2 for x in diffs) / len(diffs))
-                if top is None or spread > top[0]:
-                    top = (spread, p, i, j)
+                value = score([a - b for a, b in zip(responses[i], responses[j])])
+                if top is None or value > top[0]:
+                    top = (value, p, i, j)
         if top is not None:
             best.append(top)
     best.sort(key=lambda t: (-t[0], t[1]))
@@ -286,14 +317,17 @@ def _weighted_rounds(rows_by_round: dict[int, list[dict]], current: int, weight:
 
 
 @contextmanager
-def serve_in_thread(db: str, loop_dir: str | None = None) -> Iterator[str]:
-    """The feedback app on a free localhost port for as long as the block runs; yields its base URL."""
+def serve_in_thread(db: str, loop_dir: str | None = None, order_seed: int | None = None) -> Iterator[str]:
+    """The feedback app on a free localhost port for as long as the block runs; yields its base URL.
+
+    ``order_seed`` makes the app's left/right shuffles reproducible (the crowd's labels then repeat within a seed).
+    """
     import uvicorn
 
     from kilter.feedback.app import create_app
     from kilter.feedback.settings import ServeConfig
 
-    app = create_app(ServeConfig(db=db, log_level="warning", loop_dir=loop_dir))
+    app = create_app(ServeConfig(db=db, log_level="warning", loop_dir=loop_dir, order_seed=order_seed))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, name="kilter-loop-app", daemon=True)
     thread.start()
@@ -407,12 +441,12 @@ class Loop:
         if cfg.selection == "all":
             return rows[: cfg.prompts_per_round]
         rng = random.Random(f"loop-select-{cfg.seed}-{r}")
-        if cfg.selection == "active" and r > 1:
+        if cfg.selection in ("active", "information") and r > 1:
             from kilter.models.reward import RewardEnsemble, load_reward
 
             rm = load_reward(self.state.result(f"{r - 1}:reward")["model"])
             if not isinstance(rm, RewardEnsemble):
-                raise ConfigError("selection=active needs a reward ensemble: set reward.ensemble_size=2 or more")
+                raise ConfigError(f"selection={cfg.selection} needs a reward ensemble: set reward.ensemble_size=2 or more")
             prompts = [row["prompt"] for row in rows for _ in row["responses"]]
             texts = [x["text"] for row in rows for x in row["responses"]]
             flat = rm.member_scores(prompts, texts).T.tolist()  # (N, M)
@@ -420,8 +454,9 @@ class Loop:
             for row in rows:
                 scores.append(flat[at: at + len(row["responses"])])
                 at += len(row["responses"])
-            chosen = disagreement_pairs(scores, cfg.prompts_per_round)
-        else:  # random, and active in round 1 (there is no reward model yet)
+            chosen = disagreement_pairs(scores, cfg.prompts_per_round,
+                                        information_gain if cfg.selection == "information" else gap_spread)
+        else:  # random, and active/information in round 1 (there is no reward model yet)
             picked = sorted(rng.sample(range(len(rows)), min(cfg.prompts_per_round, len(rows))))
             chosen = [(p, *sorted(rng.sample(range(len(rows[p]["responses"])), 2))) for p in picked]
         return [{"prompt": rows[p]["prompt"], "responses": [rows[p]["responses"][i], rows[p]["responses"][j]]}
@@ -499,30 +534,35 @@ class Loop:
             self.state.data["current"].update(project=name, quota=wanted)  # for the app's /admin/loop page
             self.state.save()
 
-            def judged() -> int:
-                return sum(1 for j in store.judgments(project) if not j.is_gold)
+            crowd = crowd_members(cfg.crowd) if cfg.mode != "people" else []
+            crowd_names = {a.name for a in crowd}
 
-            if cfg.mode == "people":
-                self._wait_for_people(judged, wanted, name)
-            else:
+            def judged(by_crowd: bool | None = None) -> int:
+                """Regular judgments stored so far: all, only the crowd's (True) or only people's (False)."""
+                return sum(1 for j in store.judgments(project)
+                           if not j.is_gold and (by_crowd is None or (j.user in crowd_names) == by_crowd))
+
+            # the crowd's part of the quota; in both mode people judge the rest (and may judge more)
+            crowd_wanted = {"people": 0, "simulated": wanted, "both": math.ceil(cfg.crowd_share * wanted)}[cfg.mode]
+            if crowd_wanted:
                 passwords = self._crowd_passwords()
-                with serve_in_thread(cfg.db_url, str(self.out)) as url:
+                with serve_in_thread(cfg.db_url, str(self.out), order_seed=cfg.seed) as url:
                     people = [BrowserAnnotator(a, url, seed=cfg.seed * 1000 + r * 64 + i)
-                              for i, a in enumerate(crowd_members(cfg.crowd))]
+                              for i, a in enumerate(crowd)]
                     try:
                         for person in people:
                             person.login(passwords[person.who.name])
-                        work(people, name, wanted, judged, on_judgment=self.on_judgment)
-                        if cfg.mode == "both" and judged() < wanted:
-                            self._wait_for_people(judged, wanted, name)
+                        work(people, name, crowd_wanted, lambda: judged(by_crowd=True), on_judgment=self.on_judgment)
                     finally:
                         for person in people:
                             person.close()
-            done = judged()
+            if cfg.mode != "simulated":
+                self._wait_for_people(judged, wanted, name)
+            done, by_crowd = judged(), judged(by_crowd=True)
         if done < wanted:
             raise KilterError(f"round {r}: only {done} of {wanted} judgments could be collected in {name!r} "
                               "(every annotator ran out of items); lower quota or raise overlap")
-        return {"judgments": done, "quota": wanted}
+        return {"judgments": done, "quota": wanted, "by_crowd": by_crowd, "by_people": done - by_crowd}
 
     def _wait_for_people(self, judged: Callable[[], int], wanted: int, name: str) -> None:
         while (done := judged()) < wanted:
@@ -554,12 +594,16 @@ class Loop:
         report["leaderboard"] = analysis.model_leaderboard(kept_now, n_bootstrap=100, seed=cfg.seed) \
             if analysis.battles(kept_now) else []
         write_jsonl(folder / "comparisons.jsonl", by_round[r])
-        train = _weighted_rounds(by_round, r, cfg.reward.old_data_weight, cfg.seed)
+        # each round's held-out share never trains an RM (the split is a function of the seed and the round)
+        split = {rr: hold_out(rows, cfg.heldout_fraction, cfg.seed * 1000 + rr) for rr, rows in by_round.items()}
+        write_jsonl(folder / "heldout.jsonl", split[r][1])
+        train = _weighted_rounds({rr: kept for rr, (kept, _) in split.items()}, r, cfg.reward.old_data_weight, cfg.seed)
         write_jsonl(folder / "train.jsonl", train)
         atomic_write_text(folder / "quality.json", json.dumps(report, indent=2) + "\n")
         if not by_round[r]:
             raise KilterError(f"round {r}: no usable comparisons (all judgments were ties, both-bad or flagged)")
-        return {"round_pairs": len(by_round[r]), "train_pairs": len(train), "flagged": sorted(report["flagged"]),
+        return {"round_pairs": len(by_round[r]), "train_pairs": len(train), "heldout_pairs": len(split[r][1]),
+                "flagged": sorted(report["flagged"]),
                 "alpha": report["alpha"], "leaderboard": report["leaderboard"]}
 
     def _reward(self, r: int) -> dict:
@@ -626,18 +670,33 @@ class Loop:
         for m in report["models"]:
             metrics = dict(m["metrics"])
             metrics["agreement/heldout"] = heldout_agreement(m["samples"]) if reward_model else None
-            table = heldout_calibration(m["samples"]) if reward_model and m["name"] == "policy" else None
-            if table is not None:
-                metrics["calibration/ece"] = table["ece"]
-                atomic_write_text(out / "calibration.json", json.dumps(table, indent=2) + "\n")
             metrics["kl/sqrt"] = math.sqrt(max(0.0, metrics.get("kl/ref") or 0.0))
             results[m["name"]] = metrics
         return results
+
+    def _human_heldout(self, r: int, rm_path: str) -> dict:
+        """The round's RM on the round's held-out human judgments: agreement, and calibration.json in eval/."""
+        from kilter.models.reward import load_reward
+
+        rows = _read_jsonl(self.round_dir(r) / "heldout.jsonl")
+        if not rows:
+            return {"agreement/human": None, "calibration/ece": None}
+        rm = load_reward(rm_path)
+        prompts = [x["prompt"] for x in rows]
+        gaps = (rm.score(prompts, [x["chosen"] for x in rows]) - rm.score(prompts, [x["rejected"] for x in rows]))
+        table = human_calibration(gaps.tolist())
+        folder = self.round_dir(r) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "calibration.json", json.dumps(table, indent=2) + "\n")
+        return {"agreement/human": float((gaps > 0).double().mean() + 0.5 * (gaps == 0).double().mean()),
+                "calibration/ece": table["ece"], "calibration/pairs": len(rows),
+                "calibration/source": "held-out human judgments"}
 
     def _evaluate(self, r: int) -> dict:
         rm = self.state.result(f"{r}:reward")["model"]
         metrics = self._evaluate_models({"sft": self.sft(), "policy": self.state.result(f"{r}:policy")["model"]},
                                         rm, self.round_dir(r) / "eval")["policy"]
+        metrics.update(self._human_heldout(r, rm))
         first = _ppo_rows(self.round_dir(1) / "policy")[:1]
         anchor = first[0]["reward/gold"] if first and first[0]["kl/ref"] == 0 else None  # pi_0 on training prompts
         metrics.update(ppo_curve_fit([self.round_dir(rr) / "policy" for rr in range(1, r + 1)], anchor))
@@ -723,16 +782,16 @@ def _gold_ordered_pairs(samples: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def heldout_calibration(samples: list[dict], n_bins: int = 5) -> dict | None:
-    """Reliability table of the RM's sigmoid(r_better - r_worse) against the gold order, on fresh samples."""
+def human_calibration(gaps: list[float], n_bins: int = 5) -> dict:
+    """Reliability table of the RM's P(chosen wins) = sigmoid(r_chosen - r_rejected) on held-out human judgments.
+
+    ``gaps``: r_chosen - r_rejected per held-out comparison (the person's choice is the outcome).
+    """
     import torch
 
     from kilter.evaluation.calibration import calibration_report, calibration_sums
 
-    pairs = _gold_ordered_pairs(samples)
-    if not pairs:
-        return None
-    p = torch.sigmoid(torch.tensor([a["rm"] - b["rm"] for a, b in pairs], dtype=torch.float64))
+    p = torch.sigmoid(torch.tensor(gaps, dtype=torch.float64))
     return calibration_report(calibration_sums(p, n_bins))
 
 
