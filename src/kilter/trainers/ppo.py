@@ -19,6 +19,7 @@ The math lives in :mod:`kilter.ops` and :mod:`kilter.losses`; the update epochs 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from kilter.config import BaseConfig
 from kilter.distributed import DistInfo
 from kilter.errors import ConfigError
+from kilter.evaluation.overoptimization import OveroptimisationMonitor
 from kilter.losses.ppo import Aggregation
 from kilter.models.lora import LoraSection, count_parameters
 from kilter.models.saving import load_trainable_weights, save_model
@@ -39,7 +41,7 @@ from kilter.rewards.base import RewardConfig, build_reward, prompt_text
 from kilter.rollout.engine import make_engine
 from kilter.rollout.generate import SamplingParams
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
-from kilter.runs import RunDir
+from kilter.runs import RunDir, read_metrics
 from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_update import (
     CRITIC,
@@ -236,6 +238,14 @@ class PPOConfig(RunArgs):
     """Write a checkpoint every N iterations (and at the end)."""
     save_value_model: bool = True
     """Also write the critic to final/value/."""
+    eval_agreement: bool = False
+    """At each evaluation, sample a second response per held-out prompt and log eval/agreement: the share of
+    pairs the reward model orders as the gold judge does (needs a gold judge; doubles the evaluation's sampling)."""
+    early_stop: bool = False
+    """Stop when the proxy (eval/reward) rose while the truth (eval/agreement, else eval/gold) fell at
+    early_stop_patience evaluations in a row (reward over-optimisation); the policy at the stop is saved."""
+    early_stop_patience: int = Field(2, ge=1)
+    """Diverging evaluations in a row that stop the run (early_stop=true)."""
 
     @property
     def kl_estimator(self) -> str:
@@ -367,8 +377,13 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
     ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params)
+    monitor = OveroptimisationMonitor(cfg.early_stop_patience)
+    for row in read_metrics(run_dir.path):  # a resumed run remembers the evaluations before its checkpoint
+        _overoptimised(monitor, row)
     if start == 0 and eval_prompts:
-        run_dir.log(0, ev.evaluate())
+        eval_metrics = ev.evaluate()
+        run_dir.log(0, eval_metrics)
+        _overoptimised(monitor, eval_metrics)
 
     progress = tqdm(total=cfg.iterations, initial=start, desc=f"kilter {cfg.algorithm}", dynamic_ncols=True)
     last: dict[str, float] = {}
@@ -457,12 +472,21 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if cfg.n_samples and (done % cfg.sample_every == 0 or done == cfg.iterations or done == 1):
             ppo_setup.show_samples(run_dir, done, row_prompts, gen.texts, scored.total, golds, cfg.n_samples, k,
                                    write=tqdm.write)
+        stop = None
         if eval_prompts and (done % cfg.eval_every == 0 or done == cfg.iterations):
             eval_metrics = ev.evaluate()
+            stop = _overoptimised(monitor, eval_metrics)
+            if stop and cfg.early_stop:
+                eval_metrics["early_stop/iteration"] = done
             run_dir.log(done, eval_metrics)
             last.update(eval_metrics)
-        if done % cfg.save_every == 0 or done == cfg.iterations:
+        if done % cfg.save_every == 0 or done == cfg.iterations or (stop and cfg.early_stop):
             _save_checkpoint(run_dir, done, m, optimizers, kl_ctl, reward, ma_baseline, ptx, cfg)
+        if stop:
+            tqdm.write(f"WARNING kilter {cfg.algorithm}: iteration {done}: {stop}"
+                       + ("; stopping (early_stop=true)" if cfg.early_stop else ""), file=sys.stderr)
+            if cfg.early_stop:
+                break
     progress.close()
 
     run_dir.save_final(lambda p: ppo_setup.save_final(p, m, cfg))
@@ -471,6 +495,19 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     print(f"kilter ppo: done ({summary}); policy in {run_dir.final}")
     run_dir.close()
     return 0
+
+
+def _overoptimised(monitor: OveroptimisationMonitor, row: dict) -> str | None:
+    """Feed one evaluation row to the monitor; a one-line reason when it calls for a stop."""
+    if "eval/reward" not in row:
+        return None
+    truth = "eval/agreement" if row.get("eval/agreement") is not None else "eval/gold"
+    if row.get(truth) is None:
+        return None
+    if monitor.update(row["eval/reward"], row[truth]):
+        return (f"the proxy reward rose while {truth} fell at {monitor.patience} evaluations in a row "
+                "(reward over-optimisation)")
+    return None
 
 
 def _save_checkpoint(run_dir: RunDir, iteration: int, m, optimizers: dict, kl_ctl, reward, baseline, ptx,
