@@ -95,8 +95,14 @@ def test_an_uninterrupted_loop_runs_every_stage_once(tmp_path):
     _check_db(cfg, 2)
     rows = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    # round 2's training data holds round 1's judgments too (old_data_weight 1)
-    assert len((tmp_path / "loop" / "round-2" / "train.jsonl").read_text().splitlines()) == 2 * len(PRODUCTS)
+    # round 2's training data holds round 1's judgments too (old_data_weight 1), except each round's
+    # held-out share (heldout_fraction 0.2: 1 of 6), which no reward model ever trains on
+    loop = tmp_path / "loop"
+    train = [json.loads(x) for x in (loop / "round-2" / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for r in (1, 2) for x in (loop / f"round-{r}" / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 2 * len(PRODUCTS) - 2 and len(held) == 2
+    assert not {x["chosen"] for x in train} & {x["chosen"] for x in held}
+    assert json.loads((loop / "state.json").read_text())["done"]["2:export"]["heldout_pairs"] == 1
 
 
 @pytest.mark.parametrize("stage", [f"{r}:{s}" for r, s in [(1, "sample"), (1, "reward"), (1, "policy"),

@@ -1,350 +1,38 @@
-"""``kilter loop``: online iterated RLHF with people (or a simulated crowd) in the loop.
-
-Anthropic retrained the preference model on the new data and redeployed the policy weekly
-(Bai et al. 2022, section 4.5). This command does that in rounds, each a fixed sequence of
-stages (:data:`STAGES`)::
-
-    sample     the current policy answers the round's prompts, K responses each (plus one answer per
-               earlier snapshot when ``snapshots`` > 0: each item is then also a battle of policies);
-               selection picks which pairs people see (all, random, or by reward-ensemble disagreement)
-    publish    the pairs become items of the feedback project LOOP-rN (plus gold items with known answers)
-    collect    wait until the round's quota of judgments is stored: people in `kilter serve`, the simulated
-               crowd through the app's HTTP pages (crowd.py), or both
-    export     every round's judgments so far -> comparisons JSONL (flagged annotators left out if asked);
-               older rounds are down-weighted by subsampling: round r' keeps old_data_weight ** (r - r')
-    reward     the reward model is refreshed: warm start from the previous round's RM (kilter rm init_from=)
-               or trained from the SFT backbone
-    policy     PPO / RLOO / GRPO against the new RM, or DPO on the round's pairs, from the current policy
-               with the KL penalty anchored to pi_0 = the SFT model (ref_model=)
-    evaluate   gold, proxy reward, KL and sqrt(KL) to the SFT model, distinct-2, held-out RM agreement with
-               the gold preference on fresh samples, the Gao et al. fit of the PPO curve; the new policy
-               becomes the sampler
-
-Before round 1 the loop trains the built-in SFT model when ``sft_model`` is null, and evaluates
-pi_0 (``baseline``). State lives in ``output_dir/state.json`` (written atomically after every stage,
-with a count of how often each stage was started) and in the feedback database. Every stage is
-idempotent: a stage whose result is recorded is never run again, an interrupted one is redone from
-what is stored (the trainers continue from their checkpoints; judgments are the database's, so a
-resumed collection neither loses nor repeats one). ``resume=true`` continues after a kill -9.
-"""
+"""The loop itself: one method per stage, each calling a trainer's or the app's own entry point."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from kilter.commands.crowd import BrowserAnnotator, CrowdSection, crowd_members, work
-from kilter.config import BaseConfig
+from kilter.commands.crowd import BrowserAnnotator, crowd_members, work
+from kilter.commands.loop.app import serve_in_thread
+from kilter.commands.loop.config import LoopConfig, check_config
+from kilter.commands.loop.measures import (
+    _ppo_rows,
+    _read_jsonl,
+    heldout_agreement,
+    human_calibration,
+    ppo_curve_fit,
+)
+from kilter.commands.loop.selection import _weighted_rounds, disagreement_pairs, gap_spread, information_gain
+from kilter.commands.loop.state import STAGES, LoopState, run_stage
 from kilter.data.readers import write_jsonl
 from kilter.data.sources import hold_out, load_records
 from kilter.data.task import gold_score
 from kilter.errors import ConfigError, KilterError
-from kilter.evaluation.overoptimization import divergence, fit_gao
+from kilter.evaluation.overoptimization import divergence
 from kilter.feedback import analysis, export
 from kilter.feedback.importer import parse_row
 from kilter.feedback.store import Store
 from kilter.runs import atomic_write_text
-
-STAGES = ("sample", "publish", "collect", "export", "reward", "policy", "evaluate")
-STATE_VERSION = 1
-
-
-class RewardSection(BaseConfig):
-    """How the reward model is refreshed each round."""
-
-    warm_start: bool = True
-    """Start from the previous round's reward model (head included); false: from the SFT backbone every round."""
-    old_data_weight: float = Field(1.0, ge=0, le=1)
-    """Weight of earlier rounds' judgments: round r' of round r is subsampled to old_data_weight ** (r - r') (1: all)."""
-    epochs: float = Field(3.0, gt=0)
-    """Passes over the training comparisons."""
-    lr: float = Field(1e-3, gt=0)
-    """Learning rate."""
-    batch_size: int = Field(8, gt=0)
-    """Prompts (each with its pair) per reward-model batch."""
-    ensemble_size: int = Field(1, ge=1)
-    """Reward models trained together; selection=active needs at least 2 (their disagreement picks the pairs)."""
-
-
-class PolicySection(BaseConfig):
-    """How the policy is updated each round."""
-
-    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
-    """ppo, rloo or grpo against the round's reward model, or dpo directly on the round's pairs (online DPO)."""
-    iterations: int = Field(10, gt=0)
-    """RL iterations per round (ppo, rloo, grpo)."""
-    batch_size: int = Field(32, gt=0)
-    """Prompts per RL iteration."""
-    samples_per_prompt: int = Field(1, gt=0)
-    """Responses per prompt in an RL rollout (rloo and grpo need at least 2)."""
-    lr: float = Field(3e-4, gt=0)
-    """Policy (and critic) learning rate."""
-    kl_beta: float = Field(0.05, ge=0)
-    """KL penalty coefficient to the SFT model (pi_0), every round."""
-    dpo_beta: float = Field(0.1, gt=0)
-    """DPO's beta (its implicit KL strength to the SFT model)."""
-    dpo_epochs: float = Field(2.0, gt=0)
-    """Passes over the round's pairs (dpo)."""
-
-
-class LoopConfig(BaseConfig):
-    """Rounds of sample -> people (or a simulated crowd) judge -> reward model -> policy update -> eval."""
-
-    output_dir: str = "runs/loop"
-    """Run directory: state.json, metrics.jsonl, sft/, round-N/ (samples, data, rm/, policy/, eval/)."""
-    sft_model: str | None = None
-    """pi_0 and the first sampler (an SFT run's final/); null: train the built-in tiny SFT model first (sft/)."""
-    sft_steps: int = Field(150, gt=0)
-    """Steps of the built-in SFT run when sft_model is null."""
-    rounds: int = Field(3, gt=0)
-    """Rounds of the loop."""
-    prompts: str = "builtin:prompts"
-    """Prompts the policy answers for people (a {prompt} JSONL file or builtin:prompts)."""
-    prompts_per_round: int = Field(32, gt=0)
-    """Prompts (hence pairs, unless selection=all) published per round."""
-    k: int = Field(2, ge=2, le=16)
-    """Responses the current policy samples per prompt."""
-    snapshots: int = Field(0, ge=0)
-    """Also let this many earlier policies answer each prompt once (a tournament; items pair different models)."""
-    selection: Literal["all", "random", "active", "information"] = "all"
-    """Which pairs to publish: every pair of a prompt's responses, one random pair per prompt, the pair the reward
-    ensemble disagrees on most (active: std of the members' reward gaps), or the pair with the largest expected
-    information gain (information: BALD mutual information of the members' Bradley-Terry probabilities)."""
-    pool_factor: int = Field(3, ge=1)
-    """random and active choose prompts_per_round prompts out of pool_factor times as many."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature for the published responses."""
-    max_new_tokens: int = Field(40, gt=0)
-    """Longest response, in tokens (sampling, RL and evaluation)."""
-    mode: Literal["simulated", "people", "both"] = "simulated"
-    """Who judges: the simulated crowd through the app's pages, people in `kilter serve`, or both (crowd_share)."""
-    crowd_share: float = Field(0.5, ge=0, le=1)
-    """mode=both: the share of each round's quota the simulated crowd judges (rounded up); people judge the rest."""
-    db: str | None = None
-    """Feedback database (a SQLite path or a database URL; null: output_dir/feedback.db)."""
-    project: str = "loop"
-    """Projects are named PROJECT-r1, PROJECT-r2, ..."""
-    members: list[str] = []
-    """Existing accounts (people) added to every round's project (people and both modes)."""
-    quota: int | None = Field(None, gt=0)
-    """Judgments to wait for per round (null: every item of the round once, gold items not counted)."""
-    overlap: int = Field(1, ge=1)
-    """People who judge each item."""
-    gold_items: int = Field(4, ge=0)
-    """Extra items per round whose right answer is known (the built-in task's gold), for annotator quality."""
-    gold_fraction: float = Field(0.15, ge=0, le=1)
-    """Share of an annotator's tasks that are gold items."""
-    heldout_fraction: float = Field(0.2, ge=0, lt=1)
-    """Share of each round's comparisons held out of reward-model training: the round's RM is scored on them
-    (held-out human agreement and calibration; 0: none)."""
-    exclude_flagged: bool = True
-    """Leave out the judgments of annotators the app flags (low gold accuracy or peer agreement)."""
-    crowd: CrowdSection = CrowdSection()
-    """The simulated annotators (simulated and both modes)."""
-    poll_s: float = Field(5.0, gt=0)
-    """Seconds between progress checks while people work."""
-    reward: RewardSection = RewardSection()
-    """Reward-model refresh."""
-    policy: PolicySection = PolicySection()
-    """Policy update."""
-    eval_prompts: int = Field(32, gt=0)
-    """Held-out prompts (builtin:prompts_eval) for each round's evaluation."""
-    early_stop: bool = False
-    """Stop the loop when the proxy reward rises while gold or held-out agreement falls (over-optimisation)."""
-    seed: int = 0
-    """Seed of every stage (round r uses seed + r where a stage needs its own)."""
-    resume: bool = False
-    """Continue the loop in output_dir from its state.json."""
-    fresh: bool = False
-    """Delete output_dir (and the database, when it is the default one inside it) and start again."""
-    threads: int | None = Field(1, gt=0)
-    """torch CPU threads (null: torch's default); one is fastest for the tiny model."""
-
-    @property
-    def db_url(self) -> str:
-        return self.db or str(Path(self.output_dir) / "feedback.db")
-
-
-def check_config(cfg: LoopConfig) -> None:
-    """Combinations the field types cannot refuse on their own."""
-    if cfg.selection in ("active", "information") and cfg.reward.ensemble_size < 2:
-        raise ConfigError(f"selection={cfg.selection} needs reward.ensemble_size >= 2 (the ensemble's disagreement "
-                          "picks pairs)")
-    if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
-        raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
-    if cfg.crowd.trolls > cfg.crowd.size or cfg.crowd.noise_max < cfg.crowd.noise_min:
-        crowd_members(cfg.crowd)  # raises the one-line error
-    if cfg.resume and cfg.fresh:
-        raise ConfigError("resume=true and fresh=true contradict each other; pass one")
-
-
-# --------------------------------------------------------------------------- state
-
-
-class LoopState:
-    """state.json: where the loop is, what each finished stage produced, how often each stage started."""
-
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path, self.data = path, data
-
-    @classmethod
-    def load_or_start(cls, cfg: LoopConfig) -> LoopState:
-        out = Path(cfg.output_dir)
-        path = out / "state.json"
-        if cfg.fresh and out.exists():
-            shutil.rmtree(out)
-        if path.exists():
-            if not cfg.resume:
-                raise ConfigError(f"{out} already holds a loop (state.json); pass resume=true to continue it "
-                                  "or fresh=true to start again")
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as exc:
-                raise KilterError(f"{path}: not valid JSON ({exc})") from None
-            if data.get("version") != STATE_VERSION:
-                raise KilterError(f"{path}: state version {data.get('version')!r}, this kilter writes {STATE_VERSION}")
-            return cls(path, data)
-        out.mkdir(parents=True, exist_ok=True)
-        state = cls(path, {"version": STATE_VERSION, "done": {}, "started": {}, "rounds": {}, "policies": [],
-                           "stopped": None})
-        state.save()
-        return state
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
-
-    def is_done(self, key: str) -> bool:
-        return key in self.data["done"]
-
-    def result(self, key: str) -> Any:
-        return self.data["done"][key]
-
-    def start(self, key: str) -> None:
-        self.data["started"][key] = self.data["started"].get(key, 0) + 1
-        self.save()
-
-    def finish(self, key: str, result: Any) -> None:
-        self.data["done"][key] = result
-        self.save()
-
-
-def run_stage(state: LoopState, key: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` unless ``key`` is recorded as done; record its result. The one place a stage runs."""
-    if state.is_done(key):
-        return state.result(key)
-    print(f"== kilter loop: {key}", flush=True)
-    round_, _, stage = key.rpartition(":")
-    state.data["current"] = {"round": int(round_) if round_ else 0, "stage": stage}
-    state.start(key)
-    result = fn()
-    state.finish(key, result)
-    return result
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def gap_spread(diffs: list[float]) -> float:
-    """Standard deviation over ensemble members of their reward gaps r_i - r_j of one pair, (M,) -> scalar."""
-    mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / len(diffs))
-
-
-def _entropy(p: float) -> float:
-    """Binary entropy in nats (0 at p = 0 or 1)."""
-    return -sum(q * math.log(q) for q in (p, 1.0 - p) if q > 0.0)
-
-
-def information_gain(diffs: list[float]) -> float:
-    """Expected information gain of one label on a pair about the reward model (BALD, Houlsby et al. 2011).
-
-    The members' reward gaps ``diffs`` (M,) give Bradley-Terry probabilities p_m = sigmoid(r_i - r_j);
-    with the ensemble as the posterior, the mutual information between the label y and the model is
-    I = H(mean_m p_m) - mean_m H(p_m) (nats): high when members are each confident but disagree, zero
-    when they agree, however unsure they are. Worked: gaps (+1, -1) -> p = (0.731, 0.269), H(0.5) = 0.693,
-    H(0.731) = 0.582, I = 0.111; gaps (+10, +14) -> I ~ 0.
-    """
-    probs = [1.0 / (1.0 + math.exp(-d)) for d in diffs]
-    return max(0.0, _entropy(sum(probs) / len(probs)) - sum(map(_entropy, probs)) / len(probs))
-
-
-def disagreement_pairs(member_scores: list[list[list[float]]], n: int,
-                       score: Callable[[list[float]], float] = gap_spread) -> list[tuple[int, int, int]]:
-    """The ``n`` (prompt, i, j) pairs the reward ensemble is most unsure about, at most one per prompt.
-
-    ``member_scores[p][r][m]``: member m's reward of response r to prompt p, shapes (P, K, M).
-    ``score`` rates a pair from its members' gaps r_i - r_j: by default their standard deviation (how
-    unsure the ensemble is about which is better, Christiano et al. 2017 section 2.2.4), or
-    :func:`information_gain`. Each prompt offers its highest-scoring pair, and the prompts are taken in
-    order of that score (ties: lower index).
-    """
-    best: list[tuple[float, int, int, int]] = []
-    for p, responses in enumerate(member_scores):
-        top: tuple[float, int, int, int] | None = None
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                value = score([a - b for a, b in zip(responses[i], responses[j])])
-                if top is None or value > top[0]:
-                    top = (value, p, i, j)
-        if top is not None:
-            best.append(top)
-    best.sort(key=lambda t: (-t[0], t[1]))
-    return [(p, i, j) for _, p, i, j in best[:n]]
-
-
-def _weighted_rounds(rows_by_round: dict[int, list[dict]], current: int, weight: float, seed: int) -> list[dict]:
-    """All rounds' comparisons, round r' kept with probability weight ** (current - r') (fixed by the seed)."""
-    out: list[dict] = []
-    for r, rows in sorted(rows_by_round.items()):
-        keep = weight ** (current - r)
-        rng = random.Random(f"loop-weight-{seed}-{current}-{r}")
-        out.extend(row for row in rows if keep >= 1.0 or rng.random() < keep)
-    return out
-
-
-# --------------------------------------------------------------------------- the web app in a thread
-
-
-@contextmanager
-def serve_in_thread(db: str, loop_dir: str | None = None, order_seed: int | None = None) -> Iterator[str]:
-    """The feedback app on a free localhost port for as long as the block runs; yields its base URL.
-
-    ``order_seed`` makes the app's left/right shuffles reproducible (the crowd's labels then repeat within a seed).
-    """
-    import uvicorn
-
-    from kilter.feedback.app import create_app
-    from kilter.feedback.settings import ServeConfig
-
-    app = create_app(ServeConfig(db=db, log_level="warning", loop_dir=loop_dir, order_seed=order_seed))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="kilter-loop-app", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise KilterError("the feedback app did not start in a thread (see the log above)")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-# --------------------------------------------------------------------------- the loop
 
 
 class Loop:
@@ -648,8 +336,9 @@ class Loop:
                                 rollout=RolloutSection(batch_size=pol.batch_size, samples_per_prompt=pol.samples_per_prompt,
                                                        max_new_tokens=cfg.max_new_tokens),
                                 update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(n_eval=16),
-                                eval_every=pol.iterations, sample_every=pol.iterations, n_samples=2,
-                                save_every=max(1, pol.iterations // 2), tensorboard=False)
+                                eval_every=pol.eval_every or pol.iterations, sample_every=pol.iterations,
+                                n_samples=2, save_every=max(1, pol.iterations // 2), tensorboard=False,
+                                eval_agreement=True, early_stop=pol.early_stop, early_stop_patience=pol.patience)
             ppo_cfg.optim.lr = pol.lr
             ppo_cfg.value.optim.lr = pol.lr
             ppo_cfg.kl.beta = pol.kl_beta
@@ -761,85 +450,3 @@ class Loop:
         """metrics.jsonl: pi_0 at step 0 and one row per finished round (rewritten whole: resume never repeats a row)."""
         rows = [{"step": 0, **self.state.result("baseline")}] + [{"step": x["round"], **x} for x in self.rounds()]
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _gold_ordered_pairs(samples: list[dict]) -> list[tuple[dict, dict]]:
-    """(better by gold, worse by gold) sample pairs of each prompt; gold ties left out."""
-    by_prompt: dict[int, list[dict]] = {}
-    for s in samples:
-        by_prompt.setdefault(s["prompt_index"], []).append(s)
-    pairs = []
-    for group in by_prompt.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                a, b = group[i], group[j]
-                if a["gold"] != b["gold"]:
-                    pairs.append((a, b) if a["gold"] > b["gold"] else (b, a))
-    return pairs
-
-
-def human_calibration(gaps: list[float], n_bins: int = 5) -> dict:
-    """Reliability table of the RM's P(chosen wins) = sigmoid(r_chosen - r_rejected) on held-out human judgments.
-
-    ``gaps``: r_chosen - r_rejected per held-out comparison (the person's choice is the outcome).
-    """
-    import torch
-
-    from kilter.evaluation.calibration import calibration_report, calibration_sums
-
-    p = torch.sigmoid(torch.tensor(gaps, dtype=torch.float64))
-    return calibration_report(calibration_sums(p, n_bins))
-
-
-def heldout_agreement(samples: list[dict]) -> float | None:
-    """Share of a prompt's sample pairs on which the reward model orders the two responses as gold does.
-
-    ``samples``: kilter eval's per-sample rows (prompt_index, gold, rm); gold ties are left out.
-    """
-    pairs = _gold_ordered_pairs(samples)
-    return sum(a["rm"] > b["rm"] for a, b in pairs) / len(pairs) if pairs else None
-
-
-def _ppo_rows(policy_dir: Path) -> list[dict]:
-    path = policy_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [x for x in _read_jsonl(path) if "reward/gold" in x and "kl/ref" in x and "reward/raw" in x]
-
-
-def ppo_curve_fit(policy_dirs: list[Path], anchor: float | None = None) -> dict[str, float | None]:
-    """Gao et al.'s RL form fitted to the PPO iterations of every round so far: gold gain vs sqrt(KL to pi_0).
-
-    The gain is measured from ``anchor``, pi_0's gold (default: the first iteration's, which samples
-    from pi_0 itself in round 1). ``ppo/diverged`` is 1 when, in the last round's iterations, the
-    proxy climbed over the last third while gold fell. Empty without PPO metrics (DPO rounds).
-    """
-    per_round = [_ppo_rows(p) for p in policy_dirs]
-    rows = [x for part in per_round for x in part]
-    if len(rows) < 3:
-        return {}
-    last = per_round[-1]
-    out: dict[str, float | None] = {}
-    if len(last) >= 2:
-        window = max(2, len(last) // 3)
-        out["ppo/diverged"] = float(divergence([x["reward/raw"] for x in last], [x["reward/gold"] for x in last], window))
-    start = rows[0]["reward/gold"] if anchor is None else anchor
-    d = [math.sqrt(max(0.0, x["kl/ref"])) for x in rows]
-    try:
-        fit = fit_gao("rl", d, [x["reward/gold"] - start for x in rows])
-    except ValueError:
-        return out
-    out.update({"gao/alpha": fit.alpha, "gao/beta": fit.beta, "gao/r2": fit.r2, "gao/peak_sqrt_kl": fit.peak_d})
-    return out
-
-
-def run(cfg: LoopConfig) -> int:
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    return Loop(cfg).run()
