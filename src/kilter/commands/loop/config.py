@@ -9,6 +9,7 @@ from pydantic import Field
 
 from kilter.commands.crowd import CrowdSection, crowd_members
 from kilter.config import BaseConfig
+from kilter.data.sources import parse_builtin
 from kilter.errors import ConfigError
 
 
@@ -70,7 +71,8 @@ class LoopConfig(BaseConfig):
     rounds: int = Field(3, gt=0)
     """Rounds of the loop."""
     prompts: str = "builtin:prompts"
-    """Prompts the policy answers for people (a {prompt} JSONL file or builtin:prompts)."""
+    """Prompts the policy answers for people and learns on (a {prompt} JSONL file, builtin:prompts, or
+    builtin:prompts@template: the built-in task split by prompt phrasing, so every product is seen in training)."""
     prompts_per_round: int = Field(32, gt=0)
     """Prompts (hence pairs, unless selection=all) published per round."""
     k: int = Field(2, ge=2, le=16)
@@ -119,7 +121,7 @@ class LoopConfig(BaseConfig):
     policy: PolicySection = PolicySection()
     """Policy update."""
     eval_prompts: int = Field(32, gt=0)
-    """Held-out prompts (builtin:prompts_eval) for each round's evaluation."""
+    """Held-out prompts for each round's evaluation (builtin:prompts_eval, on the split of builtin prompts)."""
     early_stop: bool = False
     """Stop the loop when the proxy reward rises while gold or held-out agreement falls (over-optimisation)."""
     seed: int = 0
@@ -130,6 +132,11 @@ class LoopConfig(BaseConfig):
     """Delete output_dir (and the database, when it is the default one inside it) and start again."""
     threads: int | None = Field(1, gt=0)
     """torch CPU threads (null: torch's default); one is fastest for the tiny model."""
+
+    @property
+    def task_split(self) -> str:
+        """The built-in task's split the loop works on: the one ``prompts`` names (product for your own prompts)."""
+        return parse_builtin(self.prompts)[1] if self.prompts.startswith("builtin:") else "product"
 
     @property
     def db_url(self) -> str:

@@ -80,6 +80,7 @@ class Loop:
         out = self.out / "sft"
         sft_cfg = SFTConfig(output_dir=str(out), max_steps=self.cfg.sft_steps, seed=self.cfg.seed, resume=True,
                             n_samples=0, log_every=25, eval_every=10_000, save_every=50, tensorboard=False)
+        sft_cfg.data.train = f"builtin:sft@{self.cfg.task_split}"
         sft_cfg.optim.lr = 2e-3
         if run_sft(sft_cfg):
             raise KilterError("the SFT stage failed (see above)")
@@ -335,7 +336,7 @@ class Loop:
                                 reward=RewardConfig(model=self.state.result(f"{r}:reward")["model"]),
                                 rollout=RolloutSection(batch_size=pol.batch_size, samples_per_prompt=pol.samples_per_prompt,
                                                        max_new_tokens=cfg.max_new_tokens),
-                                update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(n_eval=16),
+                                update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(prompts=cfg.prompts, n_eval=16),
                                 eval_every=pol.eval_every or pol.iterations, sample_every=pol.iterations,
                                 n_samples=2, save_every=max(1, pol.iterations // 2), tensorboard=False,
                                 eval_agreement=True, early_stop=pol.early_stop, early_stop_patience=pol.patience)
@@ -351,7 +352,7 @@ class Loop:
         from kilter.evaluation.evaluate import EvalConfig, evaluate_models
 
         eval_cfg = EvalConfig(models=models, reference="sft", reward_model=reward_model,
-                              prompts="builtin:prompts_eval", max_prompts=self.cfg.eval_prompts, n_samples=2,
+                              prompts=f"builtin:prompts_eval@{self.cfg.task_split}", max_prompts=self.cfg.eval_prompts, n_samples=2,
                               max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, output_dir=str(out),
                               show_prompts=0)
         report = evaluate_models(eval_cfg, verbose=False)
