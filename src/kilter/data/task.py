@@ -160,9 +160,12 @@ _VAGUE_SUBJECTS = ("It", "This one", "This thing")
 _VAGUE_OBJECTS = ("it", "this one")
 
 # How a demonstration relates to its prompt's product: names it, never names any product,
-# reviews another product by mistake, or names it and then digresses to another one.
+# reviews another product by mistake, or names it and then digresses to another one.  Reviewing
+# the wrong product is rare (as a person's mistake is): with 15% of them the SFT model named the
+# wrong product in more samples than the right one, and a tiny reward model learned "names a
+# product" rather than "names this product", which RLHF cannot turn into naming the right one.
 _TOPIC_MODES = ("named", "vague", "confused", "digress")
-_TOPIC_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
+_TOPIC_WEIGHTS = (0.6, 0.2, 0.05, 0.15)
 
 # --------------------------------------------------------------------------- prompts
 

