@@ -420,7 +420,9 @@ class Loop:
             metrics = self.state.result(f"{r}:evaluate")
             print(f"kilter loop: round {r}: gold {metrics['reward/gold']:+.3f} (pi_0 {baseline['reward/gold']:+.3f}), "
                   f"proxy {metrics.get('reward/rm') or float('nan'):+.3f}, sqrt(KL) {metrics['kl/sqrt']:.2f}, "
-                  f"held-out RM agreement {metrics['agreement/heldout'] or float('nan'):.0%}, "
+                  f"RM agreement with gold {_share(metrics.get('agreement/heldout'))} and with held-out people "
+                  f"{_share(metrics.get('agreement/human'))}, names the product "
+                  f"{_share(metrics.get('response/product_mention'))}, "
                   f"{metrics['judgments']} judgments, {metrics['annotators/flagged']} annotators flagged")
             warning = self._overoptimised(r)
             if warning:
@@ -451,3 +453,8 @@ class Loop:
         """metrics.jsonl: pi_0 at step 0 and one row per finished round (rewritten whole: resume never repeats a row)."""
         rows = [{"step": 0, **self.state.result("baseline")}] + [{"step": x["round"], **x} for x in self.rounds()]
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _share(x: float | None) -> str:
+    """A rate as a percentage for the round line; '–' when there was nothing to measure."""
+    return "–" if x is None else f"{x:.0%}"
