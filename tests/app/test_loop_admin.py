@@ -53,3 +53,52 @@ def test_without_a_loop_the_page_says_how_to_get_one(app_factory, tmp_path):
     app2 = app_factory(str(tmp_path / "other.db"), loop_dir=str(tmp_path / "nothing-yet"))
     page = _admin(app2, app2.state.store).get("/admin/loop")
     assert page.status_code == 404 and "no state.json" in page.text
+
+
+def test_the_admin_page_links_to_the_loop_only_when_it_serves_one(app_factory, tmp_path):
+    _state(tmp_path, {"round": 1, "stage": "sample"})
+    app = app_factory(str(tmp_path / "feedback.db"), loop_dir=str(tmp_path))
+    page = _admin(app, app.state.store).get("/admin")
+    assert '<a href="/admin/loop">Loop status →</a>' in page.text
+    plain = app_factory(str(tmp_path / "plain.db"))
+    assert "/admin/loop" not in _admin(plain, plain.state.store).get("/admin").text
+
+
+def test_the_loop_pages_in_chromium_at_1366_and_400(browser, tmp_path):
+    """The admin page's link leads to /admin/loop; both pages at a laptop's and a phone's width (PNGs kept)."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from test_browser import SIZES, viewport, wait_for
+
+    from kilter.commands.loop import serve_in_thread
+
+    db = str(tmp_path / "feedback.db")
+    store = Store(db)
+    store.migrate()
+    seed_project(store, "loop-r3", "pairwise", n_prompts=3, members=())
+    token = invited(store, "boss", role="admin")
+    store.close()
+    _state(tmp_path, {"round": 3, "stage": "collect", "project": "loop-r3", "quota": 3})
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with serve_in_thread(db, str(tmp_path)) as url:
+        viewport(browser, "1366")
+        browser.get(f"{url}/invite/{token}")
+        browser.find_element(By.CSS_SELECTOR, "button.primary").click()
+        wait_for(browser, lambda d: "/invite/" not in d.current_url)
+        browser.get(f"{url}/admin")
+        browser.find_element(By.CSS_SELECTOR, '#loop-link a[href="/admin/loop"]').click()
+        wait_for(browser, lambda d: d.current_url.endswith("/admin/loop"))
+        for page in ("admin", "admin/loop"):
+            browser.get(f"{url}/{page}")
+            for label in SIZES:
+                viewport(browser, label)
+                png = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+                path = shots / f"{page.replace('/', '-')}-{label}.png"
+                path.write_bytes(base64.b64decode(png["data"]))
+                assert path.stat().st_size > 10_000
+            # nothing sticks out sideways at a phone's width
+            viewport(browser, "400")
+            assert browser.execute_script("return document.documentElement.scrollWidth") <= 400 + 1, page
+        assert browser.find_elements(By.ID, "loop-chart")

@@ -105,6 +105,29 @@ def test_display_order_is_random_and_recorded(store):
         assert r.strength == 1.0
 
 
+def test_a_seeded_order_repeats_in_a_new_database_and_still_varies(tmp_path):
+    def orders(path: str, seed: int) -> list[tuple[int, ...]]:
+        s = Store(path)
+        s.migrate()
+        try:
+            project = seed_project(s, "p", "pairwise", n_prompts=12, members=())
+            a, b = users(s, "a", "b")
+            shown = []
+            for user in (a, b, a, b) * 3:  # annotators take turns, as the loop's crowd does
+                view = s.next_task(project, user, seed=seed)
+                s.submit(project, user, view.assignment_id,
+                         lambda sh: parse_submission("pairwise", lambda n: ["A2"] if n == "choice" else [], sh))
+                shown.append(tuple(c.id for c in view.responses))
+            return shown
+        finally:
+            s.close()
+
+    first, again = orders(str(tmp_path / "1.db"), 7), orders(str(tmp_path / "2.db"), 7)
+    assert first == again  # the same pages in a rerun
+    assert len({o[0] < o[1] for o in first}) == 2  # but both sides still come first
+    assert orders(str(tmp_path / "3.db"), 8) != first
+
+
 def test_skip_frees_the_item_and_the_skipper_never_sees_it_again(store):
     project = seed_project(store, "p", "rating", n_prompts=1, k=1, members=())
     a, b = users(store, "a", "b")

@@ -37,7 +37,7 @@ def test_ppo_with_the_gold_reward_raises_gold_and_keeps_kl_bounded(sft_model_dir
     code = main(["ppo", f"model={sft_model_dir}", f"output_dir={out}", "reward.function=builtin:gold",
                  "iterations=8", "rollout.batch_size=32", "rollout.max_new_tokens=32", "update.epochs=2",
                  "update.num_minibatches=2", "optim.lr=5e-4", "value.optim.lr=5e-4", "kl.beta=0.05",
-                 "data.n_eval=16", "eval_every=8", "save_every=8", *QUIET])
+                 "data.n_eval=16", "eval_every=8", "save_every=8", "eval_agreement=true", *QUIET])
     assert code == 0
     rows = _train_rows(out)
     assert len(rows) == 8
@@ -55,6 +55,8 @@ def test_ppo_with_the_gold_reward_raises_gold_and_keeps_kl_bounded(sft_model_dir
         assert key in rows[-1], key
     evals = [r for r in _rows(out) if "eval/gold" in r]
     assert [r["step"] for r in evals] == [0, 8] and evals[0]["eval/kl"] == 0.0
+    # the reward is gold itself, so it orders every pair of fresh samples as gold does
+    assert [r["eval/agreement"] for r in evals] == [1.0, 1.0]
     # final/ is a plain Hugging Face causal LM; the critic sits beside it
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +93,31 @@ def _changed(run, reference: str = "builtin:micro") -> bool:
 
 TINY = ["model=builtin:micro", "iterations=2", "rollout.batch_size=4", "rollout.max_new_tokens=6",
         "update.num_minibatches=2", "optim.lr=1e-3", "data.eval_prompts=null", "save_every=100", *QUIET]
+
+
+def test_early_stop_when_the_proxy_rises_while_gold_falls(sft_model_dir, tmp_path, capsys):
+    """A proxy that is the opposite of gold: the proxy climbs, gold falls, and the run stops itself."""
+    rewards = tmp_path / "anti.py"
+    rewards.write_text("from kilter.data.task import gold_scores\n\n"
+                       "def anti_gold(prompts, responses):\n    return [-g for g in gold_scores(prompts, responses)]\n")
+    out = tmp_path / "ppo"
+    code = main(["ppo", f"model={sft_model_dir}", f"output_dir={out}", f"reward.function={rewards}:anti_gold",
+                 "iterations=12", "rollout.batch_size=16", "rollout.max_new_tokens=24", "update.epochs=2",
+                 "update.num_minibatches=2", "optim.lr=5e-4", "value.optim.lr=5e-4", "kl.beta=0.0",
+                 "data.n_eval=16", "eval_every=1", "save_every=100", "early_stop=true", "early_stop_patience=2",
+                 *QUIET])
+    assert code == 0
+    evals = [r for r in _rows(out) if "eval/gold" in r]
+    stops = [r for r in evals if "early_stop/iteration" in r]
+    assert len(stops) == 1, [(r["eval/reward"], r["eval/gold"]) for r in evals]
+    stop = stops[0]["step"]
+    assert stop < 12 and len(_train_rows(out)) == stop  # no iteration after the stop
+    # the two evaluations before the stop: proxy up and gold down each time
+    last3 = evals[-3:]
+    assert last3[0]["eval/reward"] < last3[1]["eval/reward"] < last3[2]["eval/reward"]
+    assert last3[0]["eval/gold"] > last3[1]["eval/gold"] > last3[2]["eval/gold"]
+    assert (out / "final" / "config.json").exists() and (out / "checkpoints" / f"step-{stop}").is_dir()
+    assert "stopping (early_stop=true)" in capsys.readouterr().err
 
 
 def test_variants_run_and_change_the_policy(tmp_path, micro_reward_dir, capsys):

@@ -171,7 +171,9 @@ def loop_sections(run: Path, state: dict) -> list[str]:
     table = [dict(baseline, round=0, judgments=None)] + rounds
     parts.append(_table(table, [("round", "round"), ("judgments", "judgments"), ("pairs/train", "train pairs"),
                                 ("reward/gold", "gold"), ("reward/rm", "proxy (RM)"), ("kl/sqrt", "sqrt(KL)"),
-                                ("agreement/heldout", "held-out RM agreement"), ("response/distinct_2", "distinct-2"),
+                                ("agreement/heldout", "RM agreement with gold (fresh samples)"),
+                                ("agreement/human", "RM agreement with held-out people"),
+                                ("response/distinct_2", "distinct-2"), ("response/product_mention", "names product"),
                                 ("win_rate/gold", "gold win rate vs SFT"), ("annotators/flagged", "flagged"),
                                 ("gao/peak_sqrt_kl", "fitted peak sqrt(KL)")]))
     if state.get("stopped"):
@@ -223,16 +225,22 @@ def loop_sections(run: Path, state: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot([x["round"] for x in rounds], [x.get("agreement/heldout") for x in rounds], "o-",
             label="held-out RM agreement with gold")
+    ax.plot([x["round"] for x in rounds], [x.get("agreement/human") for x in rounds], "^-",
+            label="RM agreement with held-out human judgments")
     ax.plot([x["round"] for x in rounds], [x.get("response/distinct_2") for x in rounds], "s-", label="distinct-2")
+    ax.plot([x["round"] for x in rounds], [x.get("response/product_mention") for x in rounds], "d-",
+            label="names the product")
     ax.set_ylim(0, 1)
     ax.set_xlabel("round")
     ax.legend(fontsize=7)
-    figures.append(_figure("agreement", fig, "held-out reward-model agreement on fresh policy samples, and diversity"))
+    figures.append(_figure("agreement", fig, "held-out reward-model agreement (with gold on fresh policy samples, "
+                           "with held-out people), diversity and naming the product"))
     last_eval = run / f"round-{len(rounds)}" / "eval"
     if (last_eval / "calibration.json").exists():
         figures.append(calibration_section(last_eval).replace(
             "reliability diagram from calibration.json",
-            f"round {len(rounds)}'s RM on fresh policy samples ordered by gold: predicted vs observed"))
+            f"round {len(rounds)}'s RM on round {len(rounds)}'s held-out human judgments (never trained on): "
+            "predicted vs observed"))
     parts += figures
     quality = run / f"round-{len(rounds)}" / "quality.json"
     if quality.exists():

@@ -66,11 +66,9 @@ def detect_kind(spec: str, split: str | None = None, allowed: Sequence[str] = PR
     prompt that is in ``allowed`` wins; a file of other records is an error naming what it holds.
     """
     if spec.startswith("builtin:"):
-        from kilter.data.sources import BUILTIN
+        from kilter.data.sources import BUILTIN, parse_builtin
 
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise KilterError(f"unknown built-in data {spec!r}")
+        name, _ = parse_builtin(spec)
         kind = BUILTIN[name][0]
         if kind not in allowed:
             raise KilterError(f"{spec} holds {kind} records, but one of {', '.join(allowed)} is needed here")

@@ -2,7 +2,10 @@
 
 Built-in names: ``sft`` / ``sft_eval`` (demonstrations), ``prompts`` / ``prompts_eval``
 (prompts), ``corpus`` (text).  The built-in data is generated in memory, deterministically,
-so tests and the demo never touch the network or the disk for data.
+so tests and the demo never touch the network or the disk for data.  A suffix picks the
+task's train/eval split (:mod:`kilter.data.task`): ``builtin:prompts_eval`` holds out 8
+products (the default, ``@product``), ``builtin:prompts_eval@template`` holds out two prompt
+phrasings of every product.
 
 A folder saved by ``datasets``' ``DatasetDict.save_to_disk`` names its split after a colon
 (``data/uf:test``); that split applies to that file only, and wins over ``data.split``.
@@ -20,7 +23,7 @@ from kilter.data.formats import read_layout
 from kilter.data.readers import Records
 from kilter.errors import KilterError
 
-__all__ = ["BUILTIN", "hold_out", "load_records", "load_train_eval", "parse_spec", "resolve_eval_spec"]
+__all__ = ["BUILTIN", "parse_builtin", "builtin_eval_spec", "hold_out", "load_records", "load_train_eval", "parse_spec", "resolve_eval_spec"]
 
 log = logging.getLogger("kilter.data")
 
@@ -31,6 +34,30 @@ BUILTIN = {
     "prompts_eval": ("prompt", lambda t: [{"prompt": p} for p in t.eval_prompts]),
     "corpus": ("text", lambda t: [{"text": x} for x in t.corpus]),
 }
+
+
+def parse_builtin(spec: str) -> tuple[str, str]:
+    """``(name, split)`` of a ``builtin:NAME[@SPLIT]`` spec; an unknown name or split is a KilterError."""
+    name, _, split = spec.split(":", 1)[1].partition("@")
+    if name not in BUILTIN:
+        raise KilterError(f"unknown built-in data {spec!r}; choose one of "
+                          + ", ".join(f"builtin:{n}" for n in BUILTIN))
+    split = split or "product"
+    if split not in ("product", "template"):
+        raise KilterError(f"unknown split {split!r} in {spec!r}; use builtin:{name}@product or builtin:{name}@template")
+    return name, split
+
+
+def builtin_eval_spec(train: str, builtin_eval: dict[str, str]) -> str | None:
+    """The built-in eval set that matches a built-in ``train`` spec, keeping its split suffix.
+
+    ``builtin_eval`` maps plain names (``{"builtin:sft": "builtin:sft_eval"}``); e.g.
+    ``builtin:sft@template`` -> ``builtin:sft_eval@template``; None when ``train`` is not built-in.
+    """
+    base, sep, split = train.partition("@")
+    if base not in builtin_eval:
+        return None
+    return builtin_eval[base] + (sep + split if sep else "")
 
 
 def parse_spec(spec: str, split: str | None = None) -> tuple[str, str | None]:
@@ -46,16 +73,13 @@ def parse_spec(spec: str, split: str | None = None) -> tuple[str, str | None]:
 def load_records(spec: str, kind: str, skip_invalid: bool = False, split: str | None = None,
                  task_seed: int = 0, format: str = "auto") -> Records:
     if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise KilterError(f"unknown built-in data {spec!r}; choose one of "
-                              + ", ".join(f"builtin:{n}" for n in BUILTIN))
+        name, task_split = parse_builtin(spec)
         native_kind, pick = BUILTIN[name]
         if native_kind != kind:
             raise KilterError(f"{spec} holds {native_kind} records, but {kind} records are needed here")
         from kilter.data.task import build_task
 
-        return Records(rows=list(pick(build_task(seed=task_seed))), kind=kind, source=spec)
+        return Records(rows=list(pick(build_task(seed=task_seed, split=task_split))), kind=kind, source=spec)
     path, split = parse_spec(spec, split)
     records = read_layout(path, kind, format, skip_invalid=skip_invalid, split=split)
     for note in records.notes:
@@ -85,8 +109,9 @@ def resolve_eval_spec(train: str, eval: str | None, builtin_eval: dict[str, str]
     """
     if eval != "auto":
         return eval, f"{eval}" if eval else "none (null)"
-    if train in builtin_eval:
-        return builtin_eval[train], builtin_eval[train]
+    matched = builtin_eval_spec(train, builtin_eval)
+    if matched is not None:
+        return matched, matched
     return None, f"none (auto: {train} is not built-in; name held-out prompts to evaluate on)"
 
 
@@ -106,7 +131,7 @@ def load_train_eval(train: str, eval: str | None, kind: str, *, eval_fraction: f
 
     records = read(train, split)  # `split` is data.train's; data.eval names its own (DIR:split)
     if eval == "auto":
-        eval = (builtin_eval or {}).get(train)
+        eval = builtin_eval_spec(train, builtin_eval or {})
         if eval is None:
             if eval_fraction <= 0:
                 return records, None, "none (data.eval_fraction=0)"

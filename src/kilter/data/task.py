@@ -52,6 +52,8 @@ __all__ = [
     "split_prompts",
     "extract_product",
     "products_named",
+    "names_product",
+    "product_mention_rate",
     "gold_breakdown",
     "gold_score",
     "gold_scores",
@@ -158,9 +160,12 @@ _VAGUE_SUBJECTS = ("It", "This one", "This thing")
 _VAGUE_OBJECTS = ("it", "this one")
 
 # How a demonstration relates to its prompt's product: names it, never names any product,
-# reviews another product by mistake, or names it and then digresses to another one.
+# reviews another product by mistake, or names it and then digresses to another one.  Reviewing
+# the wrong product is rare (as a person's mistake is): with 15% of them the SFT model named the
+# wrong product in more samples than the right one, and a tiny reward model learned "names a
+# product" rather than "names this product", which RLHF cannot turn into naming the right one.
 _TOPIC_MODES = ("named", "vague", "confused", "digress")
-_TOPIC_WEIGHTS = (0.4, 0.3, 0.15, 0.15)
+_TOPIC_WEIGHTS = (0.6, 0.2, 0.05, 0.15)
 
 # --------------------------------------------------------------------------- prompts
 
@@ -194,10 +199,22 @@ def products_named(text: str) -> set[str]:
     return {m.group(1).lower() for m in _PRODUCT_RE.finditer(text)}
 
 
+def names_product(prompt: str, response: str) -> bool | None:
+    """Whether ``response`` names the product ``prompt`` asks about; None when the prompt names none."""
+    product = extract_product(prompt)
+    return None if product is None else product in products_named(response)
+
+
+def product_mention_rate(prompts: list[str], responses: list[str]) -> float | None:
+    """Share of responses that name their prompt's product, over prompts that name one (None: no such prompt)."""
+    hits = [h for h in map(names_product, prompts, responses) if h is not None]
+    return sum(hits) / len(hits) if hits else None
+
+
 # --------------------------------------------------------------------------- gold
 
 SENTIMENT_WEIGHT = 1.0
-ON_TOPIC_BONUS = 0.5
+ON_TOPIC_BONUS = 1.0
 OFF_TOPIC_PENALTY = 0.5
 FREE_WORDS = 12
 LENGTH_COST_PER_WORD = 0.1
@@ -269,13 +286,15 @@ def gold_score(prompt: str, response: str) -> float:
     gold = sentiment + topic + length + repetition, where
 
     * sentiment  = VADER compound score of the response, in [-1, 1];
-    * topic      = +0.5 if it names the prompt's product, -0.5 if it names any other
-                   catalogue product (both can apply: 0); 0 when the prompt names no product;
+    * topic      = +1.0 if it names the prompt's product, -0.5 if it names any other
+                   catalogue product (both can apply: +0.5); 0 when the prompt names no product.
+                   Naming the product outweighs any change of tone, so generic praise that
+                   would fit every prompt ("I love it.") loses to a review of *this* product;
     * length     = -0.1 per word beyond 12, capped at -1.0 (words = runs of letters/digits);
     * repetition = -1.5 x :func:`repetition_fraction` (so "great great great" cannot win);
 
-    and a response without any word scores -2.0.  The best reviews reach about 1.5, the
-    worst about -3; demonstrations spread over roughly [-2, 1.5].
+    and a response without any word scores -2.0.  The best reviews reach about 2, the
+    worst about -3; demonstrations spread over roughly [-2, 2].
     """
     return float(sum(gold_breakdown(prompt, response).values()))
 

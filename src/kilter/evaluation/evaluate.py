@@ -412,6 +412,7 @@ def _kl_terms(setup: _Setup, entry: ModelEntry, tokenizer, model, sampled: Sampl
 
 def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[str, Any]:
     """Sample one model's responses and compute all its metrics (the reference must come first)."""
+    from kilter.data.task import product_mention_rate
     from kilter.rewards.text_metrics import distinct_n, win_rate
     from kilter.rollout.engine import close_engine
     from kilter.rollout.generate import SamplingParams
@@ -458,6 +459,9 @@ def _evaluate_one(setup: _Setup, entry: ModelEntry, tokenizer, model) -> dict[st
     metrics["response/finished"] = sum(sampled.finished) / len(sampled.finished)
     metrics["response/distinct_1"] = distinct_n(texts, 1)
     metrics["response/distinct_2"] = distinct_n(texts, 2)
+    mention = product_mention_rate([prompt_text(p) for p in prompts], texts)
+    if mention is not None:
+        metrics["response/product_mention"] = mention
 
     samples = []
     for i, text in enumerate(texts):

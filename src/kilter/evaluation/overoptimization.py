@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["GaoFit", "fit_gao", "gao_curve", "divergence"]
+__all__ = ["GaoFit", "fit_gao", "gao_curve", "divergence", "OveroptimisationMonitor"]
 
 Form = Literal["bon", "rl"]
 
@@ -116,3 +116,29 @@ def divergence(proxy: Sequence[float], truth: Sequence[float], window: int = 3, 
         return False
     first, last = len(proxy) - window, len(proxy) - 1
     return proxy[last] > proxy[first] and truth[last] < truth[first] - tolerance
+
+
+class OveroptimisationMonitor:
+    """Watches a run's evaluations for over-optimisation and says when to stop.
+
+    Each :meth:`update` takes one evaluation's proxy reward and truth (gold, or the reward model's
+    held-out agreement). An evaluation *diverges* when the proxy rose since the previous one while
+    the truth fell; ``patience`` diverging evaluations in a row trigger the stop, so one noisy
+    evaluation does not end a run. Worked: proxy 1, 2, 3 and truth 0.5, 0.4, 0.3 with patience 2
+    -> False, False, True.
+    """
+
+    def __init__(self, patience: int = 2):
+        if patience < 1:
+            raise ValueError("patience must be at least 1")
+        self.patience = patience
+        self.streak = 0
+        self._last: tuple[float, float] | None = None
+
+    def update(self, proxy: float, truth: float) -> bool:
+        """Record one evaluation; True when the last ``patience`` of them all diverged."""
+        if self._last is not None:
+            diverged = proxy > self._last[0] and truth < self._last[1]
+            self.streak = self.streak + 1 if diverged else 0
+        self._last = (proxy, truth)
+        return self.streak >= self.patience

@@ -27,6 +27,7 @@ COLUMNS: list[tuple[str, str, int, str | None]] = [
     ("response/finished", "ended", 2, None),
     ("response/distinct_1", "distinct-1", 3, None),
     ("response/distinct_2", "distinct-2", 3, None),
+    ("response/product_mention", "names product", 2, None),
 ]
 
 LEGEND = {
@@ -44,6 +45,7 @@ LEGEND = {
     "ended": "share of responses that ended with EOS before the length limit",
     "distinct-1": "unique words / all words over all responses",
     "distinct-2": "unique word bigrams / all bigrams over all responses",
+    "names product": "share of responses that name the product their prompt asks about (built-in task prompts)",
 }
 
 

@@ -43,6 +43,10 @@ class ServeConfig(BaseConfig):
     """Bootstrap rounds for the Bradley-Terry intervals on the admin page (0 = no intervals)."""
     datasets_dir: str | None = None
     """Folder where POST /api/v1/projects/NAME/export writes training files (DIR/NAME/KIND.jsonl); unset: that call is refused."""
+    order_seed: int | None = None
+    """Seed of the left/right order of responses and of the gold-item draws: each assignment's draw is a function of
+    (seed, project, annotator, how many tasks they had there), so a rerun shows everyone the same pages (null: a system
+    random source, unpredictable, for real annotators)."""
     loop_dir: str | None = None
     """A `kilter loop` run directory: the admin page /admin/loop shows its round, quota progress and metrics."""
     migrate: bool = True

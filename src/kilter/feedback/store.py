@@ -663,15 +663,18 @@ class Store:
         return TaskView(assignment_id, item_id, prompt, [candidates[i] for i in order], created_at)
 
     def next_task(self, project: ProjectRow, user: UserRow, timeout_s: float = 1800.0,
-                  rng: random.Random | None = None) -> TaskView | None:
+                  rng: random.Random | None = None, seed: int | None = None) -> TaskView | None:
         """The user's open task in this project, or a newly assigned one; None when nothing is left.
 
         An item is offered while fewer than ``overlap`` people hold it (judged, or assigned less
         than ``timeout_s`` ago), lowest id first, so items complete their overlap in order
         instead of all being half done. Gold items do not count against overlap: each annotator
         meets each of them at most once, on about ``gold_fraction`` of their tasks.
+
+        The display order and the gold draw come from ``rng``, else from ``seed`` (a generator
+        seeded by the seed, project, user and how many tasks the user had in the project, so the
+        draws repeat in a rerun whatever order annotators work in), else from the system.
         """
-        rng = rng or random.SystemRandom()
         with self._write(durable=False) as s:  # losing a reservation in a power cut is harmless
             if not self.is_sqlite:  # serialize assignment per project (SQLite: BEGIN IMMEDIATE does)
                 s.execute(select(Project.id).where(Project.id == project.id).with_for_update())
@@ -680,6 +683,11 @@ class Store:
                                     Assignment.status == "open").order_by(Assignment.id).limit(1)).first()
             if mine is not None:
                 return self._task_view(s, mine.id, mine.item_id, list(mine.display_order), mine.created_at)
+            if rng is None and seed is not None:
+                had = s.scalar(select(func.count()).select_from(Assignment).where(
+                    Assignment.project_id == project.id, Assignment.user_id == user.id)) or 0
+                rng = random.Random(f"kilter-order-{seed}-{project.id}-{user.id}-{had}")
+            rng = rng or random.SystemRandom()
             seen = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.project_id == project.id)
             regular = s.scalar(self._open_items(project, seen, timeout_s).order_by(Item.id).limit(1))
             item_id = None

@@ -103,7 +103,7 @@ def builtin_model_dir(name: str = "tiny", seed: int = 0) -> Path:
     if size not in SIZES:
         raise KilterError(f"unknown built-in model {name!r}; choose one of "
                           + ", ".join(f"builtin:{n}" for n in SIZES))
-    target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v2"
+    target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v3"
     if (target / "config.json").is_file():
         return target
 

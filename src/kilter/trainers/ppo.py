@@ -19,11 +19,13 @@ The math lives in :mod:`kilter.ops` and :mod:`kilter.losses`; the update epochs 
 
 from __future__ import annotations
 
+import sys
 import time
 
 from tqdm.auto import tqdm
 
 from kilter.distributed import DistInfo
+from kilter.evaluation.overoptimization import OveroptimisationMonitor
 from kilter.models.lora import count_parameters
 from kilter.ops import AdaptiveKLController, FixedKLController, explained_variance, kl_estimate
 from kilter.ops.kl import kl_gradient_follows, kl_placement
@@ -31,6 +33,7 @@ from kilter.ops.masked import masked_mean
 from kilter.rewards.base import build_reward, prompt_text
 from kilter.rollout.engine import close_engine, engine_logp_maxdiff, make_engine
 from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.runs import read_metrics
 from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_config import PPOConfig, PPOData, RolloutSection, UpdateSection, check_config
 from kilter.trainers.ppo_update import (
@@ -119,8 +122,13 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
     ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params, engine=engine)
+    monitor = OveroptimisationMonitor(cfg.early_stop_patience)
+    for row in read_metrics(run_dir.path):  # a resumed run remembers the evaluations before its checkpoint
+        _overoptimised(monitor, row)
     if start == 0 and eval_prompts:
-        run_dir.log(0, ev.evaluate())
+        eval_metrics = ev.evaluate()
+        run_dir.log(0, eval_metrics)
+        _overoptimised(monitor, eval_metrics)
 
     progress = tqdm(total=cfg.iterations, initial=start, desc=f"kilter {cfg.algorithm}", dynamic_ncols=True)
     last: dict[str, float] = {}
@@ -212,12 +220,21 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if cfg.n_samples and (done % cfg.sample_every == 0 or done == cfg.iterations or done == 1):
             ppo_setup.show_samples(run_dir, done, row_prompts, gen.texts, scored.total, golds, cfg.n_samples, k,
                                    write=tqdm.write)
+        stop = None
         if eval_prompts and (done % cfg.eval_every == 0 or done == cfg.iterations):
             eval_metrics = ev.evaluate()
+            stop = _overoptimised(monitor, eval_metrics)
+            if stop and cfg.early_stop:
+                eval_metrics["early_stop/iteration"] = done
             run_dir.log(done, eval_metrics)
             last.update(eval_metrics)
-        if done % cfg.save_every == 0 or done == cfg.iterations:
+        if done % cfg.save_every == 0 or done == cfg.iterations or (stop and cfg.early_stop):
             state.save(run_dir, done, cfg)
+        if stop:
+            tqdm.write(f"WARNING kilter {cfg.algorithm}: iteration {done}: {stop}"
+                       + ("; stopping (early_stop=true)" if cfg.early_stop else ""), file=sys.stderr)
+            if cfg.early_stop:
+                break
     progress.close()
     close_engine(engine)
 
@@ -227,6 +244,19 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     print(f"kilter ppo: done ({summary}); policy in {run_dir.final}")
     run_dir.close()
     return 0
+
+
+def _overoptimised(monitor: OveroptimisationMonitor, row: dict) -> str | None:
+    """Feed one evaluation row to the monitor; a one-line reason when it calls for a stop."""
+    if "eval/reward" not in row:
+        return None
+    truth = "eval/agreement" if row.get("eval/agreement") is not None else "eval/gold"
+    if row.get(truth) is None:
+        return None
+    if monitor.update(row["eval/reward"], row[truth]):
+        return (f"the proxy reward rose while {truth} fell at {monitor.patience} evaluations in a row "
+                "(reward over-optimisation)")
+    return None
 
 
 __all__ = ["PPOConfig", "PPOData", "RolloutSection", "UpdateSection", "check_config", "run"]

@@ -190,6 +190,14 @@ class PPOConfig(RunArgs):
     """Write a checkpoint every N iterations (and at the end)."""
     save_value_model: bool = True
     """Also write the critic to final/value/."""
+    eval_agreement: bool = False
+    """At each evaluation, sample a second response per held-out prompt and log eval/agreement: the share of
+    pairs the reward model orders as the gold judge does (needs a gold judge; doubles the evaluation's sampling)."""
+    early_stop: bool = False
+    """Stop when the proxy (eval/reward) rose while the truth (eval/agreement, else eval/gold) fell at
+    early_stop_patience evaluations in a row (reward over-optimisation); the policy at the stop is saved."""
+    early_stop_patience: int = Field(2, ge=1)
+    """Diverging evaluations in a row that stop the run (early_stop=true)."""
 
     @property
     def kl_estimator(self) -> str:

@@ -300,7 +300,22 @@ class Evaluator:
         if self.gold_fn is not None:
             golds = self.gold_fn([prompt_text(p) for p in prompts], gen.texts)
             out["eval/gold"] = sum(golds) / len(golds)
+            agreement = self._agreement(prompts, gen.texts, scored.raw.tolist(), golds) if self.cfg.eval_agreement else None
+            if agreement is not None:
+                out["eval/agreement"] = agreement
         return out
+
+    def _agreement(self, prompts: list, texts: list[str], rewards: list[float], golds: list[float]) -> float | None:
+        """Share of (first, second) fresh samples per prompt that the reward model orders as gold does (gold ties left out)."""
+        device = next(self.m.policy.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.seed + 7_778)
+            second = generate_ids(self.m.policy, self.m.tokenizer, [r["ids"] for r in self.rows], self.params,
+                                  batch_size=self.cfg.rollout.generation_batch_size)
+        rewards2 = self.reward(prompts, second.texts, second.finished, update_stats=False).raw.tolist()
+        golds2 = self.gold_fn([prompt_text(p) for p in prompts], second.texts)
+        pairs = [(g1 - g2, r1 - r2) for g1, g2, r1, r2 in zip(golds, golds2, rewards, rewards2) if g1 != g2]
+        return sum((dg > 0) == (dr > 0) for dg, dr in pairs) / len(pairs) if pairs else None
 
 
 def show_samples(run_dir, iteration: int, prompts: list, texts: list[str], rewards: torch.Tensor,

@@ -4,11 +4,13 @@ token is refused for them as for anyone. Also: active selection picks the most d
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import pytest
 
 from kilter.commands.crowd import ASSIGNMENT_RE, Annotator, BrowserAnnotator, CrowdSection, crowd_members, work
-from kilter.commands.loop import disagreement_pairs, serve_in_thread
+from kilter.commands.loop import disagreement_pairs, gap_spread, information_gain, serve_in_thread
 from kilter.data.task import gold_score
 from kilter.errors import KilterError
 from kilter.feedback.importer import parse_row
@@ -122,3 +124,24 @@ def test_active_selection_picks_the_highest_disagreement_pairs():
     assert disagreement_pairs(scores, 2) == [(2, 0, 1), (1, 0, 1)]
     assert disagreement_pairs(scores, 5)[-1][0] == 0  # agreed prompts come last
     assert disagreement_pairs(scores, 1) == [(2, 0, 1)]
+
+
+def test_information_gain_worked_by_hand_and_it_picks_confident_disagreement():
+    # gaps (+1, -1): p = sigmoid(+-1) = 0.7311, 0.2689; H(mean 0.5) = ln 2; H(0.7311) = 0.5822
+    p = 1 / (1 + math.exp(-1))
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert h == pytest.approx(0.58220, abs=1e-5)
+    assert information_gain([1.0, -1.0]) == pytest.approx(math.log(2) - h)
+    assert information_gain([1.0, -1.0]) == pytest.approx(0.11095, abs=1e-5)
+    assert information_gain([0.0, 0.0]) == 0.0  # both unsure, but a label tells the ensemble nothing new
+    assert information_gain([10.0, 14.0]) < 1e-4  # both sure of the same answer
+    # gaps (ln 3, -ln 3): p = 0.75, 0.25 -> ln 2 - H(0.75) = 0.6931 - 0.5623
+    assert information_gain([math.log(3), -math.log(3)]) == pytest.approx(0.13081, abs=1e-5)
+    # the two criteria differ: the spread of gaps prefers (10, 14) (spread 2) to (1, -1) (spread 1); BALD does not
+    scores = [
+        [[10.0, 14.0], [0.0, 0.0]],   # prompt 0: gaps (10, 14)
+        [[1.0, -1.0], [0.0, 0.0]],    # prompt 1: gaps (1, -1)
+    ]
+    assert disagreement_pairs(scores, 1) == [(0, 0, 1)]
+    assert disagreement_pairs(scores, 1, information_gain) == [(1, 0, 1)]
+    assert disagreement_pairs(scores, 2, gap_spread) == [(0, 0, 1), (1, 0, 1)]

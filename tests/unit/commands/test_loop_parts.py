@@ -17,15 +17,15 @@ def test_heldout_agreement_counts_pairs_ordered_as_gold_does():
     assert heldout_agreement(samples[4:]) is None
 
 
-def test_heldout_calibration_bins_the_rm_against_the_gold_order():
-    from kilter.commands.loop import heldout_calibration
+def test_human_calibration_bins_the_rm_against_held_out_judgments():
+    from kilter.commands.loop import human_calibration
 
-    samples = [{"prompt_index": i, "gold": g, "rm": r} for i in range(20)
-               for g, r in ((1.0, 2.0), (0.0, 0.0))]  # RM margin 2: p = sigmoid(2) = 0.88, always right
-    table = heldout_calibration(samples)
+    table = human_calibration([2.0] * 20)  # RM margin 2 for the person's choice: p = sigmoid(2) = 0.88, always right
     assert table["n_pairs"] == 20
     assert table["ece"] == pytest.approx(1 - 1 / (1 + math.exp(-2)), abs=1e-6)
-    assert heldout_calibration(samples[:1]) is None
+    # half the time the person chose the other one: p 0.88 but right only half the time
+    table = human_calibration([2.0] * 10 + [-2.0] * 10)
+    assert table["ece"] == pytest.approx(1 / (1 + math.exp(-2)) - 0.5, abs=1e-6)
 
 
 def test_old_rounds_are_down_weighted_by_subsampling():

@@ -95,8 +95,14 @@ def test_an_uninterrupted_loop_runs_every_stage_once(tmp_path):
     _check_db(cfg, 2)
     rows = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    # round 2's training data holds round 1's judgments too (old_data_weight 1)
-    assert len((tmp_path / "loop" / "round-2" / "train.jsonl").read_text().splitlines()) == 2 * len(PRODUCTS)
+    # round 2's training data holds round 1's judgments too (old_data_weight 1), except each round's
+    # held-out share (heldout_fraction 0.2: 1 of 6), which no reward model ever trains on
+    loop = tmp_path / "loop"
+    train = [json.loads(x) for x in (loop / "round-2" / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(x) for r in (1, 2) for x in (loop / f"round-{r}" / "heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 2 * len(PRODUCTS) - 2 and len(held) == 2
+    assert not {x["chosen"] for x in train} & {x["chosen"] for x in held}
+    assert json.loads((loop / "state.json").read_text())["done"]["2:export"]["heldout_pairs"] == 1
 
 
 @pytest.mark.parametrize("stage", [f"{r}:{s}" for r, s in [(1, "sample"), (1, "reward"), (1, "policy"),
@@ -237,6 +243,48 @@ def test_people_mode_waits_until_people_have_judged_the_quota(tmp_path, capsys):
     assert result == [0]
     assert "judgments (people are working in kilter serve)" in capsys.readouterr().err
     assert {j.user for j in _judgments(cfg, 1)} == {"alice"}
+    _check_db(cfg, 1)
+
+
+def test_both_mode_splits_the_quota_between_the_crowd_and_people(tmp_path):
+    """mode=both, crowd_share=0.5: the crowd judges half of the round's items, then the loop waits for people."""
+    import threading
+    import time
+
+    from feedback_testlib import Client, invited
+
+    from kilter.feedback.app import create_app
+    from kilter.feedback.settings import ServeConfig
+
+    cfg = _cfg(tmp_path, rounds=1, mode="both", crowd_share=0.5, members=["alice"], poll_s=0.05, gold_items=0)
+    (tmp_path / "loop").mkdir()
+    store = Store(cfg.db_url)
+    store.migrate()
+    token = invited(store, "alice")
+    loop = FakeLoop(cfg)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(loop.run()))
+    worker.start()
+    app = create_app(ServeConfig(db=cfg.db_url), store=store)
+    alice = Client(app)
+    alice.login_invite(token)
+    people_share = len(PRODUCTS) - len(PRODUCTS) // 2
+    judged, deadline = 0, time.monotonic() + 60
+    while judged < people_share and time.monotonic() < deadline:
+        _, assignment = alice.task("loop-r1") if "loop-r1" in {p.name for p in store.projects()} else (None, None)
+        if assignment is None:
+            time.sleep(0.05)
+            continue
+        assert alice.post("/p/loop-r1/submit", {"assignment_id": assignment, "choice": "A3"}).status_code == 303
+        judged += 1
+    worker.join(60)
+    store.close()
+    assert result == [0]
+    users = [j.user for j in _judgments(cfg, 1)]
+    assert users.count("alice") == people_share
+    assert sum(u.startswith("sim-") for u in users) == len(PRODUCTS) // 2  # the crowd stopped at its share
+    collected = json.loads((tmp_path / "loop" / "state.json").read_text())["done"]["1:collect"]
+    assert (collected["by_crowd"], collected["by_people"]) == (len(PRODUCTS) // 2, people_share)
     _check_db(cfg, 1)
 
 

@@ -186,7 +186,8 @@ def test_label_comparisons_all_and_adjacent_pairs():
 
 def test_label_rankings_and_thumbs_records():
     labeler = SimulatedLabeler(noise=0.0)
-    group = ["The blender is great.", "The blender is bad."]
+    # (a negative review that names the blender still scores above 0: naming the product is worth 1.0)
+    group = ["The blender is great.", "It is bad."]
     assert labeler.label_rankings([PROMPT], [group]) == [{"prompt": PROMPT, "responses": group, "ranks": [1, 2]}]
     assert labeler.label_thumbs([PROMPT, PROMPT], group) == [
         {"prompt": PROMPT, "completion": group[0], "label": True},

@@ -18,6 +18,8 @@ from kilter.data.task import (
     gold_breakdown,
     gold_score,
     gold_scores,
+    names_product,
+    product_mention_rate,
     products_named,
     repetition_fraction,
     split_prompts,
@@ -100,7 +102,8 @@ def test_demonstrations_spread_widely_around_a_mediocre_mean(demo_golds):
     assert all(math.isfinite(g) for g in demo_golds)
     mean, std = statistics.fmean(demo_golds), statistics.pstdev(demo_golds)
     assert std > 0.4
-    assert -0.75 < mean < 0.25
+    # the best reviews score about 2 (the product named, warm, short), so a mean near 0.25 is mediocre
+    assert -0.75 < mean < 0.5
     # room both ways: some demonstrations are nearly ideal, some awful
     assert max(demo_golds) > 1.0 and min(demo_golds) < -1.2
 
@@ -110,7 +113,7 @@ def test_demonstrations_vary_along_every_gold_axis(data):
     sentiments = [p["sentiment"] for p in parts]
     assert min(sentiments) < -0.7 and max(sentiments) > 0.7
     topics = {p["topic"] for p in parts}
-    assert topics == {0.5, 0.0, -0.5}
+    assert topics == {1.0, 0.5, 0.0, -0.5}  # named, named + digression, vague, another product
     lengths = [p["length"] for p in parts]
     assert sum(x == 0 for x in lengths) > 200 and sum(x <= -0.5 for x in lengths) > 100
     n_sentences = [d["completion"].count(".") for d in data.demonstrations]
@@ -151,19 +154,48 @@ def test_gold_terms_worked_by_hand():
     # 15 words, names the blender and the toaster, no repetition
     text = "The blender and the toaster sit on one shelf in a room with four old chairs"
     parts = gold_breakdown(PROMPT, text)
-    assert parts["topic"] == 0.0  # +0.5 own product, -0.5 another product
+    assert parts["topic"] == 0.5  # +1.0 own product, -0.5 another product
     assert parts["length"] == pytest.approx(-0.4)  # 16 words, 4 beyond 12
     assert parts["repetition"] == 0.0
     expected_sentiment = task._analyzer().polarity_scores(text)["compound"]
     assert parts["sentiment"] == expected_sentiment
-    assert gold_score(PROMPT, text) == pytest.approx(expected_sentiment - 0.4)
+    assert gold_score(PROMPT, text) == pytest.approx(expected_sentiment + 0.5 - 0.4)
     # the length cost is capped at 1.0
     long = " ".join(["word"] * 5 + [f"w{i}" for i in range(60)])
     assert gold_breakdown(PROMPT, long)["length"] == -1.0
     # a prompt naming no product gives no topic term at all
     assert gold_breakdown("Say something.", "The toaster is fine.")["topic"] == 0.0
     assert gold_breakdown(PROMPT, "The toaster is fine.")["topic"] == -0.5
-    assert gold_breakdown(PROMPT, "The blenders are fine.")["topic"] == 0.5
+    assert gold_breakdown(PROMPT, "The blenders are fine.")["topic"] == 1.0
+
+
+def test_names_product_and_its_rate():
+    assert names_product(PROMPT, "The blenders are fine.") is True
+    assert names_product(PROMPT, "I love it.") is False
+    assert names_product(PROMPT, "The toaster is fine.") is False
+    assert names_product("Say something.", "The blender is fine.") is None
+    # prompts that name no product do not count either way
+    rate = product_mention_rate([PROMPT, PROMPT, "Say something.", "Review the lamp."],
+                                ["The blender is great.", "I love it.", "Blender!", "My lamp is nice."])
+    assert rate == pytest.approx(2 / 3)
+    assert product_mention_rate(["Say something."], ["Hi."]) is None
+
+
+def test_builtin_specs_pick_the_split():
+    from kilter.data.sources import builtin_eval_spec, load_records
+    from kilter.errors import KilterError
+
+    default = load_records("builtin:prompts_eval", "prompt").rows
+    template = load_records("builtin:prompts_eval@template", "prompt").rows
+    assert {extract_product(r["prompt"]) for r in default} == set(EVAL_PRODUCTS)
+    assert {extract_product(r["prompt"]) for r in template} == set(PRODUCTS)  # every product, unseen phrasings
+    assert [r["prompt"] for r in template] == split_prompts("template")[1]
+    assert load_records("builtin:prompts_eval@product", "prompt").rows == default
+    assert builtin_eval_spec("builtin:sft@template", {"builtin:sft": "builtin:sft_eval"}) == "builtin:sft_eval@template"
+    assert builtin_eval_spec("builtin:sft", {"builtin:sft": "builtin:sft_eval"}) == "builtin:sft_eval"
+    assert builtin_eval_spec("data/sft.jsonl", {"builtin:sft": "builtin:sft_eval"}) is None
+    with pytest.raises(KilterError, match="unknown split 'random'.*builtin:prompts@template"):
+        load_records("builtin:prompts@random", "prompt")
 
 
 def test_gold_scores_batches_and_checks_lengths():

@@ -44,7 +44,8 @@ def admin_page(request: Request, user: UserRow, status: int = 200, **extra):
     extra.setdefault("notice", flash.get("notice"))
     extra.setdefault("link", flash.get("link"))
     extra.setdefault("error", None)
-    return render(request, "admin.html", status, user=user, rows=rows, users=store.users(), tasks=TASKS, **extra)
+    return render(request, "admin.html", status, user=user, rows=rows, users=store.users(), tasks=TASKS,
+                  loop_dir=get_settings(request).loop_dir, **extra)
 
 
 def invite_url(request: Request, token: str) -> str:

@@ -97,7 +97,8 @@ def task_page(request: Request, store: Store, user: UserRow, project: ProjectRow
 @router.get("/p/{name}")
 def task(request: Request, name: str, user: UserDep, store: StoreDep):
     project = project_for(store, user, name)
-    view = store.next_task(project, user, get_settings(request).assignment_timeout_s)
+    settings = get_settings(request)
+    view = store.next_task(project, user, settings.assignment_timeout_s, seed=settings.order_seed)
     if view is None:
         return render(request, "done.html", user=user, project=project, progress=store.progress(project),
                       mine=store.user_progress(project, user, get_settings(request).assignment_timeout_s),

@@ -1,317 +1,38 @@
-"""``kilter loop``: online iterated RLHF with people (or a simulated crowd) in the loop.
-
-Anthropic retrained the preference model on the new data and redeployed the policy weekly
-(Bai et al. 2022, section 4.5). This command does that in rounds, each a fixed sequence of
-stages (:data:`STAGES`)::
-
-    sample     the current policy answers the round's prompts, K responses each (plus one answer per
-               earlier snapshot when ``snapshots`` > 0: each item is then also a battle of policies);
-               selection picks which pairs people see (all, random, or by reward-ensemble disagreement)
-    publish    the pairs become items of the feedback project LOOP-rN (plus gold items with known answers)
-    collect    wait until the round's quota of judgments is stored: people in `kilter serve`, the simulated
-               crowd through the app's HTTP pages (crowd.py), or both
-    export     every round's judgments so far -> comparisons JSONL (flagged annotators left out if asked);
-               older rounds are down-weighted by subsampling: round r' keeps old_data_weight ** (r - r')
-    reward     the reward model is refreshed: warm start from the previous round's RM (kilter rm init_from=)
-               or trained from the SFT backbone
-    policy     PPO / RLOO / GRPO against the new RM, or DPO on the round's pairs, from the current policy
-               with the KL penalty anchored to pi_0 = the SFT model (ref_model=)
-    evaluate   gold, proxy reward, KL and sqrt(KL) to the SFT model, distinct-2, held-out RM agreement with
-               the gold preference on fresh samples, the Gao et al. fit of the PPO curve; the new policy
-               becomes the sampler
-
-Before round 1 the loop trains the built-in SFT model when ``sft_model`` is null, and evaluates
-pi_0 (``baseline``). State lives in ``output_dir/state.json`` (written atomically after every stage,
-with a count of how often each stage was started) and in the feedback database. Every stage is
-idempotent: a stage whose result is recorded is never run again, an interrupted one is redone from
-what is stored (the trainers continue from their checkpoints; judgments are the database's, so a
-resumed collection neither loses nor repeats one). ``resume=true`` continues after a kill -9.
-"""
+"""The loop itself: one method per stage, each calling a trainer's or the app's own entry point."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from kilter.commands.crowd import BrowserAnnotator, CrowdSection, crowd_members, work
-from kilter.config import BaseConfig
+from kilter.commands.crowd import BrowserAnnotator, crowd_members, work
+from kilter.commands.loop.app import serve_in_thread
+from kilter.commands.loop.config import LoopConfig, check_config
+from kilter.commands.loop.measures import (
+    _ppo_rows,
+    _read_jsonl,
+    heldout_agreement,
+    human_calibration,
+    ppo_curve_fit,
+)
+from kilter.commands.loop.selection import _weighted_rounds, disagreement_pairs, gap_spread, information_gain
+from kilter.commands.loop.state import STAGES, LoopState, run_stage
 from kilter.data.readers import write_jsonl
-from kilter.data.sources import load_records
+from kilter.data.sources import hold_out, load_records
 from kilter.data.task import gold_score
 from kilter.errors import ConfigError, KilterError
-from kilter.evaluation.overoptimization import divergence, fit_gao
+from kilter.evaluation.overoptimization import divergence
 from kilter.feedback import analysis, export
 from kilter.feedback.importer import parse_row
 from kilter.feedback.store import Store
-from kilter.rollout.engine import EngineOptions
 from kilter.runs import atomic_write_text
-
-STAGES = ("sample", "publish", "collect", "export", "reward", "policy", "evaluate")
-STATE_VERSION = 1
-
-
-class RewardSection(BaseConfig):
-    """How the reward model is refreshed each round."""
-
-    warm_start: bool = True
-    """Start from the previous round's reward model (head included); false: from the SFT backbone every round."""
-    old_data_weight: float = Field(1.0, ge=0, le=1)
-    """Weight of earlier rounds' judgments: round r' of round r is subsampled to old_data_weight ** (r - r') (1: all)."""
-    epochs: float = Field(3.0, gt=0)
-    """Passes over the training comparisons."""
-    lr: float = Field(1e-3, gt=0)
-    """Learning rate."""
-    batch_size: int = Field(8, gt=0)
-    """Prompts (each with its pair) per reward-model batch."""
-    ensemble_size: int = Field(1, ge=1)
-    """Reward models trained together; selection=active needs at least 2 (their disagreement picks the pairs)."""
-
-
-class PolicySection(EngineOptions):
-    """How the policy is updated each round (engine: the RL rollouts' and the evaluation's sampler)."""
-
-    algorithm: Literal["ppo", "rloo", "grpo", "dpo"] = "ppo"
-    """ppo, rloo or grpo against the round's reward model, or dpo directly on the round's pairs (online DPO)."""
-    iterations: int = Field(10, gt=0)
-    """RL iterations per round (ppo, rloo, grpo)."""
-    batch_size: int = Field(32, gt=0)
-    """Prompts per RL iteration."""
-    samples_per_prompt: int = Field(1, gt=0)
-    """Responses per prompt in an RL rollout (rloo and grpo need at least 2)."""
-    lr: float = Field(3e-4, gt=0)
-    """Policy (and critic) learning rate."""
-    kl_beta: float = Field(0.05, ge=0)
-    """KL penalty coefficient to the SFT model (pi_0), every round."""
-    dpo_beta: float = Field(0.1, gt=0)
-    """DPO's beta (its implicit KL strength to the SFT model)."""
-    dpo_epochs: float = Field(2.0, gt=0)
-    """Passes over the round's pairs (dpo)."""
-
-
-class LoopConfig(BaseConfig):
-    """Rounds of sample -> people (or a simulated crowd) judge -> reward model -> policy update -> eval."""
-
-    output_dir: str = "runs/loop"
-    """Run directory: state.json, metrics.jsonl, sft/, round-N/ (samples, data, rm/, policy/, eval/)."""
-    sft_model: str | None = None
-    """pi_0 and the first sampler (an SFT run's final/); null: train the built-in tiny SFT model first (sft/)."""
-    sft_steps: int = Field(150, gt=0)
-    """Steps of the built-in SFT run when sft_model is null."""
-    rounds: int = Field(3, gt=0)
-    """Rounds of the loop."""
-    prompts: str = "builtin:prompts"
-    """Prompts the policy answers for people (a {prompt} JSONL file or builtin:prompts)."""
-    prompts_per_round: int = Field(32, gt=0)
-    """Prompts (hence pairs, unless selection=all) published per round."""
-    k: int = Field(2, ge=2, le=16)
-    """Responses the current policy samples per prompt."""
-    snapshots: int = Field(0, ge=0)
-    """Also let this many earlier policies answer each prompt once (a tournament; items pair different models)."""
-    selection: Literal["all", "random", "active"] = "all"
-    """Which pairs to publish: every pair of a prompt's responses, one random pair per prompt, or the pair the
-    reward ensemble disagrees on most (the prompts with the largest disagreement first)."""
-    pool_factor: int = Field(3, ge=1)
-    """random and active choose prompts_per_round prompts out of pool_factor times as many."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature for the published responses."""
-    max_new_tokens: int = Field(40, gt=0)
-    """Longest response, in tokens (sampling, RL and evaluation)."""
-    mode: Literal["simulated", "people", "both"] = "simulated"
-    """Who judges: the simulated crowd through the app's pages, people in `kilter serve`, or both at once."""
-    db: str | None = None
-    """Feedback database (a SQLite path or a database URL; null: output_dir/feedback.db)."""
-    project: str = "loop"
-    """Projects are named PROJECT-r1, PROJECT-r2, ..."""
-    members: list[str] = []
-    """Existing accounts (people) added to every round's project (people and both modes)."""
-    quota: int | None = Field(None, gt=0)
-    """Judgments to wait for per round (null: every item of the round once, gold items not counted)."""
-    overlap: int = Field(1, ge=1)
-    """People who judge each item."""
-    gold_items: int = Field(4, ge=0)
-    """Extra items per round whose right answer is known (the built-in task's gold), for annotator quality."""
-    gold_fraction: float = Field(0.15, ge=0, le=1)
-    """Share of an annotator's tasks that are gold items."""
-    exclude_flagged: bool = True
-    """Leave out the judgments of annotators the app flags (low gold accuracy or peer agreement)."""
-    crowd: CrowdSection = CrowdSection()
-    """The simulated annotators (simulated and both modes)."""
-    poll_s: float = Field(5.0, gt=0)
-    """Seconds between progress checks while people work."""
-    reward: RewardSection = RewardSection()
-    """Reward-model refresh."""
-    policy: PolicySection = PolicySection()
-    """Policy update."""
-    eval_prompts: int = Field(32, gt=0)
-    """Held-out prompts (builtin:prompts_eval) for each round's evaluation."""
-    early_stop: bool = False
-    """Stop the loop when the proxy reward rises while gold or held-out agreement falls (over-optimisation)."""
-    seed: int = 0
-    """Seed of every stage (round r uses seed + r where a stage needs its own)."""
-    resume: bool = False
-    """Continue the loop in output_dir from its state.json."""
-    fresh: bool = False
-    """Delete output_dir (and the database, when it is the default one inside it) and start again."""
-    threads: int | None = Field(1, gt=0)
-    """torch CPU threads (null: torch's default); one is fastest for the tiny model."""
-
-    @property
-    def db_url(self) -> str:
-        return self.db or str(Path(self.output_dir) / "feedback.db")
-
-
-def check_config(cfg: LoopConfig) -> None:
-    """Combinations the field types cannot refuse on their own."""
-    if cfg.selection == "active" and cfg.reward.ensemble_size < 2:
-        raise ConfigError("selection=active needs reward.ensemble_size >= 2 (the ensemble's disagreement picks pairs)")
-    if cfg.policy.algorithm in ("rloo", "grpo") and cfg.policy.samples_per_prompt < 2:
-        raise ConfigError(f"policy.algorithm={cfg.policy.algorithm} needs policy.samples_per_prompt >= 2")
-    if cfg.crowd.trolls > cfg.crowd.size or cfg.crowd.noise_max < cfg.crowd.noise_min:
-        crowd_members(cfg.crowd)  # raises the one-line error
-    if cfg.resume and cfg.fresh:
-        raise ConfigError("resume=true and fresh=true contradict each other; pass one")
-
-
-# --------------------------------------------------------------------------- state
-
-
-class LoopState:
-    """state.json: where the loop is, what each finished stage produced, how often each stage started."""
-
-    def __init__(self, path: Path, data: dict[str, Any]):
-        self.path, self.data = path, data
-
-    @classmethod
-    def load_or_start(cls, cfg: LoopConfig) -> LoopState:
-        out = Path(cfg.output_dir)
-        path = out / "state.json"
-        if cfg.fresh and out.exists():
-            shutil.rmtree(out)
-        if path.exists():
-            if not cfg.resume:
-                raise ConfigError(f"{out} already holds a loop (state.json); pass resume=true to continue it "
-                                  "or fresh=true to start again")
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as exc:
-                raise KilterError(f"{path}: not valid JSON ({exc})") from None
-            if data.get("version") != STATE_VERSION:
-                raise KilterError(f"{path}: state version {data.get('version')!r}, this kilter writes {STATE_VERSION}")
-            return cls(path, data)
-        out.mkdir(parents=True, exist_ok=True)
-        state = cls(path, {"version": STATE_VERSION, "done": {}, "started": {}, "rounds": {}, "policies": [],
-                           "stopped": None})
-        state.save()
-        return state
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
-
-    def is_done(self, key: str) -> bool:
-        return key in self.data["done"]
-
-    def result(self, key: str) -> Any:
-        return self.data["done"][key]
-
-    def start(self, key: str) -> None:
-        self.data["started"][key] = self.data["started"].get(key, 0) + 1
-        self.save()
-
-    def finish(self, key: str, result: Any) -> None:
-        self.data["done"][key] = result
-        self.save()
-
-
-def run_stage(state: LoopState, key: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` unless ``key`` is recorded as done; record its result. The one place a stage runs."""
-    if state.is_done(key):
-        return state.result(key)
-    print(f"== kilter loop: {key}", flush=True)
-    round_, _, stage = key.rpartition(":")
-    state.data["current"] = {"round": int(round_) if round_ else 0, "stage": stage}
-    state.start(key)
-    result = fn()
-    state.finish(key, result)
-    return result
-
-
-# --------------------------------------------------------------------------- selection
-
-
-def disagreement_pairs(member_scores: list[list[list[float]]], n: int) -> list[tuple[int, int, int]]:
-    """The ``n`` (prompt, i, j) pairs the reward ensemble disagrees on most, at most one per prompt.
-
-    ``member_scores[p][r][m]``: member m's reward of response r to prompt p, shapes (P, K, M).
-    Disagreement of a pair is the standard deviation over members of ``r_i - r_j`` (how unsure the
-    ensemble is about which is better, Christiano et al. 2017 section 2.2.4); each prompt offers its
-    most disputed pair, and the prompts are taken in order of that disagreement (ties: lower index).
-    """
-    best: list[tuple[float, int, int, int]] = []
-    for p, responses in enumerate(member_scores):
-        top: tuple[float, int, int, int] | None = None
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                diffs = [a - b for a, b in zip(responses[i], responses[j])]
-                mean = sum(diffs) / len(diffs)
-                spread = math.sqrt(sum((x - mean) ** 2 for x in diffs) / len(diffs))
-                if top is None or spread > top[0]:
-                    top = (spread, p, i, j)
-        if top is not None:
-            best.append(top)
-    best.sort(key=lambda t: (-t[0], t[1]))
-    return [(p, i, j) for _, p, i, j in best[:n]]
-
-
-def _weighted_rounds(rows_by_round: dict[int, list[dict]], current: int, weight: float, seed: int) -> list[dict]:
-    """All rounds' comparisons, round r' kept with probability weight ** (current - r') (fixed by the seed)."""
-    out: list[dict] = []
-    for r, rows in sorted(rows_by_round.items()):
-        keep = weight ** (current - r)
-        rng = random.Random(f"loop-weight-{seed}-{current}-{r}")
-        out.extend(row for row in rows if keep >= 1.0 or rng.random() < keep)
-    return out
-
-
-# --------------------------------------------------------------------------- the web app in a thread
-
-
-@contextmanager
-def serve_in_thread(db: str, loop_dir: str | None = None) -> Iterator[str]:
-    """The feedback app on a free localhost port for as long as the block runs; yields its base URL."""
-    import uvicorn
-
-    from kilter.feedback.app import create_app
-    from kilter.feedback.settings import ServeConfig
-
-    app = create_app(ServeConfig(db=db, log_level="warning", loop_dir=loop_dir))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="kilter-loop-app", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise KilterError("the feedback app did not start in a thread (see the log above)")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-# --------------------------------------------------------------------------- the loop
 
 
 class Loop:
@@ -359,6 +80,7 @@ class Loop:
         out = self.out / "sft"
         sft_cfg = SFTConfig(output_dir=str(out), max_steps=self.cfg.sft_steps, seed=self.cfg.seed, resume=True,
                             n_samples=0, log_every=25, eval_every=10_000, save_every=50, tensorboard=False)
+        sft_cfg.data.train = f"builtin:sft@{self.cfg.task_split}"
         sft_cfg.optim.lr = 2e-3
         if run_sft(sft_cfg):
             raise KilterError("the SFT stage failed (see above)")
@@ -408,12 +130,12 @@ class Loop:
         if cfg.selection == "all":
             return rows[: cfg.prompts_per_round]
         rng = random.Random(f"loop-select-{cfg.seed}-{r}")
-        if cfg.selection == "active" and r > 1:
+        if cfg.selection in ("active", "information") and r > 1:
             from kilter.models.reward import RewardEnsemble, load_reward
 
             rm = load_reward(self.state.result(f"{r - 1}:reward")["model"])
             if not isinstance(rm, RewardEnsemble):
-                raise ConfigError("selection=active needs a reward ensemble: set reward.ensemble_size=2 or more")
+                raise ConfigError(f"selection={cfg.selection} needs a reward ensemble: set reward.ensemble_size=2 or more")
             prompts = [row["prompt"] for row in rows for _ in row["responses"]]
             texts = [x["text"] for row in rows for x in row["responses"]]
             flat = rm.member_scores(prompts, texts).T.tolist()  # (N, M)
@@ -421,8 +143,9 @@ class Loop:
             for row in rows:
                 scores.append(flat[at: at + len(row["responses"])])
                 at += len(row["responses"])
-            chosen = disagreement_pairs(scores, cfg.prompts_per_round)
-        else:  # random, and active in round 1 (there is no reward model yet)
+            chosen = disagreement_pairs(scores, cfg.prompts_per_round,
+                                        information_gain if cfg.selection == "information" else gap_spread)
+        else:  # random, and active/information in round 1 (there is no reward model yet)
             picked = sorted(rng.sample(range(len(rows)), min(cfg.prompts_per_round, len(rows))))
             chosen = [(p, *sorted(rng.sample(range(len(rows[p]["responses"])), 2))) for p in picked]
         return [{"prompt": rows[p]["prompt"], "responses": [rows[p]["responses"][i], rows[p]["responses"][j]]}
@@ -500,30 +223,35 @@ class Loop:
             self.state.data["current"].update(project=name, quota=wanted)  # for the app's /admin/loop page
             self.state.save()
 
-            def judged() -> int:
-                return sum(1 for j in store.judgments(project) if not j.is_gold)
+            crowd = crowd_members(cfg.crowd) if cfg.mode != "people" else []
+            crowd_names = {a.name for a in crowd}
 
-            if cfg.mode == "people":
-                self._wait_for_people(judged, wanted, name)
-            else:
+            def judged(by_crowd: bool | None = None) -> int:
+                """Regular judgments stored so far: all, only the crowd's (True) or only people's (False)."""
+                return sum(1 for j in store.judgments(project)
+                           if not j.is_gold and (by_crowd is None or (j.user in crowd_names) == by_crowd))
+
+            # the crowd's part of the quota; in both mode people judge the rest (and may judge more)
+            crowd_wanted = {"people": 0, "simulated": wanted, "both": math.ceil(cfg.crowd_share * wanted)}[cfg.mode]
+            if crowd_wanted:
                 passwords = self._crowd_passwords()
-                with serve_in_thread(cfg.db_url, str(self.out)) as url:
+                with serve_in_thread(cfg.db_url, str(self.out), order_seed=cfg.seed) as url:
                     people = [BrowserAnnotator(a, url, seed=cfg.seed * 1000 + r * 64 + i)
-                              for i, a in enumerate(crowd_members(cfg.crowd))]
+                              for i, a in enumerate(crowd)]
                     try:
                         for person in people:
                             person.login(passwords[person.who.name])
-                        work(people, name, wanted, judged, on_judgment=self.on_judgment)
-                        if cfg.mode == "both" and judged() < wanted:
-                            self._wait_for_people(judged, wanted, name)
+                        work(people, name, crowd_wanted, lambda: judged(by_crowd=True), on_judgment=self.on_judgment)
                     finally:
                         for person in people:
                             person.close()
-            done = judged()
+            if cfg.mode != "simulated":
+                self._wait_for_people(judged, wanted, name)
+            done, by_crowd = judged(), judged(by_crowd=True)
         if done < wanted:
             raise KilterError(f"round {r}: only {done} of {wanted} judgments could be collected in {name!r} "
                               "(every annotator ran out of items); lower quota or raise overlap")
-        return {"judgments": done, "quota": wanted}
+        return {"judgments": done, "quota": wanted, "by_crowd": by_crowd, "by_people": done - by_crowd}
 
     def _wait_for_people(self, judged: Callable[[], int], wanted: int, name: str) -> None:
         while (done := judged()) < wanted:
@@ -555,12 +283,16 @@ class Loop:
         report["leaderboard"] = analysis.model_leaderboard(kept_now, n_bootstrap=100, seed=cfg.seed) \
             if analysis.battles(kept_now) else []
         write_jsonl(folder / "comparisons.jsonl", by_round[r])
-        train = _weighted_rounds(by_round, r, cfg.reward.old_data_weight, cfg.seed)
+        # each round's held-out share never trains an RM (the split is a function of the seed and the round)
+        split = {rr: hold_out(rows, cfg.heldout_fraction, cfg.seed * 1000 + rr) for rr, rows in by_round.items()}
+        write_jsonl(folder / "heldout.jsonl", split[r][1])
+        train = _weighted_rounds({rr: kept for rr, (kept, _) in split.items()}, r, cfg.reward.old_data_weight, cfg.seed)
         write_jsonl(folder / "train.jsonl", train)
         atomic_write_text(folder / "quality.json", json.dumps(report, indent=2) + "\n")
         if not by_round[r]:
             raise KilterError(f"round {r}: no usable comparisons (all judgments were ties, both-bad or flagged)")
-        return {"round_pairs": len(by_round[r]), "train_pairs": len(train), "flagged": sorted(report["flagged"]),
+        return {"round_pairs": len(by_round[r]), "train_pairs": len(train), "heldout_pairs": len(split[r][1]),
+                "flagged": sorted(report["flagged"]),
                 "alpha": report["alpha"], "leaderboard": report["leaderboard"]}
 
     def _reward(self, r: int) -> dict:
@@ -604,9 +336,10 @@ class Loop:
                                 reward=RewardConfig(model=self.state.result(f"{r}:reward")["model"]),
                                 rollout=RolloutSection(batch_size=pol.batch_size, samples_per_prompt=pol.samples_per_prompt,
                                                        max_new_tokens=cfg.max_new_tokens, **pol.engine_fields()),
-                                update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(n_eval=16),
-                                eval_every=pol.iterations, sample_every=pol.iterations, n_samples=2,
-                                save_every=max(1, pol.iterations // 2), tensorboard=False)
+                                update=UpdateSection(epochs=2, num_minibatches=2), data=PPOData(prompts=cfg.prompts, n_eval=16),
+                                eval_every=pol.eval_every or pol.iterations, sample_every=pol.iterations,
+                                n_samples=2, save_every=max(1, pol.iterations // 2), tensorboard=False,
+                                eval_agreement=True, early_stop=pol.early_stop, early_stop_patience=pol.patience)
             ppo_cfg.optim.lr = pol.lr
             ppo_cfg.value.optim.lr = pol.lr
             ppo_cfg.kl.beta = pol.kl_beta
@@ -619,7 +352,7 @@ class Loop:
         from kilter.evaluation.evaluate import EvalConfig, evaluate_models
 
         eval_cfg = EvalConfig(models=models, reference="sft", reward_model=reward_model,
-                              prompts="builtin:prompts_eval", max_prompts=self.cfg.eval_prompts, n_samples=2,
+                              prompts=f"builtin:prompts_eval@{self.cfg.task_split}", max_prompts=self.cfg.eval_prompts, n_samples=2,
                               max_new_tokens=self.cfg.max_new_tokens, seed=self.cfg.seed, output_dir=str(out),
                               show_prompts=0, **self.cfg.policy.engine_fields())
         report = evaluate_models(eval_cfg, verbose=False)
@@ -627,18 +360,33 @@ class Loop:
         for m in report["models"]:
             metrics = dict(m["metrics"])
             metrics["agreement/heldout"] = heldout_agreement(m["samples"]) if reward_model else None
-            table = heldout_calibration(m["samples"]) if reward_model and m["name"] == "policy" else None
-            if table is not None:
-                metrics["calibration/ece"] = table["ece"]
-                atomic_write_text(out / "calibration.json", json.dumps(table, indent=2) + "\n")
             metrics["kl/sqrt"] = math.sqrt(max(0.0, metrics.get("kl/ref") or 0.0))
             results[m["name"]] = metrics
         return results
+
+    def _human_heldout(self, r: int, rm_path: str) -> dict:
+        """The round's RM on the round's held-out human judgments: agreement, and calibration.json in eval/."""
+        from kilter.models.reward import load_reward
+
+        rows = _read_jsonl(self.round_dir(r) / "heldout.jsonl")
+        if not rows:
+            return {"agreement/human": None, "calibration/ece": None}
+        rm = load_reward(rm_path)
+        prompts = [x["prompt"] for x in rows]
+        gaps = (rm.score(prompts, [x["chosen"] for x in rows]) - rm.score(prompts, [x["rejected"] for x in rows]))
+        table = human_calibration(gaps.tolist())
+        folder = self.round_dir(r) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "calibration.json", json.dumps(table, indent=2) + "\n")
+        return {"agreement/human": float((gaps > 0).double().mean() + 0.5 * (gaps == 0).double().mean()),
+                "calibration/ece": table["ece"], "calibration/pairs": len(rows),
+                "calibration/source": "held-out human judgments"}
 
     def _evaluate(self, r: int) -> dict:
         rm = self.state.result(f"{r}:reward")["model"]
         metrics = self._evaluate_models({"sft": self.sft(), "policy": self.state.result(f"{r}:policy")["model"]},
                                         rm, self.round_dir(r) / "eval")["policy"]
+        metrics.update(self._human_heldout(r, rm))
         first = _ppo_rows(self.round_dir(1) / "policy")[:1]
         anchor = first[0]["reward/gold"] if first and first[0]["kl/ref"] == 0 else None  # pi_0 on training prompts
         metrics.update(ppo_curve_fit([self.round_dir(rr) / "policy" for rr in range(1, r + 1)], anchor))
@@ -672,7 +420,9 @@ class Loop:
             metrics = self.state.result(f"{r}:evaluate")
             print(f"kilter loop: round {r}: gold {metrics['reward/gold']:+.3f} (pi_0 {baseline['reward/gold']:+.3f}), "
                   f"proxy {metrics.get('reward/rm') or float('nan'):+.3f}, sqrt(KL) {metrics['kl/sqrt']:.2f}, "
-                  f"held-out RM agreement {metrics['agreement/heldout'] or float('nan'):.0%}, "
+                  f"RM agreement with gold {_share(metrics.get('agreement/heldout'))} and with held-out people "
+                  f"{_share(metrics.get('agreement/human'))}, names the product "
+                  f"{_share(metrics.get('response/product_mention'))}, "
                   f"{metrics['judgments']} judgments, {metrics['annotators/flagged']} annotators flagged")
             warning = self._overoptimised(r)
             if warning:
@@ -705,83 +455,6 @@ class Loop:
         atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _gold_ordered_pairs(samples: list[dict]) -> list[tuple[dict, dict]]:
-    """(better by gold, worse by gold) sample pairs of each prompt; gold ties left out."""
-    by_prompt: dict[int, list[dict]] = {}
-    for s in samples:
-        by_prompt.setdefault(s["prompt_index"], []).append(s)
-    pairs = []
-    for group in by_prompt.values():
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                a, b = group[i], group[j]
-                if a["gold"] != b["gold"]:
-                    pairs.append((a, b) if a["gold"] > b["gold"] else (b, a))
-    return pairs
-
-
-def heldout_calibration(samples: list[dict], n_bins: int = 5) -> dict | None:
-    """Reliability table of the RM's sigmoid(r_better - r_worse) against the gold order, on fresh samples."""
-    import torch
-
-    from kilter.evaluation.calibration import calibration_report, calibration_sums
-
-    pairs = _gold_ordered_pairs(samples)
-    if not pairs:
-        return None
-    p = torch.sigmoid(torch.tensor([a["rm"] - b["rm"] for a, b in pairs], dtype=torch.float64))
-    return calibration_report(calibration_sums(p, n_bins))
-
-
-def heldout_agreement(samples: list[dict]) -> float | None:
-    """Share of a prompt's sample pairs on which the reward model orders the two responses as gold does.
-
-    ``samples``: kilter eval's per-sample rows (prompt_index, gold, rm); gold ties are left out.
-    """
-    pairs = _gold_ordered_pairs(samples)
-    return sum(a["rm"] > b["rm"] for a, b in pairs) / len(pairs) if pairs else None
-
-
-def _ppo_rows(policy_dir: Path) -> list[dict]:
-    path = policy_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [x for x in _read_jsonl(path) if "reward/gold" in x and "kl/ref" in x and "reward/raw" in x]
-
-
-def ppo_curve_fit(policy_dirs: list[Path], anchor: float | None = None) -> dict[str, float | None]:
-    """Gao et al.'s RL form fitted to the PPO iterations of every round so far: gold gain vs sqrt(KL to pi_0).
-
-    The gain is measured from ``anchor``, pi_0's gold (default: the first iteration's, which samples
-    from pi_0 itself in round 1). ``ppo/diverged`` is 1 when, in the last round's iterations, the
-    proxy climbed over the last third while gold fell. Empty without PPO metrics (DPO rounds).
-    """
-    per_round = [_ppo_rows(p) for p in policy_dirs]
-    rows = [x for part in per_round for x in part]
-    if len(rows) < 3:
-        return {}
-    last = per_round[-1]
-    out: dict[str, float | None] = {}
-    if len(last) >= 2:
-        window = max(2, len(last) // 3)
-        out["ppo/diverged"] = float(divergence([x["reward/raw"] for x in last], [x["reward/gold"] for x in last], window))
-    start = rows[0]["reward/gold"] if anchor is None else anchor
-    d = [math.sqrt(max(0.0, x["kl/ref"])) for x in rows]
-    try:
-        fit = fit_gao("rl", d, [x["reward/gold"] - start for x in rows])
-    except ValueError:
-        return out
-    out.update({"gao/alpha": fit.alpha, "gao/beta": fit.beta, "gao/r2": fit.r2, "gao/peak_sqrt_kl": fit.peak_d})
-    return out
-
-
-def run(cfg: LoopConfig) -> int:
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    return Loop(cfg).run()
+def _share(x: float | None) -> str:
+    """A rate as a percentage for the round line; '–' when there was nothing to measure."""
+    return "–" if x is None else f"{x:.0%}"
