@@ -83,9 +83,13 @@ def displaced_policy(tmp_path_factory, reward_file) -> Path:
                                                   ("rloo", "k2"), ("rloo", "k3"), ("grpo", "k2"), ("grpo", "k3")])
 def test_zero_reward_brings_a_displaced_policy_back_to_its_ref_model(tmp_path, reward_file, displaced_policy,
                                                                      algorithm, estimator, capsys):
+    # k1 in the reward is the noisiest pull back (a sampled log-ratio per token): with the tokenizer the
+    # built-in micro model got when the task's demonstrations changed (cache v3) it took ppo and rloo
+    # from 8.42 to 6.98 and 7.27 in 10 iterations (16: 6.44 for rloo), so it gets 20
+    steps = 20 if estimator == "k1" else 10
     rows = _run(tmp_path / "run", algorithm, f"model={displaced_policy}", "ref_model=builtin:micro",
-                f"reward.function={reward_file}:zero", "reward.missing_eos_penalty=null", "iterations=10",
-                "eval_every=10", "kl.beta=1.0", f"kl.estimator={estimator}")
+                f"reward.function={reward_file}:zero", "reward.missing_eos_penalty=null", f"iterations={steps}",
+                f"eval_every={steps}", "kl.beta=1.0", f"kl.estimator={estimator}")
     assert "reference: ref_model builtin:micro" in capsys.readouterr().out
     start, end = _eval_kl(rows)[0], _eval_kl(rows)[-1]
     assert start > 1.0, f"the displaced policy should start away from its reference (KL {start:.2f})"

@@ -8,6 +8,7 @@ never seen in training).  Observed on 2 CPU cores: about 0.70 after 30 steps (ch
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -32,8 +33,13 @@ def test_reward_model_beats_chance_against_gold_on_held_out_prompts(rm_run):
     print(f"held-out gold accuracy {final['eval/accuracy']:.3f}, margin {final['eval/margin']:.3f}, "
           f"ECE {final['eval/ece']:.3f}")
     assert final["eval/accuracy"] > 0.6
-    losses = [m["loss/rm"] for m in metrics if "loss/rm" in m]
-    assert losses[-1] < losses[0]
+    # Learning happened: the training windows' accuracy rises and the loss ends below chance (ln 2). The
+    # first window's loss is no baseline: since naming the product is worth 1.0 of gold, many pairs are
+    # easy and a 10-step window's loss depends on which groups it drew (measured 0.501, 0.545, 0.548
+    # while the windows' accuracy went 0.59, 0.70, 0.81).
+    train = [m for m in metrics if "loss/rm" in m]
+    assert train[-1]["train/accuracy"] > train[0]["train/accuracy"]
+    assert train[-1]["loss/rm"] < math.log(2)
     assert final["eval/margin"] > 0
     assert json.loads((rm_run / "calibration.json").read_text())["n_pairs"] > 100
 
