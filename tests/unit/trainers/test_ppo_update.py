@@ -123,10 +123,12 @@ def test_grad_accumulation_equals_one_big_step(models, random_rollout, aggregati
                            _settings(grad_accum=accum, aggregation=aggregation, normaliser=8.0), seed=0, iteration=0)
         results.append((policy, value, stats))
     (p1, v1, s1), (p2, v2, s2) = results
+    # fp32 sums in another order after an lr=0.5 step: ~6e-6 apart on the v3 tiny model's critic; a
+    # wrong micro-batch weight would be off by a factor (~1e-2 here), far outside this tolerance
     for a, b in zip(p1.parameters(), p2.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, atol=2e-5)
     for a, b in zip(v1.parameters(), v2.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, atol=2e-5)
     assert s1["loss/policy"] == pytest.approx(s2["loss/policy"], abs=1e-6)
     assert s1["ppo/optimizer_steps"] == 2 and s1["ppo/early_stopped"] == 0
     # the update moved both models away from where they started
