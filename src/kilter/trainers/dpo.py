@@ -39,7 +39,7 @@ from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
-from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import SampleSection, log_samples, sample_prompts
@@ -341,9 +341,8 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
                          "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/dpo']:.3f}", acc=f"{last['rewards/accuracy']:.2f}")
-        if held_out:
-            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last)
-        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "dpo")
+        stepper.end_of_step(run_dir, done, total_steps, cfg, tokenizer, "dpo", last,
+                            evaluate=run_eval if held_out else None)
     progress.close()
 
     return finish(run_dir, info, "dpo", model, tokenizer, cfg.lora.merge_on_save, last,

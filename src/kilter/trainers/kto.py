@@ -44,7 +44,7 @@ from kilter.models.reference import Reference, cached_sequence_logps
 from kilter.rewards.base import load_function
 from kilter.training.args import DataArgs, PreferenceArgs
 from kilter.training.batching import accumulation_context
-from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.parallel import gathered, wrap_model
 from kilter.training.policy import load_policy
 from kilter.training.samples import log_samples, sample_prompts
@@ -349,6 +349,10 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
     ddp_model = wrap_model(fast if fast is not None else model, model, cfg, info)  # ddp or fsdp
     logps = _LogProbs(model, fast, reference, cfg, pad_id, device)
 
+    def run_eval() -> dict[str, float]:
+        with gathered(model):
+            return evaluate(logps, held_out, tables["eval"], tables["eval_kl"], weights, info)
+
     plan = StepPlan([len(e["matched"]["input_ids"]) for e in train], cfg, info, "ratings")
     total_steps = plan.total_steps
     stepper, start_step = start_training(cfg, model, total_steps, run_dir, existing, lambda m: _log(info, m))
@@ -357,10 +361,6 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                f"lambda_U={weights[1]:.3g}), {len(held_out)} held out, {total_steps} steps, global batch "
                f"{plan.global_batch}, z0 {cfg.reference_point}, reference {cfg.reference}, "
                f"{describe_parameters(model)}, device {device}")
-
-    def run_eval() -> dict[str, float]:
-        with gathered(model):
-            return evaluate(logps, held_out, tables["eval"], tables["eval_kl"], weights, info)
 
     if start_step == 0 and held_out:
         run_dir.log(0, run_eval())
@@ -400,9 +400,8 @@ def _train(cfg: KTOConfig, info: DistInfo) -> int:
                          "progress/epoch": plan.epoch(done)})
             run_dir.log(done, last)
             progress.set_postfix(loss=f"{last['loss/kto']:.3f}", z0=f"{last['kl/ref']:.3f}")
-        if held_out:
-            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last)
-        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "kto")
+        stepper.end_of_step(run_dir, done, total_steps, cfg, tokenizer, "kto", last,
+                            evaluate=run_eval if held_out else None)
     progress.close()
 
     return finish(run_dir, info, "kto", model, tokenizer, cfg.lora.merge_on_save, last,

@@ -31,7 +31,7 @@ from kilter.rollout.generate import SamplingParams, generate_texts
 from kilter.training.args import DataArgs, StepArgs
 from kilter.training.batching import accumulation_context
 from kilter.training.display import format_sample_table
-from kilter.training.loop import MetricWindow, StepPlan, due, evaluate_if_due, finish, start_training
+from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.parallel import gathered, wrap_model
 from kilter.training.setup import launch, open_run_dir, prepare
 
@@ -278,9 +278,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                             "perf/samples_per_s": sums["examples"] / elapsed, "progress/epoch": plan.epoch(done)}
             run_dir.log(done, last_metrics)
             progress.set_postfix(loss=f"{last_metrics['loss/sft']:.3f}", tok_s=f"{sums['tokens'] / elapsed:.0f}")
-        if eval_examples:
-            evaluate_if_due(run_dir, done, total_steps, cfg.eval_every, run_eval, last_metrics)
-        stepper.save_if_due(run_dir, done, total_steps, cfg, tokenizer, "sft")
+        stepper.end_of_step(run_dir, done, total_steps, cfg, tokenizer, "sft", last_metrics,
+                            evaluate=run_eval if eval_examples else None)
     progress.close()
 
     def samples_after() -> dict[str, float]:

@@ -108,6 +108,14 @@ class Stepper:
     def save(self, run_dir: RunDir, done: int, tokenizer, keep: int | None, trainer: str) -> None:
         save_checkpoint(run_dir, done, self.model, tokenizer, self.optimizer, self.scheduler, keep, trainer)
 
+    def end_of_step(self, run_dir: RunDir, done: int, total: int, cfg, tokenizer, trainer: str,
+                    last: dict[str, float], evaluate: Callable[[], dict[str, float]] | None = None) -> None:
+        """After step ``done``: :func:`evaluate_if_due` (when there is something to evaluate), then
+        :meth:`save_if_due`; the cadence every step-based trainer shares."""
+        if evaluate is not None:
+            evaluate_if_due(run_dir, done, total, cfg.eval_every, evaluate, last)
+        self.save_if_due(run_dir, done, total, cfg, tokenizer, trainer)
+
     def save_if_due(self, run_dir: RunDir, done: int, total: int, cfg, tokenizer, trainer: str) -> None:
         """A checkpoint every cfg.save_every steps and at the last one (keeping cfg.keep_checkpoints)."""
         if due(done, cfg.save_every, total):
