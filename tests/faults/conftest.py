@@ -134,6 +134,22 @@ class Helpers:
     same = staticmethod(same_weights)
 
 
+@pytest.fixture
+def one_line_error(capsys):
+    """check(code, *needles): the command exited 2 with exactly one ``error:`` line on stderr, no
+    traceback, and that line holds every needle; returns the line."""
+
+    def check(code: int, *needles: str) -> str:
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert code == 2 and len(errors) == 1, err[-2000:]
+        assert "Traceback" not in err
+        assert all(n in errors[0] for n in needles), errors[0]
+        return errors[0]
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def faults() -> Helpers:
     return Helpers()

@@ -51,14 +51,6 @@ def disk(tmp_path):
         subprocess.run(["umount", "-l", str(p)], capture_output=True)
 
 
-def _one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert code == 2 and len(errors) == 1, err[-2000:]
-    assert "Traceback" not in err
-    assert all(n in errors[0] for n in needles), errors[0]
-    return errors[0]
-
 
 def _intact(run: Path, steps: list[int]) -> None:
     assert sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == steps
@@ -75,7 +67,7 @@ def reference(faults, tiny_data, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("check", ["free-space check", "no check: the OS says ENOSPC"])
 def test_disk_full_is_one_line_keeps_the_checkpoints_and_resumes(check, disk, faults, tiny_data, reference, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch, one_line_error):
     size = sum(p.stat().st_size for p in (reference / "checkpoints" / "step-1").rglob("*") if p.is_file())
     root = disk.mount(f"size={int(size * 2.6) // 1024}k")  # room for two checkpoints, not three
     if check.startswith("no check"):
@@ -83,7 +75,7 @@ def test_disk_full_is_one_line_keeps_the_checkpoints_and_resumes(check, disk, fa
     run = root / "run"
     code = main(faults.args("sft", run, tiny_data))
     needle = "not enough free space" if check == "free-space check" else "No space left on device"
-    _one_line_error(capsys, code, needle)
+    one_line_error(code, needle)
     _intact(run, [1, 2])
     disk.remount("size=64m")
     monkeypatch.undo()
@@ -92,14 +84,14 @@ def test_disk_full_is_one_line_keeps_the_checkpoints_and_resumes(check, disk, fa
     assert faults.metrics(run) == faults.metrics(reference)
 
 
-def test_a_read_only_output_dir_is_one_line(disk, faults, tiny_data, capsys):
+def test_a_read_only_output_dir_is_one_line(disk, faults, tiny_data, capsys, one_line_error):
     root = disk.mount("ro,size=1m")
-    _one_line_error(capsys, main(faults.args("sft", root / "run", tiny_data)), "Read-only file system",
+    one_line_error(main(faults.args("sft", root / "run", tiny_data)), "Read-only file system",
                     str(root / "run"))
 
 
 def test_a_disk_turned_read_only_mid_run_is_one_line_and_resumes(disk, faults, tiny_data, reference, capsys,
-                                                                 monkeypatch):
+                                                                 monkeypatch, one_line_error):
     root = disk.mount("size=64m")
     run = root / "run"
     real_log = RunDir.log
@@ -110,7 +102,7 @@ def test_a_disk_turned_read_only_mid_run_is_one_line_and_resumes(disk, faults, t
             disk.remount("ro")  # the disk goes read-only after step 2 is logged, before its checkpoint
 
     monkeypatch.setattr(RunDir, "log", log_then_lock)
-    _one_line_error(capsys, main(faults.args("sft", run, tiny_data)), "Read-only file system")
+    one_line_error(main(faults.args("sft", run, tiny_data)), "Read-only file system")
     _intact(run, [1])
     monkeypatch.undo()
     disk.remount("rw")

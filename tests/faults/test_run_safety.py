@@ -23,14 +23,6 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-def _one_line_error(capsys, code: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert code == 2 and len(errors) == 1, err[-2000:]
-    assert "Traceback" not in err
-    assert all(n in errors[0] for n in needles), errors[0]
-    return errors[0]
-
 
 @pytest.fixture(scope="module")
 def sft_final(tmp_path_factory) -> Path:
@@ -39,22 +31,22 @@ def sft_final(tmp_path_factory) -> Path:
     return out / "final"
 
 
-def test_a_language_model_folder_is_refused_as_a_reward_model(sft_final, tmp_path, capsys):
+def test_a_language_model_folder_is_refused_as_a_reward_model(sft_final, tmp_path, capsys, one_line_error):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Review the lamp.", "chosen": "Good lamp.", "rejected": "Bad."}) + "\n")
-    _one_line_error(capsys, main(["score", f"model={sft_final}", f"input={data}"]), "no reward head", "kilter rm")
+    one_line_error(main(["score", f"model={sft_final}", f"input={data}"]), "no reward head", "kilter rm")
     code = main(["ppo", "model=builtin:micro", f"reward.model={sft_final}", f"output_dir={tmp_path / 'ppo'}",
                  "iterations=1", "tensorboard=false"])
-    _one_line_error(capsys, code, "no reward head")
+    one_line_error(code, "no reward head")
     assert not (tmp_path / "ppo").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=nan", "optim.weight_decay=inf"])
-def test_non_finite_numbers_are_refused_in_every_float_field(tmp_path, capsys, override):
-    _one_line_error(capsys, main(["sft", f"output_dir={tmp_path / 'run'}", override, *SFT]), override.split("=")[0])
+def test_non_finite_numbers_are_refused_in_every_float_field(tmp_path, capsys, override, one_line_error):
+    one_line_error(main(["sft", f"output_dir={tmp_path / 'run'}", override, *SFT]), override.split("=")[0])
 
 
-def test_a_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+def test_a_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, one_line_error):
     from kilter.training import optim
 
     out = tmp_path / "run"
@@ -64,11 +56,11 @@ def test_a_non_finite_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_p
     monkeypatch.setattr(optim.torch.nn.utils, "clip_grad_norm_", lambda params, n: real(params, n) * float("nan"))
     code = main(["sft", f"output_dir={out}", "resume=true", *[a for a in SFT if not a.startswith("max_steps")],
                  "max_steps=4"])
-    _one_line_error(capsys, code, "gradient norm is nan", "last checkpoint is intact")
+    one_line_error(code, "gradient norm is nan", "last checkpoint is intact")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def test_a_finished_run_is_not_overwritten_silently(sft_final, capsys):
+def test_a_finished_run_is_not_overwritten_silently(sft_final, capsys, one_line_error):
     out = sft_final.parent
     for name in ("checkpoints",):
         for child in (out / name).iterdir():
@@ -76,25 +68,25 @@ def test_a_finished_run_is_not_overwritten_silently(sft_final, capsys):
 
             shutil.rmtree(child)
     rows = len(read_metrics(out))
-    _one_line_error(capsys, main(["sft", f"output_dir={out}", *SFT]), "previous run", "overwrite=true")
+    one_line_error(main(["sft", f"output_dir={out}", *SFT]), "previous run", "overwrite=true")
     assert len(read_metrics(out)) == rows
     assert main(["sft", f"output_dir={out}", "overwrite=true", *SFT]) == 0
     assert [r["step"] for r in read_metrics(out) if "loss/sft" in r] == [1, 2]  # a new run, not appended
 
 
-def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys, one_line_error):
     path = tmp_path / "a-file"
     path.write_text("x")
-    _one_line_error(capsys, main(["sft", f"output_dir={path}", *SFT]), "is a file")
+    one_line_error(main(["sft", f"output_dir={path}", *SFT]), "is a file")
 
 
-def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+def test_disk_full_while_writing_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, one_line_error):
     def full(self, step, write, keep=None, estimate=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.checkpoints))
 
     monkeypatch.setattr(RunDir, "save_checkpoint", full)
     code = main(["sft", f"output_dir={tmp_path / 'run'}", *SFT])
-    _one_line_error(capsys, code, "No space left on device", "checkpoints")
+    one_line_error(code, "No space left on device", "checkpoints")
 
 
 def test_a_partial_last_metrics_line_is_tolerated_and_temporaries_are_cleaned(tmp_path):
@@ -157,12 +149,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterru
     assert all(torch.equal(got[k], want[k]) for k in want)  # resumed from step 2: bit-identical to the straight run
 
 
-def test_resume_with_a_changed_config_is_refused_unless_asked_and_every_change_is_recorded(tmp_path, capsys):
+def test_resume_with_a_changed_config_is_refused_unless_asked_and_every_change_is_recorded(tmp_path, capsys, one_line_error):
     out = tmp_path / "run"
     assert main(["sft", f"output_dir={out}", *SFT]) == 0
     base = [a for a in SFT if not a.startswith("max_steps")]
     code = main(["sft", f"output_dir={out}", *base, "max_steps=3", "resume=true", "optim.lr=1e-2"])
-    _one_line_error(capsys, code, "optim.lr changed", "resume_with_changes=true")
+    one_line_error(code, "optim.lr changed", "resume_with_changes=true")
     assert not (out / "config_changes.jsonl").exists()
     assert main(["sft", f"output_dir={out}", *base, "max_steps=3", "resume=true", "optim.lr=1e-2",
                  "resume_with_changes=true"]) == 0
@@ -178,7 +170,7 @@ def _tensorboard_steps(run: Path, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
-def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_none(tmp_path, capsys):
+def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_none(tmp_path, capsys, one_line_error):
     import shutil
 
     out = tmp_path / "run"
@@ -198,11 +190,11 @@ def test_tensorboard_is_truncated_to_the_resumed_step_and_a_refused_run_writes_n
     shutil.rmtree(out / "checkpoints")
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     code = main(["sft", f"output_dir={out}", *args, "max_steps=4", "overwrite=true", "batch_size=100000"])
-    _one_line_error(capsys, code, "fewer than one global batch")
+    one_line_error(code, "fewer than one global batch")
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp_path, capsys, monkeypatch):
+def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp_path, capsys, monkeypatch, one_line_error):
     import collections
     import shutil
 
@@ -220,7 +212,7 @@ def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp
 
     monkeypatch.setattr(kilter.runs.shutil, "disk_usage", nearly_full)
     code = main(["sft", f"output_dir={out}", *SFT])
-    line = _one_line_error(capsys, code, "not enough free space", str(out / "checkpoints"), "checkpoint step-2",
+    line = one_line_error(code, "not enough free space", str(out / "checkpoints"), "checkpoint step-2",
                            "MB", "step-1) is intact")
     assert "needs about" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # nothing half-started
@@ -228,5 +220,5 @@ def test_too_little_free_space_for_a_checkpoint_is_one_line_before_it_starts(tmp
     # before the first checkpoint the need is estimated from the parameters (weights + AdamW moments)
     monkeypatch.setattr(kilter.runs.shutil, "disk_usage", lambda path: Usage(real(path).total, 0, 1000))
     code = main(["sft", f"output_dir={tmp_path / 'fresh'}", *SFT])
-    _one_line_error(capsys, code, "not enough free space", "checkpoint step-1", "nothing was written")
+    one_line_error(code, "not enough free space", "checkpoint step-1", "nothing was written")
     assert list((tmp_path / "fresh" / "checkpoints").iterdir()) == []
