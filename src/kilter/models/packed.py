@@ -237,7 +237,8 @@ class LastTokenScores(torch.nn.Module):
     def forward(self, input_ids, position_ids, last_index, attention_mask=None):  # type: ignore[override]
         hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)[0]
-        return self._head(hidden.reshape(-1, hidden.shape[-1])[last_index])[:, 0].float()
+        # a copy, not a view of the head output: FSDP2 hooks its backward on the module output
+        return self._head(hidden.reshape(-1, hidden.shape[-1])[last_index])[:, 0].float().clone()
 
 
 def split_sequence_classifier(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:

@@ -297,6 +297,8 @@ class RewardPipeline:
         self.normalize = normalize
         self.clip = clip
         self.stats = RunningMeanStd()
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Data-parallel runs: every process's rewards of the batch (in rank order), for the running statistics."""
 
     def __call__(self, prompts: list, responses: list[str], finished: Sequence[bool] | None = None,
                  update_stats: bool = True) -> RewardOutput:
@@ -314,7 +316,7 @@ class RewardPipeline:
             total = total - self.missing_eos_penalty * unfinished.float()
         if self.normalize:
             if update_stats:
-                self.stats.update(total)
+                self.stats.update(self.gather(total) if self.gather is not None else total)
             total = (total - self.stats.mean) / (self.stats.std + 1e-8)
         if self.clip is not None:
             total = total.clamp(-self.clip, self.clip)

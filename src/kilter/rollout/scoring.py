@@ -123,6 +123,20 @@ def _fast_critic(model):
     return _FAST_CRITIC[model]
 
 
+def prepare_fast_paths(policy, critic=None) -> tuple:
+    """Run the once-per-model fast-path checks now, on every process alike; returns the modules the
+    scoring forwards will call: (policy's padding-free wrapper or the policy, critic's or the critic).
+
+    Data-parallel PPO calls this before sharding: under FSDP every forward is a collective, so
+    a check first reached inside rank 0's evaluation alone would leave the other ranks to run
+    theirs later, without rank 0, and wait forever; and the returned modules are the FSDP roots.
+    """
+    fast_policy = _fast_policy(policy)
+    fast_critic = _fast_critic(critic) if critic is not None else None
+    return (fast_policy if fast_policy is not None else policy,
+            fast_critic if fast_critic is not None else critic)
+
+
 @dataclass
 class _Packed:
     input_ids: torch.Tensor

@@ -15,6 +15,11 @@ an update.  ``algorithm`` picks the estimator:
 
 The math lives in :mod:`kilter.ops` and :mod:`kilter.losses`; the update epochs in
 :mod:`kilter.trainers.ppo_update`; setup helpers in :mod:`kilter.trainers.ppo_setup`.
+
+Under ``torchrun`` (``parallel=ddp`` or ``fsdp``) each process samples, scores and learns from
+its contiguous share of every iteration's prompts; the statistics that span the rollout (advantage
+whitening, the KL controller, reward normalisation, the minibatch token counts, the early-stopping
+KL) are taken over all processes, so the update equals one process's on the whole rollout.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from kilter.distributed import DistInfo
+from kilter.distributed import DistInfo, barrier
 from kilter.evaluation.overoptimization import OveroptimisationMonitor
 from kilter.models.lora import count_parameters
 from kilter.ops import AdaptiveKLController, FixedKLController, explained_variance, kl_estimate
@@ -47,6 +52,7 @@ from kilter.trainers.ppo_update import (
     shaped_rewards,
 )
 from kilter.training.optim import make_optimizer, make_scheduler
+from kilter.training.parallel import Ranks, gathered
 from kilter.training.setup import launch, open_run_dir, prepare
 
 # --------------------------------------------------------------------------- training
@@ -54,20 +60,26 @@ from kilter.training.setup import launch, open_run_dir, prepare
 
 def run(cfg: PPOConfig) -> int:
     check_config(cfg)
-    return launch(_train, cfg, "ppo", single_process=True)
+    return launch(_train, cfg, "ppo")
 
 
 def _train(cfg: PPOConfig, info: DistInfo) -> int:
+    ppo_setup.check_data_parallel(cfg, info.world_size)
     existing = prepare(cfg, info)  # threads, precision, seed, fast paths; refuses to overwrite checkpoints
     device = info.device
+    ranks = Ranks(info, sharded=info.enabled and cfg.parallel == "fsdp")
+    say = print if info.is_main else (lambda *a, **k: None)
     reward = build_reward(cfg.reward, device=device)  # a bad reward source fails before anything is written
+    if info.enabled:
+        reward.gather = ranks.gather  # reward normalisation's running statistics see every process's rewards
     m = ppo_setup.build_models(cfg, reward, device)  # and so does a bad model or ref_model
+    ppo_setup.distribute(m, cfg, info, ranks)  # torchrun: shard (fsdp) or replicate (ddp)
     run_dir = open_run_dir(cfg, info)
     tok = m.tokenizer
     prompts = ppo_setup.PromptStream(cfg, tok)
     eval_prompts = ppo_setup.load_eval_prompts(cfg, tok)
     gold_fn = ppo_setup.gold_function(cfg)
-    ptx = ppo_setup.build_ptx(cfg, tok)
+    ptx = ppo_setup.build_ptx(cfg, tok, rank=info.rank, world=info.world_size)
     engine = make_engine(cfg.rollout.engine, m.policy, tok, model_path=m.policy_path,
                          batch_size=cfg.rollout.generation_batch_size, seed=cfg.seed,
                          max_model_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
@@ -86,28 +98,33 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     if value_opt is not None:
         optimizers.update(value_optimizer=value_opt, value_scheduler=value_sched)
 
-    state = ppo_setup.LoopState(m, optimizers, kl_ctl, reward, ma_baseline, ptx)
+    state = ppo_setup.LoopState(m, optimizers, kl_ctl, reward, ma_baseline, ptx, ranks)
+    ppo_setup.seed_rank(cfg.seed, ranks)
     start = 0
     if cfg.resume and existing is not None:
         start = state.resume(existing, run_dir)
         engine.sync_weights(m.policy)
-        print(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
+        say(f"kilter ppo: resumed from {existing} at iteration {start}/{cfg.iterations}")
     else:
         ppo_setup.truncate_samples(run_dir, -1)  # a fresh start: no rows of an earlier (killed) run
     run_dir.write_config(cfg)
+    barrier(info)  # rank 0 has cut metrics.jsonl back to the checkpoint before any rank reads it
 
     trainable, total = count_parameters(m.policy)
-    print(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
+    if info.enabled:
+        say(f"kilter ppo: {info.world_size} processes (parallel={cfg.parallel}), "
+            f"{cfg.rollout_size // info.world_size} responses each per iteration")
+    say(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
           f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
           f"reference: {m.reference_label}, "
           f"critic: {m.value_source or 'none'}, device {device}")
     estimator = cfg.kl_estimator
     kl_in_reward = kl_placement(estimator) == "reward"
-    print(f"kilter ppo: KL penalty {estimator} {'in the reward' if kl_in_reward else 'as a loss term'} "
+    say(f"kilter ppo: KL penalty {estimator} {'in the reward' if kl_in_reward else 'as a loss term'} "
           f"(its gradient follows {kl_gradient_follows(estimator)}), loss aggregation {cfg.update.loss_aggregation}, "
           f"advantages {'whitened' if cfg.whitens else 'not whitened'}")
     if cfg.truncates_sampling:
-        print(f"kilter ppo: WARNING: rollout.top_p={cfg.rollout.top_p} / top_k={cfg.rollout.top_k} truncate sampling, "
+        say(f"kilter ppo: WARNING: rollout.top_p={cfg.rollout.top_p} / top_k={cfg.rollout.top_k} truncate sampling, "
               "but the update scores tokens under the full softmax: it is off-policy and the training kl/ref is "
               "biased; eval/kl samples without truncation and stays unbiased (see docs/ppo.md)")
     settings = UpdateSettings(
@@ -125,20 +142,29 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     monitor = OveroptimisationMonitor(cfg.early_stop_patience)
     for row in read_metrics(run_dir.path):  # a resumed run remembers the evaluations before its checkpoint
         _overoptimised(monitor, row)
+
+    def evaluate() -> dict[str, float]:
+        # rank 0 evaluates (under FSDP with the weights gathered on every rank); every rank gets its row
+        with gathered(m.policy):
+            out = ev.evaluate() if info.is_main else None
+        return ranks.broadcast_object(out)
+
     if start == 0 and eval_prompts:
-        eval_metrics = ev.evaluate()
+        eval_metrics = evaluate()
         run_dir.log(0, eval_metrics)
         _overoptimised(monitor, eval_metrics)
 
-    progress = tqdm(total=cfg.iterations, initial=start, desc=f"kilter {cfg.algorithm}", dynamic_ncols=True)
+    progress = tqdm(total=cfg.iterations, initial=start, desc=f"kilter {cfg.algorithm}", dynamic_ncols=True,
+                    disable=not info.is_main)
     last: dict[str, float] = {}
     for it in range(start, cfg.iterations):
         t0 = time.perf_counter()
-        rows = prompts.batch(it)
+        rows = ppo_setup.local_rows(prompts.batch(it), ranks)  # this process's share
         k = cfg.rollout.samples_per_prompt
         row_prompts = [r["prompt"] for r in rows for _ in range(k)]
         row_ids = [r["ids"] for r in rows for _ in range(k)]
-        gen = engine.generate(row_ids, params)
+        with gathered(m.policy):  # under FSDP each process samples alone, as many steps as its responses need
+            gen = engine.generate(row_ids, params)
         t_gen = time.perf_counter() - t0
         batch = assemble(row_ids, gen.response_ids, tok.pad_token_id, device)
         mask = batch.response_mask
@@ -164,15 +190,18 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         token_rewards = shaped_rewards(scores, kl, mask, beta, estimator)
         baseline = None
         if cfg.algorithm == "reinforce" and cfg.baseline.kind != "none":
-            baseline = ppo_setup.reinforce_baseline(cfg, m, reward, ma_baseline, rows, token_rewards, mask, params)
+            with gathered(m.policy):
+                baseline = ppo_setup.reinforce_baseline(cfg, m, reward, ma_baseline, rows, token_rewards, mask, params)
         adv = compute_advantages(cfg.algorithm, token_rewards, mask, values=values, gamma=cfg.update.gamma,
                                  lam=cfg.update.lam, group_size=k, baseline=baseline,
-                                 whiten=cfg.whitens, group_std_scale=cfg.update.group_std_scale)
+                                 whiten=cfg.whitens, group_std_scale=cfg.update.group_std_scale,
+                                 reduce=ranks.sum if ranks.enabled else None)
         if cfg.algorithm == "reinforce":
-            ma_baseline.update(float(token_rewards.sum(1).mean()))
+            ma_baseline.update(ranks.mean(float(token_rewards.sum(1).mean())))
         t_score = time.perf_counter()
         stats = run_update(m.policy, critic, policy_opt, value_opt, batch, old_logp, adv, values, settings,
-                           seed=cfg.seed, iteration=it, ptx=ptx, first=first, ref_logp=ref_logp, beta=beta)
+                           seed=cfg.seed, iteration=it, ptx=ptx, first=first, ref_logp=ref_logp, beta=beta,
+                           ranks=ranks)
         del first  # frees the fused pass's outputs
         # the fused forward is part of the training work, as it would be without fusion
         t_train = time.perf_counter() - t_score + t_first
@@ -180,7 +209,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if value_sched is not None:
             value_sched.step()
         seq_kl = kl.sum(1)
-        kl_ctl.update(float(seq_kl.mean()), cfg.rollout_size)
+        kl_ctl.update(ranks.mean(float(seq_kl.mean())), cfg.rollout_size)
         engine.sync_weights(m.policy)
 
         done = it + 1
@@ -211,18 +240,21 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         if values is not None and adv.returns is not None:
             metrics["value/explained_variance"] = explained_variance(values, adv.returns, mask)
             metrics["value/mean"] = float(masked_mean(values, mask))
+        # one row for all processes: means over their equal shares; throughputs add up
+        metrics = ppo_setup.mean_metrics(metrics, ranks, summed=("perf/rollout_tokens_per_s",
+                                                                  "perf/train_tokens_per_s"))
         if done % cfg.log_every == 0 or done == cfg.iterations:
             run_dir.log(done, metrics)
         last.update(metrics)
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/total']:.3f}", kl=f"{metrics['kl/ref']:.2f}",
                              **({"gold": f"{metrics['reward/gold']:.3f}"} if golds is not None else {}))
-        if cfg.n_samples and (done % cfg.sample_every == 0 or done == cfg.iterations or done == 1):
+        if cfg.n_samples and info.is_main and (done % cfg.sample_every == 0 or done == cfg.iterations or done == 1):
             ppo_setup.show_samples(run_dir, done, row_prompts, gen.texts, scored.total, golds, cfg.n_samples, k,
                                    write=tqdm.write)
         stop = None
         if eval_prompts and (done % cfg.eval_every == 0 or done == cfg.iterations):
-            eval_metrics = ev.evaluate()
+            eval_metrics = evaluate()
             stop = _overoptimised(monitor, eval_metrics)
             if stop and cfg.early_stop:
                 eval_metrics["early_stop/iteration"] = done
@@ -230,18 +262,18 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
             last.update(eval_metrics)
         if done % cfg.save_every == 0 or done == cfg.iterations or (stop and cfg.early_stop):
             state.save(run_dir, done, cfg)
-        if stop:
+        if stop and info.is_main:
             tqdm.write(f"WARNING kilter {cfg.algorithm}: iteration {done}: {stop}"
                        + ("; stopping (early_stop=true)" if cfg.early_stop else ""), file=sys.stderr)
-            if cfg.early_stop:
-                break
+        if stop and cfg.early_stop:
+            break
     progress.close()
     close_engine(engine)
 
-    run_dir.save_final(lambda p: ppo_setup.save_final(p, m, cfg))
+    ppo_setup.write_final(run_dir, m, cfg)
     keys = ("reward/total", "reward/gold", "kl/ref", "eval/gold", "eval/reward", "eval/kl")
     summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
-    print(f"kilter ppo: done ({summary}); policy in {run_dir.final}")
+    say(f"kilter ppo: done ({summary}); policy in {run_dir.final}")
     run_dir.close()
     return 0
 

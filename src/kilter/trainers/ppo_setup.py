@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kilter.distributed import DistInfo
 from kilter.errors import ConfigError, DataError, KilterError
 from kilter.models.lora import apply_lora, enable_gradient_checkpointing, is_peft
 from kilter.models.reference import Reference
@@ -30,8 +31,24 @@ from kilter.rewards.base import RewardPipeline, prompt_text
 from kilter.rollout.generate import SamplingParams, generate_ids
 from kilter.rollout.scoring import RolloutBatch, assemble, batched_logprobs
 from kilter.runs import atomic_write_text
+from kilter.training.checkpoint import (
+    barrier_if_sharded,
+    check_layout,
+    load_sharded,
+    savable_model,
+    save_sharded,
+    sharded_layout,
+)
 from kilter.training.display import format_sample_table
-from kilter.training.state import load_training_state, read_trainer_state, save_training_state, write_trainer_state
+from kilter.training.parallel import Ranks, wrap_model
+from kilter.training.state import (
+    load_training_state,
+    read_trainer_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
+    write_trainer_state,
+)
 
 
 @dataclass
@@ -138,6 +155,75 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
     return Models(tokenizer, policy, reference, value, resolve_model_path(cfg.model), value_label, label)
 
 
+# --------------------------------------------------------------------------- data parallel
+
+
+def check_data_parallel(cfg, world: int) -> None:
+    """Refuse (one line) a config that cannot be split over ``world`` processes, before anything is written."""
+    if world <= 1:
+        return
+    if cfg.rollout.batch_size % world:
+        raise ConfigError(f"rollout.batch_size={cfg.rollout.batch_size} prompts per iteration do not divide over "
+                          f"{world} processes: use a multiple of {world} (each process samples its share)")
+    local = cfg.rollout_size // world
+    per_step = cfg.update.num_minibatches * cfg.update.grad_accum
+    if local % per_step:
+        raise ConfigError(f"each of the {world} processes holds {local} responses per iteration, which "
+                          f"update.num_minibatches x update.grad_accum = {per_step} does not divide; "
+                          "change rollout.batch_size or the update's split")
+    if cfg.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine={cfg.rollout.engine} under torchrun is not supported: each process "
+                          "samples its share with its own policy (rollout.engine=hf); docs/distributed.md")
+
+
+def distribute(m: Models, cfg, info, ranks: Ranks) -> None:
+    """Ready the models of a data-parallel run, in place (before the optimizers are built).
+
+    The fast-path checks run first, on every process alike (:func:`kilter.rollout.scoring.prepare_fast_paths`).
+    fsdp: the policy and the critic are sharded (``fully_shard`` per decoder block); the frozen
+    reference (a separate copy, or with LoRA the adapter-disabled policy, then sharded with it) and
+    the reward models are replicated: they only run forward on each process's own rollouts, in the
+    policy's precision.  ddp: every process holds everything; rank 0's weights are copied to the
+    others (LoRA and value-head initialisation) and gradients are averaged by :class:`Ranks`.
+    """
+    if not info.enabled:
+        return
+    from kilter.rollout.scoring import prepare_fast_paths
+
+    policy_root, value_root = prepare_fast_paths(m.policy, m.value)
+    if ranks.sharded:
+        # the FSDP root is the module the scoring forwards call (the padding-free wrapper): its
+        # forward hooks settle the backward of the groups outside the decoder blocks
+        wrap_model(policy_root, m.policy, cfg, info)
+        if m.value is not None:
+            wrap_model(value_root, m.value, cfg, info)
+    else:
+        ranks.broadcast_module(m.policy)
+        ranks.broadcast_module(m.value)
+
+
+def seed_rank(seed: int, ranks: Ranks) -> None:
+    """Each process its own sampling stream (rank 0 keeps the one-process stream of ``seed``)."""
+    if ranks.info.rank > 0:
+        torch.manual_seed(seed + 1_000_003 * ranks.info.rank)
+
+
+def local_rows(rows: list, ranks: Ranks) -> list:
+    """This process's contiguous share of an iteration's prompts (rank order = the one-process order)."""
+    share = len(rows) // ranks.world
+    return rows[ranks.info.rank * share:(ranks.info.rank + 1) * share]
+
+
+def mean_metrics(metrics: dict[str, float], ranks: Ranks, summed: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every process's metrics as one row: means over the (equal) shares, ``summed`` keys added up."""
+    if not ranks.enabled:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=ranks.info.device)
+    total = ranks.sum(values).cpu().tolist()
+    return {k: (v if k in summed else v / ranks.world) for k, v in zip(keys, total)}
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -198,7 +284,7 @@ def gold_function(cfg):
     return gold_scores
 
 
-def build_ptx(cfg, tokenizer):
+def build_ptx(cfg, tokenizer, rank: int = 0, world: int = 1):
     if not cfg.ptx.data or cfg.ptx.coef <= 0:
         return None
     from kilter.data.sources import load_records
@@ -209,7 +295,7 @@ def build_ptx(cfg, tokenizer):
     examples = encode_sft_records(tokenizer, records.rows, cfg.ptx.max_length)
     if not examples:
         raise DataError(f"{cfg.ptx.data}: no demonstrations for ptx")
-    return PtxStream(examples, cfg.ptx.batch_size, cfg.seed, tokenizer.pad_token_id)
+    return PtxStream(examples, cfg.ptx.batch_size, cfg.seed, tokenizer.pad_token_id, rank=rank, world=world)
 
 
 # --------------------------------------------------------------------------- scoring helpers
@@ -358,6 +444,15 @@ def save_final(path: Path, m: Models, cfg) -> None:
         save_model(m.value, None, path / "value", merge_lora=True)
 
 
+def write_final(run_dir, m: Models, cfg) -> None:
+    """``final/`` as plain Hugging Face folders (every process calls this; under FSDP the weights are
+    gathered on rank 0 first, which alone writes)."""
+    value = savable_model(m.value) if m.value is not None and cfg.save_value_model else None
+    plain = replace(m, policy=savable_model(m.policy), value=value)
+    run_dir.save_final(lambda p: save_final(p, plain, cfg))
+    barrier_if_sharded(m.policy)
+
+
 @dataclass
 class LoopState:
     """Everything a PPO checkpoint holds besides the config: the policy (and critic), the optimizers and
@@ -370,29 +465,70 @@ class LoopState:
     reward: Any
     baseline: Any
     ptx: Any
+    ranks: Ranks | None = None
+    """Data-parallel runs: every process's RNG is kept (its own rollouts), and under FSDP the
+    policy, the critic and their optimizers are saved as DCP shards."""
+
+    def _sharded_models(self) -> dict:
+        m = self.models
+        models = {"policy": (m.policy, self.optimizers["policy_optimizer"])}
+        if m.value is not None:
+            models["value"] = (m.value, self.optimizers["value_optimizer"])
+        return models
+
+    def _schedulers(self) -> dict:
+        return {k: v for k, v in self.optimizers.items() if k.endswith("_scheduler")}
 
     def save(self, run_dir, iteration: int, cfg) -> None:
+        """Checkpoint ``iteration`` (every process calls this)."""
         m = self.models
+        extra = {"kl": self.kl_ctl.state_dict(), "reward": self.reward.state_dict(),
+                 "baseline": self.baseline.state_dict(),
+                 "ptx_position": self.ptx.position if self.ptx is not None else 0}
+        trainer_state = {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm}
+        if self.ranks is not None and self.ranks.enabled:
+            extra["rank_rng"] = self.ranks.gather_objects(rng_state())  # each process samples its own rollouts
+        if self.ranks is not None and self.ranks.sharded:
+            def write_rest(path: Path) -> None:
+                m.policy.config.save_pretrained(path)
+                m.tokenizer.save_pretrained(path)
+                save_training_state(path, self._schedulers(), extra)
+                write_trainer_state(path, sharded_layout(iteration, "ppo", iteration=iteration, algorithm=cfg.algorithm))
+
+            save_sharded(run_dir, iteration, self._sharded_models(), write_rest, cfg.keep_checkpoints)
+            return
 
         def write(path: Path) -> None:
             save_model(m.policy, m.tokenizer, path, merge_lora=False)
             if m.value is not None:
                 save_model(m.value, None, path / "value", merge_lora=False)
-            extra = {"kl": self.kl_ctl.state_dict(), "reward": self.reward.state_dict(),
-                     "baseline": self.baseline.state_dict(),
-                     "ptx_position": self.ptx.position if self.ptx is not None else 0}
             save_training_state(path, self.optimizers, extra)
-            write_trainer_state(path, {"iteration": iteration, "trainer": "ppo", "algorithm": cfg.algorithm})
+            write_trainer_state(path, trainer_state)
 
         run_dir.save_checkpoint(iteration, write, keep=cfg.keep_checkpoints)
 
     def resume(self, checkpoint: Path, run_dir) -> int:
         """Restore what :meth:`save` wrote; drop metrics and samples logged after it; returns its iteration."""
         m = self.models
-        load_trainable_weights(m.policy, checkpoint)
-        if m.value is not None:
-            load_trainable_weights(m.value, checkpoint / "value")
-        extra = load_training_state(checkpoint, self.optimizers)
+        ranks = self.ranks or Ranks(DistInfo())
+        if check_layout(checkpoint, ranks.sharded):
+            load_sharded(checkpoint, self._sharded_models())
+            extra = load_training_state(checkpoint, self._schedulers())
+        else:
+            load_trainable_weights(m.policy, checkpoint)
+            if m.value is not None:
+                load_trainable_weights(m.value, checkpoint / "value")
+            extra = load_training_state(checkpoint, self.optimizers)
+        saved_rng = extra.get("rank_rng") or [None]
+        if len(saved_rng) == ranks.world:
+            if saved_rng[0] is not None:
+                set_rng_state(saved_rng[ranks.info.rank])
+        elif ranks.info.is_main:
+            print(f"kilter ppo: {checkpoint} was written by {len(saved_rng)} processes and resumes on {ranks.world}: "
+                  "the weights and optimizer state are restored exactly, the rollouts from here on are not "
+                  "those of an uninterrupted run", file=sys.stderr)
+        if len(saved_rng) != ranks.world and ranks.enabled:  # the processes must not sample alike
+            torch.manual_seed(int(read_trainer_state(checkpoint)["iteration"]) * 1_000_003 + ranks.info.rank)
         self.kl_ctl.load_state_dict(extra["kl"])
         self.reward.load_state_dict(extra["reward"])
         self.baseline.load_state_dict(extra["baseline"])

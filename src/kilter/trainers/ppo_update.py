@@ -34,8 +34,10 @@ from kilter.ops import (
     rloo_advantages,
 )
 from kilter.ops.kl import kl_placement
+from kilter.ops.masked import Reduce
 from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
 from kilter.training.optim import clip_and_norm
+from kilter.training.parallel import Ranks
 
 CLIPPED = ("ppo", "rloo", "grpo")
 """Algorithms that optimise the clipped surrogate (and may take several epochs per batch)."""
@@ -101,7 +103,7 @@ def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.T
 def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.Tensor, *,
                        values: torch.Tensor | None = None, gamma: float = 1.0, lam: float = 0.95,
                        group_size: int = 1, baseline: torch.Tensor | None = None, whiten: bool = True,
-                       group_std_scale: bool = True) -> Advantages:
+                       group_std_scale: bool = True, reduce: Reduce | None = None) -> Advantages:
     """Per-token advantages for one rollout batch.
 
     token_rewards, mask: (N, R) -- the score on the last token, plus ``-beta * k1`` per token
@@ -117,7 +119,11 @@ def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.
     ``whiten`` normalises the advantages over all response tokens of the batch; for the
     group methods only the scale changes (their group baseline already centres them, and
     shifting the mean could flip the sign of a near-zero advantage).  The trainer turns it off
-    for GRPO by default, whose group std already scales them.
+    for GRPO by default, whose group std already scales them.  ``reduce`` (data-parallel runs:
+    a sum over the processes) makes the whitening statistics those of every process's rows, so
+    two processes with half the rollout each whiten exactly as one process with all of it.
+    Everything else is per response or per prompt group, and a prompt's k samples stay on one
+    process.
     """
     if algorithm in CRITIC:
         if values is None:
@@ -139,9 +145,9 @@ def compute_advantages(algorithm: str, token_rewards: torch.Tensor, mask: torch.
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}")
     if whiten and algorithm in ("rloo", "grpo"):
-        adv = adv * torch.rsqrt(masked_var(adv, mask) + 1e-8)
+        adv = adv * torch.rsqrt(masked_var(adv, mask, reduce=reduce) + 1e-8)
     elif whiten:
-        adv = masked_whiten(adv, mask)
+        adv = masked_whiten(adv, mask, reduce=reduce)
     return Advantages(adv, returns, base)
 
 
@@ -176,11 +182,13 @@ class UpdateSettings:
 class PtxStream:
     """Demonstration batches for PPO-ptx, in an order fixed by (seed, position) for exact resume."""
 
-    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int) -> None:
+    def __init__(self, examples: list[dict], batch_size: int, seed: int, pad_id: int, rank: int = 0,
+                 world: int = 1) -> None:
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = pad_id
+        self.rank, self.world = rank, world  # data-parallel: rank r takes every world-th row of the shared order
         self.position = 0
         self._orders: dict[int, list[int]] = {}
 
@@ -195,7 +203,7 @@ class PtxStream:
 
         rows = []
         for _ in range(self.batch_size):
-            epoch, offset = divmod(self.position, len(self.examples))
+            epoch, offset = divmod(self.position * self.world + self.rank, len(self.examples))
             rows.append(self.examples[self._order(epoch)[offset]])
             self.position += 1
         batch = pad_batch(rows, self.pad_id, keys=("input_ids", "labels"))
@@ -293,7 +301,7 @@ def first_pass(policy, value_model, batch: RolloutBatch, s: UpdateSettings, *, s
 def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, old_logp: torch.Tensor,
                adv: Advantages, old_values: torch.Tensor | None, s: UpdateSettings, *, seed: int, iteration: int,
                ptx: PtxStream | None = None, first: FirstPass | None = None, ref_logp: torch.Tensor | None = None,
-               beta: float = 0.0) -> dict[str, float]:
+               beta: float = 0.0, ranks: Ranks | None = None) -> dict[str, float]:
     """Epochs over shuffled minibatches of the rollout; returns the iteration's update metrics.
 
     Each minibatch is split into ``grad_accum`` micro-batches whose token-mean losses are
@@ -304,6 +312,12 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
     any step) replaces the forwards of epoch 0's minibatch; ``old_logp``/``old_values`` are
     then its detached outputs.  With ``s.kl_loss`` (k2/k3), ``beta`` times the KL loss term
     against ``ref_logp`` (N, R) is added to every step's policy loss.
+
+    ``ranks`` (data-parallel runs): this process holds its share of the rollout.  Each
+    micro-batch's loss is weighted by its share of the *global* minibatch divided by the number
+    of processes, so the gradients averaged over the processes (by :meth:`Ranks.sync_gradients`,
+    or by FSDP's reduce-scatter) equal one process's gradient on the whole minibatch; the
+    early-stopping KL is the processes' mean, so they all stop at the same step.
     """
     if s.kl_loss is not None and ref_logp is None:
         raise ValueError("a KL loss term needs the reference log-probs")
@@ -316,7 +330,8 @@ def run_update(policy, value_model, policy_opt, value_opt, batch: RolloutBatch, 
 
     with _training(policy, value_model):
         stopped, steps, count, tokens_seen = _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv,
-                                                     old_values, s, seed, iteration, ptx, add, first, ref_logp, beta)
+                                                     old_values, s, seed, iteration, ptx, add, first, ref_logp, beta,
+                                                     ranks)
     out = {k: v / max(count, 1) for k, v in sums.items()}
     out["ppo/optimizer_steps"] = float(steps)
     out["ppo/early_stopped"] = float(stopped)
@@ -386,7 +401,7 @@ def _ptx_step(policy, ptx: PtxStream, s: UpdateSettings, device: torch.device) -
 
 def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, old_values, s: UpdateSettings,
             seed: int, iteration: int, ptx, add, first: FirstPass | None = None, ref_logp: torch.Tensor | None = None,
-            beta: float = 0.0) -> tuple[bool, int, int, float]:
+            beta: float = 0.0, ranks: Ranks | None = None) -> tuple[bool, int, int, float]:
     n = len(batch)
     mb_size = n // s.num_minibatches
     micro_size = mb_size // s.grad_accum
@@ -400,6 +415,10 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
             mb_mask = batch.response_mask[rows]
             mb_tokens = float(mb_mask.sum())
             mb_rows = int((mb_mask.sum(-1) > 0).sum()) if s.aggregation == "sequence_mean" else len(rows)
+            if ranks is not None and ranks.enabled:  # the global minibatch's counts, per process
+                both = ranks.sum(torch.tensor([mb_tokens, float(mb_rows)], dtype=torch.float64,
+                                              device=batch.input_ids.device)) / ranks.world
+                mb_tokens, mb_rows = float(both[0]), float(both[1])
             mb_stats: dict[str, float] = {}
             for k in range(s.grad_accum):
                 micro_rows = rows[k * micro_size:(k + 1) * micro_size]
@@ -415,11 +434,16 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
                     mb_stats[key] = mb_stats.get(key, 0.0) + value * weight
             if ptx is not None and s.ptx_coef > 0:
                 mb_stats["loss/ptx"] = _ptx_step(policy, ptx, s, batch.input_ids.device)
+            if ranks is not None and s.target_kl is not None:
+                mb_stats["policy/approx_kl"] = ranks.mean(mb_stats["policy/approx_kl"])
             if s.target_kl is not None and mb_stats["policy/approx_kl"] > s.target_kl:
                 policy_opt.zero_grad(set_to_none=True)
                 if value_opt is not None:
                     value_opt.zero_grad(set_to_none=True)
                 return True, count, count, tokens_seen
+            if ranks is not None:
+                ranks.sync_gradients(policy)
+                ranks.sync_gradients(value_model if value_opt is not None else None)
             mb_stats["optim/grad_norm"] = clip_and_norm(policy.parameters(), s.max_grad_norm)
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)

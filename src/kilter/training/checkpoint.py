@@ -11,6 +11,7 @@ weights are gathered on rank 0 and saved like an unsharded model's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,35 +50,81 @@ def _broadcast(obj):
     return box[0]
 
 
-def _sharded_state(model, optimizer) -> dict:
+ShardedModels = dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]
+"""The sharded models of a checkpoint and their optimizers, by name ("model" for a trainer's one model)."""
+
+
+def _sharded_state(models: ShardedModels) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {}
+    for name, (model, optimizer) in models.items():
+        state[name] = get_model_state_dict(model)
+        state["optimizer" if name == "model" else f"{name}_optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
-def _save_sharded(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep, trainer: str) -> None:
+def save_sharded(run_dir: RunDir, step: int, models: ShardedModels, write_rest: Callable[[Path], None],
+                 keep: int | None) -> None:
+    """Checkpoint ``step`` of FSDP-sharded ``models`` (every process calls this): every rank writes its
+    shards into ``sharded/``; rank 0 adds what ``write_rest(path)`` writes (config, tokenizer, scheduler,
+    RNG, trainer_state.json with ``layout: sharded``) and seals the folder."""
     import torch.distributed.checkpoint as dcp
 
-    state = _sharded_state(model, optimizer)
+    state = _sharded_state(models)
 
     def write(path: Path) -> None:  # rank 0, inside the temporary folder RunDir swaps in at the end
         _broadcast(str(path))
         # DCP returns on rank 0 once every rank's shards and the metadata are written.
         dcp.save(state, checkpoint_id=path / SHARDED)
-        config = getattr(model, "config", None)
-        if config is not None:
-            config.save_pretrained(path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        save_training_state(path, {"scheduler": scheduler})
-        write_trainer_state(path, {"step": step, "trainer": trainer, "layout": SHARDED,
-                                   "world_size": dist.get_world_size()})
+        write_rest(path)
 
     if run_dir.writer:
         run_dir.save_checkpoint(step, write, keep=keep)
     else:
         dcp.save(state, checkpoint_id=Path(_broadcast(None)) / SHARDED)
     dist.barrier()  # the sealed folder exists before any rank goes on (or resumes from it)
+
+
+def load_sharded(checkpoint: Path, models: ShardedModels) -> None:
+    """Restore what :func:`save_sharded` wrote into the (sharded) ``models`` and their optimizers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _sharded_state(models)
+    dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED)
+    for name, (model, optimizer) in models.items():
+        set_model_state_dict(model, state[name])
+        set_optimizer_state_dict(model, optimizer, state["optimizer" if name == "model" else f"{name}_optimizer"])
+
+
+def sharded_layout(step: int, trainer: str, **extra) -> dict:
+    """trainer_state.json of a sharded checkpoint."""
+    return {"step": step, "trainer": trainer, "layout": SHARDED, "world_size": dist.get_world_size(), **extra}
+
+
+def _save_sharded(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep, trainer: str) -> None:
+    def write_rest(path: Path) -> None:
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+        save_training_state(path, {"scheduler": scheduler})
+        write_trainer_state(path, sharded_layout(step, trainer))
+
+    save_sharded(run_dir, step, {"model": (model, optimizer)}, write_rest, keep)
+
+
+def check_layout(checkpoint: Path, sharded: bool) -> bool:
+    """True when ``checkpoint`` is sharded; refuses (one line) a layout this run cannot read."""
+    sharded_file = read_trainer_state(checkpoint).get("layout") == SHARDED
+    if sharded_file != sharded:
+        written, now = ("fsdp", "ddp") if sharded_file else ("ddp", "fsdp")
+        raise KilterError(f"checkpoint {checkpoint} was written with parallel={written} (sharded checkpoints "
+                          f"{'are' if sharded_file else 'are not'} read by parallel={written} only); "
+                          f"resume with parallel={written} instead of parallel={now}")
+    return sharded_file
 
 
 def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) -> int:
@@ -87,20 +134,8 @@ def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) 
     resumed run's file reads like one uninterrupted run.
     """
     trainer_state = read_trainer_state(checkpoint)
-    sharded_file = trainer_state.get("layout") == SHARDED
-    if sharded_file != is_sharded(model):
-        written, now = ("fsdp", "ddp") if sharded_file else ("ddp", "fsdp")
-        raise KilterError(f"checkpoint {checkpoint} was written with parallel={written} (sharded checkpoints "
-                          f"{'are' if sharded_file else 'are not'} read by parallel={written} only); "
-                          f"resume with parallel={written} instead of parallel={now}")
-    if sharded_file:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        state = _sharded_state(model, optimizer)
-        dcp.load(state, checkpoint_id=Path(checkpoint) / SHARDED)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if check_layout(checkpoint, is_sharded(model)):
+        load_sharded(checkpoint, {"model": (model, optimizer)})
         load_training_state(checkpoint, {"scheduler": scheduler})
     else:
         load_trainable_weights(model, checkpoint)
@@ -159,11 +194,12 @@ def plain_replica(model, state: dict):
     base = model.get_base_model() if is_peft(model) else model
     cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # fully_shard swaps the class
     with torch.device("meta"):
-        replica = cls._from_config(base.config, torch_dtype=next(iter(state.values())).dtype)
+        replica = cls._from_config(base.config, dtype=next(iter(state.values())).dtype)
         if is_peft(model):
             from peft import get_peft_model
 
             replica = get_peft_model(replica, model.peft_config[model.active_adapter])
+    _add_missing_biases(replica, state)
     replica.load_state_dict(state, strict=True, assign=True)
     # Buffers outside the state dict (rotary frequencies) are not sharded: copied from the model.
     buffers = dict(model.named_buffers())
@@ -176,3 +212,20 @@ def plain_replica(model, state: dict):
     if hasattr(replica, "tie_weights"):
         replica.tie_weights()
     return replica
+
+
+def _add_missing_biases(replica, state: dict) -> None:
+    """Give a Linear of the replica the bias the trained model has (a PPO critic's head gains one,
+    :func:`kilter.models.reward.build_value_model`), so the config-built replica matches its state."""
+    own = set(replica.state_dict())
+    for key in state:
+        owner, _, leaf = key.rpartition(".")
+        if key in own or leaf != "bias" or f"{owner}.weight" not in own:
+            continue
+        module = replica.get_submodule(owner)
+        if isinstance(module, torch.nn.Linear) and module.bias is None:
+            parent, _, name = owner.rpartition(".")
+            with torch.device("meta"):
+                head = torch.nn.Linear(module.in_features, module.out_features, bias=True,
+                                       dtype=module.weight.dtype)
+            setattr(replica.get_submodule(parent) if parent else replica, name, head)

@@ -23,9 +23,11 @@ What changes for the rest of a trainer under FSDP is kept behind these functions
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from kilter.distributed import DistInfo
 from kilter.errors import ConfigError
@@ -201,5 +203,101 @@ def requires_gradient_sync(module: torch.nn.Module, sync: bool) -> bool:
     return True
 
 
-__all__ = ["Parallel", "decoder_blocks", "gathered", "is_sharded", "mixed_precision", "requires_gradient_sync",
-           "wrap_model"]
+@dataclass(frozen=True)
+class Ranks:
+    """The processes one data-parallel update spans, and the collectives an RL update needs between them.
+
+    ``kilter ppo`` takes its with-grad forwards through several entry points (the padding-free
+    scoring wrapper, the fused first pass, the pretraining mix) and its reference is often the
+    adapter-disabled policy itself, so its replicated mode does not wrap the model in
+    DistributedDataParallel (whose hooks fire on the wrapper's own forward only): every rank
+    holds the full weights and :meth:`sync_gradients` averages the gradients once per optimizer
+    step (one all-reduce per bucket), the same arithmetic as DDP without its overlap of
+    communication with the backward pass.  Under FSDP the sharded modules reduce-scatter their
+    gradients themselves and :meth:`sync_gradients` does nothing.  One process: every method is
+    the identity.
+    """
+
+    info: DistInfo
+    sharded: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+    @property
+    def enabled(self) -> bool:
+        return self.info.enabled
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the ranks (a new tensor; ``t`` itself is left alone)."""
+        if not self.enabled:
+            return t
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    def mean(self, value: float) -> float:
+        """A float averaged over the ranks."""
+        if not self.enabled:
+            return float(value)
+        return float(self.sum(torch.tensor(float(value), dtype=torch.float64, device=self._device()))) / self.world
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Equal-length 1-D tensors of every rank concatenated in rank order."""
+        if not self.enabled:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, obj) -> list:
+        """One picklable object per rank, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_module(self, module: torch.nn.Module | None) -> None:
+        """Rank 0's parameters and buffers into every rank's replica (replicated mode; as DDP does at start)."""
+        if not self.enabled or self.sharded or module is None:
+            return
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def sync_gradients(self, module: torch.nn.Module | None, bucket: int = 1 << 24) -> None:
+        """Average the gradients of a replicated ``module`` over the ranks, in flat buckets of ``bucket`` elements."""
+        if not self.enabled or self.sharded or module is None:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].numel() <= bucket):
+                size += grads[end].numel()
+                end += 1
+            flat = torch.cat([g.reshape(-1) for g in grads[start:end]])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self.world
+            offset = 0
+            for g in grads[start:end]:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = end
+
+    def _device(self) -> str:
+        return self.info.device
+
+
+__all__ = ["Parallel", "Ranks", "decoder_blocks", "gathered", "is_sharded", "mixed_precision",
+           "requires_gradient_sync", "wrap_model"]

@@ -12,7 +12,7 @@ import yaml
 from kilter import fastpaths
 from kilter.config import dump_config
 from kilter.distributed import DistInfo, cleanup, init_distributed
-from kilter.errors import ConfigError, KilterError
+from kilter.errors import ConfigError
 from kilter.models.precision import check_precision
 from kilter.runs import RunDir, clean_stale_temporaries
 from kilter.training.optim import GUARD
@@ -68,18 +68,10 @@ def open_run_dir(cfg, info: DistInfo, path: str | Path | None = None) -> RunDir:
     return run_dir
 
 
-def launch(train, cfg, name: str, single_process: bool = False) -> int:
-    """Run ``train(cfg, info)`` inside the process group ``torchrun`` set up (or a single process).
-
-    ``single_process`` commands refuse to start under torchrun, or with parallel=fsdp, with one clear line.
-    """
-    if single_process and getattr(cfg, "parallel", "ddp") == "fsdp":
-        raise ConfigError(f"kilter {name} runs in one process, where parallel=fsdp has nothing to shard across; "
-                          "leave parallel=ddp (docs/distributed.md, PPO)")
+def launch(train, cfg, name: str) -> int:
+    """Run ``train(cfg, info)`` inside the process group ``torchrun`` set up (or a single process)."""
     info = init_distributed(cfg.device)
     try:
-        if single_process and info.enabled:
-            raise KilterError(f"kilter {name} runs in one process; launch it without torchrun")
         return train(cfg, info)
     finally:
         cleanup(info)

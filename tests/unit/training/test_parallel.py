@@ -65,12 +65,3 @@ def test_a_sharded_checkpoint_is_refused_by_an_unsharded_run(tiny, tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(KilterError, match="written with parallel=fsdp.*resume with parallel=fsdp"):
         resume_from(tmp_path, None, model, opt, None)
-
-
-def test_ppo_refuses_fsdp_in_one_line(tmp_path, capsys):
-    from kilter.cli import main
-
-    assert main(["ppo", "parallel=fsdp", "reward.function=builtin:gold", f"output_dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err
-    assert "kilter ppo runs in one process" in err and "parallel=fsdp" in err and "Traceback" not in err
-    assert not (tmp_path / "run").exists()  # refused before anything was written
