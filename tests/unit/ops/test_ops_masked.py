@@ -87,3 +87,20 @@ def test_explained_variance_by_hand():
     values = torch.tensor([[1.0, 2.0, 3.0, 5.0, 0.0]])
     assert explained_variance(values, returns, mask) == pytest.approx(0.85)
     assert math.isnan(explained_variance(values, torch.ones_like(returns), mask))
+
+
+def test_reduce_takes_the_statistics_over_every_process():
+    # reduce doubling every sum = two processes holding the same rows: [1, 3] twice is [1, 3, 1, 3]
+    from kilter.ops.masked import masked_mean, masked_var, masked_whiten
+
+    x = torch.tensor([[1.0, 3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    twice = lambda t: t * 2  # noqa: E731
+    assert masked_mean(x, mask, reduce=twice).item() == pytest.approx(2.0)
+    assert masked_var(x, mask).item() == pytest.approx(2.0)  # n = 2: unbiased 2 / 1
+    assert masked_var(x, mask, reduce=twice).item() == pytest.approx(4 / 3)  # n = 4: 4 / 3
+    whitened = masked_whiten(x, mask, reduce=twice)
+    assert whitened[0, :2].tolist() == pytest.approx([-(3 / 4) ** 0.5, (3 / 4) ** 0.5], rel=1e-5)
+    assert whitened[0, 2].item() == 0.0
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(x, mask, dim=1, reduce=twice)
