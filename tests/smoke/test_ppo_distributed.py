@@ -66,7 +66,8 @@ def test_ddp_and_fsdp_agree_and_resume_exactly(tmp_path):
     ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
     log = _torchrun(f"output_dir={ddp}", "parallel=ddp", "iterations=4", *MICRO)
     assert "2 processes (parallel=ddp), 2 responses each per iteration" in log
-    _torchrun(f"output_dir={fsdp}", "parallel=fsdp", "iterations=4", *MICRO)
+    log = _torchrun(f"output_dir={fsdp}", "parallel=fsdp", "iterations=4", *MICRO)
+    assert "reference: frozen copy of the starting policy, sharded over 2 processes" in log
     # the same rollouts and the same step: sharding changes only where the weights live
     _close(_rows(ddp), _rows(fsdp), rel=1e-4)
     assert {r["step"] for r in _rows(ddp)} == {0, 1, 2, 3, 4}

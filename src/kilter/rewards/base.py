@@ -88,6 +88,9 @@ class RewardConfig(BaseConfig):
     """Further weighted sources (see RewardSourceConfig); all sources are summed."""
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Subtract this from the reward of responses that hit max_new_tokens without ending (null: none); reward models score such responses without an appended EOS."""
+    device: str | None = None
+    """Where reward models run: null = the trainer's device; cpu offloads them (their weights never
+    take GPU memory; scoring runs on the CPU); cuda:N puts them on another GPU."""
     normalize: bool = False
     """Standardise rewards with running mean/std over all rewards seen so far (kept in checkpoints)."""
     clip: float | None = Field(None, gt=0)
@@ -356,5 +359,9 @@ def build_reward(cfg: RewardConfig, device: str | None = None) -> RewardPipeline
     if not specs:
         raise ConfigError("no reward source: set reward.model (a reward model), reward.function "
                           "('module:function' or builtin:gold) or reward.sources")
+    if cfg.device is not None:
+        from kilter.distributed import resolve_device
+
+        device = resolve_device(cfg.device, "reward.device")
     sources = [(build_source(s, device), s.weight) for s in specs]
     return RewardPipeline(sources, cfg.missing_eos_penalty, cfg.normalize, cfg.clip)

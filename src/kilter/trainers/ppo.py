@@ -145,7 +145,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
 
     def evaluate() -> dict[str, float]:
         # rank 0 evaluates (under FSDP with the weights gathered on every rank); every rank gets its row
-        with gathered(m.policy):
+        with ppo_setup.gathered_models(m):
             out = ev.evaluate() if info.is_main else None
         return ranks.broadcast_object(out)
 

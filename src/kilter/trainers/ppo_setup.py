@@ -180,23 +180,29 @@ def distribute(m: Models, cfg, info, ranks: Ranks) -> None:
     """Ready the models of a data-parallel run, in place (before the optimizers are built).
 
     The fast-path checks run first, on every process alike (:func:`kilter.rollout.scoring.prepare_fast_paths`).
-    fsdp: the policy and the critic are sharded (``fully_shard`` per decoder block); the frozen
-    reference (a separate copy, or with LoRA the adapter-disabled policy, then sharded with it) and
-    the reward models are replicated: they only run forward on each process's own rollouts, in the
-    policy's precision.  ddp: every process holds everything; rank 0's weights are copied to the
-    others (LoRA and value-head initialisation) and gradients are averaged by :class:`Ranks`.
+    fsdp: the policy and the critic are sharded (``fully_shard`` per decoder block); so is a
+    separate frozen reference copy (forward only: each block's full weights exist only while it
+    computes); with LoRA the reference is the adapter-disabled policy, sharded with it.  Reward
+    models stay whole on each process, or on ``reward.device``.  ddp: every process holds
+    everything; rank 0's weights are copied to the others (LoRA and value-head initialisation) and
+    gradients are averaged by :class:`Ranks`.
     """
     if not info.enabled:
         return
     from kilter.rollout.scoring import prepare_fast_paths
 
     policy_root, value_root = prepare_fast_paths(m.policy, m.value)
+    reference = m.reference.model  # None with LoRA: the adapter-disabled policy
+    reference_root = prepare_fast_paths(reference)[0] if reference is not None else None
     if ranks.sharded:
         # the FSDP root is the module the scoring forwards call (the padding-free wrapper): its
         # forward hooks settle the backward of the groups outside the decoder blocks
         wrap_model(policy_root, m.policy, cfg, info)
         if m.value is not None:
             wrap_model(value_root, m.value, cfg, info)
+        if reference is not None:
+            wrap_model(reference_root, reference, cfg, info, frozen=True)
+        m.reference_label += f", sharded over {info.world_size} processes"
     else:
         ranks.broadcast_module(m.policy)
         ranks.broadcast_module(m.value)
@@ -206,6 +212,20 @@ def seed_rank(seed: int, ranks: Ranks) -> None:
     """Each process its own sampling stream (rank 0 keeps the one-process stream of ``seed``)."""
     if ranks.info.rank > 0:
         torch.manual_seed(seed + 1_000_003 * ranks.info.rank)
+
+
+def gathered_models(m: Models):
+    """Inside: the full weights of the sharded policy and reference on every process (a collective),
+    for work that one process does alone (rank 0's evaluation) or a different number of times."""
+    import contextlib
+
+    from kilter.training.parallel import gathered
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(gathered(m.policy))
+    if m.reference.model is not None:
+        stack.enter_context(gathered(m.reference.model))
+    return stack
 
 
 def local_rows(rows: list, ranks: Ranks) -> list:

@@ -67,7 +67,8 @@ def mixed_precision(precision: str):
     return MixedPrecisionPolicy()
 
 
-def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: DistInfo) -> torch.nn.Module:
+def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: DistInfo,
+               frozen: bool = False) -> torch.nn.Module:
     """The module a trainer runs forward/backward through, under ``cfg.parallel`` (ddp or fsdp).
 
     ``run_module`` is ``model`` itself or a module that holds it (the completion-only logits
@@ -75,6 +76,10 @@ def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: D
     ``fully_shard`` on every decoder block of ``model``, then on ``run_module`` as the root; the
     modules are changed in place (``model`` keeps working, its parameters are now DTensors), so
     call this before :func:`kilter.training.optim.make_optimizer`.
+
+    ``frozen``: a model that only runs forward (PPO's reference copy under FSDP): every group,
+    the root included, frees its full weights after each forward, so it costs 1/N of its
+    weights per process plus one block at a time.
     """
     mode = getattr(cfg, "parallel", "ddp")
     if not info.enabled:
@@ -101,10 +106,10 @@ def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: D
     # root would be.
     outside = _groups_outside(blocks, model, run_module)
     for group in outside:
-        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy, reshard_after_forward=False)
-    fully_shard(run_module, mp_policy=policy, reshard_after_forward=False)  # the root: what is left
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=policy, reshard_after_forward=frozen)
+    fully_shard(run_module, mp_policy=policy, reshard_after_forward=frozen)  # the root: what is left
     for module in [run_module, *(m for g in outside for m in g)]:
-        object.__setattr__(module, _RESHARD, False)
+        object.__setattr__(module, _RESHARD, frozen)
     # FSDP settles which module is the root at the first forward; the first forward may be through
     # the inner model (rank 0's samples) when the root is a wrapper, so settle it now.  (A private
     # call: torch is pinned, and tests/smoke/test_fsdp.py runs this path.)

@@ -204,3 +204,24 @@ def test_call_function_is_the_one_checked_call_for_every_command(tmp_path):
     f.parent.mkdir()
     f.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
     assert call_function(load_function(f"{f}:length"), ["p"], ["abc"]) == [3.0]
+
+
+def test_reward_device_places_the_reward_models(reward_dirs, monkeypatch):
+    from kilter.rewards.base import RewardConfig, build_reward
+
+    placed = []
+    original = ModelReward.__init__
+
+    def spy(self, path, *args, **kwargs):
+        placed.append(args[3] if len(args) > 3 else kwargs.get("device"))
+        original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ModelReward, "__init__", spy)
+    cfg = RewardConfig(model=str(reward_dirs / "member-0"), device="cpu")
+    pipe = build_reward(cfg, device="cuda:3")  # the trainer's device is overridden by reward.device
+    assert placed == ["cpu"]
+    assert {p.device.type for p in pipe.sources[0][0].model.model.parameters()} == {"cpu"}
+    build_reward(RewardConfig(model=str(reward_dirs / "member-0")), device="cpu")
+    assert placed[-1] == "cpu"  # null: the trainer's device
+    with pytest.raises(ConfigError, match="reward.device=cuda:7"):
+        build_reward(RewardConfig(model=str(reward_dirs / "member-0"), device="cuda:7"))
