@@ -10,6 +10,8 @@
 4. FSDP2 on 2+ GPUs (torchrun): `kilter sft` with parallel=fsdp vs parallel=ddp, loss agreement and
    tokens/s.  Without 2 GPUs it is a dry run on CPU with gloo (2 processes), which checks the
    command and the agreement but records no speed.
+5. Data-parallel PPO (torchrun): `kilter ppo` parallel=ddp vs parallel=fsdp (SmolLM2-135M in bf16 on the
+   GPUs; the micro model on CPU/gloo as a dry run): KL agreement and seconds per iteration.
 
 Each check records its figures (or why it was skipped) in ``--json`` (benchmarks/gpu_checks.json).
 When at least one check ran on CUDA a section is appended to ``--results`` (benchmarks/RESULTS.md);
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CHECKS = ("bf16", "vllm", "nccl", "fsdp")
+CHECKS = ("bf16", "vllm", "nccl", "fsdp", "ppo")
 
 
 def _cuda_reason() -> str | None:
@@ -200,9 +202,13 @@ def _sft_run(out_dir: Path, data: Path, procs: int, parallel: str, device: str, 
               f"batch_size={16 // procs}"]
     if device == "cuda":
         common.append("precision=bf16")
+    return _torchrun(common, procs)
+
+
+def _torchrun(args: list[str], procs: int) -> tuple[int, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), "-m", "kilter", *common]
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "kilter", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     return proc.returncode, (proc.stdout + proc.stderr)[-1500:]
 
@@ -239,6 +245,35 @@ def check_fsdp() -> dict:
     return out
 
 
+def check_ppo() -> dict:
+    """`kilter ppo` under torchrun, parallel=ddp vs parallel=fsdp: the same rollouts and steps, so the
+    same metrics; on GPUs also the iteration rate of each."""
+    from kilter.runs import read_metrics
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dry = gpus < 2
+    procs, device, iterations = (2, "cpu", 2) if dry else (min(gpus, 8), "cuda", 10)
+    out: dict = {"status": "ok", "processes": procs, "device": device}
+    if dry:
+        out["dry_run"] = f"{'no CUDA device' if gpus == 0 else 'one GPU'}: 2 CPU processes on gloo, agreement only"
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {}
+        for parallel in ("ddp", "fsdp"):
+            args = ["ppo", "model=builtin:micro" if dry else "model=smollm2-135m", "reward.function=builtin:gold",
+                    f"iterations={iterations}", f"rollout.batch_size={4 * procs}", "rollout.max_new_tokens=16",
+                    "data.n_eval=4", "eval_every=100000", "save_every=100000", "n_samples=0", "tensorboard=false",
+                    f"device={device}", f"parallel={parallel}", f"output_dir={Path(tmp) / parallel}"]
+            code, log = _torchrun(args + ([] if dry else ["precision=bf16"]), procs)
+            if code != 0:
+                return {"status": "failed", "parallel": parallel, "reason": log}
+            rows[parallel] = [r for r in read_metrics(Path(tmp) / parallel) if "reward/total" in r]
+        out["max_kl_diff_fsdp_vs_ddp"] = max(abs(a["kl/ref"] - b["kl/ref"]) for a, b in zip(rows["ddp"], rows["fsdp"]))
+        for parallel in ("ddp", "fsdp"):
+            its = [r["perf/iteration_s"] for r in rows[parallel][1:]]
+            out[f"{parallel}_iteration_s"] = round(sorted(its)[len(its) // 2], 3) if its else None
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -270,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"gpu_checks: unknown check {unknown[0]!r}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return 2
-    funcs = {"bf16": check_bf16, "vllm": check_vllm, "nccl": check_nccl, "fsdp": check_fsdp}
+    funcs = {"bf16": check_bf16, "vllm": check_vllm, "nccl": check_nccl, "fsdp": check_fsdp, "ppo": check_ppo}
     results: dict = {}
     for name in wanted:
         start = time.perf_counter()
@@ -284,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"time": dt.datetime.now(dt.timezone.utc).isoformat(), "host": platform.node(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "checks": results}
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    ran_on_cuda = any(r["status"] != "skipped" for n, r in results.items() if n != "fsdp") or \
-        results.get("fsdp", {}).get("device") == "cuda"
+    ran_on_cuda = any(r["status"] != "skipped" for n, r in results.items() if n not in ("fsdp", "ppo")) or \
+        any(results.get(n, {}).get("device") == "cuda" for n in ("fsdp", "ppo"))
     if ran_on_cuda or args.append_always:
         with open(args.results, "a", encoding="utf-8") as fh:
             fh.write(_section(results))
