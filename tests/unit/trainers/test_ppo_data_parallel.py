@@ -36,19 +36,6 @@ def _rollout(n: int = N, seed: int = 3):
     return prompts, responses, rewards
 
 
-def _models():
-    from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.models.reward import build_value_model, load_reward_backbone
-    from kilter.models.tiny import builtin_model_dir
-
-    path = str(builtin_model_dir("micro"))
-    tok = load_tokenizer(path)
-    policy = load_causal_lm(path, tok).eval()
-    torch.manual_seed(0)
-    value = build_value_model(load_reward_backbone(path, tok)).eval()
-    return tok, policy, value
-
-
 def _settings(algorithm: str) -> UpdateSettings:
     return UpdateSettings(algorithm=algorithm, epochs=2, num_minibatches=1, grad_accum=2, clip_range=0.2,
                           clip_range_value=0.2, entropy_coef=0.01, target_kl=None, temperature=1.0,
@@ -77,7 +64,7 @@ def _step(policy, value, prompts, responses, rewards, algorithm: str, ranks: Ran
                       iteration=0, ref_logp=ref_logp, beta=0.2, ranks=ranks)
 
 
-def _worker(rank: int, world: int, port: int, algorithm: str, sharded: bool, out: str) -> None:
+def _worker(rank: int, world: int, port: int, algorithm: str, sharded: bool, models: str, out: str) -> None:
     import torch.distributed as dist
 
     from kilter.rollout.scoring import prepare_fast_paths
@@ -90,7 +77,7 @@ def _worker(rank: int, world: int, port: int, algorithm: str, sharded: bool, out
     try:
         info = DistInfo(rank=rank, world_size=world, device="cpu")
         ranks = Ranks(info, sharded=sharded)
-        _, policy, value = _models()
+        policy, value = torch.load(models, weights_only=False)  # the micro_ppo_models fixture's, pickled
         policy_root, value_root = prepare_fast_paths(policy, value)
         if sharded:
             class Cfg:
@@ -115,14 +102,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("algorithm,sharded", [("ppo", False), ("grpo", False), ("ppo", True)])
-def test_two_processes_with_half_the_rollout_take_the_one_process_step(tmp_path, algorithm, sharded):
-    _, policy0, value0 = _models()
+def test_two_processes_with_half_the_rollout_take_the_one_process_step(tmp_path, micro_ppo_models, algorithm,
+                                                                      sharded):
+    _, policy0, value0 = micro_ppo_models
+    torch.save((policy0, value0), tmp_path / "models.pt")
     policy, value = copy.deepcopy(policy0), copy.deepcopy(value0)
     one = _step(policy, value, *_rollout(), algorithm, None)
 
     out = str(tmp_path / "two.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), algorithm, sharded, out), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(2, _free_port(), algorithm, sharded, str(tmp_path / "models.pt"), out),
+                       nprocs=2, join=True, start_method="spawn")
     two = torch.load(out, weights_only=False)
 
     moved = max(float((a - b).abs().max()) for a, b in zip(policy.state_dict().values(), policy0.state_dict().values()))
@@ -134,9 +123,9 @@ def test_two_processes_with_half_the_rollout_take_the_one_process_step(tmp_path,
     assert two["stats"]["ppo/optimizer_steps"] == one["ppo/optimizer_steps"] == 2 * 2 / 2 * 1  # epochs x minibatches
 
 
-def test_local_weighting_alone_would_not_match(tmp_path):
+def test_local_weighting_alone_would_not_match(micro_ppo_models):
     """The check above can fail: without the global token counts the two-process step is another step."""
-    _, policy0, value0 = _models()
+    _, policy0, value0 = micro_ppo_models
     prompts, responses, rewards = _rollout()
     full = copy.deepcopy(policy0)
     _step(full, copy.deepcopy(value0), prompts, responses, rewards, "ppo", None)
