@@ -156,7 +156,13 @@ def set_dropout(model: torch.nn.Module, p: float = 0.0) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        # rates a module copied from its config and applies functionally (OPT's layers and
+        # attention keep ``self.dropout``; ``layerdrop`` skips whole layers in training)
+        for key in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, p)
     cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                "activation_dropout", "layerdrop"):
         if cfg is not None and hasattr(cfg, key) and isinstance(getattr(cfg, key), float):
             setattr(cfg, key, p)

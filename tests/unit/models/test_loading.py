@@ -145,6 +145,22 @@ def test_set_dropout_zeroes_modules_and_config():
     set_dropout(model, 0.0)
     assert model.config.attention_dropout == 0.0
     assert model.extra_dropout.p == 0.0
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0  # copied from the config at init
+
+
+def test_set_dropout_makes_a_train_mode_forward_deterministic_where_layers_copied_their_rates():
+    """OPT's layers keep ``self.dropout`` from the config and apply it functionally: changing the
+    config alone would leave PPO's ratio and DPO's reference noisy."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                     dropout=0.5, attention_dropout=0.5, activation_dropout=0.5)).train()
+    ids = torch.arange(1, 9)[None]
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # noisy before
+    set_dropout(model, 0.0)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
