@@ -202,3 +202,25 @@ def test_cached_hub_snapshot_is_used_without_the_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert resolve_model_path("some-org/cached") == str(snapshot)
+
+
+def test_position_limit_of_learned_absolute_positions_only():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from kilter.errors import KilterError
+    from kilter.models.loading import check_positions, position_limit
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=40))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=16, hidden_size=8, ffn_dim=16, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=24, word_embed_proj_dim=8))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=24))
+    assert position_limit(gpt2) == 40
+    assert position_limit(opt) == 24  # its table has 2 extra rows (the offset)
+    assert position_limit(llama) is None  # rope: no hard limit
+    check_positions(gpt2, 40, "gpt2")
+    with pytest.raises(KilterError, match=r"data.max_length=41 is longer than the 40 positions gpt2 has learned"):
+        check_positions(gpt2, 41, "gpt2")
+    gpt2.transformer.wpe.weight.data[:] = 0  # the lookup really fails past the limit
+    with pytest.raises(IndexError):
+        gpt2(input_ids=torch.zeros(1, 41, dtype=torch.long))
