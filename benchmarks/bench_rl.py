@@ -34,25 +34,28 @@ import common as C  # noqa: E402
 PROFILES = {
     # P prompts x k samples per iteration, T new tokens; steps = iterations
     "tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
+    "gpt2-tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
+    "gpt2-small": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
     "smollm2-lora": {"prompts": 4, "k": 4, "max_new_tokens": 48, "lr": 5e-5, "steps": 7, "warmup": 2},
 }
-QUICK = {"tiny": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
+QUICK = {"tiny": {"steps": 4, "warmup": 1}, "gpt2-tiny": {"steps": 4, "warmup": 1},
+         "gpt2-small": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
 FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 16.0, "kilter-rloo": 10.0, "trl-rloo": 10.0,
                          "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0}
 N_EVAL_PROMPTS = 32
 
 
-def tiny_sft_policy(out: Path, threads: int) -> str:
-    """The tiny model after a short ``kilter sft`` run (cached), so that it writes reviews that end."""
-    final = out / "models" / "tiny-sft" / "final"
+def tiny_sft_policy(out: Path, threads: int, label: str = "tiny", start: str = "builtin:tiny") -> str:
+    """A small model after a short ``kilter sft`` run (cached), so that it writes reviews that end."""
+    final = out / "models" / f"{label}-sft" / "final"
     if (final / "config.json").is_file():
         return str(final)
     run_dir = final.parent
     C.clean_dir(run_dir)
-    cmd = [str(C.KILTER), "sft", "model=builtin:tiny", f"output_dir={run_dir}", "data.eval=null", "max_steps=300",
+    cmd = [str(C.KILTER), "sft", f"model={start}", f"output_dir={run_dir}", "data.eval=null", "max_steps=300",
            "batch_size=32", "optim.lr=2e-3", "n_samples=0", "save_every=1000000", "tensorboard=false",
            f"threads={threads}"]
-    child = C.run_child(cmd, out / "models" / "tiny-sft.log", threads)
+    child = C.run_child(cmd, out / "models" / f"{label}-sft.log", threads)
     if child.rc != 0:
         raise SystemExit(f"could not make the tiny SFT policy:\n{C.tail(child.log)}")
     return str(final)
@@ -60,8 +63,8 @@ def tiny_sft_policy(out: Path, threads: int) -> str:
 
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
     spec = C.base_spec(model_label, setting, args, PROFILES, QUICK)
-    if model_label == "tiny":
-        spec["model_dir"] = tiny_sft_policy(Path(args.out), args.threads)
+    if model_label == "tiny" or model_label.startswith("gpt2"):
+        spec["model_dir"] = tiny_sft_policy(Path(args.out), args.threads, model_label, spec["model_dir"])
     spec.update(prompts_file=str(files["prompts"]), eval_prompts_file=str(files["prompts_eval"]), beta=0.05)
     return spec
 
