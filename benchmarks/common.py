@@ -55,7 +55,7 @@ MODELS = {
     "tiny": ("builtin:tiny", False),
     "smollm2-lora": ("smollm2-135m", True),
     # GPT-2 (learned positions, LayerNorm, Conv1D): a family Kilter's fast paths were not tuned on.
-    # gpt2-small is ~3.4M parameters, the size of issue 20's side-by-side that found the gap.
+    # gpt2-small is ~3.5M parameters, the size of issue 20's side-by-side that found the gap.
     "gpt2-tiny": ("builtin:gpt2-tiny", False),
     "gpt2-small": ("builtin:gpt2-small", False),
 }

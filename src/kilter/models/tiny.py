@@ -9,7 +9,7 @@ real preset uses.
 the way a user's GPT-2 folder is: a ``GPT2TokenizerFast`` with no PAD token and no chat
 template, a config without ``pad_token_id``, dropout 0.1.  They check that Kilter takes a
 non-Llama folder as it comes, and they are the GPT-2 case of the benchmarks
-(``gpt2-small``: about 3.4M parameters, the size of the issue-20 comparison with TRL).
+(``gpt2-small``: about 3.5M parameters, the size of the issue-20 comparison with TRL).
 """
 
 from __future__ import annotations
