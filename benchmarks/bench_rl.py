@@ -34,25 +34,31 @@ import common as C  # noqa: E402
 PROFILES = {
     # P prompts x k samples per iteration, T new tokens; steps = iterations
     "tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
+    "gpt2-tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
+    "gpt2-small": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
     "smollm2-lora": {"prompts": 4, "k": 4, "max_new_tokens": 48, "lr": 5e-5, "steps": 7, "warmup": 2},
 }
-QUICK = {"tiny": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
+QUICK = {"tiny": {"steps": 4, "warmup": 1}, "gpt2-tiny": {"steps": 4, "warmup": 1},
+         "gpt2-small": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
 FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 16.0, "kilter-rloo": 10.0, "trl-rloo": 10.0,
-                         "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0}
+                         "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0,
+                         # value.model=shared: the critic's trunk is the policy's base run again with the
+                         # critic's adapter, so the same FLOPs as a separate critic (one copy of the weights)
+                         "kilter-ppo-shared:lora": 12.0}
 N_EVAL_PROMPTS = 32
 
 
-def tiny_sft_policy(out: Path, threads: int) -> str:
-    """The tiny model after a short ``kilter sft`` run (cached), so that it writes reviews that end."""
-    final = out / "models" / "tiny-sft" / "final"
+def tiny_sft_policy(out: Path, threads: int, label: str = "tiny", start: str = "builtin:tiny") -> str:
+    """A small model after a short ``kilter sft`` run (cached), so that it writes reviews that end."""
+    final = out / "models" / f"{label}-sft" / "final"
     if (final / "config.json").is_file():
         return str(final)
     run_dir = final.parent
     C.clean_dir(run_dir)
-    cmd = [str(C.KILTER), "sft", "model=builtin:tiny", f"output_dir={run_dir}", "data.eval=null", "max_steps=300",
+    cmd = [str(C.KILTER), "sft", f"model={start}", f"output_dir={run_dir}", "data.eval=null", "max_steps=300",
            "batch_size=32", "optim.lr=2e-3", "n_samples=0", "save_every=1000000", "tensorboard=false",
            f"threads={threads}"]
-    child = C.run_child(cmd, out / "models" / "tiny-sft.log", threads)
+    child = C.run_child(cmd, out / "models" / f"{label}-sft.log", threads)
     if child.rc != 0:
         raise SystemExit(f"could not make the tiny SFT policy:\n{C.tail(child.log)}")
     return str(final)
@@ -60,8 +66,8 @@ def tiny_sft_policy(out: Path, threads: int) -> str:
 
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
     spec = C.base_spec(model_label, setting, args, PROFILES, QUICK)
-    if model_label == "tiny":
-        spec["model_dir"] = tiny_sft_policy(Path(args.out), args.threads)
+    if model_label == "tiny" or model_label.startswith("gpt2"):
+        spec["model_dir"] = tiny_sft_policy(Path(args.out), args.threads, model_label, spec["model_dir"])
     spec.update(prompts_file=str(files["prompts"]), eval_prompts_file=str(files["prompts_eval"]), beta=0.05)
     return spec
 
@@ -69,7 +75,7 @@ def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
 # --------------------------------------------------------------------------- Kilter
 
 
-def kilter_cmd(spec: dict, run_dir: Path, algorithm: str) -> list[str]:
+def kilter_cmd(spec: dict, run_dir: Path, algorithm: str, extra: tuple[str, ...] = ()) -> list[str]:
     rows = spec["prompts"] * spec["k"]
     return [
         str(C.KILTER), "ppo", f"model={spec['model_dir']}", f"output_dir={run_dir}", f"algorithm={algorithm}",
@@ -84,17 +90,17 @@ def kilter_cmd(spec: dict, run_dir: Path, algorithm: str) -> list[str]:
         f"precision={spec['precision']}", f"lora.enabled={str(spec['lora']).lower()}", "lora.r=8", "lora.alpha=16",
         "lora.dropout=0.0", "device=cpu", f"seed={spec['seed']}", "log_every=1", "sample_every=1000000",
         "n_samples=0", "eval_every=1000000", "save_every=1000000", "save_value_model=false", "tensorboard=false",
-        f"threads={spec['threads']}",
+        f"threads={spec['threads']}", *extra,
     ]
 
 
-def kilter_runner(algorithm: str):
+def kilter_runner(algorithm: str, extra: tuple[str, ...] = (), label: str | None = None):
     def run(spec: dict, work: Path, i: int) -> dict:
-        name = f"kilter-{algorithm}-{i}"
+        name = f"{label or 'kilter-' + algorithm}-{i}"
         run_dir = work / name
         episodes = spec["prompts"] * spec["k"]
         C.clean_dir(run_dir)
-        child = C.run_child(kilter_cmd(spec, run_dir, algorithm), work / f"{name}.log", spec["threads"])
+        child = C.run_child(kilter_cmd(spec, run_dir, algorithm, extra), work / f"{name}.log", spec["threads"])
         if child.rc != 0:
             return {"ok": False, "error": f"exit {child.rc}", "log_tail": C.tail(child.log)}
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -198,7 +204,12 @@ def main() -> int:
         return trl_worker(sys.argv[2])
     parser = C.base_parser("Online RL: kilter ppo (ppo, rloo) vs TRL RLOOTrainer")
     args = parser.parse_args()
-    runners = {"kilter-ppo": kilter_runner("ppo"), "kilter-rloo": kilter_runner("rloo"), "trl-rloo": run_trl}
+    runners = {"kilter-ppo": kilter_runner("ppo"), "kilter-rloo": kilter_runner("rloo"), "trl-rloo": run_trl,
+               # LoRA models only (smollm2-lora): the critic shares the policy's frozen base (kilter.models.value)
+               "kilter-ppo-shared": kilter_runner("ppo", ("value.model=shared",), "kilter-ppo-shared")}
+    if args.libs is None:  # the shared critic needs LoRA: by default only where every model has it
+        lora = all(C.MODELS[m.strip()][1] for m in args.models.split(",") if m.strip() in C.MODELS)
+        args.libs = ",".join(lib for lib in runners if lora or lib != "kilter-ppo-shared")
     return C.drive("rl", args, make_spec, runners, evaluate, "eval gold (greedy)", FLOPS_PER_TOKEN_PARAM)
 
 

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"tiny": "builtin:tiny", "smollm2": "smollm2-135m"}
+MODELS = {"tiny": "builtin:tiny", "smollm2": "smollm2-135m", "gpt2-tiny": "builtin:gpt2-tiny",
+          "gpt2-small": "builtin:gpt2-small"}
 ENGINES = ("kilter", "hf", "vllm")
 
 

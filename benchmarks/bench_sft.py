@@ -31,9 +31,12 @@ import common as C  # noqa: E402
 PROFILES = {
     # model label: batch, max_length, lr, steps, warmup (timing window = steps - warmup)
     "tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
+    "gpt2-tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
+    "gpt2-small": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 16, "warmup": 4},
 }
-QUICK = {"tiny": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
+QUICK = {"tiny": {"steps": 8, "warmup": 2}, "gpt2-tiny": {"steps": 8, "warmup": 2},
+         "gpt2-small": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
 
 
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:

@@ -54,6 +54,10 @@ MODELS = {
     # label: (kilter model spec, LoRA?)
     "tiny": ("builtin:tiny", False),
     "smollm2-lora": ("smollm2-135m", True),
+    # GPT-2 (learned positions, LayerNorm, Conv1D): a family Kilter's fast paths were not tuned on.
+    # gpt2-small is ~3.5M parameters, the size of issue 20's side-by-side that found the gap.
+    "gpt2-tiny": ("builtin:gpt2-tiny", False),
+    "gpt2-small": ("builtin:gpt2-small", False),
 }
 
 
@@ -454,16 +458,54 @@ def clean_dir(path: Path) -> None:
         shutil.rmtree(path)
 
 
+UNGATED_MLP = ("gpt2", "gpt_neo", "gpt_neox", "phi", "opt", "bloom", "falcon")
+"""Model types whose MLP is two matrices (fc, proj) rather than three (gate, up, down)."""
+
+
 def count_params(model_dir: str, head: bool = True) -> int:
     """Weights that take part in matmuls: the transformer blocks, plus the LM head when ``head``
-    (the input embedding is a lookup; a reward model has a 1-wide head instead)."""
+    (the input embedding is a lookup; a reward model has a 1-wide head instead).  Reads Llama-style
+    and GPT-2-style config keys."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    h = cfg.get("hidden_size") or cfg["n_embd"]
+    layers = cfg.get("num_hidden_layers") or cfg["n_layer"]
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h
+    heads = cfg.get("num_attention_heads") or cfg["n_head"]
+    kv, vocab = cfg.get("num_key_value_heads") or heads, cfg["vocab_size"]
     head_dim = cfg.get("head_dim") or h // heads
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    mlp = 3 * h * inter
+    mlp = (2 if cfg.get("model_type") in UNGATED_MLP else 3) * h * inter
     return layers * (attn + mlp) + (vocab * h if head else h)
+
+
+def padded_model_dir(spec_name: str, out: Path = OUT) -> str:
+    """The model folder both libraries read: as resolved, except that a tokenizer without a PAD token
+    (GPT-2's) gets Kilter's distinct PAD saved into a copy, so TRL does not fall back to PAD = EOS and
+    both libraries pad, mask and stop alike."""
+    from kilter.models import resolve_model_path
+    from kilter.models.loading import ensure_pad_token
+
+    path = resolve_model_path(spec_name)
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("pad_token_id") is not None:
+        return path
+    target = Path(out) / "models" / (Path(path).name + "-pad")
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kilter.models.loading import align_embeddings
+
+    tok = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tok)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    align_embeddings(model, tok)
+    tmp = target.with_name(target.name + ".tmp")
+    clean_dir(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return str(target)
 
 
 # --------------------------------------------------------------------------- data (built-in task -> JSONL)
@@ -590,7 +632,9 @@ def base_spec(model_label: str, setting: str, args, profiles: dict, quick: dict)
     precision, grouped = SETTINGS[setting]
     if precision == "bf16" and bf16_hardware() == "none":
         precision = "fp32"
-    return {"model_label": model_label, "model_dir": resolve_model_path(spec_name), "lora": lora, "setting": setting,
+    model_dir = padded_model_dir(spec_name, Path(args.out)) if spec_name.startswith("builtin:gpt2") \
+        else resolve_model_path(spec_name)
+    return {"model_label": model_label, "model_dir": model_dir, "lora": lora, "setting": setting,
             "precision": precision, "group_by_length": grouped, "threads": args.threads, "seed": 0, **prof}
 
 

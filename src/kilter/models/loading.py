@@ -121,9 +121,32 @@ def load_tokenizer(spec: str, *, padding_side: str = "right"):
     return tok
 
 
+def position_limit(model) -> int | None:
+    """The longest sequence a model with *learned absolute* position embeddings takes (GPT-2's
+    ``wpe``, OPT's ``embed_positions``, ...); None for relative positions (rope, ALiBi), which
+    have no hard limit.  Past it the embedding lookup fails with an IndexError."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in (
+                "wpe", "embed_positions", "position_embeddings"):
+            limits.append(module.num_embeddings - int(getattr(module, "offset", 0) or 0))
+    return min(limits) if limits else None
+
+
+def check_positions(model, length: int, spec: str, what: str = "data.max_length") -> None:
+    """One-line error when ``length`` tokens do not fit the model's learned positions."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise KilterError(f"{what}={length} is longer than the {limit} positions {spec} has learned "
+                          f"(absolute position embeddings); set {what} <= {limit}")
+
+
 def load_causal_lm(spec: str, tokenizer=None, *, dtype: str | torch.dtype = "fp32", device: str | None = None,
-                   disable_dropout: bool = True):
-    """Load a causal LM; resize its embeddings if the tokenizer gained a PAD token."""
+                   disable_dropout: bool = True, max_length: int | None = None):
+    """Load a causal LM; resize its embeddings if the tokenizer gained a PAD token.
+
+    ``max_length`` (the longest sequence the caller will feed it) is checked against the
+    model's learned positions, if it has those (:func:`check_positions`)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec)
@@ -132,6 +155,8 @@ def load_causal_lm(spec: str, tokenizer=None, *, dtype: str | torch.dtype = "fp3
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise KilterError(f"cannot load model from {spec}: {str(exc).splitlines()[0]}") from None
+    if max_length is not None:
+        check_positions(model, max_length, spec)
     if tokenizer is not None:
         align_embeddings(model, tokenizer)
     if disable_dropout:
@@ -156,7 +181,13 @@ def set_dropout(model: torch.nn.Module, p: float = 0.0) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        # rates a module copied from its config and applies functionally (OPT's layers and
+        # attention keep ``self.dropout``; ``layerdrop`` skips whole layers in training)
+        for key in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, p)
     cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout",
+                "activation_dropout", "layerdrop"):
         if cfg is not None and hasattr(cfg, key) and isinstance(getattr(cfg, key), float):
             setattr(cfg, key, p)

@@ -28,6 +28,48 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def model_attention_mask(model, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` in the form ``model``'s attention takes a custom 4-D mask.
+
+    transformers passes a 4-D mask to the attention function as it is.  SDPA reads a bool mask
+    (True: attend); eager attention (Gemma-2, whose soft-capped scores SDPA cannot compute)
+    *adds* the mask to the scores, so a bool mask would add 0/1 instead of blocking: it gets
+    the additive form (0 or the dtype's minimum).
+    """
+    config = getattr(model, "config", None)
+    if mask is None or mask.dtype != torch.bool or getattr(config, "_attn_implementation", None) != "eager":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def head_transform(model):
+    """What the model's causal-LM forward does to the LM head's output, as a function; None for nothing.
+
+    Gemma-2/3 soft-cap the logits (``c * tanh(z / c)``), Granite divides them by
+    ``logits_scaling``, Cohere multiplies them by ``logit_scale``.  A split forward that calls
+    the head itself must do the same: with small random weights the logits are too small for
+    the probe to notice a missing cap.
+    """
+    config = getattr(model, "config", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    divide = getattr(config, "logits_scaling", None)
+    multiply = getattr(config, "logit_scale", None)
+    if not cap and divide in (None, 1, 1.0) and multiply in (None, 1, 1.0):
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if divide not in (None, 1, 1.0):
+            logits = logits / divide
+        if multiply not in (None, 1, 1.0):
+            logits = logits * multiply
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing bins of example indices, each bin holding at most ``capacity`` tokens
@@ -115,6 +157,14 @@ def pack_micro_batch(examples: list[dict], pad_id: int, capacity: int, ignore_in
             "last_index": last, "n_tokens": torch.tensor(sum(lengths))}
 
 
+def _quiet_padding_warning(body: torch.nn.Module) -> None:
+    """Packed rows end in padding and carry no attention mask on purpose (position ids mark the
+    sequences); transformers' "We strongly recommend passing in an `attention_mask`" check
+    (GPT-2 and others) would tell the user otherwise, so it is switched off on this decoder."""
+    if hasattr(body, "warn_if_padding_and_no_attention_mask"):
+        body.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+
+
 def split_causal_lm(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """(decoder that returns hidden states, LM head) of a Hugging Face causal LM, LoRA included; else None."""
     base = model.get_base_model() if _is_peft(model) else model
@@ -124,6 +174,7 @@ def split_causal_lm(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
         return None
     if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module) or body is base:
         return None
+    _quiet_padding_warning(body)
     return body, head
 
 
@@ -144,15 +195,18 @@ class CompletionLogits(torch.nn.Module):
         """True once :func:`kilter.models.shared_prefix.check_lm` passed for this model."""
         self.attention_weight = attention_weight(model)
         """For :func:`best_packing`."""
+        self._transform = head_transform(model)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, select=None, index=None):  # type: ignore[override]
         """``index`` (M,) flat positions (row * W + column) instead of ``select``: positions may repeat
         (a shared prompt's last token predicts every sibling's first token)."""
-        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)[0]
+        hidden = self._body(input_ids=input_ids, attention_mask=model_attention_mask(self.model, attention_mask),
+                            position_ids=position_ids, use_cache=False)[0]
         if index is not None:
-            return self._head(hidden.reshape(-1, hidden.shape[-1])[index])
-        return self._head(hidden[:, :-1][select])
+            logits = self._head(hidden.reshape(-1, hidden.shape[-1])[index])
+        else:
+            logits = self._head(hidden[:, :-1][select])
+        return logits if self._transform is None else self._transform(logits)
 
 
 @torch.no_grad()
@@ -235,8 +289,8 @@ class LastTokenScores(torch.nn.Module):
         """For :func:`best_packing`."""
 
     def forward(self, input_ids, position_ids, last_index, attention_mask=None):  # type: ignore[override]
-        hidden = self._body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)[0]
+        hidden = self._body(input_ids=input_ids, attention_mask=model_attention_mask(self.model, attention_mask),
+                            position_ids=position_ids, use_cache=False)[0]
         # a copy, not a view of the head output: FSDP2 hooks its backward on the module output
         return self._head(hidden.reshape(-1, hidden.shape[-1])[last_index])[:, 0].float().clone()
 
@@ -248,6 +302,7 @@ def split_sequence_classifier(model) -> tuple[torch.nn.Module, torch.nn.Module] 
     head = getattr(base, "score", None)
     if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module) or body is base:
         return None
+    _quiet_padding_warning(body)
     return body, head
 
 

@@ -144,17 +144,19 @@ def resolve_reward_dir(spec: str | Path) -> Path:
 
 
 def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype = "fp32",
-                         device: str | None = None):
+                         device: str | None = None, max_length: int | None = None):
     """``AutoModelForSequenceClassification`` (num_labels=1) from any model spec.
 
     ``spec`` is a reward-model folder (head kept), a causal-LM folder, a preset name or
     ``builtin:<size>`` (a new head is created, initialised from torch's current RNG, so
     seed first for reproducibility).  With ``tokenizer``, embeddings grow to fit its PAD
     token and ``config.pad_token_id`` is set, which the last-non-pad pooling relies on.
+    ``max_length`` is checked against learned absolute positions (GPT-2), as in
+    :func:`kilter.models.loading.load_causal_lm`.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kilter.models.loading import DTYPES, align_embeddings, resolve_model_path, set_dropout
+    from kilter.models.loading import DTYPES, align_embeddings, check_positions, resolve_model_path, set_dropout
 
     path = resolve_model_path(spec)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -163,6 +165,8 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise KilterError(f"cannot load {spec} as a reward model: {str(exc).splitlines()[0]}") from None
+    if max_length is not None:
+        check_positions(model, max_length, spec)
     if tokenizer is not None:
         align_embeddings(model, tokenizer)
     if model.config.pad_token_id is None:

@@ -17,6 +17,8 @@ def save_model(model, tokenizer, path: Path, merge_lora: bool = False) -> None:
     if is_peft(model) and merge_lora:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(path, safe_serialization=True)
+    elif is_peft(model):  # the adapter being trained; not auxiliary ones (models/value.py's critic placeholders)
+        model.save_pretrained(path, safe_serialization=True, selected_adapters=list(model.active_adapters))
     else:
         model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:

@@ -121,7 +121,7 @@ class ValueSection(BaseConfig):
     """The critic of ppo and a2c."""
 
     model: str | None = None
-    """Critic start: a reward-model folder, policy (its backbone + new head), or null (the reward's model or policy)."""
+    """Critic start: a reward-model folder, policy (its backbone + new head), shared (LoRA only: the policy's frozen base with the critic's own adapter and head, no second model), or null (the reward's model or policy)."""
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant")
     """Critic optimizer."""
 

@@ -94,11 +94,15 @@ def _same_vocabulary(a, b) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def build_value(cfg, reward: RewardPipeline, tokenizer, device: str) -> tuple[torch.nn.Module, str]:
+def build_value(cfg, reward: RewardPipeline, tokenizer, device: str, policy=None) -> tuple[torch.nn.Module, str]:
     from kilter.models.loading import load_tokenizer
     from kilter.models.reward import build_value_model, load_reward_backbone, resolve_reward_dir
 
     source = cfg.value.model or reward.first_model_path() or "policy"
+    if source == "shared":  # LoRA: the policy's frozen base, the critic's own adapter and head (models/value.py)
+        from kilter.models.value import SharedBaseCritic
+
+        return SharedBaseCritic(policy).to(device).eval(), "policy's frozen base + own LoRA adapter and head"
     if source == "policy":
         backbone = load_reward_backbone(cfg.model, tokenizer)
         with torch.no_grad():  # a new head starts at V = 0 everywhere
@@ -151,7 +155,7 @@ def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
         enable_gradient_checkpointing(policy)
     value, value_label = (None, None)
     if cfg.algorithm in ("ppo", "a2c"):
-        value, value_label = build_value(cfg, reward, tokenizer, device)
+        value, value_label = build_value(cfg, reward, tokenizer, device, policy)
     return Models(tokenizer, policy, reference, value, resolve_model_path(cfg.model), value_label, label)
 
 

@@ -334,7 +334,7 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     run_dir = open_run_dir(cfg, info, path)
     existing = run_dir.latest_checkpoint() if cfg.resume else None
 
-    model = load_reward_backbone(start, tokenizer)
+    model = load_reward_backbone(start, tokenizer, max_length=cfg.data.max_length)
     set_reward_bias(model, 0.0)  # training is shift-invariant; the bias is recomputed at the end
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")

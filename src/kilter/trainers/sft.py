@@ -196,7 +196,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
 
     train_records, eval_records, eval_from = _load(cfg, info)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, tokenizer)
+    model = load_causal_lm(cfg.model, tokenizer, max_length=cfg.data.max_length)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     if cfg.gradient_checkpointing:

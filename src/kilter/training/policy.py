@@ -12,7 +12,8 @@ from kilter.models.reference import Reference
 def load_policy(cfg, info: DistInfo):
     """(tokenizer, policy, reference) for DPO/KTO: the reference is built before any update."""
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, tokenizer)
+    max_length = getattr(getattr(cfg, "data", None), "max_length", None)
+    model = load_causal_lm(cfg.model, tokenizer, max_length=max_length)
     ref_model = None
     if cfg.ref_model is not None:
         ref_model = load_causal_lm(cfg.ref_model, tokenizer)

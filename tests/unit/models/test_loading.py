@@ -145,6 +145,22 @@ def test_set_dropout_zeroes_modules_and_config():
     set_dropout(model, 0.0)
     assert model.config.attention_dropout == 0.0
     assert model.extra_dropout.p == 0.0
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0  # copied from the config at init
+
+
+def test_set_dropout_makes_a_train_mode_forward_deterministic_where_layers_copied_their_rates():
+    """OPT's layers keep ``self.dropout`` from the config and apply it functionally: changing the
+    config alone would leave PPO's ratio and DPO's reference noisy."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                     dropout=0.5, attention_dropout=0.5, activation_dropout=0.5)).train()
+    ids = torch.arange(1, 9)[None]
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # noisy before
+    set_dropout(model, 0.0)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 SMOL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -186,3 +202,25 @@ def test_cached_hub_snapshot_is_used_without_the_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert resolve_model_path("some-org/cached") == str(snapshot)
+
+
+def test_position_limit_of_learned_absolute_positions_only():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from kilter.errors import KilterError
+    from kilter.models.loading import check_positions, position_limit
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2, n_positions=40))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=16, hidden_size=8, ffn_dim=16, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=24, word_embed_proj_dim=8))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=24))
+    assert position_limit(gpt2) == 40
+    assert position_limit(opt) == 24  # its table has 2 extra rows (the offset)
+    assert position_limit(llama) is None  # rope: no hard limit
+    check_positions(gpt2, 40, "gpt2")
+    with pytest.raises(KilterError, match=r"data.max_length=41 is longer than the 40 positions gpt2 has learned"):
+        check_positions(gpt2, 41, "gpt2")
+    gpt2.transformer.wpe.weight.data[:] = 0  # the lookup really fails past the limit
+    with pytest.raises(IndexError):
+        gpt2(input_ids=torch.zeros(1, 41, dtype=torch.long))
