@@ -131,10 +131,13 @@ def build_value(cfg, reward: RewardPipeline, tokenizer, device: str, policy=None
 
 def build_models(cfg, reward: RewardPipeline, device: str) -> Models:
     from kilter.models import load_causal_lm, load_tokenizer
-    from kilter.models.loading import resolve_model_path
+    from kilter.models.loading import check_positions, resolve_model_path
 
     tokenizer = load_tokenizer(cfg.model)
+    # a prompt plus its response must fit the positions the model learned (GPT-2, OPT): one line at load
     policy = load_causal_lm(cfg.model, tokenizer)
+    check_positions(policy, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens, cfg.model,
+                    "data.max_prompt_length + rollout.max_new_tokens")
     if cfg.lora.enabled:
         policy = apply_lora(policy, cfg.lora)
     policy.to(device)

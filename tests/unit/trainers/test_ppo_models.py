@@ -120,3 +120,14 @@ def test_prompt_stream_covers_each_epoch_once_in_a_seeded_order(micro, tmp_path)
     assert all(len(r["ids"]) <= 4 for r in stream.batch(0))  # prompts cut to max_prompt_length
     again = PromptStream(cfg, tok)
     assert [r["prompt"] for r in again.batch(3)] == seen[12:16]  # iteration i's batch is a pure function of i
+
+
+def test_prompt_plus_response_longer_than_learned_positions_is_one_line(tmp_path, capsys):
+    from kilter.cli import main
+
+    out = tmp_path / "run"
+    assert main(["ppo", "model=builtin:gpt2-micro", "reward.function=builtin:gold", "rollout.max_new_tokens=5000",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_prompt_length + rollout.max_new_tokens=5128" in err and "512 positions" in err
+    assert "Traceback" not in err and not out.exists()
