@@ -178,6 +178,9 @@ def check_data_parallel(cfg, world: int) -> None:
         raise ConfigError(f"each of the {world} processes holds {local} responses per iteration, which "
                           f"update.num_minibatches x update.grad_accum = {per_step} does not divide; "
                           "change rollout.batch_size or the update's split")
+    if cfg.parallel == "fsdp" and cfg.value.model == "shared" and cfg.algorithm in ("ppo", "a2c"):
+        raise ConfigError("value.model=shared runs the critic on the policy's own modules, which parallel=fsdp "
+                          "would shard twice; use parallel=ddp, or value.model=policy for a critic of its own")
     if cfg.rollout.engine != "hf":
         raise ConfigError(f"rollout.engine={cfg.rollout.engine} under torchrun is not supported: each process "
                           "samples its share with its own policy (rollout.engine=hf); docs/distributed.md")

@@ -153,6 +153,11 @@ def test_config_that_cannot_be_split_is_refused_in_one_line():
         check_data_parallel(cfg, 3)
     with pytest.raises(ConfigError, match="each of the 4 processes holds 2 responses"):
         check_data_parallel(cfg, 4)
+    shared = PPOConfig.model_validate({"reward": {"function": "builtin:gold"}, "parallel": "fsdp",
+                                       "lora": {"enabled": True}, "value": {"model": "shared"}})
+    with pytest.raises(ConfigError, match="value.model=shared .* parallel=fsdp"):
+        check_data_parallel(shared, 2)
+    check_data_parallel(shared.model_copy(update={"parallel": "ddp"}), 2)
     cfg = PPOConfig.model_validate({"reward": {"function": "builtin:gold"},
                                     "rollout": {"engine": "vllm-server", "vllm_url": "http://127.0.0.1:8100"}})
     with pytest.raises(ConfigError, match="rollout.engine=vllm-server under torchrun"):
