@@ -57,8 +57,8 @@ def test_kilter_score_reports_the_same_accuracy_and_a_zero_mean(rm_run, sim_labe
 
     # thumbs.jsonl holds exactly the training responses, the bias reference: mean reward 0.  The default
     # bias_pass=last_epoch takes the mean from the training forwards' rewards, corrected for the weights'
-    # drift on 256 of the 384 responses rescored: the same mean as the full pass within 2% of the rewards'
-    # standard deviation (measured: 0.1%).
+    # drift on 256 of the 384 responses rescored: the same mean as the full pass within 5% of the rewards'
+    # standard deviation (measured: 1.5%, 0.025 against a std of 1.65, after 30 steps at lr 2e-3).
     code = main(["score", f"model={rm_run / 'final'}", f"input={sim_labels_dir / 'thumbs.jsonl'}",
                  f"output={tmp_path / 'thumbs_scored.jsonl'}", "progress=false"])
     assert code == 0
@@ -68,7 +68,7 @@ def test_kilter_score_reports_the_same_accuracy_and_a_zero_mean(rm_run, sim_labe
     std = float(torch.tensor(scores, dtype=torch.float64).std())
     print(f"mean reward on the training responses {summary['reward_mean']:.2e} (std {std:.3f}); "
           f"rescored {read_metrics(rm_run)[-1]['reward/bias_rescored']:.0f}")
-    assert abs(summary["reward_mean"]) < 0.02 * std
+    assert abs(summary["reward_mean"]) < 0.05 * std
 
 
 def test_score_bad_input_exits_2(rm_run, tmp_path, capsys):
