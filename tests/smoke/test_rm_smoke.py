@@ -11,6 +11,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from kilter.cli import main
 from kilter.runs import read_metrics
@@ -54,12 +55,20 @@ def test_kilter_score_reports_the_same_accuracy_and_a_zero_mean(rm_run, sim_labe
     rows = [json.loads(line) for line in scored.read_text().splitlines()]
     assert all(len(r["rewards"]) == len(r["responses"]) for r in rows)
 
-    # thumbs.jsonl holds exactly the training responses, the bias reference: mean reward 0.
+    # thumbs.jsonl holds exactly the training responses, the bias reference: mean reward 0.  The default
+    # bias_pass=last_epoch takes the mean from the training forwards' rewards, corrected for the weights'
+    # drift on 256 of the 384 responses rescored: the same mean as the full pass within 5% of the rewards'
+    # standard deviation (measured: 1.5%, 0.025 against a std of 1.65, after 30 steps at lr 2e-3).
     code = main(["score", f"model={rm_run / 'final'}", f"input={sim_labels_dir / 'thumbs.jsonl'}",
                  f"output={tmp_path / 'thumbs_scored.jsonl'}", "progress=false"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert abs(summary["reward_mean"]) < 1e-4
+    scores = [x for line in (tmp_path / "thumbs_scored.jsonl").read_text().splitlines()
+              for x in json.loads(line).get("rewards", [json.loads(line).get("reward")])]
+    std = float(torch.tensor(scores, dtype=torch.float64).std())
+    print(f"mean reward on the training responses {summary['reward_mean']:.2e} (std {std:.3f}); "
+          f"rescored {read_metrics(rm_run)[-1]['reward/bias_rescored']:.0f}")
+    assert abs(summary["reward_mean"]) < 0.05 * std
 
 
 def test_score_bad_input_exits_2(rm_run, tmp_path, capsys):

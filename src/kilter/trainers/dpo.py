@@ -249,7 +249,7 @@ def _train(cfg: DPOConfig, info: DistInfo) -> int:
     reward_fn = None
     if cfg.samples.reward_fn:
         reward_fn = load_function(cfg.samples.reward_fn)
-    prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.n)
+    prompts = sample_prompts(cfg.samples.prompts, eval_rows or train_rows, cfg.samples.count(cfg.data.train))
 
     run_dir = open_run_dir(cfg, info)
 

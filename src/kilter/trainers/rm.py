@@ -66,6 +66,7 @@ from kilter.training.batching import accumulation_context
 from kilter.training.checkpoint import savable_model
 from kilter.training.loop import MetricWindow, StepPlan, due, start_training
 from kilter.training.parallel import gathered, wrap_model
+from kilter.training.samples import default_sample_count
 from kilter.training.setup import launch, open_run_dir, prepare
 from kilter.training.state import set_seed
 
@@ -127,14 +128,18 @@ class RMConfig(StepArgs):
     """Train each ensemble member on a bootstrap resample of the training groups (ensemble_size > 1 only)."""
     bias_reference: str = "train"
     """Responses whose mean reward the bias sets to 0: train, eval, none, or a data file (demonstrations, comparisons, ...)."""
+    bias_pass: Literal["last_epoch", "full"] = "last_epoch"
+    """How the mean of bias_reference=train is found: last_epoch: from the rewards the training forwards last gave each training response, corrected by rescoring bias_check_examples of them with the final model (no full extra pass); full: a separate pass of the final model over up to max_bias_examples responses (the exact mean of those). Other references always take the full pass."""
+    bias_check_examples: int = Field(256, gt=0)
+    """bias_pass=last_epoch: training responses rescored with the final model to correct the last epoch's rewards for the weights' drift (all of them when there are fewer)."""
     max_bias_examples: int = Field(4096, gt=0)
-    """Use at most this many reference responses (a fixed random subset) for the bias."""
+    """Use at most this many reference responses (a fixed random subset) for the full pass."""
     calibration_bins: int = Field(10, gt=1)
     """Bins of predicted P(chosen wins) in the calibration table (calibration.json, eval/ece)."""
     eval_batch_size: int = Field(64, gt=0)
     """Responses per forward pass when evaluating and computing the bias."""
-    n_samples: int = Field(4, ge=0)
-    """Held-out pairs shown with their rewards at the end (0: none)."""
+    n_samples: int | None = Field(None, ge=0)
+    """Held-out pairs shown with their rewards at the end (0: none; null: 4 on the built-in task's data, none on user data)."""
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -200,6 +205,110 @@ def reference_mean(model, examples: list[dict], pad_id: int, cfg: RMConfig, devi
     return float(total[0] / total[1].clamp(min=1))
 
 
+def _bias_from_training(cfg: RMConfig) -> bool:
+    return cfg.bias_reference == "train" and cfg.bias_pass == "last_epoch"
+
+
+class LastPassRewards:
+    """The latest raw reward the training forwards gave each distinct training response.
+
+    Responses are told apart by their token ids, so one response in several groups counts once,
+    as in :func:`kilter.data.preferences.reference_pairs`.
+    """
+
+    def __init__(self, train_enc: list[dict]):
+        self.train_enc = train_enc
+        self.ids: dict[tuple[int, ...], tuple[int, int]] = {}
+        """token ids -> (group, example) of the first copy."""
+        for j, group in enumerate(train_enc):
+            for e, ex in enumerate(group["examples"]):
+                self.ids.setdefault(tuple(ex["input_ids"]), (j, e))
+        self.latest: dict[tuple[int, int], tuple[int, float]] = {}
+        """(group, example) -> (step, raw reward) of the latest training forward."""
+
+    def add(self, step: int, groups: list[int], rewards: torch.Tensor) -> None:
+        """``rewards`` (N,): a :func:`collate_groups` batch of train_enc[groups] in row order."""
+        values = rewards.detach().double().cpu().tolist()
+        k = 0
+        for j in groups:
+            for ex in self.train_enc[j]["examples"]:
+                self.latest[self.ids[tuple(ex["input_ids"])]] = (step, values[k])
+                k += 1
+
+    def merged(self, info: DistInfo) -> dict[tuple[int, int], float]:
+        """Every rank's latest rewards, the newest step winning: the same dict on all ranks."""
+        parts = [self.latest]
+        if info.enabled:
+            import torch.distributed as dist
+
+            parts = [None] * info.world_size
+            dist.all_gather_object(parts, self.latest)
+        out: dict[tuple[int, int], tuple[int, float]] = {}
+        for part in parts:
+            for key, (step, value) in part.items():
+                if key not in out or step > out[key][0]:
+                    out[key] = (step, value)
+        return {key: value for key, (_, value) in out.items()}
+
+
+def drift_corrected_mean(last: dict, final: dict, unscored_mean: float | None = None, n_unscored: int = 0) -> float:
+    """Mean of the final model's rewards over N responses, from the training forwards' ones.
+
+    ``last`` maps each response the training forwards scored to its latest reward, ``final`` a
+    random subset of those keys to the final model's reward; the responses never scored in
+    training (``n_unscored`` of them, whose final rewards average ``unscored_mean``) are added
+    as they are.  The subset's mean of ``final - last`` corrects the drift of the weights since
+    each response was scored (a control variate): exact when the subset is all of ``last``.
+    """
+    n_last = len(last)
+    total = 0.0
+    if n_last:
+        if not final:
+            raise ValueError("drift_corrected_mean needs final rewards for a subset of the scored responses")
+        drift = sum(final[k] - last[k] for k in final) / len(final)
+        total = sum(last.values()) + n_last * drift
+    if n_unscored:
+        total += n_unscored * float(unscored_mean)
+    return total / max(n_last + n_unscored, 1)
+
+
+@torch.no_grad()
+def last_pass_mean(model, tracker: LastPassRewards, groups, pad_id: int, cfg: RMConfig, device: str,
+                   info: DistInfo, seed: int) -> tuple[float, dict[str, float]]:
+    """(mean raw reward of the training responses of ``groups``, metrics): :func:`drift_corrected_mean`
+    with ``bias_check_examples`` responses rescored, and the responses training never scored
+    (a resume late in the run, max_steps short of an epoch) scored in full (at most max_bias_examples)."""
+    last = tracker.merged(info)
+    everything = sorted({tracker.ids[tuple(ex["input_ids"])] for j in set(groups)
+                         for ex in tracker.train_enc[j]["examples"]})
+    rng = random.Random(f"kilter-rm-bias-{seed}")
+    scored = [k for k in everything if k in last]
+    unscored = [k for k in everything if k not in last]
+    check = scored if len(scored) <= cfg.bias_check_examples else rng.sample(scored, cfg.bias_check_examples)
+    if len(unscored) > cfg.max_bias_examples:
+        sampled = rng.sample(unscored, cfg.max_bias_examples)
+    else:
+        sampled = unscored
+    keys = check + sampled
+    mine = list(range(len(keys)))[info.rank::info.world_size]
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), cfg.eval_batch_size):
+        part = mine[start:start + cfg.eval_batch_size]
+        rows = [{"input_ids": tracker.train_enc[j]["examples"][e]["input_ids"]} for j, e in (keys[i] for i in part)]
+        batch = pad_batch(rows, pad_id, keys=("input_ids",))
+        values[part] = score_rows(model, batch, cfg.precision, device).double().cpu()
+    values = all_reduce_sum(values, info)
+    if was_training:
+        model.train()
+    final = {k: float(v) for k, v in zip(check, values[:len(check)].tolist())}
+    unscored_mean = float(values[len(check):].mean()) if sampled else None
+    mean = drift_corrected_mean({k: last[k] for k in scored}, final, unscored_mean, len(unscored))
+    drift = sum(final[k] - last[k] for k in final) / len(final) if final else 0.0
+    return mean, {"reward/bias_drift": drift, "reward/bias_rescored": float(len(keys))}
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -223,7 +332,9 @@ def _read_data(cfg: RMConfig, info: DistInfo):
     eval_groups = eval_groups[: d.max_eval_groups]
 
     ref = cfg.bias_reference
-    if ref == "train":
+    if ref == "train" and cfg.bias_pass == "last_epoch":
+        pairs = []  # the mean comes from the training forwards (LastPassRewards)
+    elif ref == "train":
         pairs = reference_pairs(train_groups)
     elif ref == "eval":
         if not eval_groups:
@@ -297,8 +408,10 @@ def _train_all(cfg: RMConfig, info: DistInfo) -> int:
     train_groups, eval_groups, train_enc, eval_enc, reference = _encode_data(cfg, tokenizer, *read)
     if info.is_main:
         where = cfg.init_from or cfg.model
-        print(f"kilter rm: {len(train_enc)} training groups, {len(eval_enc)} eval groups, {len(reference)} reference "
-              f"responses for the bias; starting from {where}; {n} model(s)")
+        bias_from = (f"{len(reference)} reference responses" if not _bias_from_training(cfg)
+                     else "the last epoch's training rewards")
+        print(f"kilter rm: {len(train_enc)} training groups, {len(eval_enc)} eval groups, bias from {bias_from}; "
+              f"starting from {where}; {n} model(s)")
 
     for i in range(n):
         if n > 1 and cfg.resume and (finals[i] / "config.json").is_file():
@@ -363,20 +476,24 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
               f"{trainable / 1e6:.2f}M of {total_params / 1e6:.2f}M parameters trainable, device {device}")
 
     pad_id = tokenizer.pad_token_id
+    tracker = LastPassRewards(train_enc) if _bias_from_training(cfg) else None
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
         # 1. this step's groups in micro-batches (padded, packed, or packed with shared prompts)
-        micro = [collate_groups([train_enc[order[p]] for p in idx], pad_id, cfg.strength_margin_scale, pack_capacity,
+        parts = [[order[p] for p in idx] for idx in plan.micro_batches(step)]
+        micro = [collate_groups([train_enc[j] for j in part], pad_id, cfg.strength_margin_scale, pack_capacity,
                                 shared, weight)
-                 for idx in plan.micro_batches(step)]
+                 for part in parts]
         # 2. the step's loss is sum(w * l) / sum(w) over all its micro-batches and processes
         local_weight = sum(float(b["pair_weight"].sum()) for b in micro)
         global_weight = float(all_reduce_sum(torch.tensor(local_weight, dtype=torch.float64), info))
         for k, batch in enumerate(micro):
             with accumulation_context(ddp_model, info, last=k == len(micro) - 1):
                 rewards = score_rows(ddp_model, batch, cfg.precision, device)
+                if tracker is not None:
+                    tracker.add(step, parts[k], rewards)
                 loss_sum, _ = weighted_pair_loss(rewards, batch["better"].to(device), batch["worse"].to(device),
                                                  batch["pair_weight"].to(device), batch["margin"].to(device))
                 # DDP averages gradients over ranks; the world_size factor turns that into a sum.
@@ -410,7 +527,11 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     # Zero-mean bias over the reference responses (InstructGPT): r' = r - mean(r_ref).
     summary: dict[str, float] = {}
     with gathered(model):
-        if reference:
+        if tracker is not None:
+            raw_mean, extra = last_pass_mean(model, tracker, range(len(train_enc)), pad_id, cfg, device, info, seed)
+            set_reward_bias(model, -raw_mean)
+            summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean, **extra}
+        elif reference:
             raw_mean = reference_mean(model, reference, pad_id, cfg, device, info)
             set_reward_bias(model, -raw_mean)
             summary = {"reward/reference_raw_mean": raw_mean, "reward/bias": -raw_mean}
@@ -424,9 +545,10 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
     plain = savable_model(model)  # under FSDP: the gathered weights, on rank 0
     if info.is_main:
         save_folder_atomically(final, lambda p: save_reward_model(plain, tokenizer, p))
-        if cfg.n_samples and eval_groups:
+        shown_pairs = default_sample_count(cfg.n_samples, cfg.data.train)
+        if shown_pairs and eval_groups:
             scorer = RewardModel(plain, tokenizer, max_length=cfg.data.max_length)
-            print(f"held-out pairs ({tag}):\n" + pair_table(scorer, eval_groups[: cfg.n_samples]))
+            print(f"held-out pairs ({tag}):\n" + pair_table(scorer, eval_groups[:shown_pairs]))
         shown = {**{k: v for k, v in last.items() if k.startswith("loss")}, **summary}
         print(f"kilter {tag}: done (" + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f"); model in {final}")
     barrier(info)

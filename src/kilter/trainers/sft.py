@@ -33,6 +33,7 @@ from kilter.training.batching import accumulation_context
 from kilter.training.display import format_sample_table
 from kilter.training.loop import MetricWindow, StepPlan, due, finish, start_training
 from kilter.training.parallel import gathered, wrap_model
+from kilter.training.samples import default_sample_count
 from kilter.training.setup import launch, open_run_dir, prepare
 
 
@@ -78,10 +79,14 @@ class SFTConfig(StepArgs):
     """Training and evaluation data."""
     batch_size: int = Field(32, gt=0)
     """Examples per micro-batch on each process."""
-    n_samples: int = Field(4, ge=0)
-    """Held-out prompts to sample before and after training (0: none)."""
+    n_samples: int | None = Field(None, ge=0)
+    """Held-out prompts to sample before and after training (0: none; null: 4 on the built-in task, none on user data, where the generations cost minutes on a real model)."""
     sample_max_new_tokens: int = Field(48, gt=0)
     """Length limit of those samples."""
+
+    @property
+    def sample_count(self) -> int:
+        return default_sample_count(self.n_samples, self.data.train)
 
 
 # --------------------------------------------------------------------------- data
@@ -219,7 +224,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
         eval_examples = encode_sft_records(tokenizer, eval_records.rows[: cfg.data.max_eval_examples],
                                            cfg.data.max_length, cfg.data.train_on)
         if cfg.data.kind == "demonstration":
-            eval_prompts = [r["prompt"] for r in eval_records.rows[: cfg.n_samples]]
+            eval_prompts = [r["prompt"] for r in eval_records.rows[: cfg.sample_count]]
 
     ddp_model = wrap_model(loss_model if loss_model is not None else model, model, cfg, info)  # ddp or fsdp
     plan = StepPlan([len(e["input_ids"]) for e in examples], cfg, info, "examples")

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from kilter.distributed import DistInfo
 from kilter.errors import ConfigError
+from kilter.models.precision import effective_precision
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -93,7 +94,7 @@ def wrap_model(run_module: torch.nn.Module, model: torch.nn.Module, cfg, info: D
     if not blocks:
         raise ConfigError(f"parallel=fsdp: found no decoder blocks in {type(model).__name__} to shard; "
                           "use parallel=ddp for this model")
-    policy = mixed_precision(cfg.precision)
+    policy = mixed_precision(effective_precision(cfg.precision, info.device))  # bf16 on a CPU without it: fp32
     for block in blocks:
         # Blocks free their full weights after forward (re-gathered for backward): the memory saving.
         fully_shard(block, mp_policy=policy, reshard_after_forward=True)

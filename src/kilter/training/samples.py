@@ -17,8 +17,8 @@ from kilter.training.display import format_sample_table
 class SampleSection(BaseConfig):
     """Answers to held-out prompts before and after training, scored by a reward function."""
 
-    n: int = Field(4, ge=0)
-    """How many prompts to answer before and after training (0: none)."""
+    n: int | None = Field(None, ge=0)
+    """How many prompts to answer before and after training (0: none; null: 4 when the training data is the built-in task or samples.prompts is set, else none, since on a real model the generations cost minutes)."""
     prompts: str | None = None
     """Prompt source (a prompt file or builtin:prompts_eval); null: the prompts of the eval data, else of the training data."""
     reward_fn: str | None = None
@@ -27,6 +27,19 @@ class SampleSection(BaseConfig):
     """Length limit of the samples."""
     show: int = Field(4, ge=0)
     """Rows of the printed before/after table."""
+
+
+    def count(self, train_spec: str | None) -> int:
+        """Prompts to sample: ``n``, or when null 4 on the built-in task (or with ``prompts`` set) and 0 on user data."""
+        return default_sample_count(self.n, train_spec, asked=self.prompts is not None)
+
+
+def default_sample_count(n: int | None, train_spec: str | None, asked: bool = False, default: int = 4) -> int:
+    """``n`` if set; else ``default`` when the training data is the built-in task (or samples were
+    ``asked`` for another way), 0 on user data: sample tables are the built-in task's demonstration."""
+    if n is not None:
+        return n
+    return default if asked or str(train_spec or "").startswith("builtin:") else 0
 
 
 def sample_prompts(spec: str | None, fallback_rows: list[dict], n: int) -> list:
