@@ -47,3 +47,37 @@ def _restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: OpenMP barriers cost more than they save)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ppo_killed_after(monkeypatch):
+    """``run(args, iteration)``: `kilter ppo ARGS`, killed (KeyboardInterrupt) right after checkpoint ``iteration``."""
+    from kilter.cli import main
+    from kilter.trainers import ppo_setup
+
+    def run(args: list[str], iteration: int) -> int:
+        original = ppo_setup.LoopState.save
+
+        def save_then_die(self, run_dir, it, *rest, **kwargs):
+            original(self, run_dir, it, *rest, **kwargs)
+            if it == iteration:
+                raise KeyboardInterrupt  # killed right after the checkpoint was written
+
+        monkeypatch.setattr(ppo_setup.LoopState, "save", save_then_die)
+        try:
+            return main(["ppo", *args])
+        finally:
+            monkeypatch.undo()
+
+    return run

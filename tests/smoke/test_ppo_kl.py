@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from kilter.cli import main
 
@@ -31,12 +30,7 @@ COMMON = ["rollout.max_new_tokens=16", "update.epochs=2", "update.num_minibatche
           "save_every=100", "threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/smoke/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import torch
 from safetensors.torch import load_file
 
 from kilter.cli import main
-from kilter.trainers import ppo_setup
 
 # Every piece of state is exercised: adaptive KL, running reward normalisation, ptx position,
 # a critic with its own optimizer, evaluation and sample tables in between (which must not
@@ -23,20 +22,10 @@ def _metrics(run):
     return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, ppo_killed_after, capsys):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["ppo", f"output_dir={straight}", *ARGS]) == 0
-
-    original = ppo_setup.LoopState.save
-
-    def save_then_die(self, run_dir, iteration, *args, **kwargs):
-        original(self, run_dir, iteration, *args, **kwargs)
-        if iteration == 2:
-            raise KeyboardInterrupt  # killed right after the checkpoint was written
-
-    monkeypatch.setattr(ppo_setup.LoopState, "save", save_then_die)
-    assert main(["ppo", f"output_dir={resumed}", *ARGS]) == 130
-    monkeypatch.undo()
+    assert ppo_killed_after([f"output_dir={resumed}", *ARGS], 2) == 130
     assert not (resumed / "final").exists()
     capsys.readouterr()
     # a second start without resume=true refuses to overwrite the checkpoints

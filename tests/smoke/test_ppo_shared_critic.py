@@ -10,17 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from kilter.cli import main
-from kilter.trainers import ppo_setup
 
 SHARED = ["lora.enabled=true", "value.model=shared", "tensorboard=false", "threads=1", "n_samples=0"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/smoke/conftest.py
 
 
 def _train_rows(run):
@@ -53,19 +47,10 @@ ARGS = ["model=builtin:micro", "iterations=4", "reward.function=builtin:gold", "
         "value.optim.lr=1e-2", "save_every=2", "keep_checkpoints=null", "data.n_eval=2", "eval_every=2", *SHARED]
 
 
-def test_kill_and_resume_restores_the_shared_critic_exactly(tmp_path, monkeypatch):
+def test_kill_and_resume_restores_the_shared_critic_exactly(tmp_path, ppo_killed_after):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["ppo", f"output_dir={straight}", *ARGS]) == 0
-    original = ppo_setup.LoopState.save
-
-    def save_then_die(self, run_dir, iteration, *args, **kwargs):
-        original(self, run_dir, iteration, *args, **kwargs)
-        if iteration == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(ppo_setup.LoopState, "save", save_then_die)
-    assert main(["ppo", f"output_dir={resumed}", *ARGS]) == 130
-    monkeypatch.undo()
+    assert ppo_killed_after([f"output_dir={resumed}", *ARGS], 2) == 130
     step2 = resumed / "checkpoints" / "step-2"
     assert sorted(p.name for p in (step2 / "value").iterdir()) == ["critic.json", "critic.safetensors"]
     assert main(["ppo", f"output_dir={resumed}", *ARGS, "resume=true"]) == 0

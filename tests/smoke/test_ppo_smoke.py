@@ -10,15 +10,7 @@ from safetensors.torch import load_file
 from kilter.cli import main
 from kilter.data.task import gold_scores
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers cost more than they save, most of all
-    on a busy machine (a PPO smoke run took 17 s with one thread and 89 s with two here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/smoke/conftest.py
 
 
 QUIET = ["tensorboard=false", "n_samples=2", "sample_every=100"]
