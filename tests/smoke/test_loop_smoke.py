@@ -1,6 +1,8 @@
 """`kilter loop` end to end on the built-in task: a 2-round tiny loop with a simulated crowd judging
 through the web app raises the gold score above the SFT model's, keeps the KL anchored to the SFT
-model, and leaves a run directory `kilter report` can draw.
+model, and leaves a run directory `kilter report` can draw. It runs on tiny.yaml's template split
+(every product in training, two prompt phrasings held out): the crowd and the RL stage see only
+training phrasings, the evaluation only the held-out ones.
 
 The crowd has no troll here: one troll in three annotators, not yet caught by the few gold items of
 round 1, inverts a third of the labels and made the gain too small to test in one of four runs."""
@@ -10,6 +12,7 @@ import json
 import torch
 
 from kilter.cli import main
+from kilter.data.task import split_prompts
 
 
 def test_a_two_round_tiny_loop_improves_gold(sft_model_dir, tmp_path):
@@ -18,8 +21,8 @@ def test_a_two_round_tiny_loop_improves_gold(sft_model_dir, tmp_path):
     code = main(["loop", "--config", "configs/loop/tiny.yaml", f"output_dir={out}", f"sft_model={sft_model_dir}",
                  "rounds=2", "prompts_per_round=16", "gold_items=4", "crowd.size=3", "crowd.trolls=0", "policy.iterations=8",
                  "eval_prompts=32",
-                 # the shared SFT model is the short one on the product split (tiny.yaml's own needs 625 steps)
-                 "prompts=builtin:prompts", "policy.kl_beta=0.05"])
+                 # tiny.yaml's template split; the shared SFT model is the short one (tiny.yaml's own needs 625 steps)
+                 "policy.kl_beta=0.05"])
     assert code == 0
     state = json.loads((out / "state.json").read_text())
     base = state["done"]["baseline"]["reward/gold"]
@@ -38,5 +41,13 @@ def test_a_two_round_tiny_loop_improves_gold(sft_model_dir, tmp_path):
     assert not set(held) & set((out / "round-2" / "train.jsonl").read_text().splitlines())
     # the RM of round 2 was warm-started from round 1's
     assert state["done"]["2:reward"]["warm_start"] is True
+    # the template split end to end: published and trained on training phrasings, evaluated on held-out ones
+    train, held = (set(x) for x in split_prompts("template"))
+    published = [json.loads(line)["prompt"] for line in (out / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert published and set(published) <= train
+    evaluated = json.loads((out / "round-2" / "eval" / "eval.json").read_text())["prompts"]
+    assert evaluated["source"] == "builtin:prompts_eval@template" and set(evaluated["items"]) <= held
+    assert "prompts: builtin:prompts@template" in ppo_cfg
+    assert all(0 <= r["response/product_mention"] <= 1 for r in rounds)
     assert main(["report", str(out)]) == 0
     assert (out / "report.html").stat().st_size > 10_000

@@ -53,3 +53,12 @@ def test_ppo_curve_fit_recovers_the_rl_form_and_flags_divergence(tmp_path):
     assert fit["ppo/diverged"] == 1.0  # round 2 runs past the gold peak (d = e) while the proxy keeps rising
     assert ppo_curve_fit([tmp_path / "round-1"], anchor=-0.5)["ppo/diverged"] == 0.0  # gold still rising there
     assert ppo_curve_fit([tmp_path / "missing"]) == {}
+
+
+@pytest.mark.parametrize(("prompts", "split"), [("builtin:prompts", "product"), ("builtin:prompts@template", "template"),
+                                                ("builtin:prompts@product", "product"), ("my_prompts.jsonl", "product")])
+def test_the_loop_works_on_the_split_its_prompts_name(prompts, split):
+    from kilter.commands.loop import LoopConfig
+
+    # the SFT stage, the baseline and every round's evaluation use builtin:*@{task_split}
+    assert LoopConfig(prompts=prompts).task_split == split
