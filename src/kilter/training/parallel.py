@@ -236,12 +236,12 @@ class Ranks:
         return self.info.enabled
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the ranks (a new tensor; ``t`` itself is left alone)."""
+        """``t`` summed over the ranks (a new tensor on ``t``'s device; ``t`` itself is left alone)."""
         if not self.enabled:
             return t
-        out = t.detach().clone()
+        out = t.detach().to(self._device(), copy=True)  # NCCL reduces device tensors only
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return out.to(t.device)
 
     def mean(self, value: float) -> float:
         """A float averaged over the ranks."""
@@ -253,9 +253,10 @@ class Ranks:
         """Equal-length 1-D tensors of every rank concatenated in rank order."""
         if not self.enabled:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        local = t.detach().to(self._device()).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts).to(t.device)
 
     def gather_objects(self, obj) -> list:
         """One picklable object per rank, in rank order, on every rank."""
