@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "control"
 
 # per task: the preset, its step budget here, label budget, and a uniformly random policy's true return
-# (measured: 20 episodes, seeds 0-19; Pong: the usual figure)
+# (measured: 20 episodes, seeds 0-19; Pong and Breakout: the usual figure of the DQN papers)
 TASKS = {
     "cartpole": {
         "config": "cartpole.yaml",
@@ -70,6 +70,18 @@ TASKS = {
             "eval_episodes=1",
         ],
         "random_return": -20.7,
+    },
+    "breakout": {
+        "config": "breakout.yaml",
+        "overrides": [
+            "total_timesteps=98304",
+            "rounds=8",
+            "queries.total_labels=300",
+            "eval_every=8",
+            "save_every=8",
+            "eval_episodes=10",
+        ],
+        "random_return": 1.7,
     },
 }
 QUICK = ["total_timesteps=8192", "rounds=2", "queries.total_labels=40", "eval_episodes=3"]
