@@ -74,11 +74,11 @@ TASKS = {
     "breakout": {
         "config": "breakout.yaml",
         "overrides": [
-            "total_timesteps=98304",
-            "rounds=8",
-            "queries.total_labels=300",
-            "eval_every=8",
-            "save_every=8",
+            "total_timesteps=49152",
+            "rounds=4",
+            "queries.total_labels=200",
+            "eval_every=1",
+            "save_every=4",
             "eval_episodes=10",
         ],
         "random_return": 1.7,
