@@ -71,6 +71,18 @@ TASKS = {
         ],
         "random_return": -20.7,
     },
+    "breakout": {
+        "config": "breakout.yaml",
+        "overrides": [
+            "total_timesteps=49152",
+            "rounds=4",
+            "queries.total_labels=200",
+            "eval_every=1",
+            "save_every=4",
+            "eval_episodes=10",
+        ],
+        "random_return": 1.45,  # with env.atari_fire (a random policy also fires itself)
+    },
 }
 QUICK = ["total_timesteps=8192", "rounds=2", "queries.total_labels=40", "eval_episodes=3"]
 
@@ -130,6 +142,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="cartpole,pendulum", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (to split seeds)")
     p.add_argument("--variants", default="true,active,random")
     p.add_argument(
         "--label-sweep", action="store_true", help="also find the labels needed to reach 90%% of the true agent"
@@ -145,7 +158,7 @@ def main() -> int:
     extra = (QUICK if args.quick else []) + list(args.set)
     results = []
     for task in args.tasks.split(","):
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for variant in args.variants.split(","):
                 results.append(run_one(task, variant, seed, out, extra))
     sweep = []

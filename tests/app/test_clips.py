@@ -35,9 +35,12 @@ def _cartpole_segment(uid: int, push: int) -> Segment:
     return Segment(obs=np.stack(obs), acts=np.full(6, push), true_rewards=np.ones(6), frames=np.stack(frames), uid=uid)
 
 
-def _post_queries(tmp_path: Path, n: int = 2) -> tuple[HumanLabeler, list[tuple[Segment, Segment]]]:
+def _post_queries(tmp_path: Path, n: int = 2, fmt: str = "gif") -> tuple[HumanLabeler, list[tuple[Segment, Segment]]]:
     lab = HumanLabeler(
-        tmp_path / "run" / "queries", LabelerConfig(kind="human", poll_s=0.01, wait_timeout_s=1), ClipConfig(), fps=25
+        tmp_path / "run" / "queries",
+        LabelerConfig(kind="human", poll_s=0.01, wait_timeout_s=1),
+        ClipConfig(format=fmt),
+        fps=25,
     )
     pairs = [(_cartpole_segment(2 * i, 0), _cartpole_segment(2 * i + 1, 1)) for i in range(n)]
     lab.post(pairs)
@@ -153,6 +156,70 @@ def test_clip_task_in_headless_chromium_by_keyboard(browser, tmp_path, live_serv
     right = next(c for c in rec.candidates if c.id == rec.display_order[1])  # the clip that was on the right
     (line,) = lab.answers_path.read_text().splitlines()
     assert json.loads(line)["answer"] == right.sampling["side"]
+
+
+@pytest.mark.browser
+def test_video_clips_play_and_loop_in_headless_chromium(browser, tmp_path, live_server):
+    """WebM clips (the default) are <video autoplay loop muted>: both play, allowed by the CSP, judged by keyboard."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pytest.importorskip("imageio_ffmpeg", reason="video clips need imageio-ffmpeg (the control extra)")
+    lab, _ = _post_queries(tmp_path, n=1, fmt="webm")
+    db = str(tmp_path / "app.db")
+    store = Store(db)
+    store.migrate()
+    store.create_user("ann", "annotator", "ann-password")
+    store.close()
+    assert run(ClipSyncConfig(queries=str(lab.root), project="clips", db=db, members=["ann"])) == 0
+    server = live_server(db)
+    browser.set_window_size(1366, 768)
+    browser.get(server.url + "/login")
+    browser.find_element(By.NAME, "username").send_keys("ann")
+    browser.find_element(By.NAME, "password").send_keys("ann-password" + Keys.ENTER)
+    WebDriverWait(browser, 15).until(lambda d: d.current_url.rstrip("/") == server.url)
+    browser.get(server.url + "/p/clips")
+    videos = browser.find_elements(By.CSS_SELECTOR, "video.clip")
+    assert len(videos) == 2 and not browser.find_elements(By.CSS_SELECTOR, "img.clip")
+    state = "return [arguments[0].readyState, arguments[0].currentTime, arguments[0].paused, arguments[0].loop]"
+    # decoded (readyState >= 2: HAVE_CURRENT_DATA), autoplaying, looping; a CSP block leaves readyState at 0
+    WebDriverWait(browser, 15).until(lambda d: all(d.execute_script(state, v)[0] >= 2 for v in videos))
+    first = [browser.execute_script(state, v) for v in videos]
+    assert all(not paused and loop for _, _, paused, loop in first)
+    # the clips are 6 frames at 25 fps (0.24 s): time moves on, and it has wrapped past the end (looped)
+    WebDriverWait(browser, 15).until(
+        lambda d: all(
+            d.execute_script("return arguments[0].played.length && arguments[0].currentTime", v) for v in videos
+        )
+    )
+    duration = browser.execute_script("return arguments[0].duration", videos[0])
+    assert duration == pytest.approx(6 / 25, abs=0.03)
+    browser.execute_script(
+        "window.__wraps = 0; const v = arguments[0]; let last = v.currentTime;"
+        "v.addEventListener('timeupdate', () => { if (v.currentTime < last) window.__wraps++; last = v.currentTime; });",
+        videos[0],
+    )
+    WebDriverWait(browser, 15).until(lambda d: d.execute_script("return window.__wraps") >= 1)
+    shots = Path(os.environ.get("KILTER_SHOTS_DIR") or tmp_path)
+    browser.save_screenshot(str(shots / "clips-video-1366.png"))
+    browser.set_window_size(400, 800)
+    browser.save_screenshot(str(shots / "clips-video-400.png"))
+    # both clips fit side by side or stacked inside a phone-width window: no horizontal scrolling
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    ActionChains(browser).send_keys("l").perform()
+    assert browser.find_element(By.CSS_SELECTOR, 'input[value="A"]').is_selected()
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    WebDriverWait(browser, 15).until(lambda d: "saved=1" in d.current_url)
+    store = Store(db)
+    assert sync(store, "clips", lab.root) == (0, 1)
+    (rec,) = store.judgments(store.project("clips"))
+    store.close()
+    left = next(c for c in rec.candidates if c.id == rec.display_order[0])  # the clip that was on the left
+    assert left.text.startswith("data:video/webm;base64,")
+    (line,) = lab.answers_path.read_text().splitlines()
+    assert json.loads(line)["answer"] == left.sampling["side"]
 
 
 def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):

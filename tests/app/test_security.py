@@ -35,6 +35,8 @@ def test_script_in_model_output_is_escaped_text(app, ann):
     assert "fine &lt;b&gt;bold&lt;/b&gt;" in page.text
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    # video clips (the clips task) are data: URIs; no other media source is allowed
+    assert [d.strip() for d in csp.split(";") if d.strip().startswith("media-src")] == ["media-src data:"]
     # the only scripts the page loads are our own static file, never inline code
     assert re.findall(r"<script[^>]*>", page.text) == ['<script src="/static/app.js" defer>']
 

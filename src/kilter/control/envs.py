@@ -63,6 +63,8 @@ class EnvConfig(BaseConfig):
     """Override the environment's time limit (null: the registered one)."""
     atari_frame_skip: int = Field(4, gt=0)
     """Atari only: emulator frames per agent step (AtariPreprocessing: 84x84 grey, 4 stacked frames)."""
+    atari_fire: bool = False
+    """Atari only: press FIRE after a reset and after every lost life (Breakout serves only on FIRE)."""
 
 
 class Corridor(gym.Env):
@@ -174,6 +176,43 @@ class FixedHorizon(gym.Wrapper):
         return obs, reward, False, at_horizon, info
 
 
+class FireOnLifeLoss(gym.Wrapper):
+    """Press FIRE (one agent step) after a reset and after every lost life, in games that serve on FIRE.
+
+    Without it a deterministic policy that never picks FIRE in Breakout waits for the serve until the
+    time limit.  The FIRE step's reward counts (added to the next returned step's), so true returns
+    stay exact; an episode that ends on the FIRE step is returned as ended.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        meanings = env.unwrapped.get_action_meanings()
+        if "FIRE" not in meanings:
+            raise ConfigError(f"env.atari_fire=true, but {env.spec.id if env.spec else env} has no FIRE action")
+        self.fire = meanings.index("FIRE")
+        self._lives = 0
+
+    def _lives_now(self) -> int:
+        return int(self.env.unwrapped.ale.lives())
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(self.fire)
+        if terminated or truncated:
+            obs, info = self.env.reset(**kwargs)
+        self._lives = self._lives_now()
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        lives = self._lives_now()
+        if not (terminated or truncated) and lives < self._lives:
+            obs, fire_reward, terminated, truncated, info = self.env.step(self.fire)
+            reward = float(reward) + float(fire_reward)
+        self._lives = lives
+        return obs, reward, terminated, truncated, info
+
+
 class TrueEpisodeReturn(gym.Wrapper):
     """Without a fixed horizon: put the episode's true return into ``info["episode_true"]`` at its end."""
 
@@ -222,6 +261,8 @@ def make_env(cfg: EnvConfig, render_mode: str | None = None, training: bool = Tr
                 f"environment {cfg.id!r} needs OpenCV for frame preprocessing: pip install opencv-python-headless"
             ) from None
         env = gym.wrappers.FrameStackObservation(env, 4)
+        if cfg.atari_fire:
+            env = FireOnLifeLoss(env)
     if training and cfg.fixed_horizon is not None:
         return FixedHorizon(env, cfg.fixed_horizon, cfg.termination_penalty)
     return TrueEpisodeReturn(env)

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from kilter.config import BaseConfig
-from kilter.control.clips import ClipFormat, write_clip
+from kilter.control.clips import ClipFormat, require_encoder, write_clip
 from kilter.control.labelers import ANSWERS, Answer, LabelerConfig
 from kilter.control.segments import Segment
 from kilter.errors import DataError, KilterError
@@ -34,8 +34,9 @@ from kilter.runs import atomic_write_text
 class ClipConfig(BaseConfig):
     """How segments are shown to people."""
 
-    format: ClipFormat = "gif"
-    """gif or webp (loop in any browser, no extra package) or mp4 (needs PyAV)."""
+    format: ClipFormat = "webm"
+    """gif or webp (animations, no extra package), webm (VP9 video, plays in every browser) or mp4 (H.264);
+    the videos need imageio-ffmpeg (in the control extra)."""
     downscale: int = Field(2, gt=0)
     """Keep every n-th pixel of rendered frames (memory: frames of every pooled segment are kept)."""
     keep_frames: bool = False
@@ -74,6 +75,7 @@ class HumanLabeler:
     def __init__(self, root: str | Path, cfg: LabelerConfig, clips: ClipConfig, fps: int):
         self.root = Path(root)
         self.cfg, self.clips, self.fps = cfg, clips, fps / clips.slowdown
+        require_encoder(clips.format)  # fail before any step is taken, not at the first query
         (self.root / "clips").mkdir(parents=True, exist_ok=True)
 
     @property

@@ -51,7 +51,9 @@ from kilter.feedback.tasks import (
 
 HERE = Path(__file__).resolve().parent
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+# media-src data: is for the "compare two clips" task, whose WebM/MP4 clips are embedded as data: URIs
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src data:; "
+       "connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 

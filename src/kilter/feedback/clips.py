@@ -5,7 +5,8 @@ the clip files.  Each sync
 
 1. imports every pending query not yet in the project as one item: the prompt is the query id
    (``external_id``), the two candidates are the left and right clip embedded as ``data:`` URIs
-   (the page's Content-Security-Policy already allows ``data:`` images, so no file route is needed),
+   (the page's Content-Security-Policy allows ``data:`` images and media, so no file route is needed;
+   GIF/WebP show in an ``<img>``, WebM/MP4 in a looping muted ``<video>``),
    with ``sampling = {"query", "side"}``;
 2. rewrites ``answers.jsonl`` from the project's judgments: the first judgment of each query,
    resolved from the order it was *shown* in back to the run's left/right.
@@ -78,9 +79,9 @@ def read_pending(root: Path) -> list[dict]:
 
 def _data_uri(path: Path) -> str:
     ext = path.suffix.lstrip(".").lower()
-    if ext not in ("gif", "webp"):
+    if ext not in MIME:
         raise DataError(
-            f"{path}: the web app shows gif or webp clips (run kilter control with clips.format=gif or webp)"
+            f"{path}: the web app shows gif, webp, webm or mp4 clips (run kilter control with clips.format=webm)"
         )
     if not path.is_file():
         raise DataError(f"{path}: clip file not found")

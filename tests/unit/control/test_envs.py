@@ -76,3 +76,23 @@ def test_fixed_horizon_hides_termination_and_marks_failures():
     # true returns of underlying episodes: plain CartPole scores (no penalty), including the cut-off last one
     assert len(inner_returns) == falls + 1 and sum(inner_returns) == 60
     assert make_env(cfg, training=False).__class__.__name__ == "TrueEpisodeReturn"
+
+
+def test_atari_fire_serves_after_every_lost_life():
+    """Breakout serves only on FIRE: with atari_fire a policy that never fires still plays out its 5 lives."""
+    pytest.importorskip("ale_py", reason="Atari presets need `pip install ale-py`")
+    pytest.importorskip("cv2", reason="Atari preprocessing needs opencv-python-headless")
+    lives_seen = []
+    for fire in (True, False):
+        env = make_env(EnvConfig(id="breakout", atari_fire=fire, max_episode_steps=4000), training=False)
+        env.reset(seed=0)
+        done, steps = False, 0
+        while not done:
+            _, _, terminated, truncated, info = env.step(0)  # NOOP only
+            done, steps = terminated or truncated, steps + 1
+        lives_seen.append((terminated, info["lives"], steps))
+        env.close()
+    assert lives_seen[0][:2] == (True, 0) and lives_seen[0][2] < 300  # game over: every ball was served and missed
+    assert lives_seen[1][:2] == (False, 5)  # without FIRE the ball never comes: the time limit ends it
+    with pytest.raises(ConfigError, match="no FIRE action"):
+        make_env(EnvConfig(id="ALE/Freeway-v5", atari_fire=True))

@@ -57,7 +57,8 @@ def test_human_labeler_posts_clips_and_reads_answers(tmp_path):
     assert ids == ["s1-s2", "s3-s4"]
     pending = [json.loads(line) for line in lab.pending_path.read_text().splitlines()]
     assert [p["id"] for p in pending] == ids
-    assert (tmp_path / "queries" / pending[0]["left"]).read_bytes()[:6] == b"GIF89a"
+    assert pending[0]["left"].endswith(".webm")  # the default: a real video, played by <video loop>
+    assert (tmp_path / "queries" / pending[0]["left"]).read_bytes()[:4] == b"\x1a\x45\xdf\xa3"  # EBML (WebM)
     lab.post(pairs)  # posting again (a resumed run) adds nothing
     assert len(lab.pending_path.read_text().splitlines()) == 2
     lab.answers_path.write_text('{"id": "s3-s4", "answer": "equal"}\n{"id": "s1-s2", "answer": "right"}\n')
