@@ -237,6 +237,10 @@ class LastPassRewards:
 
     def merged(self, info: DistInfo) -> dict[tuple[int, int], float]:
         """Every rank's latest rewards, the newest step winning: the same dict on all ranks."""
+        return {key: value for key, (_, value) in self.merged_steps(info).items()}
+
+    def merged_steps(self, info: DistInfo) -> dict[tuple[int, int], tuple[int, float]]:
+        """:meth:`merged` with the step of each reward (what a checkpoint keeps; a collective)."""
         parts = [self.latest]
         if info.enabled:
             import torch.distributed as dist
@@ -248,7 +252,7 @@ class LastPassRewards:
             for key, (step, value) in part.items():
                 if key not in out or step > out[key][0]:
                     out[key] = (step, value)
-        return {key: value for key, (_, value) in out.items()}
+        return out
 
 
 def drift_corrected_mean(last: dict, final: dict, unscored_mean: float | None = None, n_unscored: int = 0) -> float:
@@ -477,6 +481,9 @@ def _train_member(cfg: RMConfig, info: DistInfo, member: int, start: str, path: 
 
     pad_id = tokenizer.pad_token_id
     tracker = LastPassRewards(train_enc) if _bias_from_training(cfg) else None
+    if tracker is not None:  # checkpoints keep the rewards seen so far, so a resumed run's bias is the same
+        tracker.latest = dict(stepper.restored.get("bias_rewards", {}))
+        stepper.state = lambda: {"bias_rewards": tracker.merged_steps(info)}
     progress = tqdm(total=total_steps, initial=start_step, desc=tag, disable=not info.is_main, dynamic_ncols=True)
     window = MetricWindow(info)
     last: dict[str, float] = {}

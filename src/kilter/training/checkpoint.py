@@ -28,15 +28,17 @@ SHARDED = "sharded"
 
 
 def save_checkpoint(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep: int | None,
-                    trainer: str) -> None:
-    """Write checkpoint ``step`` (every process calls this; rank 0 alone writes unless sharded)."""
+                    trainer: str, extra: dict | None = None) -> None:
+    """Write checkpoint ``step`` (every process calls this; rank 0 alone writes unless sharded).
+
+    ``extra``: a trainer's own state beside the optimizer's (what :func:`resume_from` hands back)."""
     if is_sharded(model):
-        _save_sharded(run_dir, step, model, tokenizer, optimizer, scheduler, keep, trainer)
+        _save_sharded(run_dir, step, model, tokenizer, optimizer, scheduler, keep, trainer, extra)
         return
 
     def write(path: Path) -> None:
         save_model(model, tokenizer, path, merge_lora=False)
-        save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler})
+        save_training_state(path, {"optimizer": optimizer, "scheduler": scheduler}, extra)
         write_trainer_state(path, {"step": step, "trainer": trainer})
 
     # before the first checkpoint, the room it needs is about the trainable weights and AdamW's two moments
@@ -103,14 +105,15 @@ def sharded_layout(step: int, trainer: str, **extra) -> dict:
     return {"step": step, "trainer": trainer, "layout": SHARDED, "world_size": dist.get_world_size(), **extra}
 
 
-def _save_sharded(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep, trainer: str) -> None:
+def _save_sharded(run_dir: RunDir, step: int, model, tokenizer, optimizer, scheduler, keep, trainer: str,
+                  extra: dict | None = None) -> None:
     def write_rest(path: Path) -> None:
         config = getattr(model, "config", None)
         if config is not None:
             config.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        save_training_state(path, {"scheduler": scheduler})
+        save_training_state(path, {"scheduler": scheduler}, extra)
         write_trainer_state(path, sharded_layout(step, trainer))
 
     save_sharded(run_dir, step, {"model": (model, optimizer)}, write_rest, keep)
@@ -127,8 +130,9 @@ def check_layout(checkpoint: Path, sharded: bool) -> bool:
     return sharded_file
 
 
-def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) -> int:
-    """Restore what :func:`save_checkpoint` wrote (weights, optimizer, scheduler, RNG); returns its step.
+def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler, extra: dict | None = None) -> int:
+    """Restore what :func:`save_checkpoint` wrote (weights, optimizer, scheduler, RNG; the trainer's own
+    state into ``extra``); returns its step.
 
     Rows the interrupted run logged after that step are dropped from metrics.jsonl, so the
     resumed run's file reads like one uninterrupted run.
@@ -136,10 +140,12 @@ def resume_from(checkpoint: Path, run_dir: RunDir, model, optimizer, scheduler) 
     trainer_state = read_trainer_state(checkpoint)
     if check_layout(checkpoint, is_sharded(model)):
         load_sharded(checkpoint, {"model": (model, optimizer)})
-        load_training_state(checkpoint, {"scheduler": scheduler})
+        saved = load_training_state(checkpoint, {"scheduler": scheduler})
     else:
         load_trainable_weights(model, checkpoint)
-        load_training_state(checkpoint, {"optimizer": optimizer, "scheduler": scheduler})
+        saved = load_training_state(checkpoint, {"optimizer": optimizer, "scheduler": scheduler})
+    if extra is not None:
+        extra.update(saved)
     step = int(trainer_state["step"])
     run_dir.truncate_metrics(step)
     return step

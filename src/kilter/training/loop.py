@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,6 +92,9 @@ class Stepper:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     max_grad_norm: float | None
+    state: Callable[[], dict] | None = None
+    """A trainer's own state for every checkpoint (called on every process); ``restored`` holds it after a resume."""
+    restored: dict = field(default_factory=dict)
 
     def step(self) -> float:
         """Apply the accumulated gradients; returns the gradient norm before clipping."""
@@ -106,7 +109,8 @@ class Stepper:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, run_dir: RunDir, done: int, tokenizer, keep: int | None, trainer: str) -> None:
-        save_checkpoint(run_dir, done, self.model, tokenizer, self.optimizer, self.scheduler, keep, trainer)
+        save_checkpoint(run_dir, done, self.model, tokenizer, self.optimizer, self.scheduler, keep, trainer,
+                        self.state() if self.state is not None else None)
 
     def end_of_step(self, run_dir: RunDir, done: int, total: int, cfg, tokenizer, trainer: str,
                     last: dict[str, float], evaluate: Callable[[], dict[str, float]] | None = None) -> None:
@@ -130,7 +134,7 @@ def start_training(cfg, model: torch.nn.Module, total_steps: int, run_dir: RunDi
     stepper = Stepper(model, optimizer, make_scheduler(optimizer, cfg.optim, total_steps), cfg.optim.max_grad_norm)
     start = 0
     if existing is not None:
-        start = resume_from(existing, run_dir, model, stepper.optimizer, stepper.scheduler)
+        start = resume_from(existing, run_dir, model, stepper.optimizer, stepper.scheduler, stepper.restored)
         say(f"resumed from {existing} at step {start}/{total_steps}")
     run_dir.write_config(cfg)
     return stepper, start
