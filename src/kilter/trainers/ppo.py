@@ -115,18 +115,18 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         say(f"kilter ppo: {info.world_size} processes (parallel={cfg.parallel}), "
             f"{cfg.rollout_size // info.world_size} responses each per iteration")
     say(f"kilter ppo: algorithm {cfg.algorithm}, {cfg.iterations} iterations x {cfg.rollout_size} responses, "
-          f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
-          f"reference: {m.reference_label}, "
-          f"critic: {m.value_source or 'none'}, device {device}")
+        f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M policy parameters trainable, "
+        f"reference: {m.reference_label}, "
+        f"critic: {m.value_source or 'none'}, device {device}")
     estimator = cfg.kl_estimator
     kl_in_reward = kl_placement(estimator) == "reward"
     say(f"kilter ppo: KL penalty {estimator} {'in the reward' if kl_in_reward else 'as a loss term'} "
-          f"(its gradient follows {kl_gradient_follows(estimator)}), loss aggregation {cfg.update.loss_aggregation}, "
-          f"advantages {'whitened' if cfg.whitens else 'not whitened'}")
+        f"(its gradient follows {kl_gradient_follows(estimator)}), loss aggregation {cfg.update.loss_aggregation}, "
+        f"advantages {'whitened' if cfg.whitens else 'not whitened'}")
     if cfg.truncates_sampling:
         say(f"kilter ppo: WARNING: rollout.top_p={cfg.rollout.top_p} / top_k={cfg.rollout.top_k} truncate sampling, "
-              "but the update scores tokens under the full softmax: it is off-policy and the training kl/ref is "
-              "biased; eval/kl samples without truncation and stays unbiased (see docs/ppo.md)")
+            "but the update scores tokens under the full softmax: it is off-policy and the training kl/ref is "
+            "biased; eval/kl samples without truncation and stays unbiased (see docs/ppo.md)")
     settings = UpdateSettings(
         algorithm=cfg.algorithm, epochs=cfg.update.epochs, num_minibatches=cfg.update.num_minibatches,
         grad_accum=cfg.update.grad_accum, clip_range=cfg.update.clip_range,
