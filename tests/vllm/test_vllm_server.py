@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def server(sft_dir, tmp_path_factory):
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "kilter", "vllm-serve", f"model={sft_dir}", f"port={port}",
                                  "enforce_eager=true", "max_model_len=256"], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env)
+                                env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         yield url, proc, log
@@ -50,6 +51,10 @@ def server(sft_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        try:  # and whatever vLLM's engine core left behind in the server's process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
