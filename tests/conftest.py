@@ -38,3 +38,14 @@ def smollm2_dir():
     from kilter.models import presets
 
     return presets.prepare("smollm2-135m", install=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: OpenMP barriers cost more than they save)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -144,24 +144,13 @@ def test_clip_task_in_headless_chromium_by_keyboard(browser, tmp_path, live_serv
 
     ActionChains(browser).send_keys("?").perform()
     assert "left clip better" in browser.find_element(By.ID, "shortcuts").text
-    ActionChains(browser).send_keys(Keys.ESCAPE, "r").perform()
-    assert browser.find_element(By.CSS_SELECTOR, 'input[value="B"]').is_selected()
-    ActionChains(browser).send_keys(Keys.ENTER).perform()
-    WebDriverWait(browser, 15).until(lambda d: "saved=1" in d.current_url)
-
-    store = Store(db)
-    assert sync(store, "clips", lab.root) == (0, 1)
-    (rec,) = store.judgments(store.project("clips"))
-    store.close()
-    right = next(c for c in rec.candidates if c.id == rec.display_order[1])  # the clip that was on the right
-    (line,) = lab.answers_path.read_text().splitlines()
-    assert json.loads(line)["answer"] == right.sampling["side"]
+    ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+    _judge_and_sync(browser, db, lab, "r")
 
 
 @pytest.mark.browser
 def test_video_clips_play_and_loop_in_headless_chromium(browser, tmp_path, live_server):
     """WebM clips (the default) are <video autoplay loop muted>: both play, allowed by the CSP, judged by keyboard."""
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -208,18 +197,8 @@ def test_video_clips_play_and_loop_in_headless_chromium(browser, tmp_path, live_
     browser.save_screenshot(str(shots / "clips-video-400.png"))
     # both clips fit side by side or stacked inside a phone-width window: no horizontal scrolling
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
-    ActionChains(browser).send_keys("l").perform()
-    assert browser.find_element(By.CSS_SELECTOR, 'input[value="A"]').is_selected()
-    ActionChains(browser).send_keys(Keys.ENTER).perform()
-    WebDriverWait(browser, 15).until(lambda d: "saved=1" in d.current_url)
-    store = Store(db)
-    assert sync(store, "clips", lab.root) == (0, 1)
-    (rec,) = store.judgments(store.project("clips"))
-    store.close()
-    left = next(c for c in rec.candidates if c.id == rec.display_order[0])  # the clip that was on the left
+    left = _judge_and_sync(browser, db, lab, "l")
     assert left.text.startswith("data:video/webm;base64,")
-    (line,) = lab.answers_path.read_text().splitlines()
-    assert json.loads(line)["answer"] == left.sampling["side"]
 
 
 def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):
@@ -286,3 +265,26 @@ def test_control_run_waits_for_people_and_trains_on_their_answers(tmp_path):
     assert judged == 4 and rows[-1]["labels/total"] == 4
     assert rows[-1]["labels/left"] + rows[-1]["labels/right"] == 4  # "A" (the left as shown) is left or right
     assert (out / "final" / "reward_model.pt").is_file()
+
+
+def _judge_and_sync(browser, db, lab, key: str):
+    """Press ``key`` (l: left clip better, r: right) and Enter; sync the judgment back to the run and
+    check the run's answer names the side the chosen clip came from. Returns the chosen clip."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ActionChains(browser).send_keys(key).perform()
+    assert browser.find_element(By.CSS_SELECTOR, f'input[value="{"A" if key == "l" else "B"}"]').is_selected()
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    WebDriverWait(browser, 15).until(lambda d: "saved=1" in d.current_url)
+    store = Store(db)
+    assert sync(store, "clips", lab.root) == (0, 1)
+    (rec,) = store.judgments(store.project("clips"))
+    store.close()
+    chosen = next(c for c in rec.candidates if c.id == rec.display_order[0 if key == "l" else 1])
+    (line,) = lab.answers_path.read_text().splitlines()
+    assert json.loads(line)["answer"] == chosen.sampling["side"]
+    return chosen
+

@@ -50,17 +50,6 @@ def _restore_threads():
 
 
 @pytest.fixture
-def one_thread():
-    """One torch thread for the test (tiny models: OpenMP barriers cost more than they save)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def ppo_killed_after(monkeypatch):
     """``run(args, iteration)``: `kilter ppo ARGS`, killed (KeyboardInterrupt) right after checkpoint ``iteration``."""
     from kilter.cli import main

@@ -5,11 +5,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every unit test on one thread (tests/conftest.py's one_thread)."""
 
 
 @pytest.fixture
