@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from kilter.distributed import DistInfo
+from kilter.distributed import DistInfo, broadcast_object
 from kilter.errors import ConfigError
 from kilter.models.precision import effective_precision
 
@@ -268,11 +268,7 @@ class Ranks:
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(obj, self.info)
 
     def broadcast_module(self, module: torch.nn.Module | None) -> None:
         """Rank 0's parameters and buffers into every rank's replica (replicated mode; as DDP does at start)."""
