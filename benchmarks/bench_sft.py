@@ -34,9 +34,11 @@ PROFILES = {
     "gpt2-tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "gpt2-small": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 16, "warmup": 4},
+    "smollm2-dialogue": {"eval_limit": 32, "batch_size": 4, "max_length": 512, "lr": 2e-4, "steps": 6, "warmup": 2},
 }
 QUICK = {"tiny": {"steps": 8, "warmup": 2}, "gpt2-tiny": {"steps": 8, "warmup": 2},
-         "gpt2-small": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1}}
+         "gpt2-small": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1},
+         "smollm2-dialogue": {"steps": 2, "warmup": 1}}
 
 
 def make_spec(model_label: str, setting: str, args, files: dict) -> dict:
@@ -122,7 +124,8 @@ def trl_worker(spec_path: str) -> int:
 
 
 def evaluate(res: dict, spec: dict) -> float:
-    return C.sft_eval_loss(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"])
+    return C.sft_eval_loss(res["final_dir"], spec["model_dir"], Path(spec["eval"]), spec["max_length"],
+                           limit=spec.get("eval_limit") or 128)
 
 
 def main() -> int:

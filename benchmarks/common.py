@@ -58,7 +58,12 @@ MODELS = {
     # gpt2-small is ~3.5M parameters, the size of issue 20's side-by-side that found the gap.
     "gpt2-tiny": ("builtin:gpt2-tiny", False),
     "gpt2-small": ("builtin:gpt2-small", False),
+    # The real-length case: SmolLM2-135M + LoRA on dialogues of 200-400 tokens (see prepare_dialogues).
+    "smollm2-dialogue": ("smollm2-135m", True),
 }
+
+DATASETS = {"smollm2-dialogue": "dialogue"}
+"""Model labels that read another data set than the built-in task's (prepare_data's ``kind``)."""
 
 
 # setting: (precision, length-grouped batches).  "same" is the identical-settings comparison;
@@ -538,8 +543,10 @@ def _pairs_by_prompt(demos: list[dict]) -> tuple[list[str], list[list[str]]]:
     return prompts, pairs
 
 
-def prepare_data(out: Path, seed: int = 0) -> dict[str, Path]:
+def prepare_data(out: Path, seed: int = 0, kind: str = "task") -> dict[str, Path]:
     """The built-in task as JSONL files that both libraries read (idempotent).
+
+    ``kind="dialogue"``: the real-length case instead (:func:`prepare_dialogues`).
 
     sft*.jsonl: {prompt, completion} demonstrations; comparisons*.jsonl: {prompt, chosen, rejected}
     from the SimulatedLabeler (noise 0.3) over pairs of demonstrations of the same prompt;
@@ -548,6 +555,8 @@ def prepare_data(out: Path, seed: int = 0) -> dict[str, Path]:
     from kilter.data.labeler import SimulatedLabeler
     from kilter.data.task import build_task
 
+    if kind == "dialogue":
+        return prepare_dialogues(out, seed)
     data_dir = out / "data"
     files = {name: data_dir / f"{name}.jsonl" for name in
              ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
@@ -569,6 +578,108 @@ def prepare_data(out: Path, seed: int = 0) -> dict[str, Path]:
                                   for r in records])
     write_jsonl(files["prompts"], [{"prompt": p} for p in task.train_prompts])
     write_jsonl(files["prompts_eval"], [{"prompt": p} for p in task.eval_prompts])
+    return files
+
+
+DIALOGUE_TOKENIZER = "smollm2-135m"
+
+
+def _dialogue_turn(rng, product: str, others: list[str], budget: int, count) -> str:
+    """Review paragraphs about ``product`` (the built-in task's sentences) until ``budget`` tokens."""
+    from kilter.data.task import write_review
+
+    text = write_review(rng, product, others)
+    while count(text) < budget:
+        text += " " + write_review(rng, product, others)
+    return text
+
+
+def prepare_dialogues(out: Path, seed: int = 0, n_sft: int = 1200, n_pairs: int = 800, n_eval: int = 96) -> dict[str, Path]:
+    """The real-length case (issue 20): multi-turn dialogues of 200-400 tokens (idempotent).
+
+    Real human-preference dialogues (Anthropic HH, ~224 tokens per response) cannot be downloaded
+    here, so these are built from the built-in task's review sentences with those *lengths*: a
+    conversation of 1-3 earlier user/assistant turns about products, then a last user turn; the
+    completion (SFT) or each of the two responses (comparisons, DPO) is the assistant's long answer.
+    Prompt + response length is drawn uniformly from 200-400 SmolLM2 tokens, the response's share
+    from 55-90% (rows whose prompt + response falls outside 200-400 are drawn again), so batches
+    mix long and short sequences as real data do (which is what padding costs).  Comparisons are judged by the simulated labeler (noise 0.3) with the task's gold score.
+    Files: the same names as :func:`prepare_data`, under OUT/data-dialogue.
+    """
+    import random
+
+    from transformers import AutoTokenizer
+
+    from kilter.data.labeler import SimulatedLabeler
+    from kilter.data.task import PROMPT_TEMPLATES, PRODUCTS
+    from kilter.models import resolve_model_path
+
+    data_dir = out / "data-dialogue"
+    files = {name: data_dir / f"{name}.jsonl" for name in
+             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    if all(p.exists() for p in files.values()):
+        return files
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(DIALOGUE_TOKENIZER))
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    rng = random.Random(seed)
+    products = list(PRODUCTS)
+
+    def conversation() -> tuple[str, str, int]:
+        total = rng.randint(200, 400)
+        response_budget = int(total * rng.uniform(0.55, 0.90))
+        prompt_budget = total - response_budget
+        product = rng.choice(products)
+        others = [p for p in products if p != product]
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            earlier = rng.choice(others)
+            turns.append("User: " + rng.choice(PROMPT_TEMPLATES).format(product=earlier))
+            turns.append("Assistant: " + _dialogue_turn(rng, earlier, [p for p in products if p != earlier],
+                                                        max(8, prompt_budget // 3), count))
+            if count("\n".join(turns)) >= prompt_budget:
+                break
+        turns.append("User: " + rng.choice(PROMPT_TEMPLATES).format(product=product))
+        return "\n".join(turns), product, response_budget
+
+    def answer(product: str, budget: int) -> str:
+        return _dialogue_turn(rng, product, [p for p in products if p != product], budget, count)
+
+    def fits(prompt: str, *responses: str) -> bool:  # every prompt + response within 200-400 tokens
+        n = count(prompt) + 1
+        return all(200 <= n + count(r) <= 400 for r in responses)
+
+    def sft_rows(n: int) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            prompt, product, budget = conversation()
+            completion = answer(product, budget)
+            if fits(prompt, completion):
+                rows.append({"prompt": prompt, "completion": completion})
+        return rows
+
+    labeler = SimulatedLabeler(noise=0.3, seed=seed)
+
+    def comparison_rows(n: int) -> list[dict]:
+        prompts, pairs = [], []
+        while len(prompts) < n:
+            prompt, product, budget = conversation()
+            a = answer(product, budget)
+            b = answer(product, int(budget * rng.uniform(0.6, 1.4)))
+            if a != b and fits(prompt, a, b):
+                prompts.append(prompt)
+                pairs.append([a, b])
+        records = labeler.label_comparisons(prompts, pairs, pairs="adjacent")
+        return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in records]
+
+    write_jsonl(files["sft"], sft_rows(n_sft))
+    write_jsonl(files["sft_eval"], sft_rows(n_eval))
+    write_jsonl(files["comparisons"], comparison_rows(n_pairs))
+    write_jsonl(files["comparisons_eval"], comparison_rows(n_eval))
+    write_jsonl(files["prompts"], [{"prompt": conversation()[0]} for _ in range(256)])
+    write_jsonl(files["prompts_eval"], [{"prompt": conversation()[0]} for _ in range(n_eval)])
     return files
 
 
@@ -791,13 +902,13 @@ def drive(bench: str, args, make_spec: Callable, runners: dict[str, Callable], e
           metric_name: str, flops_per_token_param: float | dict[str, float] = 6.0) -> int:
     """Alternate the runners per (model, setting), evaluate each run, print and save the summary."""
     out = Path(args.out)
-    files = prepare_data(out)
     report = start_report(bench, args)
     runners = with_before_runner(runners)
     libs = args.libs.split(",") if args.libs else [lib for lib in runners if lib != "kilter-before"]
     pairs = 1 if args.quick else args.pairs
     groups = []
     for model_label in args.models.split(","):
+        files = prepare_data(out, kind=DATASETS.get(model_label, "task"))
         for setting in args.settings.split(","):
             spec = make_spec(model_label, setting, args, files)
             work = out / "runs" / f"{bench}-{model_label}-{setting}"

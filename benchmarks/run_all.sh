@@ -17,6 +17,15 @@ for bench in sft rm dpo; do
   "$py" "$here/bench_$bench.py" --models smollm2-lora --settings same,best-bf16 --pairs 2 "$@"
 done
 "$py" "$here/bench_rl.py" --models smollm2-lora --settings same --pairs 2 "$@"
+# issue 20: a GPT-2 (learned positions, LayerNorm, Conv1D) and the real-length case (SmolLM2-135M + LoRA
+# on 200-400-token dialogues)
+for bench in sft rm dpo; do
+  "$py" "$here/bench_$bench.py" --models gpt2-small --settings same,best-fp32 "$@"
+done
+"$py" "$here/bench_rl.py" --models gpt2-small --settings same "$@"
+for bench in sft rm dpo; do
+  "$py" "$here/bench_$bench.py" --models smollm2-dialogue --settings same,best-bf16 --pairs 2 "$@"
+done
 if [[ " $* " != *" --quick "* ]]; then
   "$py" "$here/report.py" > "$here/out/tables.md"
   echo "tables for RESULTS.md: $here/out/tables.md"
