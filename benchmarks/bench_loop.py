@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--only", default="active,information,random",
                         help="comma-separated selections (all, random, active, information)")
     parser.add_argument("--target", type=float, default=0.5, help="the gold level for 'labels needed'")
-    parser.add_argument("--sft-steps", type=int, default=625, help="steps of the shared SFT model (tiny.yaml's)")
+    parser.add_argument("--sft-steps", type=int, default=1000, help="steps of the shared SFT model (tiny.yaml's)")
     parser.add_argument("extra", nargs="*", help="further key=value overrides for every kilter loop run")
     args = parser.parse_args()
     out = Path(args.out)

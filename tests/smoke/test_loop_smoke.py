@@ -21,7 +21,7 @@ def test_a_two_round_tiny_loop_improves_gold(sft_model_dir, tmp_path):
     code = main(["loop", "--config", "configs/loop/tiny.yaml", f"output_dir={out}", f"sft_model={sft_model_dir}",
                  "rounds=2", "prompts_per_round=16", "gold_items=4", "crowd.size=3", "crowd.trolls=0", "policy.iterations=8",
                  "eval_prompts=32",
-                 # tiny.yaml's template split; the shared SFT model is the short one (tiny.yaml's own needs 625 steps)
+                 # tiny.yaml's template split; the shared SFT model is the short one (tiny.yaml's own needs 1000 steps)
                  "policy.kl_beta=0.05"])
     assert code == 0
     state = json.loads((out / "state.json").read_text())

@@ -23,7 +23,9 @@ Train/eval split (``split=``):
   held out, so eval prompts name products never seen in training data -- this measures
   generalization, but a model must copy an unseen word from the prompt to be on topic.
 * ``"template"``: the last two prompt templates are held out; every product appears on both
-  sides.  Easier, for models that cannot copy unseen words.
+  sides.  Easier, for models that cannot copy unseen words.  The held-out phrasings reorder
+  words of the training text ("Give a review of the kettle.", "Tell me what you think of my
+  kettle."), so they test a new phrasing, not an unseen word.
 
 The split is fixed (independent of the seed) so evaluations are comparable across seeds.
 """
@@ -97,8 +99,11 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
     "Tell me what you think of the {product}.",
     "Give your opinion on the {product}.",
     "Describe your experience with the {product}.",
-    "What do you think of the {product}?",  # held out by split="template"
-    "Share a review of the {product}.",  # held out by split="template"
+    # Held out by split="template": new phrasings made only of words its training text contains
+    # (earlier "What do you think of the {product}?" and "Share a review of the {product}." used
+    # "What", "Share" and "?", which no training prompt or demonstration has).
+    "Give a review of the {product}.",
+    "Tell me what you think of my {product}.",
 )
 _HELD_OUT_TEMPLATES = 2
 
@@ -164,8 +169,13 @@ _VAGUE_OBJECTS = ("it", "this one")
 # the wrong product is rare (as a person's mistake is): with 15% of them the SFT model named the
 # wrong product in more samples than the right one, and a tiny reward model learned "names a
 # product" rather than "names this product", which RLHF cannot turn into naming the right one.
+# Vague reviews ("It works well.") are common, as in people's demonstrations: naming the product is
+# what the gold preference, and so RLHF, has to add.  With 60% named and 20% vague the SFT model
+# already named the product in 70% of held-out samples and PPO could only reach 84%; with these
+# weights (about half the demonstrations name the product) SFT names it in about 45% and the
+# demo's PPO in about 73% (docs/ppo.md, "The demo since issue 13 item 7").
 _TOPIC_MODES = ("named", "vague", "confused", "digress")
-_TOPIC_WEIGHTS = (0.6, 0.2, 0.05, 0.15)
+_TOPIC_WEIGHTS = (0.4, 0.45, 0.04, 0.11)
 
 # --------------------------------------------------------------------------- prompts
 

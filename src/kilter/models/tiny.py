@@ -146,7 +146,7 @@ def builtin_model_dir(name: str = "tiny", seed: int = 0) -> Path:
         raise KilterError(f"unknown built-in model {name!r}; choose one of "
                           + ", ".join(f"builtin:{n}" for n in [*SIZES, *GPT2_SIZES]))
     if size in GPT2_SIZES:
-        target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v1"
+        target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v2"
         if not (target / "config.json").is_file():
             def write_gpt2(tmp: Path) -> None:
                 from transformers import AutoTokenizer
@@ -157,7 +157,7 @@ def builtin_model_dir(name: str = "tiny", seed: int = 0) -> Path:
 
             save_atomically(target, write_gpt2)
         return target
-    target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v3"
+    target = cache_dir() / "models" / f"builtin-{size}-s{seed}-v4"
     if (target / "config.json").is_file():
         return target
 

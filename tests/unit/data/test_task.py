@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -86,6 +87,17 @@ def test_template_split_holds_out_phrasings():
     assert {extract_product(p) for p in held} == set(PRODUCTS)
     data = build_task(n_demonstrations=50, n_eval=10, split="template")
     assert set(data.eval_prompts) == set(held)
+
+
+def test_template_split_held_out_phrasings_use_only_words_of_its_training_text():
+    # held-out phrasings test new word orders, not unseen vocabulary ("What ...?" and "Share ..." had words and a
+    # "?" that no training prompt or demonstration of this split contains, so no policy could learn to answer them)
+    data = build_task(n_demonstrations=4000, n_eval=10, split="template")
+    tokens = re.compile(r"[A-Za-z']+|[^A-Za-z'\s]")
+    seen = {t for text in data.corpus for t in tokens.findall(text)}
+    unseen = {t for p in data.eval_prompts for t in tokens.findall(p)} - seen
+    assert not unseen, f"held-out phrasings use {sorted(unseen)}, absent from the template split's training text"
+    assert {"What", "?", "Share"} - seen  # the check can fail: those are not in the training text
 
 
 def test_extract_product():
