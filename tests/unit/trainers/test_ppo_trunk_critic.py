@@ -245,3 +245,23 @@ def test_full_fine_tuning_is_allowed_and_a_model_without_a_decoder_refused(micro
     assert TrunkValueHead(plain).score.in_features == plain.get_input_embeddings().weight.shape[1]
     with pytest.raises(ConfigError, match="value.model=trunk .* value.model=policy"):
         TrunkValueHead(nn.Linear(3, 3))
+
+
+def test_gradient_checkpointing_gives_the_same_values_and_gradients(policy_and_head):
+    from kilter.models.lora import enable_gradient_checkpointing
+
+    tok, policy0, head0 = policy_and_head
+    batch = _batch(tok)
+    grads = []
+    for checkpointing in (False, True):
+        policy = copy.deepcopy(policy0)
+        head = TrunkValueHead(policy)
+        head.load_state_dict(head0.state_dict())
+        if checkpointing:
+            enable_gradient_checkpointing(policy)
+        policy.train()  # checkpointing is active in training mode only
+        logp, _, values = scoring.token_scores(policy, batch, 1.0, value_head=head)
+        ((logp * batch.response_mask).sum() + (values * batch.response_mask).pow(2).sum()).backward()
+        grads.append([p.grad.clone() for p in [*policy.parameters(), *head.parameters()] if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
