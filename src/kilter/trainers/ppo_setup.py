@@ -9,7 +9,8 @@ The policy, the frozen reference pi_0 and the critic are built here:
   otherwise with LoRA the policy itself with the adapter disabled (no second copy), else a
   frozen deep copy taken before any update;
 * the **critic** (ppo, a2c) starts from the reward model (InstructGPT) -- or, when the reward
-  has no model or ``value.model=policy``, from the policy's backbone with a new scalar head.
+  has no model or ``value.model=policy``, from the policy's backbone with a new scalar head;
+  ``value.model=shared`` and ``trunk`` build no second model (:mod:`kilter.models.value`).
 """
 
 from __future__ import annotations
