@@ -20,6 +20,9 @@ MFU counts, per generated token, 10 N FLOPs for the RLOO runs (2N sampling + 2N 
 forward + 6N policy forward and backward: with one update per batch neither library needs a
 separate old-log-prob forward) and 16 N for PPO (plus 6N for the critic's forward and backward,
 its N without the LM head counted as N for simplicity); with LoRA 2N less per trained model.
+``kilter-ppo-shared`` (``value.model=shared``, LoRA only) counts as PPO; ``kilter-ppo-trunk``
+(``value.model=trunk``: a value head on the policy's own hidden states, one forward and backward)
+as RLOO, the head's ~6H FLOPs per token left out.
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 16.0, "kilter-rloo": 10.0, "trl-rloo": 10
                          "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0,
                          # value.model=shared: the critic's trunk is the policy's base run again with the
                          # critic's adapter, so the same FLOPs as a separate critic (one copy of the weights)
-                         "kilter-ppo-shared:lora": 12.0}
+                         "kilter-ppo-shared:lora": 12.0,
+                         # value.model=trunk: the values come from the policy's own forward and the value
+                         # loss joins its backward, so RLOO's FLOPs plus a Linear(hidden, 1) head (~6 H per
+                         # token, nothing beside N)
+                         "kilter-ppo-trunk": 10.0, "kilter-ppo-trunk:lora": 8.0}
 N_EVAL_PROMPTS = 32
 
 
@@ -206,7 +213,9 @@ def main() -> int:
     args = parser.parse_args()
     runners = {"kilter-ppo": kilter_runner("ppo"), "kilter-rloo": kilter_runner("rloo"), "trl-rloo": run_trl,
                # LoRA models only (smollm2-lora): the critic shares the policy's frozen base (kilter.models.value)
-               "kilter-ppo-shared": kilter_runner("ppo", ("value.model=shared",), "kilter-ppo-shared")}
+               "kilter-ppo-shared": kilter_runner("ppo", ("value.model=shared",), "kilter-ppo-shared"),
+               # a value head on the policy's own trunk: no critic forward or backward (kilter.models.value)
+               "kilter-ppo-trunk": kilter_runner("ppo", ("value.model=trunk",), "kilter-ppo-trunk")}
     if args.libs is None:  # the shared critic needs LoRA: by default only where every model has it
         lora = all(C.MODELS[m.strip()][1] for m in args.models.split(",") if m.strip() in C.MODELS)
         args.libs = ",".join(lib for lib in runners if lora or lib != "kilter-ppo-shared")

@@ -1,4 +1,6 @@
-"""A PPO critic that shares the LoRA policy's frozen base: its own adapter and a value head.
+"""PPO critics over the policy's own weights: ``SharedBaseCritic`` (the LoRA policy's frozen base with the
+critic's own adapter and head, ``value.model=shared``) and ``TrunkValueHead`` (a head on the policy's
+own hidden states, ``value.model=trunk``, at the end of this module).
 
 With LoRA, PPO's usual critic is a second full model (the reward model or the policy's
 backbone, plus its own adapters): a second copy of every frozen weight in memory.  Here the
@@ -171,4 +173,80 @@ class SharedBaseCritic(nn.Module):
             "target_modules": sorted(lora.target_modules) if isinstance(lora.target_modules, set)
             else lora.target_modules,
             "note": "the critic's LoRA adapter and value head over the policy's frozen base; not a standalone model",
+        }, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- value head on the policy's trunk
+
+TRUNK_KIND = "kilter-trunk-value-head"
+
+
+class TrunkValueHead(nn.Module):
+    """V(s_t) = a ``Linear(hidden, 1)`` head on the *policy's own* last hidden states (``value.model=trunk``).
+
+    The classic shared-trunk actor-critic (Ziegler et al. 2019's lm-human-preferences, TRL's old
+    ``AutoModelForCausalLMWithValueHead``): one forward of the policy gives both the token log-probs
+    and the values, and the value loss backpropagates into the policy's trainable weights (its LoRA
+    adapters, or all of them without LoRA) beside the policy loss, weighted by ``value.vf_coef``.
+    So the critic costs one head per token instead of a second forward and backward of the base.
+
+    The head is this module's only parameter (zero at the start: V = 0 everywhere).  It reads the
+    decoder's output through a forward hook (:meth:`reading`) for the one forward a scoring call
+    makes, so every path that runs the policy's decoder -- the padding-free and shared-prefix
+    wrappers, the plain padded forward -- hands it its hidden states unchanged.  Gradient
+    checkpointing works (blocks recompute inside the decoder; its output is what the head read).
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        base = policy.get_base_model() if hasattr(policy, "peft_config") else policy
+        try:
+            decoder = base.get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+        if not isinstance(decoder, nn.Module) or decoder is base:
+            raise ConfigError(f"value.model=trunk reads the decoder's hidden states, but {type(base).__name__} "
+                              "has no separable decoder; use value.model=policy")
+        object.__setattr__(self, "_policy", policy)  # not registered: the policy is not the head's
+        object.__setattr__(self, "_decoder", decoder)
+        weight = base.get_input_embeddings().weight
+        self.score = nn.Linear(weight.shape[1], 1, bias=True, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():  # V = 0 everywhere at the start
+            self.score.weight.zero_()
+            self.score.bias.zero_()
+
+    @property
+    def config(self):
+        return self._policy.config
+
+    @contextlib.contextmanager
+    def reading(self):
+        """Inside: every output of the policy's decoder is appended to the yielded list, as its
+        last hidden states (B, T, H) with their graph."""
+        seen: list[torch.Tensor] = []
+
+        def keep(module, args, output):
+            seen.append(output[0])
+
+        handle = self._decoder.register_forward_hook(keep)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(..., H) hidden states -> (...) values."""
+        return self.score(hidden)[..., 0]
+
+    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
+        """``critic.safetensors`` (the head) and ``critic.json``; read back by
+        :func:`kilter.models.saving.load_trainable_weights` into a head over the same policy."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / CRITIC_FILE))
+        (path / CRITIC_CONFIG).write_text(json.dumps({
+            "kind": TRUNK_KIND, "hidden_size": self.score.in_features,
+            "note": "a value head on the policy's last hidden states (the policy beside it); not a standalone model",
         }, indent=1) + "\n")

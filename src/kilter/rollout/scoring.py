@@ -12,6 +12,7 @@ so the "old" log-probs would not be those of the sampling policy.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, fields
 
@@ -232,24 +233,54 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float, precision: st
     Padding-free when the model allows it (0 at padding positions), else :func:`response_logits`
     (padding positions then hold the log-prob of an arbitrary non-PAD token; callers mask them).
     """
+    logp, entropy, _ = token_scores(model, batch, temperature, precision, with_entropy)
+    return logp, entropy
+
+
+def token_scores(model, batch: RolloutBatch, temperature: float, precision: str = "fp32",
+                 with_entropy: bool = False, value_head=None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`token_logprobs`, and with ``value_head`` (:class:`kilter.models.value.TrunkValueHead`)
+    the (n, R) values V(s_t) from the same forward: the head on the policy's last hidden state at
+    each column that predicts a response token (where the log-prob is read).  With grad."""
     pad = batch.pad_id
-    fast = _fast_policy(model)
+    fast = _fast_policy(model)  # its one-time probe forwards run before the head starts reading
     lay = _pack_rollout(batch, fast.shares_prefix, fast.attention_weight) if fast is not None else None
+    reading = value_head.reading() if value_head is not None else contextlib.nullcontext([])
     if lay is not None:
-        with autocast(precision, batch.input_ids.device.type):
+        with autocast(precision, batch.input_ids.device.type), reading as seen:
             logits = fast(lay.input_ids, lay.attention_mask, lay.position_ids, index=lay.index)
+            if value_head is not None:  # the packed rows' hidden states at the log-probs' own positions
+                hidden = _one(seen)
+                values = value_head(hidden.reshape(-1, hidden.shape[-1])[lay.index])
+            else:
+                values = None
         shape = tuple(batch.response_mask.shape)
         logp = _to_grid(selective_log_softmax(logits, lay.targets, temperature, exclude_token=pad).float(), lay, shape)
         entropy = (_to_grid(entropy_from_logits(logits, temperature, exclude_token=pad).float(), lay, shape)
                    if with_entropy else None)
-        return logp, entropy
-    logits = response_logits(model, batch, precision)
+        return logp, entropy, _to_grid(values.float(), lay, shape) if values is not None else None
+    with reading as seen:
+        logits = response_logits(model, batch, precision)
+        if value_head is not None:
+            p, r = batch.prompt_width, batch.response_mask.shape[1]
+            with autocast(precision, batch.input_ids.device.type):
+                values = value_head(_one(seen)[:, p - 1:p + r - 1]).float()
+        else:
+            values = None
     targets = batch.response_ids
     if pad is not None:  # padding columns hold PAD, whose log-prob is now -inf: score another token there
         targets = torch.where(batch.response_mask != 0, targets, (pad + 1) % logits.shape[-1])
     logp = selective_log_softmax(logits, targets, temperature, exclude_token=pad)
     entropy = entropy_from_logits(logits, temperature, exclude_token=pad) if with_entropy else None
-    return logp, entropy
+    return logp, entropy, values
+
+
+def _one(seen: list) -> torch.Tensor:
+    """The hidden states of the one decoder forward a scoring call made."""
+    if len(seen) != 1:
+        raise RuntimeError(f"the value head read {len(seen)} decoder forwards, expected exactly one")
+    return seen[0]
 
 
 @torch.no_grad()
@@ -259,18 +290,32 @@ def batched_logprobs(model, batch: RolloutBatch, temperature: float, batch_size:
 
     Returns (N, R) tensors on the batch's device; padding positions hold 0.
     """
+    logp, entropy, _ = batched_scores(model, batch, temperature, batch_size, precision, with_entropy)
+    return logp, entropy
+
+
+@torch.no_grad()
+def batched_scores(model, batch: RolloutBatch, temperature: float, batch_size: int, precision: str = "fp32",
+                   with_entropy: bool = False, value_head=None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`token_scores` for a whole rollout in chunks, without grad: (N, R) log-probs, entropy
+    (``with_entropy``) and values (``value_head``), 0 on padding."""
     n, width = batch.response_mask.shape
-    logp = torch.zeros(n, width, device=batch.input_ids.device)
-    entropy = torch.zeros(n, width, device=batch.input_ids.device) if with_entropy else None
+    device = batch.input_ids.device
+    logp = torch.zeros(n, width, device=device)
+    entropy = torch.zeros(n, width, device=device) if with_entropy else None
+    values = torch.zeros(n, width, device=device) if value_head is not None else None
     for start in range(0, n, batch_size):
         rows = list(range(start, min(start + batch_size, n)))
         sub = batch.select(rows)
-        lp, ent = token_logprobs(model, sub, temperature, precision, with_entropy)
+        lp, ent, val = token_scores(model, sub, temperature, precision, with_entropy, value_head)
         cols = sub.response_mask.shape[1]
         logp[start:start + len(rows), :cols] = lp.float() * sub.response_mask
         if entropy is not None and ent is not None:
             entropy[start:start + len(rows), :cols] = ent.float() * sub.response_mask
-    return logp, entropy
+        if values is not None and val is not None:
+            values[start:start + len(rows), :cols] = val.float() * sub.response_mask
+    return logp, entropy, values
 
 
 def token_values(value_model, batch: RolloutBatch, precision: str = "fp32") -> torch.Tensor:

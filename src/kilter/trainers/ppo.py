@@ -37,7 +37,7 @@ from kilter.ops.kl import kl_gradient_follows, kl_placement
 from kilter.ops.masked import masked_mean
 from kilter.rewards.base import build_reward, prompt_text
 from kilter.rollout.engine import close_engine, engine_logp_maxdiff, make_engine
-from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.rollout.scoring import assemble, batched_logprobs, batched_scores, batched_values
 from kilter.runs import read_metrics
 from kilter.trainers import ppo_setup
 from kilter.trainers.ppo_config import PPOConfig, PPOData, RolloutSection, UpdateSection, check_config
@@ -48,6 +48,7 @@ from kilter.trainers.ppo_update import (
     compute_advantages,
     first_pass,
     fuses_first_pass,
+    on_trunk,
     run_update,
     shaped_rewards,
 )
@@ -89,9 +90,12 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
     ma_baseline = MovingAverageBaseline(cfg.baseline.decay)
 
     policy_opt = make_optimizer(m.policy, cfg.optim)
+    if on_trunk(m.value):  # the head trains with the policy: one optimizer, at value.optim.lr
+        policy_opt.add_param_group({"params": list(m.value.parameters()), "lr": cfg.value.optim.lr,
+                                    "weight_decay": 0.0})
     policy_sched = make_scheduler(policy_opt, cfg.optim, cfg.iterations)
     value_opt = value_sched = None
-    if m.value is not None:
+    if m.value is not None and not on_trunk(m.value):
         value_opt = make_optimizer(m.value, cfg.value.optim)
         value_sched = make_scheduler(value_opt, cfg.value.optim, cfg.iterations)
     optimizers = {"policy_optimizer": policy_opt, "policy_scheduler": policy_sched}
@@ -135,7 +139,7 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
         max_grad_norm=cfg.optim.max_grad_norm, value_max_grad_norm=cfg.value.optim.max_grad_norm,
         ptx_coef=cfg.ptx.coef, fuse_first_pass=cfg.update.fuse_first_pass,
         kl_loss=None if kl_in_reward else estimator, aggregation=cfg.update.loss_aggregation,
-        normaliser=float(cfg.rollout.max_new_tokens))
+        normaliser=float(cfg.rollout.max_new_tokens), vf_coef=cfg.value.vf_coef)
     critic = m.value if cfg.algorithm in CRITIC else None
     params = cfg.sampling()
     ev = ppo_setup.Evaluator(cfg, m, reward, gold_fn, eval_prompts, params, engine=engine)
@@ -177,6 +181,9 @@ def _train(cfg: PPOConfig, info: DistInfo) -> int:
             first = first_pass(m.policy, critic, batch, settings, seed=cfg.seed, iteration=it)
             old_logp, entropy, values = first.old_logp, first.old_entropy, first.old_values
             t_first = time.perf_counter() - t_first
+        elif on_trunk(critic):  # the values come from the policy's own scoring forward
+            old_logp, entropy, values = batched_scores(m.policy, batch, params.temperature, fb, cfg.precision,
+                                                       with_entropy=True, value_head=critic)
         else:
             old_logp, entropy = batched_logprobs(m.policy, batch, params.temperature, fb, cfg.precision,
                                                  with_entropy=True)

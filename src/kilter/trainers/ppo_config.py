@@ -121,9 +121,11 @@ class ValueSection(BaseConfig):
     """The critic of ppo and a2c."""
 
     model: str | None = None
-    """Critic start: a reward-model folder, policy (its backbone + new head), shared (LoRA only: the policy's frozen base with the critic's own adapter and head, no second model), or null (the reward's model or policy)."""
+    """Critic start: a reward-model folder, policy (its backbone + new head), shared (LoRA only: the policy's frozen base with the critic's own adapter and head, no second model), trunk (a value head on the policy's own hidden states: one forward and backward for both, the value loss trains the policy's weights too, scaled by vf_coef), or null (the reward's model or policy)."""
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_ratio=0.0, schedule="constant")
-    """Critic optimizer."""
+    """Critic optimizer (with model=trunk only its lr counts: the head is a parameter group of the policy's optimizer, on the policy's schedule and max_grad_norm)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """model=trunk: weight of the value loss beside the policy loss in their one backward (TRL's old default 0.1; other critics train apart and ignore it)."""
 
 
 class PtxSection(BaseConfig):

@@ -9,7 +9,8 @@ The policy, the frozen reference pi_0 and the critic are built here:
   otherwise with LoRA the policy itself with the adapter disabled (no second copy), else a
   frozen deep copy taken before any update;
 * the **critic** (ppo, a2c) starts from the reward model (InstructGPT) -- or, when the reward
-  has no model or ``value.model=policy``, from the policy's backbone with a new scalar head.
+  has no model or ``value.model=policy``, from the policy's backbone with a new scalar head;
+  ``value.model=shared`` and ``trunk`` build no second model (:mod:`kilter.models.value`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def build_value(cfg, reward: RewardPipeline, tokenizer, device: str, policy=None
         from kilter.models.value import SharedBaseCritic
 
         return SharedBaseCritic(policy).to(device).eval(), "policy's frozen base + own LoRA adapter and head"
+    if source == "trunk":  # a head on the policy's own hidden states, trained through the policy (models/value.py)
+        from kilter.models.value import TrunkValueHead
+
+        return (TrunkValueHead(policy).to(device).eval(),
+                f"value head on the policy's trunk (vf_coef={cfg.value.vf_coef}, one forward and backward)")
     if source == "policy":
         backbone = load_reward_backbone(cfg.model, tokenizer)
         with torch.no_grad():  # a new head starts at V = 0 everywhere
@@ -178,9 +184,10 @@ def check_data_parallel(cfg, world: int) -> None:
         raise ConfigError(f"each of the {world} processes holds {local} responses per iteration, which "
                           f"update.num_minibatches x update.grad_accum = {per_step} does not divide; "
                           "change rollout.batch_size or the update's split")
-    if cfg.parallel == "fsdp" and cfg.value.model == "shared" and cfg.algorithm in ("ppo", "a2c"):
-        raise ConfigError("value.model=shared runs the critic on the policy's own modules, which parallel=fsdp "
-                          "would shard twice; use parallel=ddp, or value.model=policy for a critic of its own")
+    if cfg.parallel == "fsdp" and cfg.value.model in ("shared", "trunk") and cfg.algorithm in ("ppo", "a2c"):
+        raise ConfigError(f"value.model={cfg.value.model} runs the critic on the policy's own modules, which "
+                          "parallel=fsdp would shard twice; use parallel=ddp, or value.model=policy for a critic "
+                          "of its own")
     if cfg.rollout.engine != "hf":
         raise ConfigError(f"rollout.engine={cfg.rollout.engine} under torchrun is not supported: each process "
                           "samples its share with its own policy (rollout.engine=hf); docs/distributed.md")
@@ -199,9 +206,11 @@ def distribute(m: Models, cfg, info, ranks: Ranks) -> None:
     """
     if not info.enabled:
         return
+    from kilter.models.value import TrunkValueHead
     from kilter.rollout.scoring import prepare_fast_paths
 
-    policy_root, value_root = prepare_fast_paths(m.policy, m.value)
+    trunk = isinstance(m.value, TrunkValueHead)  # scored by the policy's own forward: no fast path of its own
+    policy_root, value_root = prepare_fast_paths(m.policy, None if trunk else m.value)
     reference = m.reference.model  # None with LoRA: the adapter-disabled policy
     reference_root = prepare_fast_paths(reference)[0] if reference is not None else None
     if ranks.sharded:

@@ -22,6 +22,7 @@ import torch
 from kilter.losses import causal_lm_loss, pg_loss, ppo_policy_loss, ppo_value_loss
 from kilter.losses.ppo import aggregate, aggregation_weight, kl_penalty_loss
 from kilter.models.precision import autocast
+from kilter.models.value import TrunkValueHead
 from kilter.ops import (
     build_token_rewards,
     discounted_returns,
@@ -35,7 +36,7 @@ from kilter.ops import (
 )
 from kilter.ops.kl import kl_placement
 from kilter.ops.masked import Reduce
-from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_values
+from kilter.rollout.scoring import RolloutBatch, token_logprobs, token_scores, token_values
 from kilter.training.optim import clip_and_norm
 from kilter.training.parallel import Ranks
 
@@ -43,6 +44,12 @@ CLIPPED = ("ppo", "rloo", "grpo")
 """Algorithms that optimise the clipped surrogate (and may take several epochs per batch)."""
 CRITIC = ("ppo", "a2c")
 """Algorithms with a learned value function."""
+
+
+def on_trunk(value_model) -> bool:
+    """True for ``value.model=trunk``: the critic is a head on the policy's own forward
+    (:class:`kilter.models.value.TrunkValueHead`), trained through the policy's backward and optimizer."""
+    return isinstance(value_model, TrunkValueHead)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -177,6 +184,8 @@ class UpdateSettings:
     """How per-token losses are reduced (:func:`kilter.losses.ppo.aggregate`)."""
     normaliser: float | None = None
     """The constant of aggregation='constant' (the generation budget, max_new_tokens)."""
+    vf_coef: float = 0.1
+    """With a :class:`TrunkValueHead` critic: the value loss's weight in the policy's one backward."""
 
 
 class PtxStream:
@@ -287,8 +296,12 @@ def first_pass(policy, value_model, batch: RolloutBatch, s: UpdateSettings, *, s
     sub = batch.select(rows)
     mask = sub.response_mask
     with _training(policy, value_model):
-        logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=True)
-        values = token_values(value_model, sub, s.precision) if value_model is not None else None
+        if on_trunk(value_model):  # one forward: log-probs and the head's values
+            logp, entropy, values = token_scores(policy, sub, s.temperature, s.precision, with_entropy=True,
+                                                 value_head=value_model)
+        else:
+            logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=True)
+            values = token_values(value_model, sub, s.precision) if value_model is not None else None
     return FirstPass(
         rows=rows, sub=sub, logp=logp, entropy=entropy if s.entropy_coef > 0 else None, values=values,
         old_logp=_scatter(n, width, rows, logp, mask), old_entropy=_scatter(n, width, rows, entropy, mask),
@@ -348,11 +361,19 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
     token-mean loss by ``value_weight``, its share of the minibatch's tokens); returns its stats.
 
     With ``live`` (the fused first pass on exactly this micro-batch) its forward outputs are used.
+    With a :class:`TrunkValueHead` critic the values come from the policy's own forward and
+    ``s.vf_coef`` x the value loss joins the policy loss in one backward.
     """
     cols = sub.response_mask.shape[1]
     mask = sub.response_mask
+    trunk = on_trunk(value_model)
+    trunk_values = None
     if live is not None:
         logp, entropy = live.logp, live.entropy
+        trunk_values = live.values if trunk else None
+    elif trunk:
+        logp, entropy, trunk_values = token_scores(policy, sub, s.temperature, s.precision,
+                                                   with_entropy=s.entropy_coef > 0, value_head=value_model)
     else:
         logp, entropy = token_logprobs(policy, sub, s.temperature, s.precision, with_entropy=s.entropy_coef > 0)
     sub_adv, sub_old = adv.advantages[rows, :cols], old_logp[rows, :cols]
@@ -375,17 +396,27 @@ def _micro_step(policy, value_model, sub: RolloutBatch, rows: torch.Tensor, old_
         ent = aggregate(entropy, mask, s.aggregation, s.normaliser)  # reduced like the policy loss
         loss = loss - s.entropy_coef * ent
         stats["loss/entropy"] = float(ent.detach())
-    (loss * weight).backward()
+    total = loss * weight
+    if not trunk:  # a separate critic: its own forward and backward below
+        total.backward()
     if value_model is not None and adv.returns is not None and old_values is not None:
-        if live is not None and live.values is not None:
+        if trunk_values is not None:
+            values = trunk_values
+        elif live is not None and live.values is not None:
             values = live.values
         else:
             values = token_values(value_model, sub, s.precision)
         # a2c takes one unclipped step: an infinite clip range is the plain squared error.
         clip_v = s.clip_range_value if s.algorithm == "ppo" else math.inf
         v_loss, v_stats = ppo_value_loss(values, old_values[rows, :cols], adv.returns[rows, :cols], mask, clip_v)
-        (v_loss * (weight if value_weight is None else value_weight)).backward()
+        v_scaled = v_loss * (weight if value_weight is None else value_weight)
+        if trunk:
+            total = total + s.vf_coef * v_scaled
+        else:
+            v_scaled.backward()
         stats["loss/value"], stats["value/clipfrac"] = float(v_loss.detach()), float(v_stats["clipfrac"])
+    if trunk:  # one backward through the shared forward: policy loss + vf_coef x value loss
+        total.backward()
     return stats
 
 
@@ -443,8 +474,10 @@ def _epochs(policy, value_model, policy_opt, value_opt, batch, old_logp, adv, ol
                 return True, count, count, tokens_seen
             if ranks is not None:
                 ranks.sync_gradients(policy)
-                ranks.sync_gradients(value_model if value_opt is not None else None)
-            mb_stats["optim/grad_norm"] = clip_and_norm(policy.parameters(), s.max_grad_norm)
+                ranks.sync_gradients(value_model if value_opt is not None or on_trunk(value_model) else None)
+            # a trunk head is trained by the policy's optimizer and clipped with the policy's weights
+            clipped = [*policy.parameters(), *(value_model.parameters() if on_trunk(value_model) else ())]
+            mb_stats["optim/grad_norm"] = clip_and_norm(clipped, s.max_grad_norm)
             policy_opt.step()
             policy_opt.zero_grad(set_to_none=True)
             if value_opt is not None and value_model is not None:

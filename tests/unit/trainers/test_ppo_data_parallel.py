@@ -18,7 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from kilter.distributed import DistInfo
-from kilter.rollout.scoring import assemble, batched_logprobs, batched_values
+from kilter.models.value import TrunkValueHead
+from kilter.rollout.scoring import assemble, batched_logprobs, batched_scores, batched_values
 from kilter.trainers.ppo_setup import check_data_parallel, local_rows, mean_metrics
 from kilter.trainers.ppo_update import UpdateSettings, compute_advantages, run_update
 from kilter.training.parallel import Ranks
@@ -37,7 +38,7 @@ def _rollout(n: int = N, seed: int = 3):
 
 
 def _settings(algorithm: str) -> UpdateSettings:
-    return UpdateSettings(algorithm=algorithm, epochs=2, num_minibatches=1, grad_accum=2, clip_range=0.2,
+    return UpdateSettings(algorithm=algorithm.removesuffix("-trunk"), epochs=2, num_minibatches=1, grad_accum=2, clip_range=0.2,
                           clip_range_value=0.2, entropy_coef=0.01, target_kl=None, temperature=1.0,
                           precision="fp32", max_grad_norm=1.0, value_max_grad_norm=1.0,
                           kl_loss="k3" if algorithm == "grpo" else None)
@@ -47,18 +48,22 @@ def _step(policy, value, prompts, responses, rewards, algorithm: str, ranks: Ran
     """Score the rollout share, compute advantages and take run_update's steps; returns its stats."""
     # the optimizers first, as the trainer builds them: after a no-grad forward FSDP leaves the groups
     # outside the blocks unsharded, and parameters() would then hand out the temporary full tensors
-    critic = value if algorithm == "ppo" else None
-    p_opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    v_opt = torch.optim.SGD(value.parameters(), lr=0.5) if critic is not None else None
+    critic = value if algorithm.startswith("ppo") else None
+    trunk = isinstance(critic, TrunkValueHead)  # ppo-trunk: the head trains with the policy's optimizer
+    p_opt = torch.optim.SGD([*policy.parameters(), *(value.parameters() if trunk else ())], lr=0.5)
+    v_opt = torch.optim.SGD(value.parameters(), lr=0.5) if critic is not None and not trunk else None
     batch = assemble(prompts, responses, policy.config.pad_token_id or 0)
     mask = batch.response_mask
     token_rewards = torch.zeros_like(mask)
     for i, r in enumerate(rewards):
         token_rewards[i, :len(r)] = torch.tensor(r)
-    old_logp, _ = batched_logprobs(policy, batch, 1.0, 4)
-    values = batched_values(critic, batch, 4) if critic is not None else None
+    if trunk:
+        old_logp, _, values = batched_scores(policy, batch, 1.0, 4, value_head=critic)
+    else:
+        old_logp, _ = batched_logprobs(policy, batch, 1.0, 4)
+        values = batched_values(critic, batch, 4) if critic is not None else None
     reduce = ranks.sum if ranks is not None and ranks.enabled else None
-    adv = compute_advantages(algorithm, token_rewards, mask, values=values, group_size=2, whiten=True, reduce=reduce)
+    adv = compute_advantages(algorithm.removesuffix("-trunk"), token_rewards, mask, values=values, group_size=2, whiten=True, reduce=reduce)
     ref_logp = (old_logp - 0.3 * mask) if algorithm == "grpo" else None
     return run_update(policy, critic, p_opt, v_opt, batch, old_logp, adv, values, _settings(algorithm), seed=0,
                       iteration=0, ref_logp=ref_logp, beta=0.2, ranks=ranks)
@@ -78,7 +83,7 @@ def _worker(rank: int, world: int, port: int, algorithm: str, sharded: bool, mod
         info = DistInfo(rank=rank, world_size=world, device="cpu")
         ranks = Ranks(info, sharded=sharded)
         policy, value = torch.load(models, weights_only=False)  # the micro_ppo_models fixture's, pickled
-        policy_root, value_root = prepare_fast_paths(policy, value)
+        policy_root, value_root = prepare_fast_paths(policy, None if isinstance(value, TrunkValueHead) else value)
         if sharded:
             class Cfg:
                 parallel, precision = "fsdp", "fp32"
@@ -101,12 +106,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("algorithm,sharded", [("ppo", False), ("grpo", False), ("ppo", True)])
+@pytest.mark.parametrize("algorithm,sharded", [("ppo", False), ("grpo", False), ("ppo", True), ("ppo-trunk", False)])
 def test_two_processes_with_half_the_rollout_take_the_one_process_step(tmp_path, micro_ppo_models, algorithm,
                                                                       sharded):
     _, policy0, value0 = micro_ppo_models
+    if algorithm == "ppo-trunk":  # a value head on the policy's own trunk, its gradients averaged too
+        policy0 = copy.deepcopy(policy0)
+        value0 = TrunkValueHead(policy0)
+        with torch.no_grad():
+            value0.score.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
     torch.save((policy0, value0), tmp_path / "models.pt")
-    policy, value = copy.deepcopy(policy0), copy.deepcopy(value0)
+    policy, value = copy.deepcopy((policy0, value0))  # together: a trunk head keeps its own policy
     one = _step(policy, value, *_rollout(), algorithm, None)
 
     out = str(tmp_path / "two.pt")
@@ -158,6 +168,12 @@ def test_config_that_cannot_be_split_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="value.model=shared .* parallel=fsdp"):
         check_data_parallel(shared, 2)
     check_data_parallel(shared.model_copy(update={"parallel": "ddp"}), 2)
+    trunk = PPOConfig.model_validate({"reward": {"function": "builtin:gold"}, "parallel": "fsdp",
+                                      "value": {"model": "trunk"}})
+    with pytest.raises(ConfigError, match="value.model=trunk .* parallel=fsdp"):
+        check_data_parallel(trunk, 2)
+    check_data_parallel(trunk.model_copy(update={"parallel": "ddp"}), 2)
+    check_data_parallel(trunk.model_copy(update={"algorithm": "rloo"}), 2)  # no critic: value.* unused
     cfg = PPOConfig.model_validate({"reward": {"function": "builtin:gold"},
                                     "rollout": {"engine": "vllm-server", "vllm_url": "http://127.0.0.1:8100"}})
     with pytest.raises(ConfigError, match="rollout.engine=vllm-server under torchrun"):

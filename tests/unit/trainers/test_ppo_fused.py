@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from kilter.cli import main
 from kilter.models.lora import LoraSection, apply_lora, enable_gradient_checkpointing
 from kilter.models.reference import Reference
+from kilter.models.value import TrunkValueHead
 from kilter.rollout import scoring
 from kilter.rollout.scoring import batched_logprobs, batched_values
 from kilter.trainers import ppo_setup
@@ -205,12 +206,13 @@ def _count_forwards(monkeypatch) -> dict[str, int]:
             counts["critic"] += 1
 
         scoring._fast_policy(m.policy)
-        if m.value is not None:
+        separate = m.value is not None and not isinstance(m.value, TrunkValueHead)  # trunk: the policy's forward
+        if separate:
             scoring._fast_critic(m.value)
 
         # after the reference was copied, so only the policy's own decoder counts
         m.policy.get_decoder().register_forward_pre_hook(on_policy, with_kwargs=True)
-        if m.value is not None:
+        if separate:
             m.value.model.register_forward_pre_hook(on_critic, with_kwargs=True)
         return m
 
@@ -231,6 +233,10 @@ RUNS = {
     "ppo": (["algorithm=ppo", "rollout.batch_size=4", "update.epochs=2", "update.entropy_coef=0.01",
              "value.optim.lr=1e-3", "ptx.data=builtin:sft", "ptx.coef=0.1", "ptx.batch_size=2"], (5, 3)),
     # per iteration unfused: 1 scoring + 1 epoch policy forwards, no critic
+    # value.model=trunk: the same policy forwards give the values, no critic forward at all
+    "ppo-trunk": (["algorithm=ppo", "value.model=trunk", "rollout.batch_size=4", "update.epochs=2",
+                   "update.entropy_coef=0.01", "value.optim.lr=1e-3", "ptx.data=builtin:sft", "ptx.coef=0.1",
+                   "ptx.batch_size=2"], (5, 0)),
     "rloo": (["algorithm=rloo", "rollout.batch_size=2", "rollout.samples_per_prompt=2", "update.epochs=1"], (2, 0)),
 }
 
@@ -250,7 +256,8 @@ def test_fused_run_equals_unfused_run_with_one_forward_less(tmp_path, monkeypatc
     assert counts[True] == {"policy": 2 * (policy_per_it - 1), "critic": 2 * max(critic_per_it - 1, 0)}
 
     plain, fused = tmp_path / "fused-False", tmp_path / "fused-True"
-    names = ["model.safetensors"] + (["value/model.safetensors"] if algorithm == "ppo" else [])
+    names = ["model.safetensors"] + {"ppo": ["value/model.safetensors"],
+                                     "ppo-trunk": ["value/critic.safetensors"]}.get(algorithm, [])
     for name in names:
         a, b = load_file(str(plain / "final" / name)), load_file(str(fused / "final" / name))
         assert a.keys() == b.keys()
