@@ -23,8 +23,10 @@ COMMON = ["tensorboard=false", "threads=2", "samples.n=0"]
 
 def _groups(demos: list[dict]) -> tuple[list[str], list[list[str]]]:
     by_prompt: OrderedDict[str, list[str]] = OrderedDict()
-    for d in demos:
-        by_prompt.setdefault(d["prompt"], []).append(d["completion"])
+    for d in demos:  # distinct demonstrations only: a ranking of two identical responses is refused
+        group = by_prompt.setdefault(d["prompt"], [])
+        if d["completion"] not in group:
+            group.append(d["completion"])
     return list(by_prompt), list(by_prompt.values())
 
 

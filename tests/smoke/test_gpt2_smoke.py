@@ -92,8 +92,9 @@ def test_dpo_learns_with_shared_prompts_and_samples_with_the_own_sampler(sft_run
     rows = read_metrics(out)
     assert _perf(rows) == {"perf/completion_logits": 1.0, "perf/padding_free": 1.0, "perf/shared_prefix": 1.0,
                            "perf/own_sampler": 1.0}
-    train = [r for r in rows if "loss/dpo" in r]
-    assert train[-1]["loss/dpo"] < math.log(2) - 0.1
+    train = [r for r in rows if "loss/dpo" in r]  # a row per 10 steps, each the mean over its window
+    assert train[-1]["loss/dpo"] < train[0]["loss/dpo"] - 0.03
+    assert train[-1]["loss/dpo"] < math.log(2) - 0.05
     assert train[-1]["rewards/accuracy"] > 0.6
 
 
