@@ -32,7 +32,8 @@ def test_student_moves_towards_the_teacher_and_gains_gold(sft_model_dir, tmp_pat
     assert first["step"] == 0 and last["step"] == 30
     # the context helps the teacher (the premise), and the student without it closes most of the gap
     # (+0.073 measured after the built-in task changed in issue 13: the shared 150-step SFT model barely names
-    # products yet, so the context's gain is mostly its warmth; it was above 0.1 before)
+    # products yet, so the context's gain is mostly its warmth; it was above 0.1 before; +0.038 since item 7's
+    # demonstrations name the product half as often)
     assert first["eval/gold/teacher"] > first["eval/gold/student"] + 0.02
     assert last["eval/kl/student_teacher"] < 0.5 * first["eval/kl/student_teacher"]
     assert last["eval/gold/student"] > first["eval/gold/student"] + 0.05
