@@ -611,7 +611,7 @@ def prepare_dialogues(out: Path, seed: int = 0, n_sft: int = 1200, n_pairs: int 
     from transformers import AutoTokenizer
 
     from kilter.data.labeler import SimulatedLabeler
-    from kilter.data.task import PROMPT_TEMPLATES, PRODUCTS
+    from kilter.data.task import PRODUCTS, PROMPT_TEMPLATES
     from kilter.models import resolve_model_path
 
     data_dir = out / "data-dialogue"
