@@ -70,3 +70,39 @@ def ppo_killed_after(monkeypatch):
             monkeypatch.undo()
 
     return run
+
+
+def _lora_critic(value_model: str) -> list[str]:
+    return ["lora.enabled=true", f"value.model={value_model}", "tensorboard=false", "threads=1", "n_samples=0"]
+
+
+@pytest.fixture
+def lora_critic_ppo(sft_model_dir, tmp_path):
+    """``run(value_model)``: 10 PPO iterations on the shared SFT model with LoRA and that critic
+    (value.model=shared|trunk), against the gold reward; returns (run dir, exit code, training rows)."""
+    import json
+
+    from kilter.cli import main
+
+    def run(value_model: str):
+        out = tmp_path / "ppo"
+        code = main(["ppo", f"model={sft_model_dir}", f"output_dir={out}", "reward.function=builtin:gold",
+                     "iterations=10", "rollout.batch_size=16", "rollout.max_new_tokens=24", "update.epochs=2",
+                     "update.num_minibatches=2", "optim.lr=3e-3", "value.optim.lr=3e-3", "kl.beta=0.05",
+                     "data.n_eval=8", "eval_every=10", "save_every=100", *_lora_critic(value_model)])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
+        return out, code, [r for r in rows if "reward/total" in r]
+
+    return run
+
+
+@pytest.fixture
+def lora_critic_resume_args():
+    """``args(value_model)``: a 4-iteration micro-model PPO run with a LoRA critic, checkpoints at 2 and 4."""
+    def args(value_model: str) -> list[str]:
+        return ["model=builtin:micro", "iterations=4", "reward.function=builtin:gold", "rollout.batch_size=4",
+                "rollout.max_new_tokens=6", "update.num_minibatches=2", "update.epochs=2", "optim.lr=1e-2",
+                "value.optim.lr=1e-2", "save_every=2", "keep_checkpoints=null", "data.n_eval=2", "eval_every=2",
+                *_lora_critic(value_model)]
+
+    return args

@@ -12,25 +12,12 @@ from safetensors.torch import load_file
 
 from kilter.cli import main
 
-TRUNK = ["lora.enabled=true", "value.model=trunk", "tensorboard=false", "threads=1", "n_samples=0"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/smoke/conftest.py
 
-
-def _train_rows(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "reward/total" in r]
-
-
-def test_ppo_with_a_value_head_on_the_trunk_raises_gold_and_the_head_learns(sft_model_dir, tmp_path, capsys):
-    out = tmp_path / "ppo"
-    assert main(["ppo", f"model={sft_model_dir}", f"output_dir={out}", "reward.function=builtin:gold",
-                 "iterations=10", "rollout.batch_size=16", "rollout.max_new_tokens=24", "update.epochs=2",
-                 "update.num_minibatches=2", "optim.lr=3e-3", "value.optim.lr=3e-3", "kl.beta=0.05",
-                 "data.n_eval=8", "eval_every=10", "save_every=100", *TRUNK]) == 0
+def test_ppo_with_a_value_head_on_the_trunk_raises_gold_and_the_head_learns(lora_critic_ppo, capsys):
+    out, code, rows = lora_critic_ppo("trunk")
+    assert code == 0
     assert "critic: value head on the policy's trunk (vf_coef=0.1" in capsys.readouterr().out
-    rows = _train_rows(out)
     gold = [r["reward/gold"] for r in rows]
     values = [r["value/mean"] for r in rows]
     # observed: gold -0.43, -0.43, -0.02 ... 0.04, -0.06, -0.16; value/mean 0, -0.37, -0.42 ... -0.47, -0.23
@@ -48,13 +35,8 @@ def test_ppo_with_a_value_head_on_the_trunk_raises_gold_and_the_head_learns(sft_
 
     AutoModelForCausalLM.from_pretrained(out / "final")  # the policy is a plain model, the head beside it
 
-
-ARGS = ["model=builtin:micro", "iterations=4", "reward.function=builtin:gold", "rollout.batch_size=4",
-        "rollout.max_new_tokens=6", "update.num_minibatches=2", "update.epochs=2", "optim.lr=1e-2",
-        "value.optim.lr=1e-2", "save_every=2", "keep_checkpoints=null", "data.n_eval=2", "eval_every=2", *TRUNK]
-
-
-def test_kill_and_resume_restores_the_trunk_head_exactly(tmp_path, ppo_killed_after):
+def test_kill_and_resume_restores_the_trunk_head_exactly(tmp_path, ppo_killed_after, lora_critic_resume_args):
+    ARGS = lora_critic_resume_args("trunk")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["ppo", f"output_dir={straight}", *ARGS]) == 0
     assert ppo_killed_after([f"output_dir={resumed}", *ARGS], 2) == 130
