@@ -154,16 +154,20 @@ def test_the_value_loss_trains_the_lora_weights_scaled_by_vf_coef_and_downhill(p
     for h, o, g in zip(head_half, head_one, head.parameters()):
         tol = 1e-6 * max(1.0, float(g.grad.abs().max()))
         assert torch.allclose(h, 0.5 * g.grad, atol=tol) and torch.allclose(o, g.grad, atol=tol)
-    # a short step against the value gradient (adapters and head) lowers the value loss
+    # a short step against the value gradient (adapters and head) lowers the value loss by what the
+    # gradient predicts (first order: eps x |g|); the step is short because the random head makes the
+    # loss sharply curved (at 1e-2 x the unit direction the second-order term already wins)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     grads = lora_v + [p.grad for p in head.parameters()]
     norm = torch.cat([g.flatten() for g in grads]).norm()
+    eps = 1e-4
     with torch.no_grad():
         for param, g in zip(params, grads):
-            param -= 1e-2 * g / norm
+            param -= eps * g / norm
         _, _, after = scoring.token_scores(policy, batch, 1.0, value_head=head)
     later, _ = ppo_value_loss(after, values, adv.returns, mask, 0.2)
-    assert float(later) < float(v_loss.detach()) - 1e-5
+    drop = float(v_loss.detach()) - float(later)
+    assert drop == pytest.approx(eps * float(norm), rel=0.05) and drop > 1e-3
 
 
 def test_a_trunk_update_runs_the_decoder_once_per_micro_batch_shared_twice(policy_and_head, micro_policy):
