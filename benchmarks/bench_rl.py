@@ -39,10 +39,12 @@ PROFILES = {
     "tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
     "gpt2-tiny": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
     "gpt2-small": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
+    "gpt2-equal": {"prompts": 8, "k": 4, "max_new_tokens": 48, "lr": 1e-4, "steps": 24, "warmup": 4},
     "smollm2-lora": {"prompts": 4, "k": 4, "max_new_tokens": 48, "lr": 5e-5, "steps": 7, "warmup": 2},
 }
 QUICK = {"tiny": {"steps": 4, "warmup": 1}, "gpt2-tiny": {"steps": 4, "warmup": 1},
-         "gpt2-small": {"steps": 4, "warmup": 1}, "smollm2-lora": {"steps": 3, "warmup": 1}}
+         "gpt2-small": {"steps": 4, "warmup": 1}, "gpt2-equal": {"steps": 4, "warmup": 1},
+         "smollm2-lora": {"steps": 3, "warmup": 1}}
 FLOPS_PER_TOKEN_PARAM = {"kilter-ppo": 16.0, "kilter-rloo": 10.0, "trl-rloo": 10.0,
                          "kilter-ppo:lora": 12.0, "kilter-rloo:lora": 8.0, "trl-rloo:lora": 8.0,
                          # value.model=shared: the critic's trunk is the policy's base run again with the

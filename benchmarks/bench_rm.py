@@ -27,11 +27,12 @@ PROFILES = {
     "tiny": {"eval_limit": None, "batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
     "gpt2-tiny": {"eval_limit": None, "batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
     "gpt2-small": {"eval_limit": None, "batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
+    "gpt2-equal": {"eval_limit": None, "batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 80, "warmup": 10},
     "smollm2-lora": {"eval_limit": 128, "batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 14, "warmup": 4},
     "smollm2-dialogue": {"eval_limit": 32, "batch_size": 4, "max_length": 512, "lr": 2e-4, "steps": 6, "warmup": 2},
 }
 QUICK = {"tiny": {"steps": 8, "warmup": 2}, "gpt2-tiny": {"steps": 8, "warmup": 2},
-         "gpt2-small": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1},
+         "gpt2-small": {"steps": 8, "warmup": 2}, "gpt2-equal": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1},
          "smollm2-dialogue": {"steps": 2, "warmup": 1}}
 
 

@@ -33,11 +33,12 @@ PROFILES = {
     "tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "gpt2-tiny": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "gpt2-small": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
+    "gpt2-equal": {"batch_size": 16, "max_length": 128, "lr": 5e-4, "steps": 100, "warmup": 10},
     "smollm2-lora": {"batch_size": 8, "max_length": 128, "lr": 2e-4, "steps": 16, "warmup": 4},
     "smollm2-dialogue": {"eval_limit": 32, "batch_size": 4, "max_length": 512, "lr": 2e-4, "steps": 6, "warmup": 2},
 }
 QUICK = {"tiny": {"steps": 8, "warmup": 2}, "gpt2-tiny": {"steps": 8, "warmup": 2},
-         "gpt2-small": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1},
+         "gpt2-small": {"steps": 8, "warmup": 2}, "gpt2-equal": {"steps": 8, "warmup": 2}, "smollm2-lora": {"steps": 4, "warmup": 1},
          "smollm2-dialogue": {"steps": 2, "warmup": 1}}
 
 

@@ -60,9 +60,12 @@ MODELS = {
     "gpt2-small": ("builtin:gpt2-small", False),
     # The real-length case: SmolLM2-135M + LoRA on dialogues of 200-400 tokens (see prepare_dialogues).
     "smollm2-dialogue": ("smollm2-135m", True),
+    # Issue 20's original finding: the same GPT-2 on equal-length random text with random labels (no
+    # padding to drop; a prompt shared by a pair is the only repeated work), see prepare_equal.
+    "gpt2-equal": ("builtin:gpt2-small", False),
 }
 
-DATASETS = {"smollm2-dialogue": "dialogue"}
+DATASETS = {"smollm2-dialogue": "dialogue", "gpt2-equal": "equal"}
 """Model labels that read another data set than the built-in task's (prepare_data's ``kind``)."""
 
 
@@ -209,8 +212,15 @@ class ChildResult:
 
 
 def run_child(cmd: list[str], log: Path, threads: int, cwd: Path = ROOT, timeout: float | None = None) -> ChildResult:
-    """Run ``cmd`` to completion; peak RSS comes from this child's own rusage (os.wait4)."""
+    """Run ``cmd`` to completion; peak RSS comes from this child's own rusage (os.wait4).
+
+    With ``BENCH_PROFILE_DIR`` set the child runs under :mod:`profiled` (its operator profile goes
+    to that folder, named after the run; the run's timings are then not benchmark figures)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    profiles = os.environ.get("BENCH_PROFILE_DIR")
+    if profiles:
+        cmd = [str(PY), str(HERE / "profiled.py"), "--out", str(Path(profiles) / f"{log.parent.name}-{log.stem}.json"),
+               "--", *cmd]
     with open(log, "w") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
@@ -546,7 +556,8 @@ def _pairs_by_prompt(demos: list[dict]) -> tuple[list[str], list[list[str]]]:
 def prepare_data(out: Path, seed: int = 0, kind: str = "task") -> dict[str, Path]:
     """The built-in task as JSONL files that both libraries read (idempotent).
 
-    ``kind="dialogue"``: the real-length case instead (:func:`prepare_dialogues`).
+    ``kind="dialogue"``: the real-length case instead (:func:`prepare_dialogues`); ``kind="equal"``:
+    equal-length random text (:func:`prepare_equal`).
 
     sft*.jsonl: {prompt, completion} demonstrations; comparisons*.jsonl: {prompt, chosen, rejected}
     from the SimulatedLabeler (noise 0.3) over pairs of demonstrations of the same prompt;
@@ -557,6 +568,8 @@ def prepare_data(out: Path, seed: int = 0, kind: str = "task") -> dict[str, Path
 
     if kind == "dialogue":
         return prepare_dialogues(out, seed)
+    if kind == "equal":
+        return prepare_equal(out, seed)
     data_dir = out / "data"
     files = {name: data_dir / f"{name}.jsonl" for name in
              ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
@@ -680,6 +693,55 @@ def prepare_dialogues(out: Path, seed: int = 0, n_sft: int = 1200, n_pairs: int 
     write_jsonl(files["comparisons_eval"], comparison_rows(n_eval))
     write_jsonl(files["prompts"], [{"prompt": conversation()[0]} for _ in range(256)])
     write_jsonl(files["prompts_eval"], [{"prompt": conversation()[0]} for _ in range(n_eval)])
+    return files
+
+
+EQUAL_TOKENIZER = "builtin:gpt2-small"
+
+
+def prepare_equal(out: Path, seed: int = 0, prompt_tokens: int = 16, response_tokens: int = 48,
+                  n_train: int = 1600, n_eval: int = 128) -> dict[str, Path]:
+    """Issue 20's original GPT-2 case: equal-length random text, random preference labels (idempotent).
+
+    Every prompt is exactly ``prompt_tokens`` and every completion / chosen / rejected response
+    exactly ``response_tokens`` tokens of the GPT-2 tokenizer: random words, each one token with
+    its leading space (texts that tokenize to another count are drawn again), and which response
+    is "chosen" is a coin flip. Nothing to unpad and no group of samples to share, so what a
+    library can still skip is a pair's shared prompt and the prompt positions' LM head.
+    Files: the same names as :func:`prepare_data`, under OUT/data-equal.
+    """
+    import random
+
+    from kilter.models import load_tokenizer
+
+    data_dir = out / "data-equal"
+    files = {name: data_dir / f"{name}.jsonl" for name in
+             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    if all(p.exists() for p in files.values()):
+        return files
+    tok = load_tokenizer(EQUAL_TOKENIZER)
+    words = sorted(w[1:] for w in tok.get_vocab() if w.startswith("\u0120") and w[1:].isalpha())
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        while True:
+            candidate = " ".join(rng.choice(words) for _ in range(n))
+            if len(tok(candidate, add_special_tokens=False)["input_ids"]) == n:
+                return candidate
+
+    def sft_rows(n: int) -> list[dict]:
+        return [{"prompt": text(prompt_tokens), "completion": text(response_tokens)} for _ in range(n)]
+
+    def comparison_rows(n: int) -> list[dict]:
+        return [{"prompt": text(prompt_tokens), "chosen": text(response_tokens), "rejected": text(response_tokens)}
+                for _ in range(n)]
+
+    write_jsonl(files["sft"], sft_rows(n_train))
+    write_jsonl(files["sft_eval"], sft_rows(n_eval))
+    write_jsonl(files["comparisons"], comparison_rows(n_train))
+    write_jsonl(files["comparisons_eval"], comparison_rows(n_eval))
+    write_jsonl(files["prompts"], [{"prompt": text(prompt_tokens)} for _ in range(256)])
+    write_jsonl(files["prompts_eval"], [{"prompt": text(prompt_tokens)} for _ in range(n_eval)])
     return files
 
 
