@@ -114,6 +114,8 @@ def run(argv: list[str]) -> int:
 
     register_optimizer_step_post_hook(hook)
     del torch
+    if Path(command[0]).name.startswith("python"):  # `python script.py ...`: this interpreter runs the script
+        command = command[1:]
     target = command[0]
     sys.argv = command
     if Path(target).name == "kilter":  # the console script: its entry point, in this process

@@ -156,6 +156,7 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
     """
     from transformers import AutoModelForSequenceClassification
 
+    from kilter.models import loading
     from kilter.models.loading import DTYPES, align_embeddings, check_positions, resolve_model_path, set_dropout
 
     path = resolve_model_path(spec)
@@ -173,6 +174,7 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
         raise KilterError(f"{spec}: the reward model needs config.pad_token_id to find the last token; "
                           "load it with its tokenizer")
     set_dropout(model, 0.0)
+    loading.fuse_activations(model)
     if device:
         model.to(device)
     return model
