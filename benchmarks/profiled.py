@@ -12,7 +12,7 @@ benchmark figures; what they give is where each library's step goes, per operato
 same settings. ``--show DIR`` prints the side-by-side table of every profile in DIR.
 
 Operator classes (self CPU time, so nothing is counted twice): matmuls of the model's own weights,
-skinny matmuls (an operand with a dimension <= 16: LoRA's rank-r products and the 1-wide value
+skinny matmuls (an operand with a dimension <= 8: LoRA's rank-r products and the 1-wide value
 / reward heads), attention (SDPA's kernels and their backward), element-wise (the normalisation,
 rotary, activation and residual arithmetic and their gradients), data movement (copies, cats,
 index, fill), the optimizer, and the rest.
@@ -26,7 +26,7 @@ import runpy
 import sys
 from pathlib import Path
 
-SKINNY = 16
+SKINNY = 8
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm")
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "aten::_softmax", "softmax_backward")
 ELEMENTWISE = ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::gelu", "aten::tanh",

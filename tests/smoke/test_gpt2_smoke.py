@@ -69,7 +69,7 @@ def sft_run(gpt2_folder, tmp_path_factory) -> Path:
 def test_sft_learns_with_packing_completion_logits_and_the_own_sampler(sft_run):
     rows = read_metrics(sft_run)
     assert _perf(rows) == {"perf/completion_logits": 1.0, "perf/padding_free": 1.0, "perf/shared_prefix": 1.0,
-                           "perf/own_sampler": 1.0}
+                           "perf/own_sampler": 1.0, "perf/fused_activation": 1.0}
     losses = [r["loss/sft"] for r in rows if "loss/sft" in r]
     assert losses[-1] < losses[0] - 1.0  # ~6.0 -> ~4.5 nats in 40 steps
 
@@ -79,7 +79,8 @@ def test_rm_learns_with_packed_and_shared_prefix_scores(gpt2_folder, comparisons
     assert main(["rm", f"model={gpt2_folder}", f"output_dir={out}", f"data.train={comparisons}", "max_steps=30",
                  "batch_size=8", "optim.lr=2e-3", "n_samples=0", *COMMON]) == 0
     rows = read_metrics(out)
-    assert _perf(rows) == {"perf/padding_free_scores": 1.0, "perf/shared_prefix_scores": 1.0}
+    assert _perf(rows) == {"perf/padding_free_scores": 1.0, "perf/shared_prefix_scores": 1.0,
+                           "perf/fused_activation": 1.0}
     train = [r for r in rows if "loss/rm" in r]
     assert train[-1]["train/accuracy"] > train[0]["train/accuracy"]
     assert train[-1]["loss/rm"] < math.log(2) - 0.2
@@ -91,7 +92,7 @@ def test_dpo_learns_with_shared_prompts_and_samples_with_the_own_sampler(sft_run
                  "max_steps=30", "batch_size=8", "optim.lr=2e-3", "samples.n=2", *COMMON]) == 0
     rows = read_metrics(out)
     assert _perf(rows) == {"perf/completion_logits": 1.0, "perf/padding_free": 1.0, "perf/shared_prefix": 1.0,
-                           "perf/own_sampler": 1.0}
+                           "perf/own_sampler": 1.0, "perf/fused_activation": 1.0}
     train = [r for r in rows if "loss/dpo" in r]  # a row per 10 steps, each the mean over its window
     assert train[-1]["loss/dpo"] < train[0]["loss/dpo"] - 0.03
     assert train[-1]["loss/dpo"] < math.log(2) - 0.05
