@@ -493,18 +493,25 @@ def count_params(model_dir: str, head: bool = True) -> int:
     return layers * (attn + mlp) + (vocab * h if head else h)
 
 
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "attention_dropout",
+                "hidden_dropout", "dropout", "activation_dropout")
+
+
 def padded_model_dir(spec_name: str, out: Path = OUT) -> str:
     """The model folder both libraries read: as resolved, except that a tokenizer without a PAD token
     (GPT-2's) gets Kilter's distinct PAD saved into a copy, so TRL does not fall back to PAD = EOS and
-    both libraries pad, mask and stop alike."""
+    both libraries pad, mask and stop alike, and a config with dropout (GPT-2's 0.1 defaults) gets
+    it set to 0 in that copy: Kilter always trains without dropout (deterministic log-probs), so
+    TRL must too for the two to do the same work (its dropout masks were ~10% of a GPT-2 step)."""
     from kilter.models import resolve_model_path
-    from kilter.models.loading import ensure_pad_token
+    from kilter.models.loading import ensure_pad_token, set_dropout
 
     path = resolve_model_path(spec_name)
     config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("pad_token_id") is not None:
+    dropout = any(isinstance(config.get(k), float) and config[k] > 0 for k in DROPOUT_KEYS)
+    if config.get("pad_token_id") is not None and not dropout:
         return path
-    target = Path(out) / "models" / (Path(path).name + "-pad")
+    target = Path(out) / "models" / (Path(path).name + "-pad-nodropout")
     if (target / "config.json").is_file():
         return str(target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -515,6 +522,7 @@ def padded_model_dir(spec_name: str, out: Path = OUT) -> str:
     ensure_pad_token(tok)
     model = AutoModelForCausalLM.from_pretrained(path)
     align_embeddings(model, tok)
+    set_dropout(model, 0.0)
     tmp = target.with_name(target.name + ".tmp")
     clean_dir(tmp)
     model.save_pretrained(tmp)
