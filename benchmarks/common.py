@@ -561,6 +561,14 @@ def _pairs_by_prompt(demos: list[dict]) -> tuple[list[str], list[list[str]]]:
     return prompts, pairs
 
 
+DATA_FILES = ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")
+
+
+def data_files(data_dir: Path) -> dict[str, Path]:
+    """The JSONL files every data set of the benchmarks has, by name (see :func:`prepare_data`)."""
+    return {name: data_dir / f"{name}.jsonl" for name in DATA_FILES}
+
+
 def prepare_data(out: Path, seed: int = 0, kind: str = "task") -> dict[str, Path]:
     """The built-in task as JSONL files that both libraries read (idempotent).
 
@@ -579,8 +587,7 @@ def prepare_data(out: Path, seed: int = 0, kind: str = "task") -> dict[str, Path
     if kind == "equal":
         return prepare_equal(out, seed)
     data_dir = out / "data"
-    files = {name: data_dir / f"{name}.jsonl" for name in
-             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    files = data_files(data_dir)
     if all(p.exists() for p in files.values()):
         return files
     task = build_task(seed=seed)
@@ -636,8 +643,7 @@ def prepare_dialogues(out: Path, seed: int = 0, n_sft: int = 1200, n_pairs: int 
     from kilter.models import resolve_model_path
 
     data_dir = out / "data-dialogue"
-    files = {name: data_dir / f"{name}.jsonl" for name in
-             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    files = data_files(data_dir)
     if all(p.exists() for p in files.values()):
         return files
     tok = AutoTokenizer.from_pretrained(resolve_model_path(DIALOGUE_TOKENIZER))
@@ -723,8 +729,7 @@ def prepare_equal(out: Path, seed: int = 0, prompt_tokens: int = 16, response_to
     from kilter.models import load_tokenizer
 
     data_dir = out / "data-equal"
-    files = {name: data_dir / f"{name}.jsonl" for name in
-             ("sft", "sft_eval", "comparisons", "comparisons_eval", "prompts", "prompts_eval")}
+    files = data_files(data_dir)
     if all(p.exists() for p in files.values()):
         return files
     tok = load_tokenizer(EQUAL_TOKENIZER)
