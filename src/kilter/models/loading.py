@@ -6,6 +6,7 @@ also mask every EOS, and the model would never learn to stop.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -187,14 +188,23 @@ def fuse_activations(model: torch.nn.Module) -> int:
                if type(child) is NewGELUActivation]
     if not targets:
         return 0
-    probe = torch.linspace(-12.0, 12.0, 4097, dtype=torch.float64).float().requires_grad_(True)
-    old, new = NewGELUActivation()(probe), GELUTanh()(probe)
-    (g_old,), (g_new,) = torch.autograd.grad(old.sum(), probe), torch.autograd.grad(new.sum(), probe)
-    ok = torch.allclose(old, new, atol=1e-5, rtol=1e-5) and torch.allclose(g_old, g_new, atol=1e-5, rtol=1e-5)
+    ok = _gelu_tanh_matches(GELUTanh)
     if fastpaths.decide("fused_activation", ok, "" if ok else "GELUTanh differs from NewGELUActivation"):
         for parent, name in targets:
             setattr(parent, name, GELUTanh())
     return len(targets) if ok else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _gelu_tanh_matches(kernel: type) -> bool:
+    """Whether ``kernel`` computes NewGELU's values and gradients on -12..12: a property of the two
+    functions, not of a model, so checked once per process (a loop loads many models)."""
+    from transformers.activations import NewGELUActivation
+
+    probe = torch.linspace(-12.0, 12.0, 4097, dtype=torch.float64).float().requires_grad_(True)
+    old, new = NewGELUActivation()(probe), kernel()(probe)
+    (g_old,), (g_new,) = torch.autograd.grad(old.sum(), probe), torch.autograd.grad(new.sum(), probe)
+    return torch.allclose(old, new, atol=1e-5, rtol=1e-5) and torch.allclose(g_old, g_new, atol=1e-5, rtol=1e-5)
 
 
 def align_embeddings(model, tokenizer) -> None:

@@ -72,18 +72,16 @@ def _fused_class():
                 return super().forward(x, *args, **kwargs)
             name = active[0]
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            result = self.base_layer(x)
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if not autocast and not (self.base_layer.weight.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+                return super().forward(x)
+            result = self.base_layer(x).contiguous()  # a fresh output already: no copy
             h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
             w = lora_b.weight.t()
-            if torch.is_autocast_enabled(x.device.type):  # autocast casts for addmm, not for in-place addmm_
+            if autocast:  # autocast casts for addmm, not for the in-place addmm_
                 h, w = h.to(result.dtype), w.to(result.dtype)
-            elif not (h.dtype == result.dtype == w.dtype):
-                return result + lora_b(h) * self.scaling[name]
-            out, h = result.shape[-1], h.reshape(-1, h.shape[-1])
-            if result.is_contiguous():
-                result.view(-1, out).addmm_(h, w, alpha=self.scaling[name])
-                return result
-            return torch.addmm(result.reshape(-1, out), h, w, alpha=self.scaling[name]).view(result.shape)
+            result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), w, alpha=self.scaling[name])
+            return result
 
     FusedLoraLinear.__qualname__ = "FusedLoraLinear"  # picklable as kilter.models.lora.FusedLoraLinear
     _FUSED = FusedLoraLinear
@@ -117,12 +115,12 @@ def fuse_lora(model) -> int:
     if not layers:
         return 0
     first = layers[0]
+    name = next(iter(first.lora_A))
     weight = first.base_layer.weight
     probe = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight)
 
     def run(forward) -> list[torch.Tensor]:
         x = probe.clone().requires_grad_(True)
-        name = next(iter(first.lora_A))
         params = [first.lora_A[name].weight, first.lora_B[name].weight]
         saved = [p.requires_grad for p in params]
         try:
@@ -136,7 +134,7 @@ def fuse_lora(model) -> int:
                 p.requires_grad_(flag)
         return [y.detach(), *[torch.zeros(()) if g is None else g for g in grads]]
 
-    b = first.lora_B[next(iter(first.lora_A))].weight
+    b = first.lora_B[name].weight
     kept = b.detach().clone()
     try:
         with torch.no_grad():  # B is zero after peft's init: check with a random one, then put it back

@@ -156,8 +156,14 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kilter.models import loading
-    from kilter.models.loading import DTYPES, align_embeddings, check_positions, resolve_model_path, set_dropout
+    from kilter.models.loading import (
+        DTYPES,
+        align_embeddings,
+        check_positions,
+        fuse_activations,
+        resolve_model_path,
+        set_dropout,
+    )
 
     path = resolve_model_path(spec)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -174,7 +180,7 @@ def load_reward_backbone(spec: str, tokenizer=None, *, dtype: str | torch.dtype 
         raise KilterError(f"{spec}: the reward model needs config.pad_token_id to find the last token; "
                           "load it with its tokenizer")
     set_dropout(model, 0.0)
-    loading.fuse_activations(model)
+    fuse_activations(model)
     if device:
         model.to(device)
     return model
